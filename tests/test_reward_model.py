@@ -1,0 +1,85 @@
+"""Reward predictor (S2.3): learns a known function, stays at chance on noise, normalization, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worldmodel.reward import (
+    RewardTrainConfig,
+    align_rewards,
+    episode_folds,
+    evaluate_mse,
+    fit_reward_predictor,
+    null_model_mse,
+)
+
+
+def synthetic_windows(num_windows: int, length: int, features: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_windows, length, features, generator=generator)
+    episodes = np.arange(num_windows) // 10  # 10 windows per episode
+    return inputs, episodes
+
+
+def normalized_test_mse(inputs: torch.Tensor, rewards: torch.Tensor, episodes: np.ndarray) -> float:
+    train, test = episode_folds(episodes, num_folds=5, seed=0)[0]
+    config = RewardTrainConfig(epochs=30, batch_size=64, patience=5, seed=0)
+    fit = fit_reward_predictor(inputs[train], rewards[train], episodes[train], config)
+    mse = evaluate_mse(fit.predictor, inputs[test], rewards[test])
+    null = null_model_mse(rewards[train], rewards[test])
+    return float(np.nanmean((mse / null).numpy()))
+
+
+def test_learns_a_known_reward_function_far_below_null() -> None:
+    inputs, episodes = synthetic_windows(600, 12, 8, seed=1)
+    # The reward of step t -> t+1 is a function of the features of frame t+1 (the alignment we assume).
+    next_features = torch.roll(inputs, shifts=-1, dims=1)
+    rewards = torch.sigmoid(2 * next_features[..., 0]) + 0.5 * next_features[..., 1].clamp(min=0)
+    assert normalized_test_mse(inputs, rewards, episodes) < 0.2
+
+
+def test_reward_independent_of_inputs_stays_near_one() -> None:
+    inputs, episodes = synthetic_windows(600, 12, 8, seed=2)
+    rewards = torch.rand(600, 12, generator=torch.Generator().manual_seed(3))
+    assert 0.9 < normalized_test_mse(inputs, rewards, episodes) < 1.2
+
+
+def test_null_model_matches_hand_computation() -> None:
+    train = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # targets at frames 1,2: [1,2],[3,4] -> mean 2.5
+    test = torch.tensor([[0.0, 1.0, 9.0]])  # targets at frames 1,2: 0 and 1
+    mse = null_model_mse(train, test)
+    assert torch.isnan(mse[0])
+    assert torch.allclose(mse[1:], torch.tensor([2.5**2, 1.5**2]))
+
+
+def test_alignment_shifts_rewards_to_the_frame_they_lead_to() -> None:
+    targets, mask = align_rewards(torch.tensor([[10.0, 20.0, 30.0]]))
+    assert targets[0, 1:].tolist() == [10.0, 20.0]
+    assert mask.tolist() == [False, True, True]
+
+
+def test_folds_are_disjoint_by_episode_cover_everything_and_reproducible() -> None:
+    episodes = np.repeat(np.arange(23), 7)
+    folds = episode_folds(episodes, num_folds=5, seed=4)
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested.tolist()) == list(range(len(episodes)))  # every window tested exactly once
+    for train, test in folds:
+        assert not set(episodes[train]) & set(episodes[test])
+        assert len(test) / len(episodes) < 0.3
+    again = episode_folds(episodes, num_folds=5, seed=4)
+    other = episode_folds(episodes, num_folds=5, seed=5)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
+
+
+def test_recurrent_state_continues_a_sequence_exactly() -> None:
+    from worldmodel.reward import RewardPredictor
+
+    torch.manual_seed(0)
+    predictor = RewardPredictor(5)
+    inputs = torch.randn(3, 9, 5)
+    whole, _ = predictor(inputs)
+    first, state = predictor(inputs[:, :4])
+    rest, _ = predictor(inputs[:, 4:], state)
+    assert torch.allclose(whole, torch.cat([first, rest], 1), atol=1e-6)

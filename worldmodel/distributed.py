@@ -1,0 +1,96 @@
+"""Process-group setup for single-process and ``torchrun`` training (DistributedDataParallel).
+
+The same script runs both ways: launched with ``torchrun --nproc-per-node N`` the environment holds
+RANK / WORLD_SIZE / LOCAL_RANK and we join a process group (gloo on CPU, nccl on CUDA); launched with
+plain ``python`` we are rank 0 of 1 and nothing distributed is touched. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes checkpoints, logs and pictures."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` gets the process's local rank as index."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def launched_with_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device_name: str) -> DistInfo:
+    """Join the process group if launched by torchrun; pick the device; split CPU threads fairly."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cpu" and local_world_size > 1:
+        # N processes on one machine must share its cores instead of each spawning cores threads.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistInfo(rank, world_size, local_rank, local_world_size, device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(values: Tensor) -> Tensor:
+    """Average a tensor of scalars over all ranks (for logging: every rank sees the same numbers)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's boolean on every rank (e.g. 'stop now'), so all ranks take the same branch."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

@@ -1,0 +1,240 @@
+"""Evaluation of a world model on held-out windows: keypoint prediction error, PSNR and SSIM.
+
+The protocol follows the paper's video-prediction evaluation (section 5): condition on
+``num_observed`` real frames (posterior), predict the next ``num_predicted`` frames open loop from the
+true actions (prior), draw ``num_samples`` predictions and score the best one ("best of N", the
+paper's Figure 3 convention for stochastic models).
+
+* Keypoint error: predicted vs *detected* keypoints on the predicted steps (the detector is the
+  reference; there is no ground-truth keypoint). ``keypoint_mse`` is the mean squared error over the
+  (x, y, mu) triples, the quantity the training loss uses; ``keypoint_distance`` is the mean Euclidean
+  distance of the (x, y) positions in the model's [-1, 1] image coordinates (1.0 = half the image).
+  Both are reported for the best of N samples (chosen per sequence by ``keypoint_mse``) and for one
+  random sample. For ``cnn-vrnn`` the "keypoints" are its feature vector, so the numbers are errors
+  in feature space and are not comparable across variants; PSNR/SSIM are.
+* PSNR and SSIM of the frames decoded from the best sample's keypoints against the real frames,
+  images in [0, 1]. ``recon_*`` scores frames reconstructed from the detected keypoints (the
+  decoder's ceiling for the predicted numbers).
+
+SSIM is implemented here (Wang et al. 2004): Gaussian window 11x11 with sigma 1.5, K1 = 0.01,
+K2 = 0.03, data range 1, "valid" filtering (no padding, as tf.image.ssim), the mean over pixels and
+channels per image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # imported for annotations only: model.py is written alongside this module
+    from worldmodel.model import DynamicsState, WorldModel
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# Image metrics
+# ----------------------------------------------------------------------------------------------
+def psnr(prediction: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image: inputs (..., C, H, W); returns shape (...).
+
+    Identical images give +inf (mse 0); callers average finite values or clamp as they need.
+    """
+    mse = (prediction.float() - target.float()).pow(2).flatten(-3).mean(-1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    return (kernel / kernel.sum()).float()
+
+
+def ssim(
+    prediction: Tensor,
+    target: Tensor,
+    data_range: float = 1.0,
+    window_size: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+) -> Tensor:
+    """Structural similarity per image: inputs (..., C, H, W) with H, W >= window; returns shape (...).
+
+    Local statistics use a separable Gaussian window with valid filtering; the SSIM map is averaged
+    over pixels and channels of each image.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"shape mismatch: {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    batch_shape = prediction.shape[:-3]
+    channels, height, width = prediction.shape[-3:]
+    x = prediction.float().reshape(-1, channels, height, width)
+    y = target.float().reshape(-1, channels, height, width)
+    kernel = _gaussian_window(window_size, sigma, x.device)
+    # Depthwise separable filtering: rows then columns, one group per channel.
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, window_size)
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, window_size, 1)
+
+    def blur(image: Tensor) -> Tensor:
+        return F.conv2d(F.conv2d(image, horizontal, groups=channels), vertical, groups=channels)
+
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov_xy = blur(x * y) - mu_x * mu_y
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    contrast_structure = (2 * cov_xy + c2) / (var_x + var_y + c2)
+    return (luminance * contrast_structure).flatten(1).mean(1).reshape(batch_shape)
+
+
+def to_unit_range(frames: Tensor) -> Tensor:
+    """Model-space frames in [-0.5, 0.5] (any layout) -> float in [0, 1], clipped."""
+    return (frames.float() + 0.5).clamp(0.0, 1.0)
+
+
+def uint8_to_chw_unit(frames: Tensor) -> Tensor:
+    """uint8 frames (..., H, W, 3) -> float (..., 3, H, W) in [0, 1]."""
+    return frames.permute(*range(frames.dim() - 3), -1, -3, -2).float() / 255.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Keypoint metrics
+# ----------------------------------------------------------------------------------------------
+def keypoint_errors(predicted: Tensor, detected: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence keypoint errors over all given steps and keypoints.
+
+    predicted (..., T, K, 3), detected (..., T, K, 3) -> (mse over (x, y, mu), mean xy distance),
+    each of shape (...).
+    """
+    difference = predicted.float() - detected.float()
+    mse = difference.pow(2).flatten(-3).mean(-1)
+    distance = difference[..., :2].norm(dim=-1).flatten(-2).mean(-1)
+    return mse, distance
+
+
+# ----------------------------------------------------------------------------------------------
+# Open-loop prediction with N samples
+# ----------------------------------------------------------------------------------------------
+class Prediction(NamedTuple):
+    """The result of conditioning on real frames and predicting the rest, best of N samples."""
+
+    detected: Tensor  # (B, T, K, 3) keypoints detected on all real frames
+    predicted: Tensor  # (B, T, K, 3) observed steps: posterior reconstruction; then best sample
+    samples: Tensor  # (N, B, P, K, 3) all sampled keypoints of the P predicted steps
+    best_index: Tensor  # (B,) int64, the sample with the lowest keypoint_mse per sequence
+    predicted_frames: Tensor  # (B, T, 3, 64, 64) in [0, 1]: decoded from `predicted`
+    reconstructed_frames: Tensor  # (B, T, 3, 64, 64) in [0, 1]: decoded from `detected`
+    real_frames: Tensor  # (B, T, 3, 64, 64) in [0, 1]
+
+
+def repeat_state(state: "DynamicsState", times: int) -> "DynamicsState":
+    """Tile a recurrent state along the batch, sample-major: row s*B + b is a copy of row b."""
+    return type(state)(*(field.repeat(times, *([1] * (field.dim() - 1))) for field in state))
+
+
+@torch.no_grad()
+def predict(
+    model: "WorldModel",
+    frames: Tensor,
+    actions: Tensor,
+    num_observed: int,
+    num_samples: int,
+    keypoints: Tensor | None = None,
+) -> Prediction:
+    """Observe ``num_observed`` frames, imagine the rest of the window ``num_samples`` times.
+
+    frames uint8 (B, T, 64, 64, 3), actions (B, T, 6) with actions[:, t] applied at frame t;
+    ``keypoints`` (B, T, K, 3) are the detections if already known (e.g. from the keypoint cache),
+    otherwise they are detected here. Action ordering (CONTRACTS.md): the state after frame t-1
+    plus action a_{t-1} predicts frame t, so the open-loop part starts from the last observed state
+    with the action applied at the last observed frame.
+    """
+    batch, length = frames.shape[:2]
+    num_predicted = length - num_observed
+    if num_observed < 1 or num_predicted < 1:
+        raise ValueError(f"need 1 <= num_observed < {length}, got {num_observed}")
+    detected = model.detect(frames) if keypoints is None else keypoints
+    observed = model.observe(detected[:, :num_observed], actions[:, :num_observed])
+    future_actions = actions[:, num_observed - 1 : length - 1].repeat(num_samples, 1, 1)
+    imagined = model.imagine(repeat_state(observed.final, num_samples), future_actions)
+    samples = imagined.keypoints.reshape(num_samples, batch, num_predicted, *detected.shape[2:])
+    sample_mse, _ = keypoint_errors(samples, detected[None, :, num_observed:])
+    best_index = sample_mse.argmin(0)
+    best = samples[best_index, torch.arange(batch, device=samples.device)]
+    predicted = torch.cat([observed.keypoints, best], dim=1)
+    first_frame, first_keypoints = frames[:, 0], detected[:, 0]
+    return Prediction(
+        detected=detected,
+        predicted=predicted,
+        samples=samples,
+        best_index=best_index,
+        predicted_frames=to_unit_range(model.decode(predicted, first_frame, first_keypoints)),
+        reconstructed_frames=to_unit_range(model.decode(detected, first_frame, first_keypoints)),
+        real_frames=uint8_to_chw_unit(frames),
+    )
+
+
+class EvalResult(NamedTuple):
+    """Averages over the evaluation windows (floats, JSON-ready via ``_asdict``)."""
+
+    keypoint_mse_best: float
+    keypoint_mse_random: float
+    keypoint_distance_best: float
+    keypoint_distance_random: float
+    psnr: float  # predicted steps, best sample
+    ssim: float
+    recon_psnr: float  # all steps, frames reconstructed from detected keypoints
+    recon_ssim: float
+    num_windows: int
+    num_samples: int
+
+
+def _finite_mean(values: Tensor) -> float:
+    # PSNR of a pixel-perfect frame is +inf; cap it at 100 dB so one perfect frame cannot dominate.
+    return float(values.clamp(max=100.0).mean())
+
+
+def score(prediction: Prediction, num_observed: int) -> EvalResult:
+    """Reduce a Prediction (one batch) to the averaged metrics."""
+    future = slice(num_observed, None)
+    detected_future = prediction.detected[None, :, future]
+    mse, distance = keypoint_errors(prediction.samples, detected_future)  # (N, B)
+    batch_index = torch.arange(mse.shape[1], device=mse.device)
+    best = prediction.best_index
+    predicted, real = prediction.predicted_frames[:, future], prediction.real_frames[:, future]
+    return EvalResult(
+        keypoint_mse_best=float(mse[best, batch_index].mean()),
+        keypoint_mse_random=float(mse[0].mean()),  # sample 0 is a random draw like any other
+        keypoint_distance_best=float(distance[best, batch_index].mean()),
+        keypoint_distance_random=float(distance[0].mean()),
+        psnr=_finite_mean(psnr(predicted, real)),
+        ssim=float(ssim(predicted, real).mean()),
+        recon_psnr=_finite_mean(psnr(prediction.reconstructed_frames, prediction.real_frames)),
+        recon_ssim=float(ssim(prediction.reconstructed_frames, prediction.real_frames).mean()),
+        num_windows=int(mse.shape[1]),
+        num_samples=int(mse.shape[0]),
+    )
+
+
+def combine(results: list[EvalResult]) -> EvalResult:
+    """Window-weighted average of per-batch results."""
+    total = sum(result.num_windows for result in results)
+    if total == 0:
+        raise ValueError("no evaluation windows")
+    averaged = {
+        name: sum(getattr(result, name) * result.num_windows for result in results) / total
+        for name in EvalResult._fields
+        if name not in ("num_windows", "num_samples")
+    }
+    return EvalResult(**averaged, num_windows=total, num_samples=results[0].num_samples)
+
+
+def is_finite_result(result: EvalResult) -> bool:
+    return all(math.isfinite(float(value)) for value in result)

@@ -1,0 +1,182 @@
+"""Per-task GRU reward predictors on world-model hidden states (S2.3, Figure 8; SPEC section 5).
+
+The predictor reads a sequence of per-frame feature vectors (the VRNN hidden states, or a control such
+as the true low-dimensional states or the actions) and outputs one reward per frame.
+
+Timing: ``rewards[t]`` is earned by the step from frame t to frame t+1 and depends on the state that
+step leads to, so it is the target of the output at frame t+1 (``align_rewards``). Frame 0 of a window
+has no target. The hidden state that predicts frame t+1 has already seen the action a_t (SPEC
+section 3), so a causal predictor can know it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RewardPredictor(nn.Module):
+    """dense 128 -> GRU 128 -> GRU 128 -> dense 1, ReLU between (S2.3).
+
+    Inputs are standardized per feature with statistics fit on the training data (kept as buffers so a
+    saved predictor carries them).
+    """
+
+    def __init__(self, input_size: int, units: int = 128) -> None:
+        super().__init__()
+        self.input_size, self.units = input_size, units
+        self.register_buffer("input_mean", torch.zeros(input_size))
+        self.register_buffer("input_std", torch.ones(input_size))
+        self.dense_in = nn.Linear(input_size, units)
+        self.gru1 = nn.GRU(units, units, batch_first=True)
+        self.gru2 = nn.GRU(units, units, batch_first=True)
+        self.dense_out = nn.Linear(units, 1)
+
+    def fit_normalization(self, inputs: Tensor) -> None:
+        """Set the per-feature mean/std from training inputs (N, T, F); a floor keeps constant features finite."""
+        flat = inputs.reshape(-1, self.input_size).float()
+        self.input_mean.copy_(flat.mean(0))
+        self.input_std.copy_(flat.std(0).clamp_min(1e-3))
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        return torch.zeros(2, batch_size, self.units, device=device)  # (layers, B, units)
+
+    def forward(self, inputs: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """inputs (B, T, F) -> (rewards (B, T), state (2, B, units)); pass `state` back to continue."""
+        if state is None:
+            state = self.initial_state(inputs.shape[0], inputs.device)
+        x = (inputs.float() - self.input_mean) / self.input_std  # (B, T, F)
+        x = F.relu(self.dense_in(x))  # (B, T, U)
+        x, state1 = self.gru1(x, state[0:1].contiguous())
+        x, state2 = self.gru2(F.relu(x), state[1:2].contiguous())
+        rewards = self.dense_out(F.relu(x)).squeeze(-1)  # (B, T)
+        return rewards, torch.cat([state1, state2], 0)
+
+
+def align_rewards(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """Window rewards (N, L) -> per-frame targets (N, L) and mask (L,): target[t] = rewards[t-1]."""
+    targets = torch.zeros_like(rewards)
+    targets[:, 1:] = rewards[:, :-1]
+    mask = torch.ones(rewards.shape[1], dtype=torch.bool, device=rewards.device)
+    mask[0] = False  # frame 0 is reached by no step inside the window
+    return targets, mask
+
+
+def episode_folds(episodes: np.ndarray, num_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds of window indices, split by episode so no episode is on both sides; reproducible by seed.
+
+    Fold f tests on the f-th group of shuffled episodes (5 folds = 80% train / 20% test).
+    """
+    unique = np.unique(episodes)
+    if len(unique) < num_folds:
+        raise ValueError(f"{len(unique)} episodes cannot make {num_folds} folds: collect more test episodes")
+    shuffled = np.random.default_rng(seed).permutation(unique)
+    groups = np.array_split(shuffled, num_folds)
+    folds = []
+    for group in groups:
+        is_test = np.isin(episodes, group)
+        folds.append((np.flatnonzero(~is_test), np.flatnonzero(is_test)))
+    return folds
+
+
+@dataclass(frozen=True)
+class RewardTrainConfig:
+    epochs: int = 60
+    """Maximum passes over the training windows."""
+    batch_size: int = 256
+    """Windows per gradient step."""
+    lr_start: float = 1e-3
+    """Adam learning rate at the first epoch (S2.3)."""
+    lr_end: float = 1e-4
+    """Learning rate reached at the last epoch, decayed geometrically (S2.3)."""
+    validation_fraction: float = 0.1
+    """Share of the training episodes held out for early stopping."""
+    patience: int = 8
+    """Stop after this many epochs without a better validation loss; the best weights are kept."""
+    units: int = 128
+    """Width of the dense and GRU layers (S2.3)."""
+    seed: int = 0
+    """Seeds the initialization, the validation split and the batch order."""
+
+
+class FitResult(NamedTuple):
+    predictor: RewardPredictor
+    train_losses: list[float]
+    validation_losses: list[float]
+    best_epoch: int
+
+
+def fit_reward_predictor(
+    inputs: Tensor, rewards: Tensor, episodes: np.ndarray, config: RewardTrainConfig
+) -> FitResult:
+    """Train a RewardPredictor on windows: inputs (N, L, F), window rewards (N, L), episode id per window."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    predictor = RewardPredictor(inputs.shape[-1], config.units)
+    targets, mask = align_rewards(rewards)
+
+    # Early-stopping split, by episode like the test split, so validation windows are unseen episodes.
+    unique = np.random.default_rng(config.seed).permutation(np.unique(episodes))
+    num_val = max(1, int(round(len(unique) * config.validation_fraction))) if len(unique) > 1 else 0
+    is_val = np.isin(episodes, unique[:num_val])
+    train_idx = torch.from_numpy(np.flatnonzero(~is_val))
+    val_idx = torch.from_numpy(np.flatnonzero(is_val)) if num_val else train_idx
+    predictor.fit_normalization(inputs[train_idx])
+
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=config.lr_start)
+    decay = (config.lr_end / config.lr_start) ** (1.0 / max(1, config.epochs - 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+
+    train_losses, val_losses = [], []
+    best = (float("inf"), 0, copy.deepcopy(predictor.state_dict()))
+    for epoch in range(config.epochs):
+        predictor.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        total = 0.0
+        for batch in order.split(config.batch_size):
+            predicted, _ = predictor(inputs[batch])
+            loss = F.mse_loss(predicted[:, mask], targets[batch][:, mask])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        scheduler.step()
+        train_losses.append(total / len(train_idx))
+        val_losses.append(float(evaluate_mse(predictor, inputs[val_idx], rewards[val_idx]).nanmean()))
+        if val_losses[-1] < best[0]:
+            best = (val_losses[-1], epoch, copy.deepcopy(predictor.state_dict()))
+        elif epoch - best[1] >= config.patience:
+            break
+    predictor.load_state_dict(best[2])
+    predictor.eval()
+    return FitResult(predictor, train_losses, val_losses, best[1])
+
+
+@torch.no_grad()
+def evaluate_mse(predictor: RewardPredictor, inputs: Tensor, rewards: Tensor, batch_size: int = 1024) -> Tensor:
+    """Per-frame MSE (L,) over windows; frame 0 (no target) is NaN."""
+    predictor.eval()
+    targets, mask = align_rewards(rewards)
+    squared = torch.cat([
+        (predictor(inputs[i : i + batch_size])[0] - targets[i : i + batch_size]) ** 2
+        for i in range(0, len(inputs), batch_size)
+    ])
+    per_frame = squared.mean(0)
+    per_frame[~mask] = float("nan")
+    return per_frame
+
+
+def null_model_mse(train_rewards: Tensor, test_rewards: Tensor) -> Tensor:
+    """Per-frame MSE (L,) of predicting the mean training reward at every step; frame 0 is NaN."""
+    targets, mask = align_rewards(test_rewards)
+    train_targets, _ = align_rewards(train_rewards)
+    mean_reward = train_targets[:, mask].mean()
+    per_frame = ((targets - mean_reward) ** 2).mean(0)
+    per_frame[~mask] = float("nan")
+    return per_frame
