@@ -46,10 +46,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def launched_with_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def setup(device_name: str) -> DistInfo:
     """Join the process group if launched by torchrun; pick the device; split CPU threads fairly."""
     rank = int(os.environ.get("RANK", 0))
@@ -85,12 +81,3 @@ def mean_over_ranks(values: Tensor) -> Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
-
-
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's boolean on every rank (e.g. 'stop now'), so all ranks take the same branch."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())

@@ -23,8 +23,13 @@ channels per image.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +91,14 @@ def ssim(
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov_xy = blur(x * y) - mu_x * mu_y
+    # Second moments of images centred on their global means: (co)variances do not change, and the
+    # E[x^2] - E[x]^2 cancellation of float32 stays small next to C2 (exact for flat images).
+    xc = x - x.mean((-2, -1), keepdim=True)
+    yc = y - y.mean((-2, -1), keepdim=True)
+    mu_xc, mu_yc = blur(xc), blur(yc)
+    var_x = blur(xc * xc) - mu_xc**2
+    var_y = blur(yc * yc) - mu_yc**2
+    cov_xy = blur(xc * yc) - mu_xc * mu_yc
     luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
     contrast_structure = (2 * cov_xy + c2) / (var_x + var_y + c2)
     return (luminance * contrast_structure).flatten(1).mean(1).reshape(batch_shape)
@@ -146,24 +156,28 @@ def predict(
     actions: Tensor,
     num_observed: int,
     num_samples: int,
-    keypoints: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Prediction:
     """Observe ``num_observed`` frames, imagine the rest of the window ``num_samples`` times.
 
-    frames uint8 (B, T, 64, 64, 3), actions (B, T, 6) with actions[:, t] applied at frame t;
-    ``keypoints`` (B, T, K, 3) are the detections if already known (e.g. from the keypoint cache),
-    otherwise they are detected here. Action ordering (CONTRACTS.md): the state after frame t-1
-    plus action a_{t-1} predicts frame t, so the open-loop part starts from the last observed state
-    with the action applied at the last observed frame.
+    frames uint8 (B, T, 64, 64, 3), actions (B, T, 6) with actions[:, t] applied at frame t. Action
+    ordering (CONTRACTS.md): the state after frame t-1 plus action a_{t-1} predicts frame t, so the
+    open-loop part starts from the last observed state with the action applied at the last observed
+    frame. Each of the N predictions is a plain prior rollout (no peeking at the future); the best one
+    is chosen per sequence afterwards by its keypoint error over all predicted steps (the paper's
+    best-of-N evaluation). Random draws use ``generator`` only, so evaluating leaves the global RNG
+    (and hence training) untouched.
     """
     batch, length = frames.shape[:2]
     num_predicted = length - num_observed
     if num_observed < 1 or num_predicted < 1:
         raise ValueError(f"need 1 <= num_observed < {length}, got {num_observed}")
-    detected = model.detect(frames) if keypoints is None else keypoints
-    observed = model.observe(detected[:, :num_observed], actions[:, :num_observed])
+    detected = model.detect(frames)
+    observed = model.observe(detected[:, :num_observed], actions[:, :num_observed], generator=generator)
     future_actions = actions[:, num_observed - 1 : length - 1].repeat(num_samples, 1, 1)
-    imagined = model.imagine(repeat_state(observed.final, num_samples), future_actions)
+    imagined = model.imagine(
+        repeat_state(observed.final, num_samples), future_actions, num_samples=1, generator=generator
+    )
     samples = imagined.keypoints.reshape(num_samples, batch, num_predicted, *detected.shape[2:])
     sample_mse, _ = keypoint_errors(samples, detected[None, :, num_observed:])
     best_index = sample_mse.argmin(0)
@@ -238,3 +252,123 @@ def combine(results: list[EvalResult]) -> EvalResult:
 
 def is_finite_result(result: EvalResult) -> bool:
     return all(math.isfinite(float(value)) for value in result)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation set and the evaluation passes
+# ----------------------------------------------------------------------------------------------
+class EvalSet(NamedTuple):
+    """Fixed test windows held in memory, chosen by the seed, balanced over tasks and interleaved (the
+    first few windows, which the pictures show, come from different tasks)."""
+
+    frames: Tensor  # (N, L, 64, 64, 3) uint8
+    actions: Tensor  # (N, L, 6) float32
+    task_ids: Tensor  # (N,) int64
+
+
+def load_eval_set(root: Path, tasks: Sequence[str], length: int, count: int, seed: int) -> EvalSet:
+    """``count`` windows of ``length`` frames from the test split (fewer if the split is smaller)."""
+    from worldmodel.data import WindowDataset
+
+    per_task: list[list[Any]] = []
+    for number, task in enumerate(tasks):
+        dataset = WindowDataset(root, [task], "test", length=length)
+        quota = count // len(tasks) + (1 if number < count % len(tasks) else 0)
+        rng = np.random.default_rng([seed, number])
+        chosen = rng.permutation(len(dataset))[:quota]
+        per_task.append([dataset[int(index)] for index in sorted(chosen)])
+        dataset.close()
+    interleaved = [windows[i] for i in range(max(map(len, per_task))) for windows in per_task if i < len(windows)]
+    if not interleaved:
+        raise ValueError(f"no test windows of {length} frames in {root}")
+    return EvalSet(
+        frames=torch.stack([window.frames for window in interleaved]),
+        actions=torch.stack([window.actions for window in interleaved]),
+        task_ids=torch.stack([window.task_id for window in interleaved]),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: "WorldModel",
+    eval_set: EvalSet,
+    num_observed: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[EvalResult, Prediction]:
+    """Best-of-N open-loop prediction on every eval window; returns the averages and the first batch's
+    Prediction (for pictures). The model is put in eval mode and restored afterwards."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    results, first = [], None
+    try:
+        for start in range(0, len(eval_set.frames), batch_size):
+            frames = eval_set.frames[start : start + batch_size].to(device)
+            actions = eval_set.actions[start : start + batch_size].to(device)
+            with autocast():
+                prediction = predict(model, frames, actions, num_observed, num_samples, generator)
+            results.append(score(prediction, num_observed))
+            first = prediction if first is None else first
+    finally:
+        model.train(was_training)
+    assert first is not None
+    return combine(results), first
+
+
+class ReconstructionResult(NamedTuple):
+    """The vision side alone: frames reconstructed from detected keypoints, and collapse diagnostics."""
+
+    recon_psnr: float
+    recon_ssim: float
+    mean_mu: float
+    active_keypoints: float
+    keypoint_spread: float
+    num_windows: int
+
+
+class Reconstruction(NamedTuple):
+    detected: Tensor  # (B, T, K, 3)
+    reconstructed_frames: Tensor  # (B, T, 3, 64, 64) in [0, 1]
+    real_frames: Tensor  # (B, T, 3, 64, 64) in [0, 1]
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model: "WorldModel",
+    eval_set: EvalSet,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[ReconstructionResult, Reconstruction]:
+    """Detector + reconstructor on the eval windows (after the vision stage, before any dynamics)."""
+    was_training = model.training
+    model.eval()
+    psnrs, ssims, keypoints, first = [], [], [], None
+    try:
+        for start in range(0, len(eval_set.frames), batch_size):
+            frames = eval_set.frames[start : start + batch_size].to(device)
+            with autocast():
+                detected = model.detect(frames)
+                decoded = to_unit_range(model.decode(detected, frames[:, 0], detected[:, 0]))
+            real = uint8_to_chw_unit(frames)
+            psnrs.append(psnr(decoded, real).clamp(max=100.0).flatten())
+            ssims.append(ssim(decoded, real).flatten())
+            keypoints.append(detected)
+            first = Reconstruction(detected, decoded, real) if first is None else first
+    finally:
+        model.train(was_training)
+    assert first is not None
+    diagnostics = model.diagnose(torch.cat(keypoints))
+    result = ReconstructionResult(
+        recon_psnr=float(torch.cat(psnrs).mean()),
+        recon_ssim=float(torch.cat(ssims).mean()),
+        mean_mu=diagnostics.mean_mu,
+        active_keypoints=diagnostics.active_keypoints,
+        keypoint_spread=diagnostics.keypoint_spread,
+        num_windows=len(eval_set.frames),
+    )
+    return result, first

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from worldmodel.checkpoint import atomic_torch_save
 
 
 class RewardPredictor(nn.Module):
@@ -180,3 +183,43 @@ def null_model_mse(train_rewards: Tensor, test_rewards: Tensor) -> Tensor:
     per_frame = ((targets - mean_reward) ** 2).mean(0)
     per_frame[~mask] = float("nan")
     return per_frame
+
+
+class RewardPredictorMismatch(ValueError):
+    """A saved reward predictor belongs to another world model (or task) than the one it is used with."""
+
+
+def save_reward_predictor(path: str | Path, predictor: RewardPredictor, task: str, world_model: str) -> None:
+    """Write a predictor with the fingerprint of the world model whose hidden states it reads (atomically)."""
+    payload = {
+        "state_dict": predictor.state_dict(),
+        "input_size": predictor.input_size,
+        "units": predictor.units,
+        "task": task,
+        "world_model_fingerprint": world_model,
+    }
+    atomic_torch_save(payload, Path(path))
+
+
+def load_reward_predictor(
+    path: str | Path, task: str, world_model: str, map_location: str | torch.device = "cpu"
+) -> RewardPredictor:
+    """Load a predictor saved by ``save_reward_predictor``; refuse one made for another model or task."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no reward predictor at {path}: run python downstream/reward.py --run <run dir> first"
+        )
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload["task"] != task:
+        raise RewardPredictorMismatch(f"{path} predicts rewards of {payload['task']!r}, not {task!r}")
+    if payload["world_model_fingerprint"] != world_model:
+        raise RewardPredictorMismatch(
+            f"{path} was trained on the hidden states of another world model "
+            f"({payload['world_model_fingerprint'][:12]} != {world_model[:12]}): rerun "
+            "python downstream/reward.py --run <this run dir> to fit predictors for this checkpoint"
+        )
+    predictor = RewardPredictor(payload["input_size"], payload["units"])
+    predictor.load_state_dict(payload["state_dict"])
+    return predictor.eval()
+

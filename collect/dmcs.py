@@ -1,0 +1,663 @@
+"""Collect the random-action 64x64 datasets of the six DeepMind Control tasks (SPEC sections 1-2).
+
+Usage (from the repository root)::
+
+    python collect/dmcs.py --domains all                   # full datasets into data/dmcs
+    python collect/dmcs.py --preset quick --out data/quick  # a few short episodes per task, ~1 min
+    python collect/dmcs.py --help                           # every option, documented
+
+Output: one HDF5 file per task and split, ``<out>/<task>_<split>.h5`` (split: train or test), openable
+with plain h5py (docs/CONTRACTS.md). E episodes of T agent steps each (T = 1000 / action_repeat, or
+``--episode-steps`` if smaller)::
+
+    frames        uint8   (E, T+1, 64, 64, 3)  chunks (1, 16, 64, 64, 3), gzip 4; frames[e, 0] is the reset frame
+    actions       float32 (E, T, A)    the task's own action size A; actions[e, t] is applied at frames[e, t]
+    rewards       float32 (E, T)       rewards[e, t]: sum of the action_repeat control rewards of that step,
+                                       earned by frames[e, t] -> frames[e, t+1]
+    states        float32 (E, T+1, D)  dm_control observation of each frame, flattened in the key order
+                                       of attrs state_keys (sizes state_sizes)
+    episode_seeds int64   (E,)         environment seed each episode was reset with
+    attrs: task, domain, dm_task, split, action_repeat, horizon (1000 / action_repeat), episode_steps (T),
+           num_episodes, seed (the root --seed), state_keys, state_sizes, action_dim, state_dim,
+           render_fast_render, render_image_size, render_camera_id (+ render_shadowsize, render_offsamples
+           when fast), package_version, format_version, created_by, and collection_settings (JSON of
+           everything that determines the file's contents, used to refuse mixing datasets).
+
+Randomness: everything flows from ``--seed``. Episode e of task k (its index in the task table, so a
+subset of tasks gets the same episodes as ``all``) in split s draws from
+``np.random.SeedSequence(seed, spawn_key=(k, s, e))``: one child gives the environment seed (its lowest
+bit is the split, so train and test seeds are disjoint), the other the uniform random actions, one draw
+per agent step, held for action_repeat control steps by ``envs.simulator.Simulator``.
+
+Work and safety: worker processes ('spawn', one render thread each) collect one episode per job and write
+it, compressed, atomically to ``<out>/.partial/<task>_<split>/episode_NNNNN.h5``; once all episodes of a
+task and split exist, a worker assembles the final file under a temporary name (copying the compressed
+chunks) and renames it into place, then deletes the partials. So a file under a final name is always
+complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
+giving the same dataset as an uninterrupted run. Each partial folder keeps a settings.json; a rerun with
+other settings (seed, counts, action repeat, episode steps, render settings) is refused.
+
+Exit codes: 0 done; 2 bad input (one line on stderr); 1 a worker failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import fcntl
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+if __name__ in ("__main__", "__mp_main__"):  # run as a script: make the repository's packages importable
+    _REPO_ROOT = str(Path(__file__).resolve().parents[1])
+    if _REPO_ROOT not in sys.path:
+        sys.path.insert(0, _REPO_ROOT)
+
+import numpy as np  # noqa: E402
+
+import worldmodel  # noqa: E402
+from envs.simulator import FAST_RENDER_SETTINGS, Simulator  # noqa: E402  (dm_control loads in workers only)
+from worldmodel import storage  # noqa: E402
+from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
+
+PROGRAM = "collect/dmcs.py"
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+CAMERA_ID = 0
+PARTIAL_FOLDER = ".partial"
+SETTINGS_FILE = "settings.json"
+# Settings shared by every file of a dataset folder; the rest (task, action repeat, T) is per task.
+FOLDER_WIDE_SETTINGS = ("format_version", "seed", "episodes", "episode_steps_cap", "render")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, which containers often narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Args:
+    """Collect random-action 64x64 episodes of DeepMind Control tasks into one HDF5 file per task and split."""
+
+    domains: str = "all"
+    """Tasks: a comma-separated list of acrobot, cartpole, cheetah, reacher, walker-stand, walker-walk, or 'all'."""
+    out: Path = Path("data/dmcs")
+    """Output folder; receives <task>_<split>.h5 files (and a .partial folder while unfinished)."""
+    train_episodes: int = 200
+    """Episodes per task in the train split."""
+    test_episodes: int = 100
+    """Episodes per task in the test split (100 give >= 10,000 length-20 windows for every task)."""
+    action_repeat: str = ""
+    """Action repeat override: one integer for all tasks, or task=N pairs such as 'cartpole=4,cheetah=2'. Empty: the task defaults (acrobot 4, cartpole 8, cheetah 4, reacher 4, walker-stand 2, walker-walk 2)."""
+    episode_steps: int | None = None
+    """Cap on the agent steps per episode; None keeps the full 1000 / action_repeat. For quick runs and tests."""
+    seed: int = 0
+    """Root seed (>= 0): every episode's environment seed and random actions derive from it."""
+    workers: int = field(default_factory=available_cores)
+    """Worker processes, one episode each at a time; the default is the number of CPU cores available."""
+    fast_render: bool = True
+    """Render with shadowsize 1024 and offsamples 0: ~2.5x faster, mean pixel difference <= 1/255."""
+    preset: Literal["full", "quick"] = "full"
+    """'quick': 8 train + 4 test episodes per task of at most 200 steps (~1 min on 2 cores). Options given explicitly override the preset."""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "quick": {"train_episodes": 8, "test_episodes": 4, "episode_steps": 200},
+}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+class GroupSettings(NamedTuple):
+    """Everything that determines the contents of one <task>_<split>.h5 (stored with it as JSON)."""
+
+    format_version: int
+    task: str
+    split: str
+    seed: int
+    episodes: int
+    episode_steps: int  # T, agent steps per stored episode
+    episode_steps_cap: int | None  # the --episode-steps option
+    action_repeat: int
+    render: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class Group(NamedTuple):
+    """One output file: a task and split, with where its final and partial files live."""
+
+    settings: GroupSettings
+    path: Path  # the final <task>_<split>.h5
+    partial_dir: Path  # <out>/.partial/<task>_<split>
+
+    @property
+    def name(self) -> str:
+        return f"{self.settings.task}_{self.settings.split}"
+
+    def episode_path(self, index: int) -> Path:
+        return self.partial_dir / f"episode_{index:05d}.h5"
+
+
+class EpisodeJob(NamedTuple):
+    settings: GroupSettings
+    index: int
+    path: str  # the episode file to write
+
+
+class AssemblyJob(NamedTuple):
+    settings: GroupSettings
+    episode_paths: tuple[str, ...]
+    path: str  # the final dataset file
+    partial_dir: str
+    attrs: dict[str, Any]
+
+
+class EpisodeResult(NamedTuple):
+    group: str  # <task>_<split>
+    index: int
+    frames: int
+
+
+class AssemblyResult(NamedTuple):
+    group: str
+    path: str  # the final file written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: Sequence[str] | None) -> Args:
+    """Parse the command line; a preset supplies defaults that explicit options override."""
+    import tyro  # imported here: workers never need it
+
+    args = tyro.cli(Args, args=argv)
+    if not PRESETS[args.preset]:
+        return args
+    preset_defaults = dataclasses.replace(Args(), preset=args.preset, **PRESETS[args.preset])
+    return tyro.cli(Args, args=argv, default=preset_defaults)
+
+
+def parse_action_repeats(text: str, tasks: Sequence[str]) -> dict[str, int]:
+    """The action repeat of each task: its default unless overridden by 'N' or 'task=N,...'."""
+    repeats = {task: get_task(task).action_repeat for task in tasks}
+    text = text.strip()
+    if not text:
+        return repeats
+    if "=" not in text:
+        return dict.fromkeys(tasks, _positive_int(text, "--action-repeat"))
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, separator, value = (part.strip() for part in item.partition("="))
+        if not separator:
+            raise UsageError(f"--action-repeat: expected task=N pairs or one integer, got {item!r}")
+        get_task(name)  # unknown names are errors even when that task is not collected
+        if name in repeats:
+            repeats[name] = _positive_int(value, f"--action-repeat {name}")
+    return repeats
+
+
+def _positive_int(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{what}: expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"{what} must be positive, got {value}")
+    return value
+
+
+def render_settings(fast_render: bool) -> dict[str, Any]:
+    """What frames are rendered with: Simulator.render_settings(), known before any Simulator exists
+    (each worker checks that its Simulator agrees)."""
+    return {
+        "fast_render": fast_render,
+        "image_size": IMAGE_SIZE,
+        "camera_id": CAMERA_ID,
+        **(FAST_RENDER_SETTINGS if fast_render else {}),
+    }
+
+
+def make_groups(args: Args) -> list[Group]:
+    """Validate the arguments and return the output files to produce, longest episodes first (so the
+    short ones fill the end of the run when workers would otherwise idle)."""
+    try:
+        tasks = parse_tasks(args.domains)
+    except ValueError as error:
+        raise UsageError(f"--domains: {error}") from None
+    try:
+        repeats = parse_action_repeats(args.action_repeat, tasks)
+    except ValueError as error:  # an unknown task name in the overrides
+        raise UsageError(f"--action-repeat: {error}") from None
+    for option, value in (("--train-episodes", args.train_episodes), ("--test-episodes", args.test_episodes),
+                          ("--workers", args.workers), ("--episode-steps", args.episode_steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be positive, got {value}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    for task, repeat in repeats.items():
+        if repeat > get_task(task).horizon(1):
+            raise UsageError(f"--action-repeat {task}={repeat} leaves no agent step in 1000 control steps")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder: choose another --out")
+    settings = [
+        group_settings(args, task, split, repeats[task]) for task in tasks for split in storage.SPLITS
+    ]
+    settings.sort(key=lambda s: -s.episode_steps)  # stable: task order kept among equal lengths
+    return [make_group(args.out, s) for s in settings]
+
+
+def group_settings(args: Args, task: str, split: str, action_repeat: int) -> GroupSettings:
+    horizon = get_task(task).horizon(action_repeat)
+    return GroupSettings(
+        format_version=storage.FORMAT_VERSION,
+        task=task,
+        split=split,
+        seed=args.seed,
+        episodes=args.train_episodes if split == "train" else args.test_episodes,
+        episode_steps=min(horizon, args.episode_steps or horizon),
+        episode_steps_cap=args.episode_steps,
+        action_repeat=action_repeat,
+        render=render_settings(args.fast_render),
+    )
+
+
+def make_group(out: Path, settings: GroupSettings) -> Group:
+    name = f"{settings.task}_{settings.split}"
+    return Group(settings, storage.dataset_path(out, settings.task, settings.split), out / PARTIAL_FOLDER / name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def episode_seeds(seed: int, task: str, split: str, episode: int) -> tuple[int, np.random.SeedSequence]:
+    """The environment seed and the action-noise seed sequence of one episode.
+
+    Derived from (seed, task index, split, episode index) only, so any subset of tasks, order of work
+    or resume yields the same episodes. The environment seed's lowest bit is the split index: train and
+    test seeds never coincide.
+    """
+    split_index = storage.SPLITS.index(split)
+    episode_sequence = np.random.SeedSequence(seed, spawn_key=(task_id(task), split_index, episode))
+    env_sequence, action_sequence = episode_sequence.spawn(2)
+    word = int(env_sequence.generate_state(1, np.uint32)[0])  # dm_control seeds are 32-bit
+    return (word & ~1) | split_index, action_sequence
+
+
+# ---------------------------------------------------------------------------------------------------
+# Existing data: skip what is done, refuse what was collected otherwise
+
+
+class GroupState(NamedTuple):
+    group: Group
+    complete: bool  # the final file exists with the requested settings
+    done_episodes: frozenset[int]  # partial episode files present
+
+
+def existing_settings(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The settings record of every final file and partial folder under ``out`` (read-only)."""
+    if not out.is_dir():
+        return
+    known = {f"{task}_{split}" for task in TASK_NAMES for split in storage.SPLITS}
+    for path in sorted(out.glob("*.h5")):
+        if path.stem not in known:
+            continue
+        try:
+            record = json.loads(storage.validate_dataset(path).attrs.get("collection_settings", "null"))
+        except (storage.InvalidDatasetError, json.JSONDecodeError) as error:
+            raise UsageError(f"{path} is not a valid dataset ({error}): delete it, or use another --out") from None
+        if record is None:
+            raise UsageError(f"{path} was not written by {PROGRAM}: use another --out")
+        yield path, record
+    for path in sorted((out / PARTIAL_FOLDER).glob(f"*/{SETTINGS_FILE}")):
+        try:
+            yield path.parent, json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UsageError(f"unreadable {path} ({error}): delete {path.parent}") from None
+
+
+def check_existing(out: Path, groups: Sequence[Group], args: Args) -> None:
+    """Refuse to mix: every existing file must match this run's settings (all of them for the tasks
+    collected now, the folder-wide ones for the other tasks)."""
+    requested = {group.name: group.settings.record() for group in groups}
+    for path, record in existing_settings(out):
+        name = f"{record.get('task')}_{record.get('split')}"
+        if name in requested:
+            expected, keys = requested[name], list(requested[name])
+        else:
+            if record.get("task") not in TASK_NAMES or record.get("split") not in storage.SPLITS:
+                raise UsageError(f"{path} has unknown settings {record}: delete it, or use another --out")
+            expected = group_settings(args, record["task"], record["split"], record.get("action_repeat", 1)).record()
+            keys = list(FOLDER_WIDE_SETTINGS)
+        differences = [key for key in keys if record.get(key) != expected[key]]
+        if differences:
+            found = ", ".join(f"{key}={record.get(key)}" for key in differences)
+            asked = ", ".join(f"{key}={expected[key]}" for key in differences)
+            raise UsageError(
+                f"{path} was collected with {found}, this run asks {asked}: refusing to mix datasets; "
+                f"rerun with the original settings, use another --out, or delete {out} to recollect"
+            )
+
+
+def scan(groups: Sequence[Group]) -> list[GroupState]:
+    """What is already done for each group (call after check_existing)."""
+    states = []
+    for group in groups:
+        complete = group.path.exists()
+        done = frozenset(
+            index for index in range(group.settings.episodes) if group.episode_path(index).exists()
+        )
+        states.append(GroupState(group, complete, frozenset() if complete else done))
+    return states
+
+
+@contextmanager
+def collection_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for this run: two collectors must not share partial files.
+    The kernel drops the lock when the process dies, however it dies."""
+    lock_path = out / PARTIAL_FOLDER / "lock"
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another {PROGRAM} is writing into {out}: wait for it or use another --out") from None
+        yield
+
+
+def prepare_partials(states: Sequence[GroupState]) -> None:
+    """Create the partial folders of unfinished groups, record their settings, remove leftovers of
+    killed runs (temporary files, and partials of groups whose final file was already written)."""
+    for state in states:
+        group = state.group
+        temporary_final = group.path.parent.glob(f".{group.path.name}.*{storage.TEMP_SUFFIX}")
+        for temp in [*temporary_final, *group.partial_dir.glob(f".*{storage.TEMP_SUFFIX}")]:
+            temp.unlink(missing_ok=True)
+        if state.complete:
+            shutil.rmtree(group.partial_dir, ignore_errors=True)
+            continue
+        group.partial_dir.mkdir(parents=True, exist_ok=True)
+        settings_path = group.partial_dir / SETTINGS_FILE
+        if not settings_path.exists():
+            storage.write_json_atomic(settings_path, group.settings.record())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+
+_SIMULATORS: dict[tuple[str, int, bool], Simulator] = {}  # one Simulator per task in each worker, reused
+
+
+def init_worker(parent_pid: int) -> None:
+    """Runs first in each worker: one render thread (workers give the parallelism), Ctrl-C handled by
+    the main process only, and death with the main process (so a killed run leaves no orphan writers)."""
+    for variable in ("LP_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = "1"
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import absl.logging  # dm_control's deprecation warnings would garble the progress bar
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the main process died before prctl took effect
+        os._exit(EXIT_FAILED)
+
+
+def run_job(job: EpisodeJob | AssemblyJob) -> EpisodeResult | AssemblyResult:
+    return collect_episode(job) if isinstance(job, EpisodeJob) else assemble_group(job)
+
+
+def _simulator(settings: GroupSettings) -> Simulator:
+    key = (settings.task, settings.action_repeat, settings.render["fast_render"])
+    if key not in _SIMULATORS:
+        simulator = Simulator(settings.task, settings.action_repeat, fast_render=key[2], camera_id=CAMERA_ID)
+        if simulator.render_settings() != settings.render:
+            raise RuntimeError(f"Simulator renders with {simulator.render_settings()}, expected {settings.render}")
+        _SIMULATORS[key] = simulator
+    return _SIMULATORS[key]
+
+
+def collect_episode(job: EpisodeJob) -> EpisodeResult:
+    """Run one random-action episode and write it, compressed, to its partial file."""
+    settings = job.settings
+    simulator = _simulator(settings)
+    env_seed, action_sequence = episode_seeds(settings.seed, settings.task, settings.split, job.index)
+    steps = settings.episode_steps
+    # One uniform draw per agent step; float32 so the stored action is exactly the applied one.
+    actions = np.random.default_rng(action_sequence).uniform(
+        simulator.action_low, simulator.action_high, size=(steps, len(simulator.action_low))
+    ).astype(np.float32)
+    frames = np.empty((steps + 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    states = np.empty((steps + 1, simulator.state_dim), np.float32)
+    rewards = np.empty(steps, np.float32)
+    frames[0], states[0] = simulator.reset(env_seed)
+    for t in range(steps):
+        transition = simulator.step(actions[t])
+        frames[t + 1], rewards[t], states[t + 1] = transition.frame, transition.reward, transition.state
+    keys, sizes = zip(*simulator.state_layout)
+    attrs = {
+        "episode_index": job.index,
+        "state_keys": list(keys),
+        "state_sizes": list(sizes),
+        "collection_settings": json.dumps(settings.record(), sort_keys=True),
+    }
+    storage.write_episode(job.path, storage.Episode(frames, actions, rewards, states, env_seed), attrs)
+    return EpisodeResult(f"{settings.task}_{settings.split}", job.index, steps + 1)
+
+
+def assemble_group(job: AssemblyJob) -> AssemblyResult:
+    """Join a group's episode files into its final file, then delete the partials."""
+    expected_settings = json.dumps(job.settings.record(), sort_keys=True)
+    layouts = set()
+    for index, path in enumerate(job.episode_paths):
+        attrs = storage.read_attrs(path)
+        seed, _ = episode_seeds(job.settings.seed, job.settings.task, job.settings.split, index)
+        found = (attrs["collection_settings"], attrs["episode_index"], attrs["episode_seed"])
+        if found != (expected_settings, index, seed):
+            raise storage.InvalidDatasetError(f"{path} does not belong to this collection: delete it")
+        layouts.add((tuple(attrs["state_keys"]), tuple(attrs["state_sizes"])))
+    if len(layouts) != 1:
+        raise storage.InvalidDatasetError(f"episodes of {job.path} disagree on the state layout")
+    (keys, sizes), = layouts
+    attrs = {**job.attrs, "state_keys": list(keys), "state_sizes": list(sizes), "state_dim": sum(sizes)}
+    storage.assemble_dataset(job.episode_paths, job.path, attrs)
+    shutil.rmtree(job.partial_dir)
+    return AssemblyResult(Path(job.path).stem, job.path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main side
+
+
+def dataset_attrs(settings: GroupSettings) -> dict[str, Any]:
+    """Attrs of a final file (the assembler adds the state layout, known from the episodes)."""
+    spec = get_task(settings.task)
+    return {
+        "task": settings.task,
+        "domain": spec.domain,
+        "dm_task": spec.task,
+        "split": settings.split,
+        "action_repeat": settings.action_repeat,
+        "horizon": spec.horizon(settings.action_repeat),
+        "episode_steps": settings.episode_steps,
+        "num_episodes": settings.episodes,
+        "seed": settings.seed,
+        "action_dim": spec.action_dim,
+        **{f"{storage.RENDER_ATTR_PREFIX}{key}": value for key, value in settings.render.items()},
+        "package_version": worldmodel.__version__,
+        "format_version": settings.format_version,
+        "created_by": PROGRAM,
+        "collection_settings": json.dumps(settings.record(), sort_keys=True),
+    }
+
+
+def assembly_job(group: Group) -> AssemblyJob:
+    paths = tuple(str(group.episode_path(index)) for index in range(group.settings.episodes))
+    return AssemblyJob(group.settings, paths, str(group.path), str(group.partial_dir), dataset_attrs(group.settings))
+
+
+def run_jobs(states: Sequence[GroupState], workers: int) -> None:
+    """Run the missing episodes and the assemblies in a pool of workers, with a progress bar.
+
+    Assemblies jump the queue so finished files appear early; at most two jobs per worker are in
+    flight so that an assembly never waits behind the whole backlog.
+    """
+    from tqdm import tqdm
+
+    episodes: deque[EpisodeJob] = deque()
+    assemblies: deque[AssemblyJob] = deque()
+    missing: dict[str, int] = {}
+    groups = {state.group.name: state.group for state in states}
+    for state in states:
+        if state.complete:
+            continue
+        group = state.group
+        todo = [i for i in range(group.settings.episodes) if i not in state.done_episodes]
+        missing[group.name] = len(todo)
+        episodes.extend(EpisodeJob(group.settings, i, str(group.episode_path(i))) for i in todo)
+        if not todo:
+            assemblies.append(assembly_job(group))
+    if not episodes and not assemblies:
+        return
+    frames_total = sum(job.settings.episode_steps + 1 for job in episodes)
+    workers = min(workers, len(episodes) + len(assemblies))
+    print(
+        f"{PROGRAM}: {len(episodes)} episodes ({frames_total:,} frames) and {len(missing)} files to write "
+        f"with {workers} workers",
+        file=sys.stderr,
+    )
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: safe with EGL
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(),))
+    in_flight: dict[Future[Any], EpisodeJob | AssemblyJob] = {}
+    bar = tqdm(total=frames_total, unit="frame", desc="collecting", dynamic_ncols=True, smoothing=0.05)
+    episodes_left = len(episodes)
+    try:
+        while episodes or assemblies or in_flight:
+            while len(in_flight) < 2 * workers and (assemblies or episodes):
+                job = assemblies.popleft() if assemblies else episodes.popleft()
+                in_flight[pool.submit(run_job, job)] = job
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = in_flight.pop(future)
+                result = future.result()
+                if isinstance(result, EpisodeResult):
+                    episodes_left -= 1
+                    bar.update(result.frames)
+                    bar.set_postfix_str(f"{episodes_left} episodes left", refresh=False)
+                    missing[result.group] -= 1
+                    if missing[result.group] == 0:
+                        assemblies.append(assembly_job(groups[result.group]))
+    except BaseException:
+        for process in multiprocessing.active_children():  # our workers: stop them now, not after their job
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+
+
+class Summary(NamedTuple):
+    file: str
+    episodes: int
+    frames: int
+    mean_reward: float
+    megabytes: float
+
+
+def summarize(groups: Sequence[Group]) -> list[Summary]:
+    rows = []
+    for group in groups:
+        import h5py
+
+        with h5py.File(group.path, "r") as file:
+            rewards = file["rewards"][...]
+            episodes, frames = file["frames"].shape[:2]
+        rows.append(Summary(group.path.name, episodes, episodes * frames, float(rewards.mean()),
+                            group.path.stat().st_size / 1e6))
+    return rows
+
+
+def print_summary(rows: Sequence[Summary], seconds: float) -> None:
+    print(f"{'file':<22} {'episodes':>8} {'frames':>10} {'mean reward':>12} {'MB':>9}")
+    for row in sorted(rows):
+        print(f"{row.file:<22} {row.episodes:>8} {row.frames:>10,} {row.mean_reward:>12.4f} {row.megabytes:>9.1f}")
+    print(f"{'total':<22} {sum(r.episodes for r in rows):>8} {sum(r.frames for r in rows):>10,} {'':>12} "
+          f"{sum(r.megabytes for r in rows):>9.1f}   ({seconds:.0f} s)")
+
+
+def remove_empty_partial_folder(out: Path) -> None:
+    partial = out / PARTIAL_FOLDER
+    if partial.is_dir() and all(path.name == "lock" for path in partial.iterdir()):
+        (partial / "lock").unlink(missing_ok=True)
+        partial.rmdir()
+
+
+def collect(args: Args) -> list[Summary]:
+    """Validate, then produce every requested file that does not exist yet; returns the summary rows.
+    Raises UsageError on bad input before writing anything."""
+    groups = make_groups(args)
+    check_existing(args.out, groups, args)
+    leftovers = (args.out / PARTIAL_FOLDER).exists()  # of a killed run, even if all files are done now
+    if leftovers or not all(state.complete for state in scan(groups)):
+        try:
+            (args.out / PARTIAL_FOLDER).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create {args.out}: {error.strerror}") from None
+        with collection_lock(args.out):
+            check_existing(args.out, groups, args)  # again under the lock: another run may have written
+            states = scan(groups)
+            prepare_partials(states)
+            run_jobs(states, args.workers)
+            remove_empty_partial_folder(args.out)
+    return summarize(groups)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    try:
+        args = parse_args(argv)
+        rows = collect(args)
+    except UsageError as error:
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenProcessPool:
+        print(f"{PROGRAM}: error: a worker process died; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:  # a worker's bug or a disk error: show the traceback, what is written is kept
+        traceback.print_exc()
+        print(f"{PROGRAM}: error: collection failed; finished episodes are kept, rerun to resume", file=sys.stderr)
+        return EXIT_FAILED
+    print_summary(rows, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

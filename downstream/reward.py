@@ -1,0 +1,166 @@
+"""The paper's reward experiment (Figure 8, S2.3; SPEC section 5): do the VRNN hidden states predict reward?
+
+    python downstream/reward.py --run runs/world_model --run runs/cnn_vrnn
+
+For each task: hidden states of up to ``--sequences`` length-20 test windows (8 observed through the
+posterior, 12 predicted through the prior from the true actions), cached under ``--out``; a GRU reward
+predictor per task and input trained on 80% of the windows (split by episode) and tested on the rest,
+over several folds; MSE normalized by the null model (the mean training reward). Two controls: the true
+low-dimensional states (upper bound) and the actions alone. Writes results.json, results.md and
+figure8.png to ``--out``, and each run's fold-0 predictors to ``<run>/reward_predictors/<task>.pt``
+(tagged with the world model's fingerprint, which the imagination envs check).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from worldmodel.checkpoint import CheckpointError, atomic_write_text, load_world_model
+from worldmodel.fingerprint import model_fingerprint
+from worldmodel.hidden_states import WindowFeatures, extract_window_features, load_features, save_features
+from worldmodel.reward import (
+    RewardTrainConfig,
+    episode_folds,
+    evaluate_mse,
+    fit_reward_predictor,
+    null_model_mse,
+    save_reward_predictor,
+)
+from worldmodel.reward_report import InputResult, Results, markdown_table, plot_figure8, summarize, write_json
+from worldmodel.storage import dataset_path
+from worldmodel.tasks import parse_tasks
+
+PREDICTOR_DIR = "reward_predictors"
+
+
+@dataclass(frozen=True)
+class Args:
+    run: tuple[Path, ...] = (Path("runs/world_model"),)
+    """World-model run directories (or checkpoint files) of train/world_model.py; repeat the flag to compare."""
+    data: Path = Path("data/dmcs")
+    """Dataset directory of collect/dmcs.py; its test split is used."""
+    out: Path = Path("runs/reward")
+    """Where the report, the plot and the hidden-state cache go."""
+    tasks: str = "all"
+    """Comma-separated tasks, or 'all'."""
+    sequences: int = 10_000
+    """Length-20 test windows per task (fewer if the test split has fewer)."""
+    epochs: int = 60
+    """Maximum epochs per reward predictor (early stopping usually ends sooner)."""
+    folds: int = 5
+    """Splits by episode: each fold tests on 1/folds of the episodes (5 = 80/20, S2.3)."""
+    folds_run: int = 3
+    """How many of the folds to train and test; their spread is reported."""
+    controls: bool = True
+    """Also fit the controls: true low-dimensional states (upper bound) and actions only."""
+    seed: int = 0
+    """Seeds window choice, prior samples, splits and predictor training."""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda if available)."""
+    batch_size: int = 256
+    """Windows per batch when extracting hidden states."""
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(args: Args) -> None:
+    for name in ("sequences", "epochs", "folds", "folds_run", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.folds_run > args.folds or args.folds < 2:
+        fail(f"need 2 <= --folds and --folds-run <= --folds, got {args.folds} and {args.folds_run}")
+    try:
+        tasks = parse_tasks(args.tasks)
+    except ValueError as error:
+        fail(str(error))
+    for task in tasks:
+        if not dataset_path(args.data, task, "test").is_file():
+            fail(f"no test data for {task} in {args.data}: run python collect/dmcs.py --out {args.data} first")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+
+    # ---- the world models whose hidden states we probe
+    runs = []
+    for run_path in args.run:
+        try:
+            loaded = load_world_model(run_path, device)
+        except CheckpointError as error:
+            fail(str(error))
+        label = loaded.config.variant
+        if any(label == other[0] for other in runs):
+            label = f"{label} ({Path(run_path).name})"
+        run_dir = loaded.info.path.parent
+        runs.append((label, loaded.model, model_fingerprint(loaded.model), run_dir))
+    train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
+
+    # ---- per task: features, folds, predictors
+    results: Results = {}
+    for task in tqdm(tasks, desc="tasks", unit="task"):
+        inputs: dict[str, torch.Tensor] = {}
+        features: WindowFeatures | None = None
+        for label, model, fingerprint, _ in runs:
+            cache = args.out / "cache" / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
+            if cache.is_file():
+                features = load_features(cache)
+            else:
+                features = extract_window_features(
+                    model, args.data, task, args.sequences, batch_size=args.batch_size, seed=args.seed, device=device
+                )
+                save_features(cache, features)
+            inputs[label] = features.hidden
+        assert features is not None
+        if args.controls:
+            inputs["true states"] = features.states
+            inputs["actions only"] = features.actions
+
+        folds = episode_folds(features.episodes, args.folds, args.seed)[: args.folds_run]
+        results[task] = {}
+        for label, values in inputs.items():
+            normalized = []
+            for fold, (train, test) in enumerate(folds):
+                fit = fit_reward_predictor(
+                    values[train], features.rewards[train], features.episodes[train], train_config
+                )
+                mse = evaluate_mse(fit.predictor, values[test], features.rewards[test])
+                null = null_model_mse(features.rewards[train], features.rewards[test])
+                normalized.append((mse / null).numpy())
+                run = next((r for r in runs if r[0] == label), None)
+                if fold == 0 and run is not None:  # the predictor the imagination env uses
+                    save_reward_predictor(run[3] / PREDICTOR_DIR / f"{task}.pt", fit.predictor, task, run[2])
+            results[task][label] = summarize(np.stack(normalized), num_observed=8)
+            tqdm.write(
+                f"{task:13s} {label:28s} observed {results[task][label].observed_mean:.3f}"
+                f"  predicted {results[task][label].predicted_mean:.3f}"
+            )
+
+    # ---- report
+    meta = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
+        "runs": {label: {"dir": str(run_dir), "fingerprint": fp} for label, _, fp, run_dir in runs},
+        "num_observed": 8,
+        "length": 20,
+    }
+    meta["args"]["run"] = [str(path) for path in args.run]
+    write_json(args.out / "results.json", results, meta)
+    table = markdown_table(results)
+    atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)
+    plot_figure8(args.out / "figure8.png", results, num_observed=8)
+    print(table)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'figure8.png'}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,296 @@
+"""Train a policy purely in imagination, then evaluate it on the real task beside a random policy.
+
+    python downstream/rl.py --task cartpole --algo sac --steps 100000 --gif
+
+1. ``--num-envs`` imagined episodes of ``StructVRNN-Imagined-<task>`` as one batch
+   (``envs.sb3.ImaginedSB3VecEnv``) train a stable-baselines3 SAC or PPO agent on the world model's
+   hidden states and its learned reward; the agent is saved to ``<out>/<task>-<algo>.zip``.
+2. The agent then acts on the real task ``StructVRNN-Real-<task>`` seen through the same world model
+   (``envs.imagined.RealTaskThroughModel``: real frames -> detect -> posterior, step by step, after a
+   7-step random warm-up like an imagined episode's context) for ``--eval-episodes`` episodes, and so
+   does a uniform random policy; both real returns are reported (mean ± std), with the agent's return in
+   imagination beside them (how much the model's reward flatters the agent). Results go to
+   ``<out>/<task>-<algo>.json``.
+3. ``--gif``: one real episode under the agent, each real frame beside the frame the model imagines
+   open loop from the same start under the same actions, to ``<out>/<task>-<algo>.gif``.
+
+The world model comes from ``--checkpoint``, else ``$STRUCTVRNN_CHECKPOINT``, else ``runs/world_model``;
+its reward predictor from ``<run dir>/reward_predictors/<task>.pt`` (``python downstream/reward.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import numpy as np
+import torch
+import tyro
+from stable_baselines3 import PPO, SAC
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecMonitor
+from tqdm.auto import tqdm
+
+from envs.imagined import (
+    ImaginationModels,
+    RealTaskThroughModel,
+    decode_frames,
+    load_imagination_models,
+    prior_step,
+)
+from envs.real import RealPixelEnv
+from envs.sb3 import ImaginedSB3VecEnv
+from worldmodel.checkpoint import CheckpointError, atomic_write, atomic_write_text
+from worldmodel.reward import RewardPredictorMismatch
+from worldmodel.tasks import get_task
+
+
+@dataclass(frozen=True)
+class Args:
+    task: str = "cheetah"
+    """One task: acrobot, cartpole, cheetah, reacher, walker-stand or walker-walk."""
+    algo: Literal["sac", "ppo"] = "sac"
+    """stable-baselines3 algorithm trained in imagination."""
+    steps: int = 100_000
+    """Imagined environment steps to train for (summed over the sub-envs)."""
+    num_envs: int = 16
+    """Imagined episodes stepped together as one batch."""
+    checkpoint: Path | None = None
+    """World-model run directory or checkpoint file; default $STRUCTVRNN_CHECKPOINT, else runs/world_model."""
+    reward_predictor: Path | None = None
+    """Reward predictor file; default <run dir>/reward_predictors/<task>.pt."""
+    data: Path | None = None
+    """Dataset directory for the imagined episodes' real contexts; default the one recorded in the checkpoint."""
+    context: Literal["dataset", "simulator"] = "dataset"
+    """Where imagined episodes start: test-split windows, or the real simulator under random actions."""
+    observe_keypoints: bool = False
+    """Let the agent see the current keypoints beside the hidden state."""
+    horizon: int | None = None
+    """Imagined steps per training episode; default the task's 1000 // action_repeat."""
+    eval_episodes: int = 5
+    """Real episodes for the agent and for the random policy each (and imagined ones for the agent)."""
+    gif: bool = False
+    """Write a GIF of one real episode under the agent beside the model's open-loop imagination of it."""
+    out: Path = Path("runs/rl")
+    """Where the agent, the results and the GIF go."""
+    seed: int = 0
+    """Seeds the agent, the imagined and the real episodes."""
+    device: str = "auto"
+    """Device of the world model: 'auto' (cuda if available), 'cpu', 'cuda'."""
+    agent_device: str = "cpu"
+    """Device of the agent's networks (small MLPs: the CPU is usually faster)."""
+
+
+class Returns(NamedTuple):
+    mean: float
+    std: float
+    values: list[float]
+
+
+class Report(NamedTuple):
+    agent_path: Path
+    results_path: Path
+    gif_path: Path | None
+    real_agent: Returns
+    real_random: Returns
+    imagined_agent: Returns
+
+
+class UsageError(ValueError):
+    """Bad input: reported in one line, exit status 2."""
+
+
+class ProgressBar(BaseCallback):
+    """A tqdm bar over imagined environment steps, with the mean return of recent imagined episodes."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self.total = total
+        self.bar: tqdm | None = None
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.total, desc="imagined steps", unit="step", dynamic_ncols=True)
+
+    def _on_step(self) -> bool:
+        assert self.bar is not None
+        self.bar.update(self.training_env.num_envs)
+        episodes = self.model.ep_info_buffer
+        if episodes and self.n_calls % 50 == 0:
+            self.bar.set_postfix(imagined_return=f"{np.mean([e['r'] for e in episodes]):.2f}")
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_args(args: Args) -> None:
+    try:
+        get_task(args.task)
+    except ValueError as error:
+        raise UsageError(f"--task: {error}") from None
+    for name in ("steps", "num_envs", "eval_episodes"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.horizon is not None and args.horizon < 1:
+        raise UsageError(f"--horizon must be positive, got {args.horizon}")
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+    if args.data is not None and not args.data.is_dir():
+        raise UsageError(f"--data {args.data} is not a directory")
+
+
+def make_agent(args: Args, venv: VecMonitor) -> BaseAlgorithm:
+    if args.algo == "sac":
+        return SAC("MlpPolicy", venv, seed=args.seed, device=args.agent_device, verbose=0,
+                   learning_starts=min(1000, args.steps // 10), batch_size=256)
+    # PPO: ~2048 transitions per update whatever the number of sub-envs (fewer for very short runs).
+    n_steps = max(8, min(2048 // args.num_envs, args.steps // args.num_envs))
+    return PPO("MlpPolicy", venv, seed=args.seed, device=args.agent_device, verbose=0,
+               n_steps=n_steps, batch_size=min(256, n_steps * args.num_envs))
+
+
+def summarize(values: list[float]) -> Returns:
+    return Returns(float(np.mean(values)), float(np.std(values)), [float(v) for v in values])
+
+
+def imagined_returns(agent: BaseAlgorithm, args: Args, episodes: int) -> Returns:
+    """The agent's (deterministic) returns in imagination, one batch of ``episodes`` sub-envs."""
+    venv = ImaginedSB3VecEnv(
+        args.task, episodes, args.checkpoint, args.reward_predictor, args.data, args.context,
+        args.observe_keypoints, args.horizon, args.device,
+    )
+    venv.seed(args.seed + 10_000)  # other contexts than the training episodes' first ones
+    observations = venv.reset()
+    totals = np.zeros(episodes)
+    done = np.zeros(episodes, dtype=bool)
+    while not done.all():
+        actions, _ = agent.predict(observations, deterministic=True)
+        observations, rewards, dones, _ = venv.step(actions)
+        totals += np.where(done, 0.0, rewards)
+        done |= dones
+    return summarize(totals.tolist())
+
+
+def real_returns(
+    models: ImaginationModels, args: Args, episodes: int, agent: BaseAlgorithm | None
+) -> Returns:
+    """Returns on the real task seen through the model: the agent (deterministic), or uniform random actions."""
+    env = RealTaskThroughModel(
+        RealPixelEnv(args.task, action_repeat=models.action_repeat), models, args.observe_keypoints
+    )
+    action_rng = np.random.default_rng(args.seed + 20_000)
+    totals = []
+    for episode in tqdm(range(episodes), desc="real episodes " + ("agent" if agent else "random"), leave=False):
+        observation, _ = env.reset(seed=args.seed + 30_000 + episode)  # the same starts for both policies
+        total, truncated, terminated = 0.0, False, False
+        while not (truncated or terminated):
+            if agent is None:
+                action = action_rng.uniform(-1.0, 1.0, env.action_space.shape).astype(np.float32)
+            else:
+                action, _ = agent.predict(observation, deterministic=True)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            total += reward
+        totals.append(total)
+    env.close()
+    return summarize(totals)
+
+
+@torch.inference_mode()
+def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args: Args) -> None:
+    """One real episode under the agent; each frame: real (left) | imagined open loop, same actions (right)."""
+    import imageio.v2 as imageio
+
+    env = RealTaskThroughModel(
+        RealPixelEnv(args.task, action_repeat=models.action_repeat, render_mode="rgb_array"),
+        models, args.observe_keypoints,
+    )
+    model = models.world_model
+    observation, _ = env.reset(seed=args.seed + 40_000)
+    assert env.first_frame is not None and env.first_keypoints is not None
+    first_frame = torch.from_numpy(env.first_frame).to(models.device)[None]
+    imagined = env.carry  # imagination starts where the filter stands after the warm-up
+    generator = torch.Generator().manual_seed(args.seed)
+    frames = []
+    truncated = terminated = False
+    while not (truncated or terminated):
+        action, _ = agent.predict(observation, deterministic=True)
+        observation, _, terminated, truncated, _ = env.step(action)
+        padded = torch.zeros(1, 6, device=models.device)
+        padded[0, : len(action)] = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32)
+        noise = torch.randn((1, model.config.latent_dim), generator=generator).to(models.device)
+        imagined = prior_step(model, imagined, padded, noise)
+        keypoints = model.normalizer.denormalize(imagined.keypoints).view(1, -1, 3)
+        dream = decode_frames(model, keypoints, first_frame, env.first_keypoints)[0]
+        real = env.render()
+        assert real is not None
+        frames.append(np.concatenate([real, dream], axis=1).repeat(2, axis=0).repeat(2, axis=1))
+    env.close()
+    atomic_write(path, lambda temporary: imageio.mimsave(temporary, frames, duration=1000 / 30, loop=0))
+
+
+def main(args: Args) -> Report:
+    check_args(args)
+    try:
+        models = load_imagination_models(args.task, args.checkpoint, args.reward_predictor, args.device)
+        venv = VecMonitor(ImaginedSB3VecEnv(
+            args.task, args.num_envs, args.checkpoint, args.reward_predictor, args.data, args.context,
+            args.observe_keypoints, args.horizon, args.device,
+        ))
+    except (CheckpointError, FileNotFoundError, RewardPredictorMismatch, ValueError) as error:
+        raise UsageError(str(error)) from None
+    torch.manual_seed(args.seed)
+    venv.seed(args.seed)
+    agent = make_agent(args, venv)
+    print(f"training {args.algo.upper()} on {args.num_envs} imagined {args.task} episodes "
+          f"(model {models.checkpoint}, horizon {venv.unwrapped.horizon})")
+    agent.learn(total_timesteps=args.steps, callback=ProgressBar(args.steps))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.task}-{args.algo}"
+    agent_path = args.out / f"{stem}.zip"
+    atomic_write(agent_path, lambda temporary: agent.save(temporary))
+
+    imagined = imagined_returns(agent, args, args.eval_episodes)
+    real_agent = real_returns(models, args, args.eval_episodes, agent)
+    real_random = real_returns(models, args, args.eval_episodes, None)
+    gif_path = args.out / f"{stem}.gif" if args.gif else None
+    if gif_path is not None:
+        write_gif(gif_path, models, agent, args)
+
+    results_path = args.out / f"{stem}.json"
+    record = {
+        "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()},
+        "world_model": {"checkpoint": str(models.checkpoint), "fingerprint": models.fingerprint},
+        "action_repeat": models.action_repeat,
+        "real_agent": real_agent._asdict(),
+        "real_random": real_random._asdict(),
+        "imagined_agent": imagined._asdict(),
+    }
+    atomic_write_text(results_path, json.dumps(record, indent=2) + "\n")
+    print(f"\n{args.task}: returns over {args.eval_episodes} episodes (mean ± std)")
+    print(f"  real, agent trained in imagination  {real_agent.mean:9.2f} ± {real_agent.std:.2f}")
+    print(f"  real, random policy                 {real_random.mean:9.2f} ± {real_random.std:.2f}")
+    print(f"  imagined, agent                     {imagined.mean:9.2f} ± {imagined.std:.2f}")
+    print(f"wrote {agent_path}, {results_path}" + (f", {gif_path}" if gif_path else ""))
+    return Report(agent_path, results_path, gif_path, real_agent, real_random, imagined)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    try:
+        main(args)
+    except UsageError as error:
+        print(f"rl.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

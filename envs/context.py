@@ -1,0 +1,368 @@
+"""The real context an imagined episode starts from, and filtering it through the world model's posterior.
+
+An imagined episode (``envs.imagined``) begins like the paper's open-loop predictions: ``CONTEXT_LENGTH``
+(8) real frames and the actions between them are filtered through the posterior (detect -> observe), and
+the episode continues from the resulting state with prior samples. The context comes from
+
+- ``DatasetContexts``: a window of the dataset's test split (the default), or
+- ``SimulatorContexts``: a fresh episode of the real dm_control task driven by uniform random actions
+  (the data's policy) from its reset frame,
+
+chosen with the env's seeded ``np.random.Generator``.
+
+Choices written down here:
+
+* Dataset contexts: every window of the test split is equally likely (starts ``s <= T - 8``, the
+  windows ``worldmodel.data.WindowDataset`` serves). Detection is the cost of a reset (on 2 CPU cores
+  ~15 ms for 8 frames of the ``cpu`` model, against ~20-40 us per imagined sub-env step), so it is avoided:
+  a staged training run (``train/world_model.py --mode staged``) leaves every test frame's keypoints in
+  ``<run dir>/keypoints.pt``, tagged with the detector weights' fingerprint; when that file matches the
+  model and the dataset, contexts read their keypoints from it. Otherwise each window's 8 frames are
+  detected in one call of fixed shape and kept in a per-process LRU cache, so a window gives
+  bit-identical keypoints however many envs reset together.
+* The context's last action ``a_7`` is never used: the agent's first action replaces it.
+* Filtering repeats ``WorldModel.observe`` step by step (``posterior_step``) with noise passed in rather
+  than drawn from one generator, because every sub-env of a batch draws from its own seeded stream: a
+  vector env then gives exactly what the same sub-envs give one by one. ``tests/test_envs_imagined.py``
+  checks it against ``WorldModel.observe`` itself, so a change of the model's recursion shows up there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from worldmodel import storage
+from worldmodel.dynamics import Carry
+from worldmodel.model import WorldModel
+from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
+
+CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
+DETECT_CHUNK = 128  # frames per detector call (bounds the activations' memory)
+WINDOW_CACHE_SIZE = 4096  # detected windows kept per context source (8 x K x 3 floats each: ~25 MB at K = 64)
+CONTEXT_SOURCES = ("dataset", "simulator")
+
+
+class Context(NamedTuple):
+    """One real context, ready for the posterior (all tensors on the model's device)."""
+
+    keypoints: Tensor  # (L, K, 3) float32, detected in the context's frames
+    actions: Tensor  # (L, 6) float32, actions[i] applied at frame i, zero-padded; actions[L-1] is never used
+    first_frame: Tensor | None  # (64, 64, 3) uint8, the context's first frame (for decoding), if asked for
+    info: dict[str, int]  # where it came from: dataset episode and start, or simulator episode seed
+
+
+class ContextSource(Protocol):
+    """Draws real contexts of one task with a caller's random generator."""
+
+    task: str
+    action_repeat: int
+
+    def sample(self, rng: np.random.Generator, with_frame: bool) -> Context: ...
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast for the convolutions on CPU (measured here: detection ~2.2x faster); fp32 on CUDA, where
+    detection is cheap."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops with ``count`` threads (restored after); None or a CUDA device: leave it.
+
+    The envs' per-step tensors are small. Measured here (2 cores shared with other jobs, ``cpu``-profile
+    sizes): one thread steps 256 sub-envs at ~45k sub-env steps/s, two threads at ~2k, because OpenMP
+    threads spin-wait on each other while other processes hold the cores. On an idle machine with more
+    cores, more threads may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
+    Switching the count costs well under a microsecond.
+    """
+    if count is None or device.type != "cpu" or torch.get_num_threads() == count:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def pad_actions(actions: np.ndarray) -> np.ndarray:
+    """(..., A) task actions -> (..., 6) float32, zero-padded (one model serves all tasks)."""
+    padded = np.zeros((*actions.shape[:-1], MAX_ACTION_DIM), np.float32)
+    padded[..., : actions.shape[-1]] = actions
+    return padded
+
+
+@torch.inference_mode()
+def detect_frames(model: WorldModel, frames: Tensor, chunk: int = DETECT_CHUNK) -> Tensor:
+    """uint8 frames (N, 64, 64, 3) on the model's device -> keypoints (N, K, 3) float32, in fixed chunks."""
+    device = frames.device
+    parts = []
+    with autocast_for(device):
+        for begin in range(0, frames.shape[0], chunk):
+            parts.append(model.detect(frames[None, begin : begin + chunk])[0].float())
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Context sources
+# ----------------------------------------------------------------------------------------------
+class DatasetContexts:
+    """Contexts from a dataset split (``<root>/<task>_<split>.h5``): uniformly drawn windows of ``length``
+    frames with their actions; keypoints from the trainer's cache when given, else detected per window."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        task: str,
+        model: WorldModel,
+        action_repeat: int,
+        split: str = "test",
+        length: int = CONTEXT_LENGTH,
+        keypoint_cache: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.task = get_task(task).name
+        self.root = Path(root)
+        self.split = split
+        self.path = storage.dataset_path(self.root, self.task, split)
+        if not self.path.is_file():
+            error = storage.missing_dataset_error(self.root, self.task, split)
+            raise FileNotFoundError(f"{error} (or pass data=<dataset dir>, or context='simulator')")
+        self.info = storage.read_info(self.path)
+        if self.info.action_repeat != action_repeat:
+            raise ValueError(
+                f"{self.path} was collected with action repeat {self.info.action_repeat}, but the world model "
+                f"was trained on {self.task} with action repeat {action_repeat}: pass data= a matching dataset"
+            )
+        if self.info.episode_steps < length:
+            raise ValueError(f"episodes of {self.path} have {self.info.episode_steps} steps, fewer than {length}")
+        self.action_repeat = action_repeat
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.length = length
+        self.starts_per_episode = self.info.episode_steps - length + 1  # frames s .. s+L-1 and their actions
+        self.num_windows = self.info.num_episodes * self.starts_per_episode
+        with h5py.File(self.path, "r") as file:  # small arrays once; frames are read per window, lazily
+            self._actions = torch.from_numpy(pad_actions(file["actions"][...])).to(self.device)  # (E, T, 6)
+        self.cached_keypoints = self._trainer_keypoints(keypoint_cache) if keypoint_cache else None  # (E, T, K, 3)
+        self._windows: OrderedDict[tuple[int, int], Tensor] = OrderedDict()  # (episode, start) -> (L, K, 3)
+        self._file: h5py.File | None = None
+        self._file_pid = -1
+        self._lock = threading.Lock()
+
+    def _trainer_keypoints(self, path: str | os.PathLike[str]) -> Tensor | None:
+        """This task's split from a staged run's keypoint cache, if it was made by this model's detector on
+        this dataset (same episodes, same lengths); None otherwise."""
+        from worldmodel.training import load_keypoint_cache, vision_fingerprint
+
+        try:
+            splits = load_keypoint_cache(Path(path), vision_fingerprint(self.model))
+        except (OSError, RuntimeError, KeyError, TypeError):  # unreadable or another layout: detect instead
+            return None
+        if not splits or self.split not in splits:
+            return None
+        cached = splits[self.split]
+        mine = torch.nonzero(cached.task_ids == task_id(self.task)).flatten()
+        steps = self.info.episode_steps
+        if len(mine) != self.info.num_episodes or bool((cached.episode_lengths[mine] != steps).any()):
+            return None
+        rows = cached.episode_starts[mine][:, None] + torch.arange(steps)  # (E, T)
+        return cached.keypoints[rows].float().to(self.device)
+
+    def _frames(self) -> h5py.Dataset:
+        # h5py handles must not cross a fork: reopen in a new process (e.g. SB3's SubprocVecEnv workers).
+        if self._file is None or self._file_pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._file_pid = os.getpid()
+        return self._file["frames"]
+
+    def window_keypoints(self, episode: int, start: int) -> Tensor:
+        """(L, K, 3) keypoints of frames start .. start+L-1 of an episode."""
+        if self.cached_keypoints is not None:
+            return self.cached_keypoints[episode, start : start + self.length]
+        key = (episode, start)
+        with self._lock:
+            keypoints = self._windows.get(key)
+            if keypoints is None:
+                frames = torch.from_numpy(self._frames()[episode, start : start + self.length]).to(self.device)
+                keypoints = detect_frames(self.model, frames)
+                self._windows[key] = keypoints
+                if len(self._windows) > WINDOW_CACHE_SIZE:
+                    self._windows.popitem(last=False)
+            else:
+                self._windows.move_to_end(key)
+            return keypoints
+
+    def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
+        window = int(rng.integers(self.num_windows))
+        episode, start = divmod(window, self.starts_per_episode)
+        keypoints = self.window_keypoints(episode, start)
+        actions = self._actions[episode, start : start + self.length]
+        first_frame = None
+        if with_frame:
+            with self._lock:
+                first_frame = torch.from_numpy(self._frames()[episode, start]).to(self.device)
+        return Context(keypoints, actions, first_frame, {"context_episode": episode, "context_start": start})
+
+    def close(self) -> None:
+        if self._file is not None and self._file_pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+
+class SimulatorContexts:
+    """Contexts from the real task: reset with a drawn episode seed, then uniform random actions."""
+
+    def __init__(self, task: str, model: WorldModel, action_repeat: int, length: int = CONTEXT_LENGTH) -> None:
+        from envs.simulator import Simulator  # dm_control loads slowly: only when asked for
+
+        self.task = get_task(task).name
+        self.action_repeat = action_repeat
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.length = length
+        self.simulator = Simulator(self.task, action_repeat=action_repeat)
+        self._lock = threading.Lock()
+
+    def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
+        episode_seed = int(rng.integers(2**31 - 1))
+        action_dim = self.simulator.spec.action_dim
+        # The data's policy (SPEC section 2): uniform in [-1, 1], one draw per agent step.
+        actions = rng.uniform(-1.0, 1.0, (self.length - 1, action_dim)).astype(np.float32)
+        with self._lock:
+            frame, _ = self.simulator.reset(episode_seed)
+            frames = [frame]
+            for action in actions:
+                frames.append(self.simulator.step(action).frame)
+        frames_tensor = torch.from_numpy(np.stack(frames)).to(self.device)  # (L, 64, 64, 3)
+        padded = np.concatenate([pad_actions(actions), np.zeros((1, MAX_ACTION_DIM), np.float32)])
+        return Context(
+            detect_frames(self.model, frames_tensor),
+            torch.from_numpy(padded).to(self.device),
+            frames_tensor[0] if with_frame else None,
+            {"context_seed": episode_seed},
+        )
+
+    def close(self) -> None:
+        self.simulator.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The posterior filter with per-env noise
+# ----------------------------------------------------------------------------------------------
+def posterior_noise(generator: torch.Generator, model: WorldModel, length: int = CONTEXT_LENGTH) -> Tensor:
+    """The standard normal draws ``WorldModel.observe`` makes for one sequence: (length, samples, Z).
+
+    Drawn in the order ``observe`` draws them for a batch of one ((samples, 1, Z) per frame), so the same
+    generator state gives the same filtered state as ``model.observe(..., generator=generator)``.
+    """
+    config = model.config
+    return torch.randn((length, config.best_of, config.latent_dim), generator=generator)
+
+
+def posterior_step(
+    model: WorldModel, carry: Carry | None, action: Tensor, target: Tensor, noise: Tensor
+) -> tuple[Carry, Tensor]:
+    """One observed frame, as ``VRNN.unroll`` does it (SPEC section 3's ordering).
+
+    carry: the state after the previous frame, or None for the first frame (h = 0, no GRU step).
+    action (B, 6): the action that produced this frame (a_{t-1}); target (B, F): the frame's detected
+    keypoints, normalised; noise (S, B, Z): the best-of-S standard normal draws.
+    Returns the carry after this frame and its hidden state h_t (B, H) (the state that predicts it).
+    """
+    dynamics = model.dynamics
+    batch = target.shape[0]
+    if carry is None:
+        hidden = target.new_zeros(batch, model.config.rnn_size)
+    else:
+        hidden = dynamics.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)
+    if dynamics.posterior is None:  # struct-rnn: deterministic
+        latent = hidden.new_zeros(batch, 0)
+    else:
+        belief = dynamics.posterior(torch.cat([target, hidden], dim=-1))
+        if noise.shape[0] > 1:  # best of many against the detected keypoints (eq. 8)
+            candidates = dynamics.decoder(belief.mean + belief.std * noise, hidden)  # (S, B, F)
+            best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+            chosen = noise[best, torch.arange(batch, device=noise.device)]
+        else:
+            chosen = noise[0]
+        latent = belief.mean + belief.std * chosen
+    prediction = dynamics.decoder(latent, hidden)  # the RNN is fed its own decoded keypoints (as observe)
+    return Carry(hidden, prediction, latent), hidden
+
+
+class FilteredContext(NamedTuple):
+    carry: Carry  # after the context's last frame (normalised keypoints), what imagination continues from
+    hidden: Tensor  # (B, L, H) hidden states of the context's frames (warm-up of the reward predictor)
+
+
+@torch.inference_mode()
+def filter_context(model: WorldModel, keypoints: Tensor, actions: Tensor, noise: Tensor) -> FilteredContext:
+    """Posterior over a batch of contexts: keypoints (B, L, K, 3), actions (B, L, 6) (actions[:, t] applied
+    at frame t), noise (B, L, S, Z) from ``posterior_noise`` per context."""
+    with torch.autocast(keypoints.device.type, enabled=False):  # the dynamics run in float32 (as the model)
+        targets = model.normalizer.normalize(keypoints.flatten(2))  # (B, L, F)
+        steps_noise = noise.permute(1, 2, 0, 3)  # (L, S, B, Z)
+        carry: Carry | None = None
+        hiddens = []
+        for t in range(keypoints.shape[1]):
+            previous = actions[:, t - 1] if t > 0 else actions[:, 0]  # unused at t = 0
+            carry, hidden = posterior_step(model, carry, previous.float(), targets[:, t], steps_noise[t])
+            hiddens.append(hidden)
+    assert carry is not None
+    return FilteredContext(carry, torch.stack(hiddens, dim=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# One source per process and setting, shared by all envs (so detections are cached once)
+# ----------------------------------------------------------------------------------------------
+_SOURCES: dict[tuple[Any, ...], ContextSource] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def context_source(
+    kind: str,
+    task: str,
+    model: WorldModel,
+    fingerprint: str,
+    action_repeat: int,
+    data: str | os.PathLike[str] | None,
+    keypoint_cache: str | os.PathLike[str] | None = None,
+) -> ContextSource:
+    """The shared ``DatasetContexts`` (kind 'dataset', from ``data``, with the trainer's ``keypoint_cache``
+    of that dataset if any) or ``SimulatorContexts`` ('simulator')."""
+    if kind not in CONTEXT_SOURCES:
+        raise ValueError(f"context must be one of {', '.join(CONTEXT_SOURCES)}, got {kind!r}")
+    device = str(next(model.parameters()).device)
+    if kind == "dataset":
+        if data is None:
+            raise ValueError("context='dataset' needs a dataset directory (data=...)")
+        key: tuple[Any, ...] = (
+            kind, str(Path(data).resolve()), task, fingerprint, device, action_repeat, str(keypoint_cache)
+        )
+    else:
+        key = (kind, task, fingerprint, device, action_repeat)
+    with _SOURCES_LOCK:
+        source = _SOURCES.get(key)
+        if source is None:
+            if kind == "dataset":
+                assert data is not None
+                source = DatasetContexts(data, task, model, action_repeat, keypoint_cache=keypoint_cache)
+            else:
+                source = SimulatorContexts(task, model, action_repeat)
+            _SOURCES[key] = source
+        return source

@@ -1,0 +1,685 @@
+"""``StructVRNN-Imagined-<task>``: a DeepMind Control task stepped inside a trained Struct-VRNN world model.
+
+An episode starts from a real context (``envs.context``: 8 frames and actions from the dataset's test split
+or the real simulator) filtered through the posterior, and then continues in imagination: each action
+drives one GRU step and a prior sample of the latent, the agent observes the RNN's hidden state, and the
+task's GRU reward predictor (``downstream/reward.py``), carried as a recurrent state over the same
+hidden states, gives the reward. ``render()`` decodes the imagined keypoints into a 64x64 frame.
+
+Which world model (first found wins): the ``checkpoint=`` keyword (a run directory of
+``train/world_model.py`` or a checkpoint file in it), the ``STRUCTVRNN_CHECKPOINT`` environment variable,
+the trainer's default run directory ``runs/world_model``. Its reward predictor is
+``<run dir>/reward_predictors/<task>.pt`` (or ``reward_predictor=``); it must carry the fingerprint of
+that model's weights. Models are loaded once per process and device (cache keyed by path and mtime).
+
+All the sub-env machinery (``ImaginationBatch``) works on a batch: the single env here is a batch of one,
+``envs.imagined_vector.ImaginedVectorEnv`` and ``envs.sb3.ImaginedSB3VecEnv`` run many sub-envs as one
+tensor batch. Every random draw of a sub-env comes from its own ``np_random`` (context choice and a seed
+for its own ``torch.Generator``), so a batch gives exactly what its sub-envs give one by one.
+
+``RealTaskThroughModel`` runs the same model as a filter on the real task (``StructVRNN-Real-<task>``):
+real frames -> detect -> posterior, step by step, so a policy trained here sees the same observations there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor
+
+from envs.context import (
+    CONTEXT_LENGTH,
+    ContextSource,
+    autocast_for,
+    context_source,
+    cpu_threads,
+    detect_frames,
+    filter_context,
+    pad_actions,
+    posterior_noise,
+    posterior_step,
+)
+from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
+from worldmodel.dynamics import Carry
+from worldmodel.fingerprint import model_fingerprint
+from worldmodel.model import WorldModel
+from worldmodel.reward import RewardPredictor, RewardPredictorMismatch, load_reward_predictor
+from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, get_task
+
+CHECKPOINT_ENV = "STRUCTVRNN_CHECKPOINT"
+DEFAULT_RUN_DIR = Path("runs/world_model")  # train/world_model.py's default --out
+REWARD_PREDICTOR_DIR = "reward_predictors"  # downstream/reward.py writes <run dir>/reward_predictors/<task>.pt
+NOISE_BLOCK = 64  # prior draws fetched per sub-env at a time: one Python call per sub-env every 64 steps
+__all__ = [
+    "CHECKPOINT_ENV",
+    "ImaginationBatch",
+    "ImaginationModels",
+    "ImaginedEnv",
+    "RealTaskThroughModel",
+    "check_actions",
+    "decode_frames",
+    "load_imagination_models",
+    "resolve_device",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the world model and its reward predictor (once per process)
+# ----------------------------------------------------------------------------------------------
+class ImaginationModels(NamedTuple):
+    """A world model, one task's reward predictor fit on its hidden states, and what the checkpoint says."""
+
+    world_model: WorldModel  # eval mode, on `device`; shared: never modify
+    reward_predictor: RewardPredictor  # eval mode, on `device`; shared: never modify
+    fingerprint: str  # model_fingerprint(world_model)
+    checkpoint: Path  # the checkpoint file
+    dataset: Path | None  # the training data directory recorded in the checkpoint
+    keypoint_cache: Path | None  # a staged run's detected keypoints of that data (train/world_model.py)
+    task: str
+    action_repeat: int  # the one the model's data of this task was collected with
+    device: torch.device
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda if available, else cpu."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> Path:
+    """The checkpoint file: the argument, else $STRUCTVRNN_CHECKPOINT, else runs/world_model; one clear error."""
+    if checkpoint is not None:
+        candidates = [(Path(checkpoint), "checkpoint=")]
+    elif os.environ.get(CHECKPOINT_ENV):
+        candidates = [(Path(os.environ[CHECKPOINT_ENV]), f"${CHECKPOINT_ENV}")]
+    else:
+        candidates = [(DEFAULT_RUN_DIR, "the default run directory")]
+    path, origin = candidates[0]
+    try:
+        return find_checkpoint(path).resolve()
+    except CheckpointError:
+        raise CheckpointError(
+            f"no world-model checkpoint at {path} ({origin}; looked for {path} or {path / CHECKPOINT_FILE}): "
+            f"train one with `python train/world_model.py --out {DEFAULT_RUN_DIR}`, then fit its reward "
+            f"predictors with `python downstream/reward.py --run {DEFAULT_RUN_DIR}`; or pass checkpoint=<run dir> "
+            f"or set {CHECKPOINT_ENV}"
+        ) from None
+
+
+_WORLD_MODELS: dict[tuple[str, int, str], tuple[Any, str]] = {}
+_REWARD_PREDICTORS: dict[tuple[str, int, str, str, str], RewardPredictor] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_imagination_models(
+    task: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    reward_predictor: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+) -> ImaginationModels:
+    """The world model and the task's reward predictor, from the per-process cache when unchanged on disk.
+
+    Raises CheckpointError (no model: how to train one), FileNotFoundError (no reward predictor: how to fit
+    one), RewardPredictorMismatch (the predictor was fit on another model's hidden states, or another task).
+    """
+    spec = get_task(task)
+    device = resolve_device(device)
+    path = resolve_checkpoint(checkpoint)
+    model_key = (str(path), path.stat().st_mtime_ns, str(device))
+    with _LOAD_LOCK:
+        if model_key not in _WORLD_MODELS:
+            loaded = load_world_model(path, device)
+            loaded.model.requires_grad_(False)
+            _WORLD_MODELS[model_key] = (loaded, model_fingerprint(loaded.model))
+        loaded, fingerprint = _WORLD_MODELS[model_key]
+    dataset_info = loaded.info.dataset
+    repeats = dataset_info.get("action_repeats") or {}
+    if spec.name not in repeats:
+        trained_on = ", ".join(dataset_info.get("tasks", repeats)) or "unknown tasks"
+        raise CheckpointError(f"the world model at {path} was not trained on {spec.name} (its tasks: {trained_on})")
+
+    predictor_path = Path(reward_predictor) if reward_predictor is not None else (
+        path.parent / REWARD_PREDICTOR_DIR / f"{spec.name}.pt"
+    )
+    if not predictor_path.is_file():
+        raise FileNotFoundError(
+            f"no reward predictor for {spec.name} at {predictor_path}: fit one for this world model with "
+            f"`python downstream/reward.py --run {path.parent} --tasks {spec.name}` (or pass reward_predictor=)"
+        )
+    predictor_key = (str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name, str(device))
+    with _LOAD_LOCK:
+        if predictor_key not in _REWARD_PREDICTORS:
+            predictor = load_reward_predictor(predictor_path, spec.name, fingerprint, map_location=device)
+            expected = loaded.config.rnn_size
+            if predictor.input_size != expected:
+                raise RewardPredictorMismatch(
+                    f"{predictor_path} reads {predictor.input_size} features, the world model's hidden state has {expected}"
+                )
+            _REWARD_PREDICTORS[predictor_key] = predictor.to(device).requires_grad_(False)
+        predictor = _REWARD_PREDICTORS[predictor_key]
+    recorded = dataset_info.get("path")
+    cache = dataset_info.get("keypoint_cache")
+    return ImaginationModels(
+        world_model=loaded.model,
+        reward_predictor=predictor,
+        fingerprint=fingerprint,
+        checkpoint=path,
+        dataset=Path(recorded) if recorded else None,
+        keypoint_cache=Path(cache) if cache else None,
+        task=spec.name,
+        action_repeat=int(repeats[spec.name]),
+        device=device,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Actions
+# ----------------------------------------------------------------------------------------------
+def check_actions(actions: Any, shape: tuple[int, ...], task: str) -> np.ndarray:
+    """Validate a batch of task actions: wrong shape or NaN/inf -> ValueError; out of [-1, 1] -> clipped
+    (as dm_control does on the real task). Returns a fresh float32 array of ``shape``."""
+    try:
+        array = np.array(actions, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"action for {task} must be a float array of shape {shape}: {error}") from None
+    if array.shape != shape:
+        raise ValueError(f"action for {task} must have shape {shape}, got {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"action for {task} contains NaN or inf: {array}")
+    return np.clip(array, -1.0, 1.0, out=array)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched imagination core
+# ----------------------------------------------------------------------------------------------
+def prior_step(model: WorldModel, carry: Carry, action: Tensor, noise: Tensor) -> Carry:
+    """One imagined frame, as ``WorldModel.imagine`` does it without targets (one prior sample).
+
+    carry: the state after the current frame (normalised keypoints); action (B, 6): the action applied at
+    the current frame; noise (B, Z): the standard normal draw of the prior sample.
+    """
+    dynamics = model.dynamics
+    hidden = dynamics.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # h_{t+1}
+    if dynamics.prior is None:  # struct-rnn: deterministic
+        latent = hidden.new_zeros(hidden.shape[0], 0)
+    else:
+        prior = dynamics.prior(hidden)
+        latent = prior.mean + prior.std * noise
+    return Carry(hidden, dynamics.decoder(latent, hidden), latent)
+
+
+class NoiseStreams:
+    """One seeded ``torch.Generator`` per sub-env (on the CPU, so results do not depend on the device),
+    read in blocks of ``block`` prior draws; a sub-env's k-th draw is the same whatever the batch."""
+
+    def __init__(self, num_envs: int, latent_dim: int, device: torch.device, block: int = NOISE_BLOCK) -> None:
+        self.generators = [torch.Generator() for _ in range(num_envs)]
+        self.latent_dim, self.device, self.block = latent_dim, device, block
+        self.buffer = torch.zeros(num_envs, block, latent_dim, device=device)
+        self.position = np.full(num_envs, block)  # block = exhausted: refill before the next draw
+        self._rows = torch.arange(num_envs, device=device)
+
+    def reseed(self, index: int, seed: int) -> torch.Generator:
+        """Restart sub-env ``index``'s stream; returns its generator (draw the posterior noise from it next)."""
+        self.generators[index].manual_seed(seed)
+        self.position[index] = self.block
+        return self.generators[index]
+
+    def draw(self) -> Tensor:
+        """The next prior draw of every sub-env: (N, Z) on the device."""
+        empty = np.flatnonzero(self.position >= self.block)
+        if len(empty):
+            fresh = torch.stack([
+                torch.randn((self.block, self.latent_dim), generator=self.generators[i]) for i in empty
+            ])
+            self.buffer[torch.from_numpy(empty).to(self.device)] = fresh.to(self.device)
+            self.position[empty] = 0
+        noise = self.buffer[self._rows, torch.from_numpy(self.position).to(self.device)]
+        self.position += 1
+        return noise
+
+
+class StepBatch(NamedTuple):
+    observations: np.ndarray  # (N, D) float32, fresh
+    rewards: np.ndarray  # (N,) float32
+    truncated: np.ndarray  # (N,) bool: the sub-env reached its horizon with this step
+
+
+class ResetBatch(NamedTuple):
+    observations: np.ndarray  # (n, D) float32 of the reset sub-envs, in the order given
+    infos: list[dict[str, Any]]  # one per reset sub-env: where its context came from
+
+
+class ImaginationBatch:
+    """N imagined episodes of one task as one tensor batch on the model's device.
+
+    Observation of a sub-env: the hidden state h_t (H,) that predicts the current frame, followed, when
+    ``observe_keypoints``, by the current frame's keypoints (K*3,) (x, y, mu per keypoint; imagined
+    frames: the decoded prior sample, in the detector's units).
+    """
+
+    def __init__(
+        self,
+        models: ImaginationModels,
+        source: ContextSource,
+        num_envs: int,
+        horizon: int,
+        observe_keypoints: bool,
+        keep_frames: bool,
+        threads: int | None = 1,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.models, self.source = models, source
+        self.model = models.world_model
+        self.predictor = models.reward_predictor
+        self.device = models.device
+        self.task = models.task
+        self.action_dim = get_task(self.task).action_dim
+        self.num_envs, self.horizon = num_envs, horizon
+        self.observe_keypoints, self.keep_frames = observe_keypoints, keep_frames
+        self.threads = threads
+        config = self.model.config
+        self.num_keypoints = config.num_keypoints
+        self.observation_space = observation_space(config.rnn_size, config.feature_size if observe_keypoints else 0)
+        n, device = num_envs, self.device
+        # The recurrence (normalised keypoints, as the model carries them) and the reward predictor's state.
+        self.carry = Carry(
+            torch.zeros(n, config.rnn_size, device=device),
+            torch.zeros(n, config.feature_size, device=device),
+            torch.zeros(n, config.latent_dim, device=device),
+        )
+        self.reward_state = self.predictor.initial_state(n, device)
+        self.first_keypoints = torch.zeros(n, config.num_keypoints, 3, device=device)
+        self.first_frames = torch.zeros(n, 64, 64, 3, dtype=torch.uint8, device=device) if keep_frames else None
+        self.noise = NoiseStreams(n, config.latent_dim, device)
+        self.steps = np.zeros(n, dtype=np.int64)
+        self.started = np.zeros(n, dtype=bool)
+
+    def _fp32(self) -> torch.autocast:
+        """The dynamics and the reward predictor run in float32, as the model runs its dynamics (also under a
+        caller's autocast). Measured: bf16 would step ~1.5x faster on CPU but moves the hidden state by ~1e-2;
+        the convolutions (detection, decoding) do use bf16 on CPU (``envs.context.autocast_for``)."""
+        return torch.autocast(self.device.type, enabled=False)
+
+    # ---- observations -------------------------------------------------------------------------------
+    def current_keypoints(self) -> Tensor:
+        """(N, K, 3) keypoints of every sub-env's current frame, in the detector's units."""
+        return self.model.normalizer.denormalize(self.carry.keypoints).view(self.num_envs, self.num_keypoints, 3)
+
+    def observations(self, rows: Tensor | None = None) -> np.ndarray:
+        """(N, D) (or the given rows) float32 observations of the current frames, a fresh array."""
+        carry = self.carry if rows is None else Carry(*(part[rows] for part in self.carry))
+        return observations_of(self.model, carry, self.observe_keypoints)
+
+    # ---- reset ----------------------------------------------------------------------------------------
+    def reset(self, indices: Sequence[int], rngs: Sequence[np.random.Generator]) -> ResetBatch:
+        """Start new episodes in sub-envs ``indices``, each drawing from its own generator in ``rngs``."""
+        with cpu_threads(self.threads, self.device), self._fp32():
+            return self._reset(indices, rngs)
+
+    @torch.inference_mode()
+    def _reset(self, indices: Sequence[int], rngs: Sequence[np.random.Generator]) -> ResetBatch:
+        if len(indices) != len(rngs):
+            raise ValueError("one random generator per reset sub-env")
+        contexts, noises, infos = [], [], []
+        for index, rng in zip(indices, rngs):
+            # Draw order (fixed: it defines the episode): the context, then the seed of the torch stream.
+            context = self.source.sample(rng, with_frame=self.keep_frames)
+            generator = self.noise.reseed(index, int(rng.integers(2**63 - 1)))
+            noises.append(posterior_noise(generator, self.model))
+            contexts.append(context)
+            infos.append(dict(context.info))
+        rows = torch.as_tensor(list(indices), device=self.device)
+        keypoints = torch.stack([c.keypoints for c in contexts])  # (n, L, K, 3)
+        actions = torch.stack([c.actions for c in contexts])  # (n, L, 6)
+        filtered = filter_context(self.model, keypoints, actions, torch.stack(noises).to(self.device))
+        for mine, theirs in zip(self.carry, filtered.carry):
+            mine[rows] = theirs
+        # Warm the reward predictor up on the context's hidden states (its outputs there are not rewards
+        # of this episode); its state then predicts the reward of the first imagined step.
+        _, warm = self.predictor(filtered.hidden, self.predictor.initial_state(len(contexts), self.device))
+        self.reward_state[:, rows] = warm
+        self.first_keypoints[rows] = keypoints[:, 0]
+        if self.first_frames is not None:
+            self.first_frames[rows] = torch.stack([c.first_frame for c in contexts if c.first_frame is not None])
+        index_array = np.asarray(indices, dtype=np.int64)
+        self.steps[index_array] = 0
+        self.started[index_array] = True
+        return ResetBatch(self.observations(rows), infos)
+
+    # ---- step -----------------------------------------------------------------------------------------
+    def step(self, actions: np.ndarray) -> StepBatch:
+        """Step every sub-env with already checked task actions (N, A) float32 in [-1, 1]."""
+        with cpu_threads(self.threads, self.device), self._fp32():
+            return self._step(actions)
+
+    @torch.inference_mode()
+    def _step(self, actions: np.ndarray) -> StepBatch:
+        if not self.started.all():
+            raise RuntimeError("call reset() before step()")
+        padded = torch.from_numpy(pad_actions(actions)).to(self.device)  # (N, 6)
+        self.carry = prior_step(self.model, self.carry, padded, self.noise.draw())
+        # The reward of the step t -> t+1 is read from the state that predicts frame t+1 (align_rewards).
+        rewards, self.reward_state = self.predictor(self.carry.hidden[:, None], self.reward_state)
+        self.steps += 1
+        return StepBatch(
+            self.observations(),
+            rewards[:, 0].float().cpu().numpy(),
+            self.steps >= self.horizon,
+        )
+
+    # ---- render ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def render(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """(n, 64, 64, 3) uint8: the current imagined frames, decoded from their keypoints with the
+        context's first frame and its detected keypoints as the reference (S5)."""
+        if self.first_frames is None:
+            raise RuntimeError("this batch keeps no reference frames: create it with render_mode='rgb_array'")
+        if not self.started.all():
+            raise RuntimeError("call reset() before render()")
+        rows = torch.arange(self.num_envs, device=self.device) if indices is None else torch.as_tensor(
+            list(indices), device=self.device
+        )
+        with cpu_threads(self.threads, self.device):
+            return decode_frames(
+                self.model, self.current_keypoints()[rows], self.first_frames[rows], self.first_keypoints[rows]
+            )
+
+
+@torch.inference_mode()
+def decode_frames(model: WorldModel, keypoints: Tensor, first_frames: Tensor, first_keypoints: Tensor) -> np.ndarray:
+    """Frames drawn from keypoints (B, K, 3), with reference frames uint8 (B, 64, 64, 3) and their keypoints
+    (B, K, 3) (S5) -> uint8 (B, 64, 64, 3) numpy."""
+    with autocast_for(keypoints.device):
+        images = model.decode(keypoints[:, None], first_frames, first_keypoints)[:, 0]  # (B, 3, 64, 64)
+    frames = ((images.float() + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(0, 2, 3, 1).cpu().numpy().copy()
+
+
+def observations_of(model: WorldModel, carry: Carry, observe_keypoints: bool) -> np.ndarray:
+    """(B, D) float32 numpy, fresh: the hidden states [and the current keypoints, de-normalised]."""
+    # A GRU state is a convex mix of tanh outputs, so in [-1, 1]; the clamp only removes float rounding.
+    parts = [carry.hidden.clamp(-1.0, 1.0)]
+    if observe_keypoints:
+        parts.append(model.normalizer.denormalize(carry.keypoints))
+    return torch.cat(parts, dim=-1).float().cpu().numpy().copy()
+
+
+def observation_space(hidden_size: int, keypoint_features: int) -> spaces.Box:
+    """The GRU's hidden state lies in [-1, 1] (a convex mix of tanh outputs, from 0); keypoints, decoded by a
+    linear layer and de-normalised, are unbounded."""
+    low = np.concatenate([np.full(hidden_size, -1.0), np.full(keypoint_features, -np.inf)]).astype(np.float32)
+    return spaces.Box(low=low, high=-low, dtype=np.float32)
+
+
+def default_horizon(action_repeat: int) -> int:
+    return CONTROL_STEPS_PER_EPISODE // action_repeat
+
+
+def build_batch(
+    task: str,
+    num_envs: int,
+    checkpoint: str | os.PathLike[str] | None,
+    reward_predictor: str | os.PathLike[str] | None,
+    data: str | os.PathLike[str] | None,
+    context: str,
+    observe_keypoints: bool,
+    horizon: int | None,
+    device: str | torch.device,
+    keep_frames: bool,
+    threads: int | None = 1,
+) -> ImaginationBatch:
+    """Load (or reuse) the models and the context source, and make the batch (shared by all env classes)."""
+    models = load_imagination_models(task, checkpoint, reward_predictor, device)
+    if horizon is not None and horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be None or >= 1, got {threads}")
+    if data is None and context == "dataset":
+        if models.dataset is None:
+            raise ValueError(f"the checkpoint {models.checkpoint} records no dataset: pass data=<dataset dir>")
+        data = models.dataset
+    # The trainer's keypoints of its own data spare the detector at every reset (envs.context).
+    same_data = data is not None and models.dataset is not None and Path(data).resolve() == models.dataset.resolve()
+    cache = models.keypoint_cache if same_data and models.keypoint_cache is not None else None
+    source = context_source(
+        context, models.task, models.world_model, models.fingerprint, models.action_repeat, data, cache
+    )
+    return ImaginationBatch(
+        models,
+        source,
+        num_envs,
+        default_horizon(models.action_repeat) if horizon is None else horizon,
+        observe_keypoints,
+        keep_frames,
+        threads,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The single env
+# ----------------------------------------------------------------------------------------------
+class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
+    """A DeepMind Control task imagined by a Struct-VRNN world model, with a learned reward.
+
+    ## Action space
+    | | |
+    |---|---|
+    | type | ``Box(-1, 1, (A,), float32)`` with A the task's action size (1 for acrobot and cartpole, 2 for reacher, 6 for cheetah and walker); zero-padded to 6 for the model |
+    | out of bounds | clipped to [-1, 1] (as dm_control does); NaN/inf or a wrong shape raise ``ValueError`` |
+
+    ## Observation space
+    | | |
+    |---|---|
+    | type | ``Box(float32)`` of size H (the RNN size: 512 ``paper``, 256 ``cpu`` profile), or H + 3K with ``observe_keypoints`` |
+    | ``[0, H)`` | the GRU hidden state h_t that predicts the current frame, in [-1, 1] |
+    | ``[H, H+3K)`` | with ``observe_keypoints``: the current frame's keypoints (x, y, mu) x K, unbounded |
+
+    ## Rewards
+    The task's GRU reward predictor (S2.3, ``downstream/reward.py``), fit on this model's hidden states of
+    real test windows, fed the hidden states of the episode (context included) as one sequence: the reward
+    of the step t -> t+1 is its output at the state that predicts frame t+1. A float, roughly in the real
+    task's range ``[0, action_repeat]`` (a regression, so not bounded).
+
+    ## Starting state
+    A context of 8 real frames and the 7 actions between them, filtered through the posterior: a random
+    window of the dataset's test split (``context="dataset"``), or the first 8 frames of a real episode
+    under uniform random actions (``context="simulator"``), chosen with ``np_random``.
+
+    ## Episode end
+    Never terminated; truncated after ``horizon`` imagined steps (default ``1000 // action_repeat``, the
+    action repeat the world model's data of this task was collected with).
+
+    ## Arguments
+    | | |
+    |---|---|
+    | ``task`` | ``acrobot``, ``cartpole``, ``cheetah``, ``reacher``, ``walker-stand``, ``walker-walk`` (set by the id) |
+    | ``checkpoint`` | run directory of ``train/world_model.py`` or its checkpoint file; default ``$STRUCTVRNN_CHECKPOINT``, else ``runs/world_model`` |
+    | ``reward_predictor`` | the predictor file; default ``<run dir>/reward_predictors/<task>.pt`` (its fingerprint must match the model) |
+    | ``data`` | dataset directory for dataset contexts; default: the one recorded in the checkpoint |
+    | ``context`` | ``"dataset"`` (test split, default) or ``"simulator"`` (the real task under random actions) |
+    | ``observe_keypoints`` | append the current keypoints to the observation (default ``False``) |
+    | ``horizon`` | imagined steps per episode; default ``1000 // action_repeat`` |
+    | ``device`` | ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``, ... |
+    | ``threads`` | torch CPU threads inside the env's calls (default 1: its tensors are small, see ``envs.context.cpu_threads``); ``None`` leaves torch's setting |
+    | ``render_mode`` | ``"rgb_array"``: the imagined 64x64 frame decoded from the current keypoints |
+
+    ``info`` at reset says where the context came from: ``context_episode`` and ``context_start`` (dataset)
+    or ``context_seed`` (simulator). For many envs at once use ``gym.make_vec`` (one tensor batch).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(
+        self,
+        task: str,
+        checkpoint: str | os.PathLike[str] | None = None,
+        reward_predictor: str | os.PathLike[str] | None = None,
+        data: str | os.PathLike[str] | None = None,
+        context: str = "dataset",
+        observe_keypoints: bool = False,
+        horizon: int | None = None,
+        device: str = "auto",
+        threads: int | None = 1,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode = render_mode
+        self.batch = build_batch(
+            task, 1, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
+            keep_frames=render_mode == "rgb_array", threads=threads,
+        )
+        self.task = self.batch.task
+        self.horizon = self.batch.horizon
+        self.action_repeat = self.batch.models.action_repeat
+        self.action_space = spaces.Box(-1.0, 1.0, (self.batch.action_dim,), np.float32)
+        self.observation_space = self.batch.observation_space
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        result = self.batch.reset([0], [self.np_random])
+        return result.observations[0], result.infos[0]
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if not self.batch.started[0]:
+            raise RuntimeError("call reset() before step()")
+        checked = check_actions(action, self.action_space.shape, self.task)
+        result = self.batch.step(checked[None])
+        return result.observations[0], float(result.rewards[0]), False, bool(result.truncated[0]), {}
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return self.batch.render([0])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The real task seen through the model
+# ----------------------------------------------------------------------------------------------
+class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.ndarray]):
+    """The real pixel task (``StructVRNN-Real-<task>``) observed through the world model's posterior.
+
+    Each real frame is detected and filtered with the posterior (best of S samples, as at the context of
+    an imagined episode), so the observation is the same hidden state (and keypoints) an ``ImaginedEnv``
+    of the same model gives: a policy trained in imagination runs here unchanged.
+
+    ## Action space
+    The real env's: ``Box(-1, 1, (A,), float32)``.
+
+    ## Observation space
+    As ``ImaginedEnv``: the hidden state h_t that predicts the current frame (and its keypoints).
+
+    ## Rewards
+    The real task's reward (sum over the action repeat), unchanged.
+
+    ## Starting state
+    The real env's reset, then ``warmup_steps`` (default 7) uniform random actions, filtered like an
+    imagined episode's 8-frame context; the agent acts from there. Warm-up rewards are not returned (they
+    are in ``info["warmup_return"]`` at reset), so an episode has ``horizon - warmup_steps`` agent steps.
+
+    ## Episode end
+    As the real env: truncated at its horizon.
+
+    ## Arguments
+    | | |
+    |---|---|
+    | ``env`` | a ``StructVRNN-Real-<task>`` env (its action repeat must match the model's data) |
+    | ``models`` | ``ImaginationModels`` of the same task (``load_imagination_models``) |
+    | ``observe_keypoints`` | as ``ImaginedEnv`` |
+    | ``warmup_steps`` | random real steps filtered before the agent acts (default ``CONTEXT_LENGTH - 1``) |
+    | ``threads`` | torch CPU threads inside the filter (as ``ImaginedEnv``) |
+    """
+
+    def __init__(
+        self,
+        env: gym.Env[np.ndarray, np.ndarray],
+        models: ImaginationModels,
+        observe_keypoints: bool = False,
+        warmup_steps: int = CONTEXT_LENGTH - 1,
+        threads: int | None = 1,
+    ) -> None:
+        super().__init__(env)
+        simulator = getattr(env.unwrapped, "simulator", None)  # RealPixelEnv's; other envs are not checked
+        repeat = None if simulator is None else simulator.action_repeat
+        if repeat is not None and repeat != models.action_repeat:
+            raise ValueError(
+                f"the real env steps with action repeat {repeat}, the world model's {models.task} data used "
+                f"{models.action_repeat}: make it with action_repeat={models.action_repeat}"
+            )
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.models = models
+        self.model = models.world_model
+        self.observe_keypoints = observe_keypoints
+        self.warmup_steps = warmup_steps
+        self.threads = threads
+        config = self.model.config
+        self.observation_space = observation_space(config.rnn_size, config.feature_size if observe_keypoints else 0)
+        self._carry: Carry | None = None
+        self._generator = torch.Generator()
+        self.first_frame: np.ndarray | None = None  # (64, 64, 3) the episode's first real frame
+        self.first_keypoints: Tensor | None = None  # (1, K, 3) its detected keypoints
+
+    @property
+    def carry(self) -> Carry:
+        """The filter's state after the current real frame (normalised keypoints; do not modify)."""
+        if self._carry is None:
+            raise RuntimeError("call reset() first")
+        return self._carry
+
+    def _filter(self, frame: np.ndarray, action: np.ndarray | None) -> np.ndarray:
+        """Filter one real frame reached by ``action`` (None for the first) and return the observation."""
+        with cpu_threads(self.threads, self.models.device):
+            return self._filter_frame(frame, action)
+
+    @torch.inference_mode()
+    def _filter_frame(self, frame: np.ndarray, action: np.ndarray | None) -> np.ndarray:
+        device = self.models.device
+        keypoints = detect_frames(self.model, torch.from_numpy(np.ascontiguousarray(frame)).to(device)[None])
+        if action is None:  # the episode's first frame: the reference for decoding (render, GIFs)
+            self.first_frame, self.first_keypoints = np.array(frame), keypoints
+        target = self.model.normalizer.normalize(keypoints.flatten(1))  # (1, F)
+        padded = torch.zeros(1, 6, device=device) if action is None else torch.from_numpy(
+            pad_actions(np.asarray(action, np.float32)[None])
+        ).to(device)
+        noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)
+        with torch.autocast(device.type, enabled=False):
+            self._carry, _ = posterior_step(self.model, self._carry, padded, target, noise)
+        return observations_of(self.model, self._carry, self.observe_keypoints)[0]
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        frame, info = self.env.reset(seed=seed, options=options)
+        rng = self.env.unwrapped.np_random  # the real env's seeded generator: one source of randomness
+        self._generator.manual_seed(int(rng.integers(2**63 - 1)))
+        self._carry = None
+        observation = self._filter(frame, None)
+        warmup_return = 0.0
+        for _ in range(self.warmup_steps):
+            action = rng.uniform(-1.0, 1.0, self.action_space.shape).astype(np.float32)
+            frame, reward, terminated, truncated, info = self.env.step(action)
+            warmup_return += float(reward)
+            observation = self._filter(frame, action)
+            if terminated or truncated:
+                raise ValueError(f"the real episode ended within the {self.warmup_steps} warm-up steps")
+        return observation, {**info, "warmup_return": warmup_return}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._carry is None:
+            raise RuntimeError("call reset() before step()")
+        checked = check_actions(action, self.action_space.shape, self.models.task)
+        frame, reward, terminated, truncated, info = self.env.step(checked)
+        return self._filter(frame, checked), float(reward), bool(terminated), bool(truncated), info

@@ -1,0 +1,127 @@
+"""A stable-baselines3 ``VecEnv`` of imagined episodes: all sub-envs as one tensor batch.
+
+    from envs.sb3 import ImaginedSB3VecEnv
+    venv = ImaginedSB3VecEnv("cheetah", num_envs=64)
+    model = stable_baselines3.SAC("MlpPolicy", VecMonitor(venv))
+
+SB3's conventions: ``reset()`` returns only observations (infos in ``reset_infos``), seeds set with
+``seed()`` apply at the next ``reset()`` (sub-env i gets ``seed + i``); a sub-env that ends is reset in
+the same step, its last observation is in ``infos[i]["terminal_observation"]`` and
+``infos[i]["TimeLimit.truncated"]`` is True (the episode was cut, not finished: SB3 bootstraps from it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
+
+from envs.imagined import ImaginationBatch, build_batch, check_actions
+
+
+class ImaginedSB3VecEnv(VecEnv):
+    """``num_envs`` imagined sub-envs of one task for stable-baselines3 (arguments as ``ImaginedEnv``).
+
+    Sub-env i seeded with s is the single ``ImaginedEnv`` reset with seed s (same observations and
+    rewards for the same actions), across automatic resets too.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        num_envs: int = 1,
+        checkpoint: str | os.PathLike[str] | None = None,
+        reward_predictor: str | os.PathLike[str] | None = None,
+        data: str | os.PathLike[str] | None = None,
+        context: str = "dataset",
+        observe_keypoints: bool = False,
+        horizon: int | None = None,
+        device: str = "auto",
+        threads: int | None = 1,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode != "rgb_array":
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode = render_mode  # read by VecEnv.__init__ through get_attr
+        self.batch: ImaginationBatch = build_batch(
+            task, num_envs, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
+            keep_frames=render_mode == "rgb_array", threads=threads,
+        )
+        self.task = self.batch.task
+        self.horizon = self.batch.horizon
+        action_space = spaces.Box(-1.0, 1.0, (self.batch.action_dim,), np.float32)
+        super().__init__(num_envs, self.batch.observation_space, action_space)
+        self._sub_env_rngs: list[np.random.Generator | None] = [None] * num_envs
+        self._actions: np.ndarray | None = None
+
+    def _rng(self, index: int, seed: int | None) -> np.random.Generator:
+        if seed is not None or self._sub_env_rngs[index] is None:
+            self._sub_env_rngs[index] = seeding.np_random(seed)[0]  # as gym.Env.reset(seed=...) does
+        rng = self._sub_env_rngs[index]
+        assert rng is not None
+        return rng
+
+    def reset(self) -> np.ndarray:
+        indices = list(range(self.num_envs))
+        result = self.batch.reset(indices, [self._rng(i, self._seeds[i]) for i in indices])
+        self.reset_infos = result.infos
+        self._reset_seeds()
+        self._reset_options()
+        return result.observations
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = check_actions(actions, (self.num_envs, *self.action_space.shape), self.task)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        if self._actions is None:
+            raise RuntimeError("step_async() must come before step_wait()")
+        result = self.batch.step(self._actions)
+        self._actions = None
+        observations = result.observations
+        dones = result.truncated.copy()
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        ended = np.flatnonzero(dones)
+        if len(ended):
+            for index in ended:
+                infos[index]["terminal_observation"] = observations[index].copy()
+                infos[index]["TimeLimit.truncated"] = True  # truncation, never a terminal state
+            reset = self.batch.reset(ended.tolist(), [self._rng(int(i), None) for i in ended])
+            observations[ended] = reset.observations
+            for index, info in zip(ended, reset.infos):
+                self.reset_infos[index] = info
+        return observations, result.rewards.astype(np.float32), dones, infos
+
+    def close(self) -> None:
+        """Nothing to release: models and context sources are shared per process."""
+
+    # ---- SB3's attribute plumbing: the sub-envs are one object, so attributes are the adapter's ----------
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        value = getattr(self, attr_name)
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        if indices is not None and list(self._get_indices(indices)) != list(range(self.num_envs)):
+            raise ValueError("attributes are shared by all sub-envs of the batch: set them for all")
+        setattr(self, attr_name, value)
+
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
+        selected = list(self._get_indices(indices))
+        if method_name == "render":
+            return list(self.batch.render(selected)) if self.render_mode == "rgb_array" else [None] * len(selected)
+        method = getattr(self, method_name)
+        return [method(*method_args, **method_kwargs) for _ in selected]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        if self.render_mode != "rgb_array":
+            return [None] * self.num_envs
+        return list(self.batch.render())

@@ -1,0 +1,195 @@
+"""Benchmark of the training step on CPU (a script that prints figures, not a test).
+
+    python tests/bench/bench_train.py [--data data/quick] [--profile cpu] [--steps 5] [--threads N]
+
+Measured in one run on the same batch of real windows (random frames if --data has none):
+
+1. Training steps/s and frames/s of a joint step (detector + reconstructor + VRNN with best of many +
+   all losses + Adam) on the default CPU path (bf16 autocast + channels_last) against the same model in
+   plain fp32 eager. Target: >= 3x.
+2. Where a default-path step goes: the same step with only the vision losses (detector + appearance +
+   reconstructor), so the rest of the joint step is the dynamics side (VRNN, best of many, dynamics
+   losses); the convolutions' share of the profiler's CPU time; and the time the training loop waits
+   for the DataLoader (workers read and decompress windows in parallel). Target: dynamics side and
+   data <= 25% of a step.
+3. For staged training: vision-stage steps/s at the profile's vision batch, dynamics-stage steps/s on
+   cached keypoints, and keypoint extraction frames/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from worldmodel.model import WorldModel  # noqa: E402
+from worldmodel.training import (  # noqa: E402
+    Objective,
+    ResumableBatchSampler,
+    TrainConfig,
+    autocast,
+    freeze_for_stage,
+    make_optimizer,
+    profile_config,
+    schedule_at,
+    seeded_loader,
+    train_step,
+)
+
+CPU = torch.device("cpu")
+
+
+def real_or_random_batch(data: Path, config: TrainConfig, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    try:
+        from worldmodel.data import WindowDataset
+
+        dataset = WindowDataset(data, config.tasks, "train", length=length)
+        stride = max(1, len(dataset) // batch)
+        windows = [dataset[i * stride % len(dataset)] for i in range(batch)]
+        dataset.close()
+        return torch.stack([w.frames for w in windows]), torch.stack([w.actions for w in windows]), f"real windows from {data}"
+    except (FileNotFoundError, ValueError) as error:
+        generator = torch.Generator().manual_seed(0)
+        frames = torch.randint(0, 256, (batch, length, 64, 64, 3), dtype=torch.uint8, generator=generator)
+        return frames, torch.rand(batch, length, 6, generator=generator) * 2 - 1, f"random frames ({error})"
+
+
+def build(config: TrainConfig, stage: str, precision: str, channels_last: bool):  # noqa: ANN201
+    torch.manual_seed(0)
+    model = WorldModel(config.model_config)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    parameters = freeze_for_stage(model, stage)  # type: ignore[arg-type]
+    optimizer = make_optimizer(parameters, config, CPU)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    objective = Objective(model, config.num_observed)
+    schedule = schedule_at(config.steps // 2, config.steps, config, stage)  # type: ignore[arg-type]
+
+    def step(**batch: torch.Tensor) -> None:
+        train_step(objective, optimizer, scaler, parameters, stage, schedule, config, precision, CPU, **batch)  # type: ignore[arg-type]
+
+    return model, step
+
+
+def seconds_per_call(function: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):  # oneDNN builds its kernels on the first calls
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def conv_share(step: Callable[[], None]) -> float:
+    """Share of the profiler's self CPU time spent in convolution kernels (forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    conv = sum(event.self_cpu_time_total for event in events if "conv" in event.key.lower())
+    return conv / total
+
+
+def data_wait(data: Path, config: TrainConfig, length: int, step_seconds: float, steps: int) -> float | None:
+    """Mean seconds the loop waits for a batch when each step takes ``step_seconds`` of compute."""
+    try:
+        from worldmodel.data import WindowDataset
+
+        dataset = WindowDataset(data, config.tasks, "train", length=length)
+    except (FileNotFoundError, ValueError):
+        return None
+    sampler = ResumableBatchSampler(len(dataset), config.batch_size, seed=0)
+    loader = iter(seeded_loader(dataset, sampler, max(1, config.num_workers), 0, pin_memory=False))
+    next(loader)  # worker start-up is a one-off
+    waits = []
+    for _ in range(steps):
+        time.sleep(step_seconds)  # stands in for the training step (workers prefetch meanwhile)
+        started = time.perf_counter()
+        next(loader)
+        waits.append(time.perf_counter() - started)
+    return statistics.mean(waits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/quick"))
+    parser.add_argument("--profile", default="cpu", choices=("paper", "cpu", "smoke"))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = profile_config(args.profile)
+    window = config.window
+    frames, actions, source = real_or_random_batch(args.data, config, config.batch_size, window)
+    print(f"profile {args.profile}: {config.model_config}")
+    print(f"batch: {config.batch_size} x {window} frames, {source}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    frames_per_step = config.batch_size * window
+
+    # 1. default CPU path vs plain fp32 eager, joint step
+    results = {}
+    for name, precision, channels_last in (("bf16 autocast + channels_last", "bf16", True), ("fp32 eager", "fp32", False)):
+        _, step = build(config, "joint", precision, channels_last)
+        results[name] = seconds_per_call(lambda: step(frames=frames, actions=actions), args.steps)
+        print(f"joint step, {name:32s}: {results[name]:6.2f} s/step = {1 / results[name]:5.2f} steps/s, "
+              f"{frames_per_step / results[name]:6.0f} frames/s")  # fmt: skip
+    default, eager = results["bf16 autocast + channels_last"], results["fp32 eager"]
+    print(f"speed-up over fp32 eager: {eager / default:.2f}x (target >= 3x)")
+
+    # 2. where the default step goes
+    _, vision_step = build(config, "vision", "bf16", True)
+    vision_only = seconds_per_call(lambda: vision_step(frames=frames, actions=actions), args.steps)
+    _, joint_step = build(config, "joint", "bf16", True)
+    joint_step(frames=frames, actions=actions)
+    share = conv_share(lambda: joint_step(frames=frames, actions=actions))
+    wait = data_wait(args.data, config, window, default, 2 * args.steps)
+    dynamics = max(0.0, default - vision_only)
+    exposed = wait or 0.0
+    print(f"vision-only step (detector + appearance + reconstructor + vision losses): {vision_only:.2f} s")
+    print(f"dynamics side (VRNN + best of {config.model_config.best_of} + dynamics losses): {dynamics:.3f} s "
+          f"= {dynamics / default:.1%} of a joint step")  # fmt: skip
+    print(f"convolutions (fwd + bwd kernels) in the profiler: {share:.1%} of CPU time; everything else {1 - share:.1%}")
+    if wait is not None:
+        print(f"data: the loop waits {exposed * 1000:.1f} ms per batch with {max(1, config.num_workers)} worker(s)")
+    outside = (dynamics + exposed) / (default + exposed)
+    print(f"outside detector + reconstructor (dynamics, best of many, their losses, data): {outside:.1%} (target <= 25%)")
+
+    # 3. staged training figures
+    if config.mode == "staged":
+        vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
+        _, stage_step = build(config, "vision", "bf16", True)
+        seconds = seconds_per_call(lambda: stage_step(frames=vision_frames), args.steps)
+        count = config.vision_batch_size * config.vision_window
+        print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}): {1 / seconds:.2f} steps/s, "
+              f"{count / seconds:.0f} frames/s")  # fmt: skip
+        model, dynamics_step = build(config, "dynamics", "bf16", True)
+        keypoints = model.detect(frames)
+        seconds = seconds_per_call(lambda: dynamics_step(keypoints=keypoints, actions=actions), 3 * args.steps)
+        print(f"staged dynamics step ({config.batch_size} x {window}, cached keypoints): {1 / seconds:.1f} steps/s")
+        model.eval()
+
+        def detect() -> None:
+            with autocast(CPU, "bf16"):
+                model.detect(frames)
+
+        seconds = seconds_per_call(detect, args.steps)
+        print(f"keypoint extraction: {frames_per_step / seconds:.0f} frames/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Shared test fixture: ``tiny_dataset``, a real dataset of all six tasks made by the real collector.
+
+It runs ``python collect/dmcs.py`` once per test session (real dm_control rendering, both splits,
+2 train + 1 test episodes of 30 agent steps per task, seed 7, default action repeats) into a temporary
+folder and returns that folder's Path; read its files with ``worldmodel.data.WindowDataset`` or h5py.
+Tests must not modify it (copy it first).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # the packages are importable without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+TINY_DATASET_OPTIONS = ("--train-episodes", "2", "--test-episodes", "1", "--episode-steps", "30", "--seed", "7")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with <task>_<split>.h5 for the six tasks, train (2 episodes) and test (1 episode), T = 30."""
+    out = tmp_path_factory.mktemp("tiny_dataset") / "dmcs"
+    command = [sys.executable, str(REPO_ROOT / "collect" / "dmcs.py"), "--out", str(out), *TINY_DATASET_OPTIONS]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        pytest.fail(f"collecting the tiny dataset failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return out

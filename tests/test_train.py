@@ -1,0 +1,269 @@
+"""The trainer: schedules, sampling, training steps, determinism, resume, DDP, the script end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from train.world_model import main
+from worldmodel.checkpoint import load_checkpoint, load_world_model
+from worldmodel.config import VARIANTS, ModelConfig
+from worldmodel.data import WindowDataset
+from worldmodel.model import Losses, WorldModel
+from worldmodel.training import (
+    Objective,
+    ResumableBatchSampler,
+    TrainConfig,
+    freeze_for_stage,
+    kl_scale_at,
+    learning_rate_at,
+    make_optimizer,
+    paper_profile,
+    schedule_at,
+    teacher_forcing_at,
+    train_step,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "train" / "world_model.py"
+CPU = torch.device("cpu")
+# Values that legitimately differ between otherwise identical runs.
+TIMING_FIELDS = {"time", "steps_per_s", "frames_per_s", "seconds", "frames_per_s"}
+
+
+# ---- schedules ------------------------------------------------------------------------------------
+def test_paper_schedules_known_answers() -> None:
+    config = paper_profile()
+    total = config.steps  # 1e5
+    assert [kl_scale_at(step, total, config) for step in (0, 12_500, 25_000, 50_000, total)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert teacher_forcing_at(0, total, config) == (1.0, 1.0)
+    assert teacher_forcing_at(50_000, total, config) == pytest.approx((0.5, 0.75))
+    assert teacher_forcing_at(total, total, config) == pytest.approx((0.0, 0.5))
+    rates = [learning_rate_at(step, total, config) for step in (0, 29_999, 30_000, 60_000, 90_000, 99_999)]
+    assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4, 1.25e-4])
+    schedule = schedule_at(50_000, total, config, "joint")
+    assert (schedule.kl_scale, schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted) == pytest.approx(
+        (1.0, 0.5, 0.75)
+    )
+
+
+def test_schedules_scale_with_short_runs() -> None:
+    config = TrainConfig(dynamics_steps=1_000)
+    assert kl_scale_at(125, 1_000, config) == pytest.approx(0.5)
+    assert kl_scale_at(250, 1_000, config) == 1.0
+    assert learning_rate_at(299, 1_000, config) == 1e-3
+    assert learning_rate_at(300, 1_000, config) == 5e-4
+    assert teacher_forcing_at(500, 1_000, config) == pytest.approx((0.5, 0.75))
+    vision = schedule_at(10, 100, config, "vision")
+    assert vision.teacher_forcing_observed == 1.0 and vision.amplitude_mix is None  # no ramp unless asked
+    ramped = TrainConfig(amplitude_mix_final=1.0, amplitude_ramp=(0.5, 1.0), net=ModelConfig.cpu())
+    assert [schedule_at(step, 100, ramped, "vision").amplitude_mix for step in (0, 50, 75, 100)] == [0.0, 0.0, 0.5, 1.0]
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+def test_batch_sampler_resumes_and_splits_across_ranks() -> None:
+    stream = iter(ResumableBatchSampler(10, 4, seed=3))
+    batches = [next(stream) for _ in range(6)]  # 24 draws over 10 items: crosses epochs
+    resumed = iter(ResumableBatchSampler(10, 4, seed=3, start_step=4))
+    assert [next(resumed) for _ in range(2)] == batches[4:]
+    assert sorted(batches[0] + batches[1] + batches[2][:2]) == list(range(10))  # epoch 0 is a permutation
+    ranks = [ResumableBatchSampler(10, 4, seed=3, rank=rank, world_size=2).batch_at(5) for rank in (0, 1)]
+    assert ranks[0] + ranks[1] == batches[5]
+    assert ResumableBatchSampler(10, 4, seed=4).batch_at(0) != batches[0]
+    with pytest.raises(ValueError, match="divisible"):
+        ResumableBatchSampler(10, 5, seed=3, world_size=2)
+
+
+# ---- training steps on real frames -----------------------------------------------------------------
+def real_batch(tiny_dataset: Path, length: int = 16, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    dataset = WindowDataset(tiny_dataset, "all", "train", length=length)
+    step = len(dataset) // count
+    windows = [dataset[index * step] for index in range(count)]  # spread over the tasks
+    dataset.close()
+    return torch.stack([w.frames for w in windows]), torch.stack([w.actions for w in windows])
+
+
+def optimise(model: WorldModel, stage: str, steps: int, config: TrainConfig, **batch: Any) -> list[Losses]:
+    parameters = freeze_for_stage(model, stage)  # type: ignore[arg-type]
+    optimizer = make_optimizer(parameters, config, CPU)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    objective = Objective(model, config.num_observed)
+    history = []
+    for step in range(steps):
+        schedule = schedule_at(step, steps, config, stage)  # type: ignore[arg-type]
+        out = train_step(objective, optimizer, scaler, parameters, stage, schedule, config, "bf16", CPU, **batch)  # type: ignore[arg-type]
+        history.append(out.losses)
+    return history
+
+
+def test_training_lowers_image_and_keypoint_losses(tiny_dataset: Path) -> None:
+    frames, actions = real_batch(tiny_dataset)
+    config = TrainConfig(net=ModelConfig.smoke())
+    torch.manual_seed(0)
+    model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
+    history = optimise(model, "joint", 30, config, frames=frames, actions=actions)
+
+    def mean(name: str, part: slice) -> float:
+        return sum(float(getattr(losses, name)) for losses in history[part]) / len(history[part])
+
+    assert all(torch.isfinite(losses.total) for losses in history)
+    assert mean("image", slice(-3, None)) < 0.7 * mean("image", slice(0, 3))
+    assert mean("keypoint", slice(-3, None)) < mean("keypoint", slice(0, 3))
+    assert mean("future", slice(-3, None)) < mean("future", slice(0, 3))
+
+
+def test_no_gradient_from_the_dynamics_reaches_the_detector(tiny_dataset: Path) -> None:
+    frames, actions = real_batch(tiny_dataset, count=2)
+    torch.manual_seed(0)
+    model = WorldModel(ModelConfig.smoke())
+    losses, _ = model.joint_losses(frames, actions, 8, schedule_at(0, 10, TrainConfig(), "joint"))
+    dynamics_loss = losses.keypoint + losses.kl + losses.future
+    detector = list(model.detector.parameters())  # type: ignore[union-attr]
+    gradients = torch.autograd.grad(dynamics_loss, detector, allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in gradients)
+    assert any(p.grad is None for p in detector)  # (nothing accumulated either)
+    dynamics_gradients = torch.autograd.grad(dynamics_loss, list(model.dynamics.parameters()), allow_unused=True)
+    assert any(g is not None and float(g.abs().max()) > 0 for g in dynamics_gradients)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_through_the_training_code(variant: str, tiny_dataset: Path) -> None:
+    frames, actions = real_batch(tiny_dataset, count=2)
+    config = TrainConfig(model=variant, net=ModelConfig.smoke())  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    joint = optimise(model, "joint", 1, config, frames=frames, actions=actions)[0]
+    keypoints = model.detect(frames)
+    dynamics = optimise(model, "dynamics", 1, config, keypoints=keypoints, actions=actions)[0]
+    assert torch.isfinite(joint.total) and torch.isfinite(dynamics.total)
+    assert (float(joint.kl) > 0) == (variant != "struct-rnn")  # struct-rnn has no latent, hence no KL
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any(name.startswith("dynamics.") for name in changed)
+    assert any(name.startswith("reconstructor.") for name in changed)
+
+
+# ---- the script ------------------------------------------------------------------------------------
+def smoke_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--profile", "smoke", "--data", str(data), "--out", str(out), "--log-every", "1",
+            "--eval-every", "100", *extra]  # fmt: skip
+
+
+def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [
+        {key: value for key, value in record.items() if key not in TIMING_FIELDS}
+        for record in map(json.loads, lines)
+        if record["kind"] == kind
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted smoke run (staged: 6 vision + 6 dynamics steps), every step logged."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(smoke_args(tiny_dataset, out)) == 0
+    return out
+
+
+def test_same_seed_gives_the_same_losses(reference_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    assert main(smoke_args(tiny_dataset, tmp_path / "again")) == 0
+    expected = records(reference_run, "train")
+    assert len(expected) == 12 and {r["stage"] for r in expected} == {"vision", "dynamics"}
+    assert records(tmp_path / "again", "train") == expected
+    assert records(tmp_path / "again", "eval") == records(reference_run, "eval")
+    assert main(smoke_args(tiny_dataset, tmp_path / "other", "--seed", "2")) == 0
+    assert records(tmp_path / "other", "train")[0]["total"] != expected[0]["total"]
+
+
+def test_resume_continues_with_the_same_losses(reference_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(smoke_args(tiny_dataset, out, "--halt-after", "3")) == 0  # killed mid vision stage
+    checkpoint = load_checkpoint(out)
+    assert (checkpoint["stage"], checkpoint["step"], checkpoint["complete"]) == ("vision", 3, False)
+    assert main(smoke_args(tiny_dataset, out, "--resume", "--learning-rate", "0.01")) == 2  # other config
+    assert main(smoke_args(tiny_dataset, out, "--resume", "--halt-after", "5")) == 0  # now mid dynamics
+    assert (load_checkpoint(out)["stage"], load_checkpoint(out)["step"]) == ("dynamics", 2)
+    (out / "keypoints.pt").unlink()  # a lost cache is rebuilt: detection is deterministic
+    assert main(smoke_args(tiny_dataset, out, "--resume")) == 0
+    assert records(out, "train") == records(reference_run, "train")
+    assert records(out, "eval") == records(reference_run, "eval")
+    assert load_checkpoint(out)["complete"]
+
+
+def test_script_end_to_end_writes_a_loadable_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *smoke_args(tiny_dataset, out, "--eval-every", "4")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("checkpoint.pt", "metrics.jsonl", "keypoints.png", "prediction.gif", "summary.json", "keypoints.pt"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").iterdir())
+    assert len(list((out / "pictures").glob("*.png"))) == 4  # steps 4 and 6 of each stage
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and set(summary["stage_seconds"]) == {"vision", "keypoints", "dynamics"}
+    for name in ("keypoint_mse_best", "keypoint_distance_best", "psnr", "ssim"):
+        assert isinstance(summary["final_eval"][name], float)
+    evals = records(out, "eval")
+    assert [(r["stage"], r["step"]) for r in evals] == [("vision", 4), ("vision", 6), ("dynamics", 4), ("dynamics", 6)]
+    model, config, info = load_world_model(out, "cpu")
+    assert info.complete and config == ModelConfig.smoke() and info.dataset["action_repeats"]["cartpole"] == 8
+    assert float(model.normalizer.std.min()) >= config.keypoint_std_floor  # staged mode fitted it
+
+
+def test_torchrun_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
+               *smoke_args(tiny_dataset, out, "--mode", "joint", "--steps", "4")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # rank 0 alone writes the log
+    assert all(r["total"] == r["total"] for r in train)  # finite, not NaN
+    assert load_checkpoint(out)["complete"]
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_data_and_unknown_variant_exit_2(tmp_path: Path) -> None:
+    missing = run_script("--profile", "smoke", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"))
+    assert missing.returncode == 2
+    assert "collect/dmcs.py" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    assert run_script("--profile", "smoke", "--model", "transformer").returncode == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vision-steps", "0"], "positive"),
+        (["--batch-size", "-1"], "positive"),
+        (["--net.variant", "cnn-vrnn"], "--model"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16"),
+        (["--tasks", "pong"], "unknown task"),
+        (["--resume"], "no checkpoint"),
+    ],
+)
+def test_bad_options_exit_2(
+    extra: list[str], message: str, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(smoke_args(tiny_dataset, tmp_path / "run", *extra)) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+
+
+def test_existing_or_finished_run_is_not_overwritten(reference_run: Path, tiny_dataset: Path) -> None:
+    assert main(smoke_args(tiny_dataset, reference_run)) == 2  # needs --resume
+    assert main(smoke_args(tiny_dataset, reference_run, "--resume")) == 2  # already complete

@@ -1,0 +1,473 @@
+"""Train one action-conditional Struct-VRNN world model on the DMC data of all six tasks.
+
+    python train/world_model.py                          # profile: paper on CUDA, cpu otherwise
+    python train/world_model.py --profile cpu --data data/quick --out runs/cpu
+    python train/world_model.py --profile smoke --data /tmp/tiny --out /tmp/run    # seconds
+    torchrun --nproc-per-node 2 train/world_model.py --profile cpu ...            # DDP (gloo / nccl)
+    python train/world_model.py --resume --out runs/cpu ...                       # continue a killed run
+    python train/world_model.py --help                                            # every option
+
+The run directory (--out) receives checkpoint.pt (what downstream code loads with
+worldmodel.checkpoint.load_world_model), metrics.jsonl and tensorboard/ (losses, collapse diagnostics,
+evaluations), keypoints.pt (staged mode's keypoint cache), pictures/ (a keypoint PNG and a
+real-vs-predicted GIF per evaluation; the last ones also as keypoints.png / prediction.gif) and
+summary.json (final evaluation, per-stage wall time, final losses).
+
+Reading order: parse and check the config; set up processes, device and seeds; build the model (or
+restore it); then the stages, each one plain loop: schedule -> batch -> step -> log / evaluate /
+checkpoint. Joint mode has one stage; staged mode has vision -> keypoints -> dynamics (SPEC section 4).
+Bad input ends with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # runnable as `python train/world_model.py` without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import tyro  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from worldmodel import distributed, storage  # noqa: E402
+from worldmodel.checkpoint import (  # noqa: E402
+    CHECKPOINT_FILE,
+    CheckpointError,
+    atomic_write,
+    atomic_write_text,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
+from worldmodel.logger import RunLogger  # noqa: E402
+from worldmodel.model import WorldModel  # noqa: E402
+from worldmodel.tasks import parse_tasks  # noqa: E402
+from worldmodel.training import (  # noqa: E402
+    KEYPOINT_CACHE_FILE,
+    PROFILES,
+    KeypointSplit,
+    Objective,
+    ResumableBatchSampler,
+    Stage,
+    TrainConfig,
+    autocast,
+    config_differences,
+    config_to_dict,
+    detect_split,
+    freeze_for_stage,
+    learning_rate_at,
+    load_keypoint_cache,
+    losses_to_floats,
+    make_optimizer,
+    profile_config,
+    resolve_precision,
+    save_keypoint_cache,
+    schedule_at,
+    seeded_loader,
+    set_learning_rate,
+    stage_steps,
+    train_step,
+    validate,
+    vision_fingerprint,
+)
+from worldmodel.visualize import save_keypoint_png, save_prediction_gif  # noqa: E402
+
+EXIT_USAGE = 2
+SUMMARY_FILE = "summary.json"
+PICTURES_DIR = "pictures"
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: the profile supplies defaults, explicit options override them
+# ----------------------------------------------------------------------------------------------
+def parse_config(argv: list[str]) -> TrainConfig:
+    """Parse once for --profile, then parse everything with that profile's TrainConfig as the defaults."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--profile", choices=PROFILES, default=None)
+    known, _ = early.parse_known_args(argv)
+    profile = known.profile or ("paper" if torch.cuda.is_available() else "cpu")
+    if any(arg == "--net.variant" or arg.startswith("--net.variant=") for arg in argv):
+        raise UsageError("give the model variant with --model, not --net.variant")
+    defaults = dataclasses.replace(profile_config(profile), profile=profile)
+    description = (__doc__ or "").split("\n\n")[0]
+    return tyro.cli(TrainConfig, args=argv, default=defaults, description=description)
+
+
+def check_dataset(config: TrainConfig, tasks: list[str]) -> dict[str, Any]:
+    """Every task's train and test file must exist; returns the dataset record stored in checkpoints."""
+    if not config.data.is_dir():
+        raise UsageError(f"no dataset folder {config.data}: run `python collect/dmcs.py --out {config.data}` first")
+    action_repeats = {}
+    for task in tasks:
+        for split in storage.SPLITS:
+            path = storage.dataset_path(config.data, task, split)
+            if not path.is_file():
+                raise UsageError(str(storage.missing_dataset_error(config.data, task, split)))
+            info = storage.read_info(path)
+            if info.episode_steps < config.window or info.episode_steps < config.vision_window:
+                raise UsageError(f"episodes of {path} ({info.episode_steps} steps) are shorter than a window")
+        action_repeats[task] = info.action_repeat
+    return {"path": str(config.data.resolve()), "tasks": tasks, "action_repeats": action_repeats}
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+def frame_batches(
+    config: TrainConfig, tasks: list[str], length: int, global_batch: int, start_step: int,
+    dist: distributed.DistInfo, salt: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(frames uint8 (B, L, 64, 64, 3), actions (B, L, 6)) on the device, from DataLoader workers."""
+    from worldmodel.data import WindowDataset
+
+    dataset = WindowDataset(config.data, tasks, "train", length=length)
+    sampler = ResumableBatchSampler(
+        len(dataset), global_batch, config.seed + salt, start_step, dist.rank, dist.world_size
+    )
+    pin = dist.device.type == "cuda"
+    for window in seeded_loader(dataset, sampler, config.num_workers, config.seed, pin):
+        yield (window.frames.to(dist.device, non_blocking=pin), window.actions.to(dist.device, non_blocking=pin))
+
+
+def keypoint_batches(
+    split: KeypointSplit, config: TrainConfig, start_step: int, dist: distributed.DistInfo
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(keypoints (B, L, K, 3), actions (B, L, 6)) gathered from the in-memory cache: no DataLoader."""
+    starts = split.window_starts(config.window)
+    sampler = ResumableBatchSampler(
+        len(starts), config.batch_size, config.seed + 2, start_step, dist.rank, dist.world_size
+    )
+    keypoints, actions = split.keypoints.to(dist.device), split.actions.to(dist.device)
+    offsets = torch.arange(config.window, device=dist.device)
+    starts = starts.to(dist.device)
+    for indices in sampler:
+        rows = starts[torch.tensor(indices, device=dist.device)][:, None] + offsets
+        yield keypoints[rows], actions[rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and pictures (rank 0)
+# ----------------------------------------------------------------------------------------------
+def run_evaluation(
+    model: WorldModel, eval_set: EvalSet, config: TrainConfig, stage: Stage, step: int, global_step: int,
+    run_dir: Path, logger: RunLogger, device: torch.device, precision: str, final: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate, log to JSONL/TensorBoard and draw the pictures; returns the metrics."""
+    started = time.perf_counter()
+    context = lambda: autocast(device, precision)  # noqa: E731
+    name = f"{stage}_{step:06d}"
+    pictures = run_dir / PICTURES_DIR
+    structured = model.config.structured
+    if stage == "vision":  # no dynamics yet: score the detector and reconstructor
+        result, shown = evaluate_reconstruction(model, eval_set, config.eval_batch_size, device, context)
+        metrics: dict[str, Any] = result._asdict()
+        real, drawn, detected, predicted = shown.real_frames, shown.reconstructed_frames, shown.detected, shown.detected
+    else:
+        result, shown = evaluate(
+            model, eval_set, config.num_observed, config.eval_samples, config.eval_batch_size,
+            config.seed, device, context,
+        )  # fmt: skip
+        metrics = result._asdict()
+        real, drawn, detected, predicted = shown.real_frames, shown.predicted_frames, shown.detected, shown.predicted
+    num_observed = config.num_observed if stage != "vision" else real.shape[1]
+    # Draw each keypoint as strong as the reconstructor sees it: its Gaussian map's amplitude.
+    detected, predicted = (
+        torch.cat([points[..., :2], model.amplitude(points)[..., None]], dim=-1) for points in (detected, predicted)
+    )
+    title = f"{config.model} {stage} step {step}"
+    png, gif = pictures / f"keypoints_{name}.png", pictures / f"prediction_{name}.gif"
+    save_keypoint_png(
+        png, real, drawn, detected if structured else None, predicted if structured else None, num_observed,
+        title=title,
+    )  # fmt: skip
+    save_prediction_gif(gif, real, drawn, num_observed)
+    if final:  # the latest stage's last pictures, under fixed names
+        for source, target in ((png, run_dir / "keypoints.png"), (gif, run_dir / "prediction.gif")):
+            atomic_write(target, lambda temp, source=source: shutil.copyfile(source, temp))
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    logger.log("eval", stage, step, global_step, metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = parse_config(argv)
+        validate(config)
+        tasks = parse_tasks(config.tasks)
+    except (UsageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    dist = distributed.setup(config.device)
+    try:
+        return train(config, tasks, dist)
+    except (UsageError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        distributed.cleanup()
+
+
+def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> int:
+    device = dist.device
+    try:
+        precision = resolve_precision(config.precision, device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    dataset_record = check_dataset(config, tasks)
+    run_dir = config.out
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    staged = config.mode == "staged"
+
+    # ---- resume or start ------------------------------------------------------------------------
+    checkpoint: dict[str, Any] | None = None
+    if config.resume:
+        if not checkpoint_path.is_file():
+            raise UsageError(f"--resume: no checkpoint in {run_dir} (start a new run without --resume)")
+        checkpoint = load_checkpoint(checkpoint_path)
+        differences = config_differences(checkpoint["train_config"], config)
+        if differences:
+            raise UsageError(f"--resume with a different config than the run in {run_dir}: {', '.join(differences)}")
+        if checkpoint["complete"]:
+            raise UsageError(f"the run in {run_dir} is already complete")
+    elif checkpoint_path.exists():
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    distributed.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+
+    # ---- model, seeds ----------------------------------------------------------------------------
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = WorldModel(config.model_config).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    stage: Stage = "vision" if staged else "joint"
+    start_step = 0
+    extra: dict[str, Any] = {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        stage, start_step, extra = checkpoint["stage"], checkpoint["step"], checkpoint["extra"]
+        restore_rng_state(checkpoint["rng"])  # rank 0's: a single-process resume replays the same draws
+        if dist.rank > 0:  # other ranks' generators were not saved: a fresh, still seeded, stream each
+            torch.manual_seed(config.seed + 1_000_003 * dist.rank + checkpoint["global_step"])
+    else:
+        torch.manual_seed(config.seed + 1_000_003 * dist.rank)  # each rank draws its own latent samples
+    stage_seconds: dict[str, float] = dict(extra.get("stage_seconds", {}))  # wall time per stage
+    final_losses: dict[str, dict[str, float]] = dict(extra.get("final_losses", {}))
+    last_eval: dict[str, Any] = dict(extra.get("last_eval", {}))
+
+    def global_step_of(stage_name: str, step: int) -> int:
+        """Steps over all stages: the x axis of the logs."""
+        if not staged:
+            return config.steps if stage_name == "done" else step
+        offset = {"vision": 0, "keypoints": config.vision_steps, "dynamics": config.vision_steps}
+        return offset.get(stage_name, config.vision_steps + config.dynamics_steps) + step
+
+    logger = RunLogger(run_dir, dist.is_main, checkpoint["global_step"] if checkpoint else None)
+    if dist.is_main and checkpoint is None:
+        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
+    eval_set = (
+        load_eval_set(config.data, tasks, config.window, config.eval_windows, config.seed) if dist.is_main else None
+    )
+
+    def write_checkpoint(
+        stage_name: str, step: int, optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None, complete: bool = False,
+    ) -> None:  # fmt: skip
+        if not dist.is_main:
+            return
+        logger.flush()  # the log is durable up to the checkpoint it will be resumed from
+        cache = str(run_dir / KEYPOINT_CACHE_FILE) if staged else None
+        save_checkpoint(
+            checkpoint_path,
+            model_state=model.state_dict(),
+            model_config=dataclasses.asdict(config.model_config),
+            train_config=config_to_dict(config),
+            dataset={**dataset_record, "keypoint_cache": cache},
+            stage=stage_name,
+            step=step,
+            global_step=global_step_of(stage_name, step),
+            optimizer_state=None if optimizer is None else optimizer.state_dict(),
+            complete=complete,
+            extra={
+                "scaler": None if scaler is None or not scaler.is_enabled() else scaler.state_dict(),
+                "stage_seconds": stage_seconds,
+                "final_losses": final_losses,
+                "last_eval": last_eval,
+            },
+        )
+
+    steps_this_run = 0
+
+    def run_stage(stage_name: Stage, start: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """The training loop of one stage; False if it halted early (--halt-after)."""
+        nonlocal steps_this_run, last_eval
+        total = stage_steps(config, stage_name)
+        parameters = freeze_for_stage(model, stage_name)
+        optimizer = make_optimizer(parameters, config, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        if checkpoint is not None and checkpoint["stage"] == stage_name and checkpoint["optimizer"] is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if extra.get("scaler"):
+                scaler.load_state_dict(extra["scaler"])
+        objective: torch.nn.Module = Objective(model, config.num_observed)
+        if dist.is_distributed:
+            objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        if stage_name == "vision":
+            items_per_step = config.vision_batch_size * config.vision_window
+        else:
+            items_per_step = config.batch_size * config.window  # frames (joint) or keypoint frames (dynamics)
+        progress = None
+        if dist.is_main and config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
+        wall_before, loop_started = stage_seconds.get(stage_name, 0.0), time.perf_counter()
+        # steps/s over the steps since the last log line, with evaluation and checkpoint pauses left out
+        last_log, paused, steps_since_log = time.perf_counter(), 0.0, 0
+        done = start
+        for step in range(start, total):
+            if config.halt_after is not None and steps_this_run >= config.halt_after:
+                write_checkpoint(stage_name, step, optimizer, scaler)
+                break
+            set_learning_rate(optimizer, learning_rate_at(step, total, config))
+            schedule = schedule_at(step, total, config, stage_name)
+            inputs, actions = next(batches)
+            out = train_step(
+                objective, optimizer, scaler, parameters, stage_name, schedule, config, precision, device,
+                frames=None if stage_name == "dynamics" else inputs,
+                keypoints=inputs if stage_name == "dynamics" else None,
+                actions=actions,
+            )  # fmt: skip
+            done, global_done = step + 1, global_step_of(stage_name, step + 1)
+            steps_this_run += 1
+            steps_since_log += 1
+            if done % config.log_every == 0 or done == total:
+                terms = torch.stack([*out.losses, out.grad_norm.float(), out.penalty.float()])
+                names = [*out.losses._fields, "grad_norm", "l2_penalty"]
+                record: dict[str, Any] = dict(zip(names, distributed.mean_over_ranks(terms).tolist()))  # syncs
+                seconds = time.perf_counter() - last_log - paused
+                record.update(
+                    lr=optimizer.param_groups[0]["lr"],
+                    kl_scale=schedule.kl_scale,
+                    teacher_forcing_observed=schedule.teacher_forcing_observed,
+                    teacher_forcing_predicted=schedule.teacher_forcing_predicted,
+                    steps_per_s=steps_since_log / seconds,
+                    frames_per_s=steps_since_log * items_per_step * dist.world_size / seconds,
+                )
+                if out.diagnostics is not None:  # keypoint collapse shows here first (SPEC 8)
+                    record.update(out.diagnostics._asdict())
+                logger.log("train", stage_name, done, global_done, record)
+                final_losses[stage_name] = {name: record[name] for name in out.losses._fields}
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['total']:.4g}", steps_s=f"{record['steps_per_s']:.2f}")
+                last_log, paused, steps_since_log = time.perf_counter(), 0.0, 0
+            if progress is not None:
+                progress.update(1)
+            pause_started = time.perf_counter()
+            if dist.is_main and (done % config.eval_every == 0 or done == total):
+                assert eval_set is not None
+                last_eval = run_evaluation(
+                    model, eval_set, config, stage_name, done, global_done, run_dir, logger, device, precision,
+                    final=done == total,
+                )  # fmt: skip
+            stage_seconds[stage_name] = wall_before + time.perf_counter() - loop_started
+            if done < total and done % config.checkpoint_every == 0:  # the stage's end is the caller's to save
+                write_checkpoint(stage_name, done, optimizer, scaler)
+            paused += time.perf_counter() - pause_started
+        if progress is not None:
+            progress.close()
+        return done == total
+
+    def halted() -> int:
+        logger.close()
+        if dist.is_main:
+            print(f"halted after {steps_this_run} steps: continue with --resume --out {run_dir}", file=sys.stderr)
+        return 0
+
+    # ---- joint training (the paper) ---------------------------------------------------------------
+    if not staged:
+        batches = frame_batches(config, tasks, config.window, config.batch_size, start_step, dist, salt=0)
+        if not run_stage("joint", start_step, batches):
+            return halted()
+    else:
+        # ---- staged (1): detector + reconstructor on frames -------------------------------------------
+        if stage == "vision":
+            batches = frame_batches(
+                config, tasks, config.vision_window, config.vision_batch_size, start_step, dist, salt=1
+            )
+            if not run_stage("vision", start_step, batches):
+                return halted()
+            write_checkpoint("keypoints", 0)
+            stage, start_step = "keypoints", 0
+
+        # ---- staged (2): detect keypoints once for the whole dataset, cache them in the run dir -------
+        cache_path = run_dir / KEYPOINT_CACHE_FILE
+        fingerprint = vision_fingerprint(model)
+        splits = load_keypoint_cache(cache_path, fingerprint)
+        if splits is None:  # also on a resume whose cache was lost: detection is deterministic
+            started = time.perf_counter()
+            model.eval()
+            splits = {split: detect_split(model, config.data, tasks, split, device, precision) for split in storage.SPLITS}
+            model.train()
+            seconds = time.perf_counter() - started
+            stage_seconds["keypoints"] = stage_seconds.get("keypoints", 0.0) + seconds
+            if dist.is_main:
+                save_keypoint_cache(cache_path, splits, fingerprint)
+                frames = sum(int(split.keypoints.shape[0]) for split in splits.values())
+                logger.log("stage", "keypoints", 0, global_step_of("keypoints", 0),
+                           {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds})  # fmt: skip
+        if stage == "keypoints":
+            if config.normalize_keypoints:  # per-feature, within-episode statistics (SPEC 8)
+                shortest = int(splits["train"].episode_lengths.min())
+                model.fit_keypoint_normalization(splits["train"].sequences(shortest).to(device))
+            write_checkpoint("dynamics", 0)
+            stage, start_step = "dynamics", 0
+
+        # ---- staged (3): the dynamics on cached keypoints -------------------------------------------------
+        if not run_stage("dynamics", start_step, keypoint_batches(splits["train"], config, start_step, dist)):
+            return halted()
+
+    # ---- done: final checkpoint and summary -----------------------------------------------------------
+    write_checkpoint("done", 0, complete=True)
+    if dist.is_main:
+        summary = {
+            "complete": True,
+            "profile": config.profile,
+            "model": config.model,
+            "mode": config.mode,
+            "global_steps": global_step_of("done", 0),
+            "stage_seconds": {name: round(value, 1) for name, value in stage_seconds.items()},
+            "final_losses": final_losses,
+            "final_eval": last_eval,
+            "dataset": dataset_record,
+            "checkpoint": str(checkpoint_path),
+            "config": config_to_dict(config),
+        }
+        atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        logger.log("summary", "done", 0, summary["global_steps"], {"stage_seconds": summary["stage_seconds"]})
+    logger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Training checkpoints: atomic writes, RNG capture, and ``load_world_model`` for downstream code.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python containers, so it loads
+with ``torch.load(weights_only=True)`` (no pickled classes):
+
+    format       int, CHECKPOINT_FORMAT
+    version      the worldmodel package version that wrote it
+    model        WorldModel state dict
+    model_config dataclasses.asdict(ModelConfig)
+    train_config the training run's config as a plain dict (profile, seed, schedules, sizes ...)
+    dataset      {"path": str, "tasks": [...], "action_repeats": {task: int}, "keypoint_cache": str|None}
+    stage        "vision" | "keypoints" | "dynamics" | "joint" | "done": the stage to continue with
+    step         optimizer steps completed within that stage
+    global_step  optimizer steps completed over all stages (the x axis of the logs)
+    optimizer    the current stage's optimizer state dict (None when between stages)
+    rng          torch / numpy / python (/ cuda) generator states at the moment of saving
+    complete     True once training finished
+    extra        anything else the trainer needs to continue (e.g. a GradScaler state)
+
+Every file this project writes goes to a temporary name in the same directory first and is moved into
+place with ``os.replace``, so a kill never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+
+import worldmodel
+
+if TYPE_CHECKING:
+    from worldmodel.config import ModelConfig
+    from worldmodel.model import WorldModel
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAIN_HINT = "train one with `python train/world_model.py`"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the request; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic file writes
+# ----------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(temp_path)`` for a temporary file next to ``path``, then move it into place.
+
+    The temporary name keeps the final suffix so writers that pick a format from it (imageio,
+    matplotlib) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(handle)
+    temp_path = Path(temp_name)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states in a weights_only-loadable form
+# ----------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """All generator states a training step can touch, as tensors and plain containers."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, python_internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(python_internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(
+    path: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    dataset: dict[str, Any],
+    stage: str,
+    step: int,
+    global_step: int,
+    optimizer_state: dict[str, Any] | None,
+    complete: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint atomically (see the module docstring for the layout)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": worldmodel.__version__,
+        "model": {name: tensor.detach().cpu() for name, tensor in model_state.items()},
+        "model_config": model_config,
+        "train_config": train_config,
+        "dataset": dataset,
+        "stage": stage,
+        "step": int(step),
+        "global_step": int(global_step),
+        "optimizer": optimizer_state,
+        "rng": capture_rng_state(),
+        "complete": bool(complete),
+        "extra": extra or {},
+    }
+    atomic_torch_save(payload, path)
+
+
+def find_checkpoint(path_or_run_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint file itself, or ``<run dir>/checkpoint.pt``; CheckpointError if missing."""
+    path = Path(path_or_run_dir)
+    candidate = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not candidate.is_file():
+        where = f"run directory {path}" if path.is_dir() else str(path)
+        raise CheckpointError(f"no world-model checkpoint at {where}: {TRAIN_HINT}")
+    return candidate
+
+
+def load_checkpoint(
+    path_or_run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """The raw checkpoint dict, loaded with ``weights_only=True``."""
+    path = find_checkpoint(path_or_run_dir)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a world-model checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def model_config_from_dict(values: dict[str, Any]) -> "ModelConfig":
+    """Rebuild a ModelConfig from its plain-dict form; unknown keys are an error (version skew)."""
+    from worldmodel.config import ModelConfig
+
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint model config has fields this code does not know: {sorted(unknown)}"
+        )
+    converted = {}
+    for field in dataclasses.fields(ModelConfig):
+        if field.name in values:
+            value = values[field.name]
+            # Tuples become lists on the way through plain containers; give them back their type.
+            converted[field.name] = tuple(value) if isinstance(value, list) else value
+    return ModelConfig(**converted)
+
+
+class CheckpointInfo(NamedTuple):
+    """What a loaded checkpoint says about how the model was made."""
+
+    path: Path
+    stage: str
+    step: int
+    global_step: int
+    complete: bool
+    version: str
+    dataset: dict[str, Any]  # path, tasks, action_repeats, keypoint_cache
+    train_config: dict[str, Any]
+
+
+class LoadedWorldModel(NamedTuple):
+    model: "WorldModel"  # in eval mode, on the requested device
+    config: "ModelConfig"
+    info: CheckpointInfo
+
+
+def load_world_model(
+    path_or_run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> LoadedWorldModel:
+    """A ready WorldModel from a run directory or a checkpoint file.
+
+    ``model, config, info = load_world_model("runs/world_model", "cpu")``; raises CheckpointError
+    ("... train one with python train/world_model.py") when there is none.
+    """
+    from worldmodel.model import WorldModel
+
+    checkpoint = load_checkpoint(path_or_run_dir, map_location="cpu")
+    config = model_config_from_dict(checkpoint["model_config"])
+    model = WorldModel(config)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    info = CheckpointInfo(
+        path=find_checkpoint(path_or_run_dir),
+        stage=checkpoint["stage"],
+        step=checkpoint["step"],
+        global_step=checkpoint["global_step"],
+        complete=checkpoint["complete"],
+        version=checkpoint["version"],
+        dataset=checkpoint["dataset"],
+        train_config=checkpoint["train_config"],
+    )
+    return LoadedWorldModel(model, config, info)

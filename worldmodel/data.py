@@ -1,0 +1,203 @@
+"""Windows of consecutive steps from the collected datasets, as a torch Dataset (docs/CONTRACTS.md).
+
+``WindowDataset(root, tasks, split, length)`` serves every window of ``length`` consecutive frames
+(with their actions and rewards) that lies inside one episode, from one or more tasks' files
+``<root>/<task>_<split>.h5``, written by ``collect/dmcs.py``. Starts run over 0, stride, 2*stride, ...
+up to T - length, so an episode of T steps gives ``floor((T - length) / stride) + 1`` windows.
+
+Choices written down here:
+
+* The window index is arithmetic over (file, episode, start), computed from the files' shapes alone:
+  no frames are read and no per-window table is stored (``index()`` materializes it when wanted).
+* Actions, rewards (and states when asked) are small and loaded into memory once; each item reads
+  only its frames from disk, i.e. two gzip chunks of 16 frames for a 16-frame window.
+* Actions are zero-padded to MAX_ACTION_DIM (6) so one model serves all tasks; states, whose size
+  differs across tasks, are zero-padded to the largest state size among the dataset's tasks (for a
+  single task that is its own size D).
+* ``frames=False`` skips reading frames (for reward and state experiments): frames is then an empty
+  uint8 tensor of shape (L, 0, 0, 0).
+* HDF5 handles are opened lazily, per process: a DataLoader worker (forked or spawned) never uses a
+  handle opened by its parent, and pickling the dataset drops open handles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from worldmodel import storage
+from worldmodel.tasks import MAX_ACTION_DIM, parse_tasks, task_id
+
+# Random windows rarely reuse a chunk, but a sequential sweep (stride 1) reads each chunk ~16 times:
+# a cache of a few chunks (196 kB each, uncompressed) per file serves that.
+CHUNK_CACHE_BYTES = 4 * 1024 * 1024
+
+
+class Window(NamedTuple):
+    frames: Tensor  # (L, 64, 64, 3) uint8, or (L, 0, 0, 0) when frames=False
+    actions: Tensor  # (L, 6) float32; actions[i] applied at frames[i]; zero-padded to MAX_ACTION_DIM
+    rewards: Tensor  # (L,) float32; rewards[i] earned by frames[i] -> frames[i+1]
+    states: Tensor  # (L, D) float32, or (L, 0) unless requested
+    task_id: Tensor  # () int64, worldmodel.tasks.task_id(task)
+    episode: Tensor  # () int64, episode index in its file
+    start: Tensor  # () int64, index of frames[0] within the episode
+
+
+class WindowKey(NamedTuple):
+    """Where a window lies: its file (index into ``WindowDataset.files``), episode and first step."""
+
+    file: int
+    episode: int
+    start: int
+
+
+class FileWindows(NamedTuple):
+    """One dataset file as the sampler sees it: shapes and attrs plus its small arrays in memory."""
+
+    info: storage.DatasetInfo
+    task_id: int
+    windows_per_episode: int
+    actions: np.ndarray  # (E, T, 6) float32, zero-padded
+    rewards: np.ndarray  # (E, T) float32
+    states: np.ndarray | None  # (E, T+1, D_max) float32, zero-padded; None unless states=True
+
+    @property
+    def num_windows(self) -> int:
+        return self.info.num_episodes * self.windows_per_episode
+
+
+class WindowDataset(Dataset[Window]):
+    """All windows of ``length`` steps (every ``stride``-th start) of the given tasks and split."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        tasks: str | Sequence[str],
+        split: str,
+        length: int,
+        stride: int = 1,
+        states: bool = False,
+        frames: bool = True,
+    ) -> None:
+        if length < 1 or stride < 1:
+            raise ValueError(f"length and stride must be positive, got length={length}, stride={stride}")
+        self.root = Path(root)
+        self.tasks: tuple[str, ...] = tuple(parse_tasks(tasks if isinstance(tasks, str) else ",".join(tasks)))
+        self.split = split
+        self.length = length
+        self.stride = stride
+        self.with_states = states
+        self.with_frames = frames
+        infos = [self._open_info(task) for task in self.tasks]
+        self.state_dim = max(info.state_dim for info in infos) if states else 0
+        self.files: tuple[FileWindows, ...] = tuple(self._load(info) for info in infos)
+        self._offsets = np.cumsum([0] + [file.num_windows for file in self.files])
+        self._handles: dict[int, h5py.Dataset] = {}  # this process's open frames datasets
+        self._handles_pid = os.getpid()
+
+    def _open_info(self, task: str) -> storage.DatasetInfo:
+        path = storage.dataset_path(self.root, task, self.split)
+        if not path.is_file():
+            raise storage.missing_dataset_error(self.root, task, self.split)
+        info = storage.read_info(path)
+        if (info.task, info.split) != (task, self.split):
+            raise storage.InvalidDatasetError(f"{path} holds {info.task} {info.split}, not {task} {self.split}")
+        if info.episode_steps < self.length:
+            raise ValueError(
+                f"window length {self.length} exceeds the {info.episode_steps} steps per episode of {path}"
+            )
+        return info
+
+    def _load(self, info: storage.DatasetInfo) -> FileWindows:
+        with h5py.File(info.path, "r") as file:  # closed again: no handle may cross a fork
+            actions = np.zeros((info.num_episodes, info.episode_steps, MAX_ACTION_DIM), np.float32)
+            actions[..., : info.action_dim] = file["actions"][...]
+            rewards = file["rewards"][...]
+            states = None
+            if self.with_states:
+                states = np.zeros((info.num_episodes, info.episode_steps + 1, self.state_dim), np.float32)
+                states[..., : info.state_dim] = file["states"][...]
+        return FileWindows(
+            info=info,
+            task_id=task_id(info.task),
+            windows_per_episode=(info.episode_steps - self.length) // self.stride + 1,
+            actions=actions,
+            rewards=rewards,
+            states=states,
+        )
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def key(self, index: int) -> WindowKey:
+        """The (file, episode, start) of window ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"window {index} out of range for {len(self)} windows")
+        index %= len(self)
+        file = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        episode, position = divmod(index - int(self._offsets[file]), self.files[file].windows_per_episode)
+        return WindowKey(file, episode, position * self.stride)
+
+    def index(self) -> np.ndarray:
+        """Every window's (file, episode, start) as an int64 array of shape (len(self), 3), in order."""
+        parts = []
+        for number, file in enumerate(self.files):
+            episodes, positions = np.divmod(np.arange(file.num_windows), file.windows_per_episode)
+            parts.append(np.stack([np.full_like(episodes, number), episodes, positions * self.stride], axis=1))
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, index: int) -> Window:
+        number, episode, start = self.key(index)
+        file = self.files[number]
+        steps = slice(start, start + self.length)
+        if self.with_frames:
+            frames = torch.from_numpy(self._frames(number)[episode, steps])
+        else:
+            frames = torch.empty((self.length, 0, 0, 0), dtype=torch.uint8)
+        states = (
+            torch.from_numpy(file.states[episode, steps].copy())
+            if file.states is not None
+            else torch.empty((self.length, 0), dtype=torch.float32)
+        )
+        return Window(
+            frames=frames,
+            actions=torch.from_numpy(file.actions[episode, steps].copy()),
+            rewards=torch.from_numpy(file.rewards[episode, steps].copy()),
+            states=states,
+            task_id=torch.tensor(file.task_id, dtype=torch.int64),
+            episode=torch.tensor(episode, dtype=torch.int64),
+            start=torch.tensor(start, dtype=torch.int64),
+        )
+
+    def _frames(self, number: int) -> h5py.Dataset:
+        """The frames dataset of file ``number``, opened on first use in this process."""
+        if self._handles_pid != os.getpid():  # a forked child: the parent's handles are not ours to use
+            self._handles = {}
+            self._handles_pid = os.getpid()
+        if number not in self._handles:  # the dataset object, not the file: saves a lookup per read
+            file = h5py.File(self.files[number].info.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            self._handles[number] = file["frames"]
+        return self._handles[number]
+
+    def close(self) -> None:
+        """Close this process's HDF5 handles (they reopen on the next read)."""
+        for frames in self._handles.values():
+            frames.file.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # h5py handles cannot be pickled; the receiver opens its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handles_pid = os.getpid()

@@ -1,0 +1,253 @@
+"""The VRNN dynamics on flattened keypoints (S1.1.2), with best of many (eq. 8) and scheduled sampling (S1.3).
+
+One step for frame t (SPEC section 3's action ordering; Dreamer's RSSM orders it the same way):
+
+    h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}])          (S9, with the action that produced frame t)
+    prior:     mean, std = phi_prior(h_t)                   (S6)
+    posterior: mean, std = phi_enc([x_t, h_t])              (S7, observed steps)
+    z_t ~ posterior (observed) or prior (predicted);  x^_t = phi_dec([z_t, h_t])   (S8)
+
+The very first frame of a sequence has no predecessor: h_0 = 0 and no GRU step. Everything here works in a
+normalised keypoint space (``KeypointNormalizer``: per-feature mean and within-sequence std with a floor,
+SPEC 8) and in float32, also when called under autocast: the dynamics are small, precision matters more.
+The decoder's output is linear: normalised keypoints are unbounded, so tanh (the original code, for
+coordinates in [-1, 1] and mu in [0, 1]) does not fit.
+
+``struct-rnn`` has no z (size 0), no prior/posterior and no KL; ``struct-vrnn-nobom`` draws one sample.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldmodel.config import ModelConfig
+from worldmodel.losses import gaussian_kl
+
+STD_OFFSET = 1e-4  # std = softplus(.) + 1e-4 (S6, S7)
+
+
+def dense(in_features: int, out_features: int) -> nn.Linear:
+    """Dense layer with Keras' default init (Glorot uniform, zero bias), as the original code."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Gaussian(NamedTuple):
+    mean: Tensor  # (B, Z)
+    std: Tensor  # (B, Z)
+
+    def detach(self) -> Gaussian:
+        return Gaussian(self.mean.detach(), self.std.detach())
+
+
+class GaussianHead(nn.Module):
+    """phi_prior (S6) and phi_enc (S7): dense ``units`` ReLU -> mean, std = softplus(.) + 1e-4."""
+
+    def __init__(self, in_features: int, units: int, latent_size: int) -> None:
+        super().__init__()
+        self.hidden = dense(in_features, units)
+        self.out = dense(units, 2 * latent_size)
+
+    def forward(self, inputs: Tensor) -> Gaussian:
+        mean, std = self.out(F.relu(self.hidden(inputs))).chunk(2, dim=-1)
+        return Gaussian(mean, F.softplus(std) + STD_OFFSET)
+
+
+class KeypointDecoder(nn.Module):
+    """phi_dec (S8): [z, h] -> x^ (normalised, linear). Dense ``units`` ReLU -> K*3.
+
+    The first dense layer is split into a z part and an h part so that the h part is computed once per
+    batch element and broadcast over the best-of-many samples.
+    """
+
+    def __init__(self, latent_size: int, hidden_size: int, units: int, feature_size: int) -> None:
+        super().__init__()
+        self.from_latent = dense(latent_size, units) if latent_size else None
+        self.from_hidden = dense(hidden_size, units)
+        self.out = dense(units, feature_size)
+
+    def forward(self, latent: Tensor, hidden: Tensor) -> Tensor:
+        """latent (..., B, Z), hidden (B, H) -> (..., B, F)."""
+        pre = self.from_hidden(hidden)  # (B, units)
+        if self.from_latent is not None:
+            pre = self.from_latent(latent) + pre  # (..., B, units)
+        return self.out(F.relu(pre))
+
+
+class KeypointNormalizer(nn.Module):
+    """Per-feature affine normalisation of the flattened keypoints x_t (K*3) for the dynamics (SPEC 8).
+
+    Buffers (saved in checkpoints) default to the identity; ``fit`` sets the mean over all frames and the
+    within-sequence std (root mean of each sequence's variance over time) with a floor, so that the
+    dynamics' inputs and losses measure motion, not the (task-dependent) resting positions.
+    """
+
+    def __init__(self, feature_size: int, std_floor: float) -> None:
+        super().__init__()
+        self.std_floor = std_floor
+        self.register_buffer("mean", torch.zeros(feature_size))
+        self.register_buffer("std", torch.ones(feature_size))
+
+    @torch.no_grad()
+    def fit(self, keypoints: Tensor, std_floor: float | None = None) -> None:
+        """keypoints (N, T, F) (or (N, T, K, 3)): N sequences of T >= 2 frames."""
+        x = keypoints.float().flatten(2)  # (N, T, F)
+        if x.shape[1] < 2:
+            raise ValueError("fit needs sequences of at least 2 frames for a within-sequence std")
+        floor = self.std_floor if std_floor is None else std_floor
+        self.mean.copy_(x.mean((0, 1)).to(self.mean.device))
+        within = x.var(1, unbiased=False).mean(0).sqrt()  # (F,)
+        self.std.copy_(within.clamp_min(floor).to(self.std.device))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x.float() - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+
+class Carry(NamedTuple):
+    """What the recurrence carries after a frame (normalised keypoints)."""
+
+    hidden: Tensor  # (B, H) h_t
+    keypoints: Tensor  # (B, F) x_t as fed to the next GRU step (detected or predicted, normalised)
+    latent: Tensor  # (B, Z) z_t (Z = 0 for struct-rnn)
+
+
+class Unroll(NamedTuple):
+    keypoints: Tensor  # (B, T, F) decoded keypoints x^_t of the chosen samples, normalised
+    hidden: Tensor  # (B, T, H) h_t, the state that predicts frame t
+    kl: Tensor  # (B, T_observed) KL(posterior || prior) per observed step (summed over z)
+    final: Carry  # after the last frame
+
+
+class VRNN(nn.Module):
+    """The dynamics core shared by all four variants."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        features, latent, hidden = config.feature_size, config.latent_dim, config.rnn_size
+        self.rnn = nn.GRUCell(features + latent + config.action_dim, hidden)
+        self.prior = GaussianHead(hidden, config.prior_units, latent) if latent else None
+        self.posterior = GaussianHead(features + hidden, config.posterior_units, latent) if latent else None
+        self.decoder = KeypointDecoder(latent, hidden, config.decoder_units, features)
+
+    def initial_carry(self, batch_size: int, device: torch.device) -> Carry:
+        """The zero state before any frame (only its hidden part is used; see ``unroll``)."""
+        cfg = self.config
+        zeros = lambda size: torch.zeros(batch_size, size, device=device)  # noqa: E731
+        return Carry(zeros(cfg.rnn_size), zeros(cfg.feature_size), zeros(cfg.latent_dim))
+
+    def sample(
+        self,
+        belief: Gaussian | None,
+        hidden: Tensor,
+        target: Tensor | None,
+        num_samples: int,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw z and decode it: -> z (B, Z), x^ (B, F).
+
+        Best of many (eq. 8): with a target (B, F) and num_samples > 1, N samples are decoded at once and the
+        one closest to the target (squared error in normalised space) is kept; gradients flow through the
+        chosen sample only (it is decoded again with grad). Without a target the first sample is used.
+        """
+        batch = hidden.shape[0]
+        if belief is None:  # struct-rnn: deterministic
+            latent = hidden.new_zeros(batch, 0)
+            return latent, self.decoder(latent, hidden)
+        n = num_samples if target is not None else 1
+        noise = torch.randn(
+            (n, batch, belief.mean.shape[-1]), generator=generator, device=hidden.device, dtype=hidden.dtype
+        )
+        if n > 1:
+            with torch.no_grad():
+                candidates = self.decoder(belief.mean + belief.std * noise, hidden)  # (N, B, F)
+                best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+            noise = noise[best, torch.arange(batch, device=hidden.device)]  # (B, Z)
+        else:
+            noise = noise[0]
+        latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
+        return latent, self.decoder(latent, hidden)
+
+    def unroll(
+        self,
+        actions: Tensor,
+        targets: Tensor | None = None,
+        initial: Carry | None = None,
+        num_observed: int = 0,
+        num_samples: int = 1,
+        teacher_forcing: tuple[float, float] = (0.0, 0.0),
+        generator: torch.Generator | None = None,
+    ) -> Unroll:
+        """Run the recurrence over T frames.
+
+        actions: (B, T, A), row t = the action that produced frame t (a_{t-1}); ignored for t = 0 when
+            ``initial`` is None (the sequence starts there: h_0 = 0, no GRU step).
+        targets: (B, T, F) normalised detected keypoints, or None (pure imagination). Needed for the
+            observed steps (posterior) and for best of many.
+        initial: the carry after the frame before frame 0, or None to start a sequence.
+        num_observed: the first ``num_observed`` frames use the posterior and give KL; the rest the prior.
+        teacher_forcing: (observed, predicted) probability that the next GRU input is the target rather
+            than the model's own x^_t (scheduled sampling, S1.3), drawn per batch element and step.
+        """
+        with torch.autocast(actions.device.type, enabled=False):
+            return self._unroll(
+                actions.float(), None if targets is None else targets.float(), initial,
+                num_observed, num_samples, teacher_forcing, generator,
+            )
+
+    def _unroll(
+        self,
+        actions: Tensor,
+        targets: Tensor | None,
+        initial: Carry | None,
+        num_observed: int,
+        num_samples: int,
+        teacher_forcing: tuple[float, float],
+        generator: torch.Generator | None,
+    ) -> Unroll:
+        batch, steps = actions.shape[:2]
+        if num_observed > 0 and targets is None:
+            raise ValueError("observed steps need target keypoints")
+        carry = initial if initial is not None else self.initial_carry(batch, actions.device)
+        hidden, inputs, latent = carry
+        predictions: list[Tensor] = []
+        hiddens: list[Tensor] = []
+        kls: list[Tensor] = []
+        for t in range(steps):
+            if t > 0 or initial is not None:
+                hidden = self.rnn(torch.cat([inputs, latent, actions[:, t]], dim=-1), hidden)  # (B, H)  S9
+            target = None if targets is None else targets[:, t]  # (B, F)
+            observed = t < num_observed
+            belief = None
+            if self.prior is not None and self.posterior is not None:
+                prior = self.prior(hidden)  # S6
+                if observed:
+                    belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
+                    kls.append(gaussian_kl(belief.mean, belief.std, prior.mean, prior.std))  # (B,)
+                else:
+                    # As the original code: the prior is trained by the KL only, not by L_future.
+                    belief = prior.detach()
+            latent, prediction = self.sample(belief, hidden, target, num_samples, generator)  # S8, eq. 8
+            inputs = prediction
+            p_target = teacher_forcing[0] if observed else teacher_forcing[1]
+            if target is not None and p_target > 0.0:
+                coin = torch.rand((batch, 1), generator=generator, device=actions.device)
+                inputs = torch.where(coin < p_target, target, prediction)  # scheduled sampling (S1.3)
+            predictions.append(prediction)
+            hiddens.append(hidden)
+        kl = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0)
+        return Unroll(
+            keypoints=torch.stack(predictions, dim=1),  # (B, T, F)
+            hidden=torch.stack(hiddens, dim=1),  # (B, T, H)
+            kl=kl,
+            final=Carry(hidden, inputs, latent),
+        )

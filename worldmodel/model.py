@@ -1,0 +1,397 @@
+"""The action-conditional Struct-VRNN world model (Minderer et al. 2019; SPEC sections 3-4, docs/CONTRACTS.md).
+
+    frames --phi_det--> keypoints x_t --(stop gradient)--> VRNN(h, z, a) --> predicted keypoints
+       |                    |                                                   |
+       +--phi_appearance--> phi_rec([maps(x_t), maps(x_1), appearance(v_1)]) <-+--> frames
+
+Loss = L_image + lambda_sep L_sep + lambda_sparse L_sparse + L_VRNN + L_future (section 4). The vision side
+(detector, appearance net, reconstructor) trains from the first three terms only; the dynamics see the
+detected keypoints through a stop-gradient, so the joint objective can also be trained in stages.
+
+Inputs are uint8 frames (B, T, 64, 64, 3) and zero-padded actions (B, T, 6) with ``actions[:, t]`` applied
+at frame t. All sampling goes through torch's RNG (an optional ``torch.Generator`` is accepted). The convs
+take channels_last inputs and are safe under ``torch.autocast`` (bf16 on CPU); keypoint arithmetic, the
+dynamics and the losses run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from worldmodel.config import ModelConfig
+from worldmodel.dynamics import VRNN, Carry, KeypointNormalizer, Unroll
+from worldmodel.losses import image_loss, keypoint_loss, separation_loss, sparsity_loss
+from worldmodel.vision import (
+    FeatureEncoder,
+    FeatureMaps,
+    ImageEncoder,
+    KeypointDetector,
+    Reconstructor,
+    keypoints_to_maps,
+    maps_to_keypoints,
+    pixels_to_units,
+)
+
+
+class Schedule(NamedTuple):
+    """Per-step training schedule, set by the trainer (section 4, S1.3)."""
+
+    kl_scale: float = 1.0
+    """Multiplies beta; the trainer anneals it 0 -> 1."""
+    teacher_forcing_observed: float = 0.0
+    """p(feed detected keypoints to the RNN) on observed steps; 1 -> 0 over training."""
+    teacher_forcing_predicted: float = 0.0
+    """Same on predicted steps; 1 -> 0.5 over training."""
+    amplitude_mix: float | None = None
+    """Amplitude of the Gaussian maps, ``mix * mu + (1 - mix)`` (0: fixed amplitude, 1: the paper's mu).
+    None keeps the model's current value (``ModelConfig.initial_amplitude_mix`` until set); a value is
+    remembered by the model (a buffer saved with it) so decoding after training uses the last one."""
+    sparsity_scale: float = 1.0
+    """Multiplies lambda_sparse (a sparsity warm-up can ramp it 0 -> 1)."""
+
+
+class Losses(NamedTuple):
+    """Every field a float32 scalar tensor (zero where a term does not apply)."""
+
+    total: Tensor  # the sum of the weighted terms below
+    image: Tensor  # L_image, frames reconstructed from detected keypoints, all timesteps
+    separation: Tensor  # L_sep (eq. 5), observed steps, unweighted
+    sparsity: Tensor  # L_sparse, unweighted
+    keypoint: Tensor  # keypoint reconstruction error, observed steps
+    kl: Tensor  # KL(posterior || prior), observed steps (unscaled)
+    future: Tensor  # keypoint reconstruction error, predicted steps
+
+
+class Diagnostics(NamedTuple):
+    """Floats for logging keypoint collapse (SPEC section 8), over the frames of one batch.
+
+    For ``cnn-vrnn`` mean_mu and active_keypoints are 0 and keypoint_spread is the mean std of the feature
+    units across the batch.
+    """
+
+    mean_mu: float  # mean presence mu over frames and keypoints
+    active_keypoints: float  # keypoints that are drawn (mean amplitude >= 10% of the largest) and move
+    #                          (position std over the batch's frames >= half a heatmap pixel)
+    keypoint_spread: float  # mean over keypoints of the std of (x, y) across the batch's frames, coord units
+    amplitude_mix: float  # the amplitude mix the Gaussian maps were drawn with
+
+
+class DynamicsState(NamedTuple):
+    """What the recurrence carries after a frame."""
+
+    hidden: Tensor  # (B, H)
+    keypoints: Tensor  # (B, K, 3) the frame's keypoints as fed to the next RNN step
+    latent: Tensor  # (B, Z) (Z = 0 for struct-rnn)
+
+
+class Rollout(NamedTuple):
+    keypoints: Tensor  # (B, T, K, 3)
+    hidden: Tensor  # (B, T, H); hidden[:, t] is the state that predicts frame t
+    final: DynamicsState
+
+
+class Prediction(NamedTuple):
+    """``WorldModel.predict``: observe the first frames, predict the rest, decode all."""
+
+    frames: Tensor  # (B, T, 3, 64, 64) float in [-0.5, 0.5], decoded from `keypoints`
+    keypoints: Tensor  # (B, T, K, 3) posterior (observed steps) then prior (predicted steps) keypoints
+    detected: Tensor  # (B, T, K, 3) keypoints detected in the true frames
+    hidden: Tensor  # (B, T, H)
+
+
+class VisionOutput(NamedTuple):
+    keypoints: Tensor  # (B, T, K, 3) detected, with gradient
+    amplitude: Tensor  # (B, T, K) amplitude of each keypoint's Gaussian map
+    losses: Losses
+
+
+def frames_to_images(frames: Tensor) -> Tensor:
+    """uint8 (..., H, W, 3) -> float (N, 3, H, W) in [-0.5, 0.5], channels_last (a free permute of NHWC)."""
+    frames = frames.reshape(-1, *frames.shape[-3:])  # (N, H, W, 3)
+    images = frames.permute(0, 3, 1, 2).float() / 255.0 - 0.5
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def previous_actions(actions: Tensor) -> Tensor:
+    """(B, T, A) with actions[:, t] applied at frame t -> row t = a_{t-1}, the action that produced frame t."""
+    return torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)
+
+
+class WorldModel(nn.Module):
+    """Struct-VRNN and its baselines (``config.variant``), API of docs/CONTRACTS.md."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.structured:
+            self.detector: KeypointDetector | None = KeypointDetector(config)
+            self.encoder: FeatureEncoder | None = None
+            self.feature_maps: FeatureMaps | None = None
+        else:
+            self.detector = None
+            self.encoder = FeatureEncoder(config)
+            self.feature_maps = FeatureMaps(config)
+        self.appearance = ImageEncoder(config)  # phi_appearance: the detector's trunk, on v_1
+        self.reconstructor = Reconstructor(config)  # phi_rec (S5)
+        self.dynamics = VRNN(config)
+        self.normalizer = KeypointNormalizer(config.feature_size, config.keypoint_std_floor)
+        self.amplitude_mix: Tensor
+        self.register_buffer("amplitude_mix", torch.tensor(float(config.initial_amplitude_mix)))
+
+    # ---- pixels <-> keypoints ---------------------------------------------------------------------------
+    def encode(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) in [-0.5, 0.5] -> keypoints (N, K, 3) float32, with gradient.
+
+        For cnn-vrnn the 'keypoints' are the feature vector reshaped to (K, 3).
+        """
+        if self.detector is not None:
+            cfg = self.config
+            return maps_to_keypoints(self.detector(images), cfg.heatmap, cfg.heatmap_logit_scale)  # S1-S3
+        assert self.encoder is not None
+        return self.encoder(images).view(images.shape[0], self.config.num_keypoints, 3)
+
+    def amplitude(self, keypoints: Tensor, mix: Tensor | float | None = None) -> Tensor:
+        """Amplitude of each keypoint's Gaussian map: mix * mu + (1 - mix), (..., K, 3) -> (..., K)."""
+        mix = self.amplitude_mix if mix is None else mix
+        mu = keypoints[..., 2].float()
+        return mix * mu + (1.0 - mix)
+
+    def keypoint_maps(self, keypoints: Tensor, mix: Tensor | float | None = None) -> Tensor:
+        """(N, K, 3) -> the reconstructor's per-keypoint input maps (N, K, S', S')."""
+        if self.feature_maps is not None:
+            return self.feature_maps(keypoints.flatten(1).float())
+        cfg = self.config
+        return keypoints_to_maps(keypoints, cfg.heatmap_size, cfg.keypoint_sigma, self.amplitude(keypoints, mix))
+
+    def reconstruct(
+        self, keypoints: Tensor, first_images: Tensor, first_keypoints: Tensor, mix: Tensor | float | None = None
+    ) -> Tensor:
+        """v^_t = v_1 + phi_rec([maps(x_t), maps(x_1), appearance(v_1)]) (S5).
+
+        keypoints (B, T, K, 3), first_images (B, 3, H, W) float, first_keypoints (B, K, 3) -> (B*T, 3, H, W).
+        """
+        batch, steps = keypoints.shape[:2]
+        appearance = self.appearance(first_images)  # (B, C, S', S')
+        first_maps = self.keypoint_maps(first_keypoints, mix)  # (B, K, S', S')
+
+        def per_frame(x: Tensor) -> Tensor:  # (B, ...) -> (B*T, ...), repeated over time
+            return x[:, None].expand(batch, steps, *x.shape[1:]).reshape(batch * steps, *x.shape[1:])
+
+        maps = self.keypoint_maps(keypoints.flatten(0, 1), mix)  # (B*T, K, S', S')
+        change = self.reconstructor(maps, per_frame(first_maps), per_frame(appearance))
+        return per_frame(first_images) + change  # (B*T, 3, H, W)
+
+    @torch.no_grad()
+    def detect(self, frames: Tensor) -> Tensor:
+        """uint8 frames (B, T, 64, 64, 3) -> detected keypoints (B, T, K, 3) float32, no gradient."""
+        batch, steps = frames.shape[:2]
+        return self.encode(frames_to_images(frames)).view(batch, steps, self.config.num_keypoints, 3)
+
+    def decode(self, keypoints: Tensor, first_frame: Tensor, first_keypoints: Tensor) -> Tensor:
+        """Frames from keypoints: keypoints (B, T, K, 3), first_frame uint8 (B, 64, 64, 3), first_keypoints
+        (B, K, 3) (usually detected in first_frame) -> float (B, T, 3, 64, 64), clipped to [-0.5, 0.5]."""
+        batch, steps = keypoints.shape[:2]
+        images = self.reconstruct(keypoints, frames_to_images(first_frame), first_keypoints)
+        return images.float().clamp(-0.5, 0.5).reshape(batch, steps, *images.shape[1:])
+
+    # ---- losses ---------------------------------------------------------------------------------------------
+    def _vision(self, frames: Tensor, schedule: Schedule | None, num_observed: int | None) -> VisionOutput:
+        cfg = self.config
+        batch, steps = frames.shape[:2]
+        mix: Tensor | float = self.amplitude_mix
+        if schedule is not None and schedule.amplitude_mix is not None:
+            self.amplitude_mix.fill_(float(schedule.amplitude_mix))  # remembered for decoding (see Schedule)
+            mix = float(schedule.amplitude_mix)
+        images = frames_to_images(frames)  # (B*T, 3, H, W)
+        keypoints = self.encode(images).view(batch, steps, cfg.num_keypoints, 3)  # (B, T, K, 3)
+        first_images = images.view(batch, steps, *images.shape[1:])[:, 0]  # (B, 3, H, W)
+        reconstruction = self.reconstruct(keypoints, first_images, keypoints[:, 0], mix)
+        zero = images.new_zeros(())
+        image = image_loss(reconstruction, images)
+        if cfg.structured:
+            observed = keypoints[:, : (steps if num_observed is None else num_observed)]
+            separation = separation_loss(observed[..., :2], cfg.separation_sigma) if observed.shape[1] else zero
+            sparsity = sparsity_loss(keypoints[..., 2])
+        else:
+            separation = sparsity = zero
+        # L_sparse acts on the maps' amplitudes: with fixed amplitude (mix 0) mu is not drawn, nothing to prune.
+        sparsity_scale = (1.0 if schedule is None else schedule.sparsity_scale) * mix
+        total = image + cfg.separation_weight * separation + cfg.sparsity_weight * sparsity_scale * sparsity
+        losses = Losses(total, image, separation, sparsity, zero, zero, zero)
+        return VisionOutput(keypoints, self.amplitude(keypoints, mix), losses)
+
+    @torch.no_grad()
+    def diagnose(self, keypoints: Tensor, amplitude: Tensor | None = None) -> Diagnostics:
+        """Collapse diagnostics of keypoints (B, T, K, 3) (see ``Diagnostics``); one device sync."""
+        points = keypoints.flatten(0, -3).float()  # (N, K, 3)
+        mix = float(self.amplitude_mix)
+        if not self.config.structured:
+            spread = points.flatten(1).std(0, unbiased=False).mean()
+            return Diagnostics(0.0, 0.0, float(spread), mix)
+        amplitude = self.amplitude(points) if amplitude is None else amplitude.flatten(0, -2).float()  # (N, K)
+        spread = points[..., :2].var(0, unbiased=False).sum(-1).sqrt()  # (K,)
+        drawn = amplitude.mean(0)  # (K,)
+        half_pixel = 0.5 * pixels_to_units(1.0, self.config.heatmap_size)
+        active = (drawn >= 0.1 * drawn.max()) & (spread >= half_pixel)
+        mean_mu, num_active, mean_spread = torch.stack([points[..., 2].mean(), active.sum().float(), spread.mean()]).tolist()
+        return Diagnostics(mean_mu, num_active, mean_spread, mix)
+
+    def vision_losses(
+        self, frames: Tensor, schedule: Schedule | None = None, num_observed: int | None = None
+    ) -> tuple[Losses, Diagnostics]:
+        """L_image + lambda_sep L_sep + lambda_sparse L_sparse on uint8 frames (B, T, 64, 64, 3), T >= 1.
+
+        L_sep uses the first ``num_observed`` frames (all if None).
+        """
+        out = self._vision(frames, schedule, num_observed)
+        return out.losses, self.diagnose(out.keypoints, out.amplitude)
+
+    def dynamics_losses(
+        self,
+        keypoints: Tensor,
+        actions: Tensor,
+        num_observed: int,
+        schedule: Schedule,
+        generator: torch.Generator | None = None,
+    ) -> Losses:
+        """L_VRNN + L_future on detected keypoints (B, T, K, 3) (no gradient reaches them) and actions (B, T, 6).
+
+        The first ``num_observed`` frames use the posterior (keypoint error + beta * kl_scale * KL), the rest
+        the prior (L_future); best of ``config.best_of`` samples against the detected keypoints (eq. 8).
+        """
+        cfg = self.config
+        targets = self.normalizer.normalize(keypoints.detach().flatten(2))  # (B, T, F), stop-gradient
+        unroll = self.dynamics.unroll(
+            previous_actions(actions),
+            targets,
+            num_observed=num_observed,
+            num_samples=cfg.best_of,
+            teacher_forcing=(schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted),
+            generator=generator,
+        )
+        n = num_observed
+        keypoint = keypoint_loss(unroll.keypoints[:, :n], targets[:, :n])
+        future = keypoint_loss(unroll.keypoints[:, n:], targets[:, n:])
+        kl = unroll.kl.mean() if unroll.kl.numel() else keypoint.new_zeros(())
+        total = keypoint + cfg.kl_weight * schedule.kl_scale * kl + future
+        zero = keypoint.new_zeros(())
+        return Losses(total, zero, zero, zero, keypoint, kl, future)
+
+    def joint_losses(
+        self,
+        frames: Tensor,
+        actions: Tensor,
+        num_observed: int,
+        schedule: Schedule,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Losses, Diagnostics]:
+        """The whole objective on uint8 frames (B, T, 64, 64, 3) and actions (B, T, 6) (section 4)."""
+        vision = self._vision(frames, schedule, num_observed)
+        dynamics = self.dynamics_losses(vision.keypoints, actions, num_observed, schedule, generator)
+        v, d = vision.losses, dynamics
+        losses = Losses(v.total + d.total, v.image, v.separation, v.sparsity, d.keypoint, d.kl, d.future)
+        return losses, self.diagnose(vision.keypoints, vision.amplitude)
+
+    def conv_weight_l2(self) -> Tensor:
+        """Sum of squared conv kernels (S1.2's L2 weight decay; the trainer adds conv_weight_decay * this)."""
+        kernels = [m.weight for m in self.modules() if isinstance(m, nn.Conv2d)]
+        return torch.stack([w.float().square().sum() for w in kernels]).sum()
+
+    # ---- dynamics API ---------------------------------------------------------------------------------------
+    def fit_keypoint_normalization(self, keypoints: Tensor, std_floor: float | None = None) -> None:
+        """Set the dynamics' per-feature normalisation from keypoints (N, T, K, 3) of N sequences (T >= 2):
+        mean over all frames, within-sequence std floored at ``config.keypoint_std_floor``."""
+        self.normalizer.fit(keypoints, std_floor)
+
+    def _state(self, carry: Carry) -> DynamicsState:
+        k = self.config.num_keypoints
+        points = self.normalizer.denormalize(carry.keypoints).view(-1, k, 3)
+        return DynamicsState(carry.hidden, points, carry.latent)
+
+    def _rollout(self, unroll: Unroll) -> Rollout:
+        batch, steps = unroll.keypoints.shape[:2]
+        points = self.normalizer.denormalize(unroll.keypoints).view(batch, steps, self.config.num_keypoints, 3)
+        return Rollout(points, unroll.hidden, self._state(unroll.final))
+
+    def initial_state(self, batch_size: int) -> DynamicsState:
+        """The zero state; ``imagine`` from it is not the start of a sequence (use ``observe`` for that)."""
+        device = self.amplitude_mix.device
+        return self._state(self.dynamics.initial_carry(batch_size, device))
+
+    def observe(
+        self,
+        keypoints: Tensor,
+        actions: Tensor,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Filter detected keypoints (B, T, K, 3) with the posterior; actions (B, T, 6), actions[:, t] applied
+        at frame t (the last one is unused: it leads past the sequence; pass it to ``imagine``).
+
+        Each frame's z is the best of ``num_samples`` (default ``config.best_of``) posterior samples against
+        the detected keypoints, and the RNN is fed its own decoded keypoints (as at the end of training).
+        """
+        targets = self.normalizer.normalize(keypoints.flatten(2))
+        unroll = self.dynamics.unroll(
+            previous_actions(actions),
+            targets,
+            num_observed=keypoints.shape[1],
+            num_samples=self.config.best_of if num_samples is None else num_samples,
+            generator=generator,
+        )
+        return self._rollout(unroll)
+
+    def imagine(
+        self,
+        state: DynamicsState,
+        actions: Tensor,
+        targets: Tensor | None = None,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Open-loop prediction with prior samples from ``state``; actions (B, T, 6), actions[:, 0] applied at
+        the frame of ``state``; returns the T frames that follow it.
+
+        With ``targets`` (B, T, K, 3) (keypoints detected in the true future frames, for evaluation) each
+        step keeps the best of ``num_samples`` (default ``config.best_of``) prior samples; without, the first.
+        """
+        carry = Carry(state.hidden, self.normalizer.normalize(state.keypoints.flatten(1)), state.latent)
+        normalized = None if targets is None else self.normalizer.normalize(targets.flatten(2))
+        unroll = self.dynamics.unroll(
+            actions,
+            normalized,
+            initial=carry,
+            num_samples=self.config.best_of if num_samples is None else num_samples,
+            generator=generator,
+        )
+        return self._rollout(unroll)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        frames: Tensor,
+        actions: Tensor,
+        num_observed: int,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        """Evaluation helper: observe frames[:, :num_observed] (posterior), predict the rest with the prior
+        (best of ``num_samples`` against the detected keypoints, the paper's best-of-N evaluation; 1 = a
+        plain sample), decode every frame. frames uint8 (B, T, 64, 64, 3), actions (B, T, 6)."""
+        detected = self.detect(frames)  # (B, T, K, 3)
+        observed = self.observe(detected[:, :num_observed], actions[:, :num_observed], num_samples, generator)
+        steps = frames.shape[1]
+        if num_observed < steps:
+            future = self.imagine(
+                observed.final, actions[:, num_observed - 1 : steps - 1], detected[:, num_observed:],
+                num_samples, generator,
+            )
+            keypoints = torch.cat([observed.keypoints, future.keypoints], dim=1)
+            hidden = torch.cat([observed.hidden, future.hidden], dim=1)
+        else:
+            keypoints, hidden = observed.keypoints, observed.hidden
+        images = self.decode(keypoints, frames[:, 0], detected[:, 0])
+        return Prediction(images, keypoints, detected, hidden)

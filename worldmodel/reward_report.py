@@ -1,0 +1,120 @@
+"""Reports of the reward experiment: normalized MSE per task, per frame, observed vs predicted (Figure 8).
+
+A result is, for one task and one input (a world model's hidden states or a control), the per-frame
+MSE of the reward predictor divided by the null model's per-frame MSE, one row per fold. Frame 0 has
+no target (NaN); frames 1 .. num_observed-1 are observed, the rest predicted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from worldmodel.checkpoint import atomic_write, atomic_write_text
+
+
+class InputResult(NamedTuple):
+    normalized_mse: np.ndarray  # (folds, L) per-frame MSE / null-model MSE; NaN at frame 0
+    observed_mean: float
+    observed_std: float  # spread over folds
+    predicted_mean: float
+    predicted_std: float
+
+
+def summarize(normalized_mse: np.ndarray, num_observed: int) -> InputResult:
+    """Mean and fold-to-fold spread of the normalized MSE over observed and predicted frames."""
+    observed = np.nanmean(normalized_mse[:, 1:num_observed], axis=1)  # (folds,)
+    predicted = np.nanmean(normalized_mse[:, num_observed:], axis=1)
+    return InputResult(
+        normalized_mse,
+        float(observed.mean()),
+        float(observed.std()),
+        float(predicted.mean()),
+        float(predicted.std()),
+    )
+
+
+Results = dict[str, dict[str, InputResult]]  # task -> input label -> result
+
+
+def write_json(path: Path, results: Results, meta: dict) -> None:
+    payload = {
+        "meta": meta,
+        "tasks": {
+            task: {
+                label: {
+                    "observed": r.observed_mean,
+                    "observed_std": r.observed_std,
+                    "predicted": r.predicted_mean,
+                    "predicted_std": r.predicted_std,
+                    "per_frame_mean": _nan_to_none(np.nanmean(r.normalized_mse, 0) if len(r.normalized_mse) else []),
+                    "per_frame_folds": [_nan_to_none(row) for row in r.normalized_mse],
+                }
+                for label, r in by_input.items()
+            }
+            for task, by_input in results.items()
+        },
+    }
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def markdown_table(results: Results) -> str:
+    """One row per task, one column pair (observed / predicted) per input, and the mean over tasks."""
+    labels = list(dict.fromkeys(label for by_input in results.values() for label in by_input))
+    header = "| task | " + " | ".join(f"{label} obs. | {label} pred." for label in labels) + " |"
+    rule = "|---|" + "---|---|" * len(labels)
+    lines = [header, rule]
+    for task, by_input in results.items():
+        cells = []
+        for label in labels:
+            r = by_input.get(label)
+            cells += (
+                [f"{r.observed_mean:.2f} ± {r.observed_std:.2f}", f"{r.predicted_mean:.2f} ± {r.predicted_std:.2f}"]
+                if r
+                else ["", ""]
+            )
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    means = []
+    for label in labels:
+        rs = [by_input[label] for by_input in results.values() if label in by_input]
+        means += [f"{np.mean([r.observed_mean for r in rs]):.2f}", f"{np.mean([r.predicted_mean for r in rs]):.2f}"]
+    lines.append("| **mean** | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_figure8(path: Path, results: Results, num_observed: int) -> None:
+    """Normalized MSE over time, one panel per task, one line per input; the context boundary dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    columns = min(3, len(tasks))
+    rows = int(np.ceil(len(tasks) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for axis, task in zip(axes.flat, tasks):
+        for label, r in results[task].items():
+            frames = np.arange(r.normalized_mse.shape[1])
+            mean = np.nanmean(r.normalized_mse, 0)
+            spread = np.nanstd(r.normalized_mse, 0)
+            line, = axis.plot(frames[1:], mean[1:], label=label)
+            axis.fill_between(frames[1:], (mean - spread)[1:], (mean + spread)[1:], color=line.get_color(), alpha=0.2)
+        axis.axvline(num_observed - 0.5, color="gray", linestyle="--", linewidth=1)
+        axis.axhline(1.0, color="black", linewidth=0.5)
+        axis.set_title(task)
+        axis.set_xlabel("frame (observed | predicted)")
+        axis.set_ylabel("MSE / null-model MSE")
+    for axis in list(axes.flat)[len(tasks):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110))
+    plt.close(figure)
+
+
+def _nan_to_none(values) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=float)]

@@ -1,0 +1,652 @@
+"""Training of the world model (SPEC section 4): run config and profiles, schedules, optimizer, step
+functions, resumable sampling and the keypoint cache of staged training.
+
+``train/world_model.py`` is the script; this module holds what it is built from, so tests and the
+benchmark can use the same pieces.
+
+Schedules (S1.2, S1.3), all expressed as fractions of a stage's steps so that short runs keep the
+paper's shape (the paper's 25k / 30k of 1e5 steps):
+
+* KL scale: 0 -> 1 linearly over the first ``kl_warmup_fraction`` (0.25) of the dynamics' steps.
+* Scheduled sampling: the probability of feeding the RNN the *model's* keypoints instead of the detected
+  ones ramps linearly from 0 to ``sampling_final_observed`` (1.0) on observed steps and
+  ``sampling_final_predicted`` (0.5) on predicted steps over the dynamics' steps; the model's Schedule
+  takes the complement (teacher forcing).
+* Learning rate: ``learning_rate`` halved every ``lr_halving_fraction`` (0.3) of the stage's steps.
+
+Joint training uses the joint steps for all three; staged training restarts them per stage (the vision
+stage has no KL or sampling; the dynamics stage starts with a fresh optimizer).
+
+Optimizer: Adam(0.9, 0.999), the L2 penalty ``ModelConfig.conv_weight_decay * model.conv_weight_l2()``
+added to the loss (Keras' kernel_regularizer, what the paper used, so it is clipped with the rest),
+gradient clipping to global norm 10 (the original code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from worldmodel.config import ModelConfig, Variant
+from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
+
+Profile = Literal["paper", "cpu", "smoke"]
+PROFILES: tuple[Profile, ...] = ("paper", "cpu", "smoke")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Mode = Literal["joint", "staged"]
+Stage = Literal["joint", "vision", "keypoints", "dynamics", "done"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run configuration
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train one action-conditional Struct-VRNN on the data of all six DMC tasks.
+
+    A profile (--profile paper|cpu|smoke) supplies the defaults; any option given on the command line
+    overrides the profile's value. Model sizes and loss weights are the --net.* options.
+    """
+
+    profile: Profile = "paper"
+    """Defaults: 'paper' (Table S1 sizes, 1e5 joint steps, for a GPU), 'cpu' (staged training that gives a useful model on 2 CPU cores in well under an hour) or 'smoke' (seconds, for tests)."""
+    data: Path = Path("data/dmcs")
+    """Dataset folder written by collect/dmcs.py (<task>_<split>.h5 files)."""
+    out: Path = Path("runs/world_model")
+    """Run directory: checkpoint.pt, metrics.jsonl, tensorboard/, keypoint cache, pictures, summary.json."""
+    model: Variant = "struct-vrnn"
+    """Model variant: struct-vrnn, struct-vrnn-nobom (one sample), struct-rnn (deterministic) or cnn-vrnn (unstructured features). It sets --net.variant, which is not to be given separately."""
+    tasks: str = "all"
+    """Comma-separated tasks to train on, or 'all' (the six)."""
+    seed: int = 1
+    """Seed of every random choice: initialisation, window order, latent samples, evaluation windows."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    precision: Precision = "auto"
+    """Autocast dtype of the convs: 'auto' is bf16 on CPU and on CUDA GPUs with bf16, else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
+    channels_last: bool = True
+    """Keep conv weights and activations in channels_last memory format (faster convs on CPU and GPU)."""
+    resume: bool = False
+    """Continue the run in --out from its checkpoint (same config required)."""
+    mode: Mode = "joint"
+    """'joint': detector, reconstructor and dynamics train together, as the paper. 'staged': (1) detector + reconstructor on frames, (2) keypoints detected once for the whole dataset and cached in the run directory, (3) the dynamics on cached keypoints. No gradient crosses from the dynamics to the detector in either mode, so both optimise the same losses."""
+    steps: int = 100_000
+    """Optimizer steps of joint training (--mode joint)."""
+    vision_steps: int = 2_000
+    """Optimizer steps of the vision stage (--mode staged)."""
+    dynamics_steps: int = 5_000
+    """Optimizer steps of the dynamics stage (--mode staged)."""
+    batch_size: int = 32
+    """Sequences per optimizer step of the joint and dynamics training, over all processes."""
+    vision_batch_size: int = 32
+    """Sequences per optimizer step of the vision stage, over all processes."""
+    vision_window: int = 16
+    """Frames per sequence in the vision stage (the separation loss uses the first --num-observed)."""
+    num_observed: int = 8
+    """Observed steps per training window (posterior)."""
+    num_predicted: int = 8
+    """Predicted steps per training window (prior, open loop)."""
+    learning_rate: float = 1e-3
+    """Initial Adam learning rate."""
+    lr_halving_fraction: float = 0.3
+    """The learning rate halves every this fraction of a stage's steps (the paper: every 30k of 1e5)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1, beta2."""
+    grad_clip_norm: float = 10.0
+    """Clip the gradient to this global L2 norm (the original code's 10); <= 0 disables clipping."""
+    kl_warmup_fraction: float = 0.25
+    """The KL scale ramps 0 -> 1 over this fraction of the dynamics' steps (the paper: 25k of 1e5)."""
+    sampling_final_observed: float = 1.0
+    """Final probability of feeding the RNN its own keypoints on observed steps (scheduled sampling)."""
+    sampling_final_predicted: float = 0.5
+    """Final probability of feeding the RNN its own keypoints on predicted steps."""
+    amplitude_mix_final: float | None = None
+    """If set, ramp the Gaussian maps' amplitude mix (0: fixed amplitude, 1: scaled by mu) from --net.initial-amplitude-mix to this value over --amplitude-ramp of the vision training; None keeps it."""
+    amplitude_ramp: tuple[float, float] = (0.5, 0.9)
+    """Start and end of the amplitude-mix ramp, as fractions of the vision (or joint) steps."""
+    sparsity_warmup_fraction: float = 0.0
+    """The sparsity weight ramps 0 -> 1 over this fraction of the vision (or joint) steps; 0 = from the start."""
+    normalize_keypoints: bool = True
+    """Staged mode: fit the dynamics' per-feature keypoint normalisation on the cached training keypoints (SPEC 8). Joint mode never does (the detector moves; the paper has no normalisation)."""
+    num_workers: int = 1
+    """DataLoader worker processes per training process (frames are read and decompressed there)."""
+    log_every: int = 10
+    """Log losses and collapse diagnostics every this many steps."""
+    eval_every: int = 5_000
+    """Evaluate on the test split every this many steps of a stage (and always at the end)."""
+    eval_windows: int = 64
+    """Test windows of the evaluation (fixed by the seed)."""
+    eval_samples: int = 10
+    """Predictions sampled per test window; the best one is scored (best of N)."""
+    eval_batch_size: int = 32
+    """Windows per evaluation batch."""
+    checkpoint_every: int = 1_000
+    """Write the checkpoint every this many steps of a stage (and at every stage's end)."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+    halt_after: int | None = None
+    """Stop after this many optimizer steps in this invocation, writing a checkpoint; continue later with --resume (time-sliced or preemptible jobs). None trains to the end."""
+    net: ModelConfig = field(default_factory=ModelConfig)
+    """Model hyperparameters (worldmodel.config.ModelConfig)."""
+
+    @property
+    def window(self) -> int:
+        """Frames per training window of the joint and dynamics training."""
+        return self.num_observed + self.num_predicted
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The network's config with --model applied."""
+        return dataclasses.replace(self.net, variant=self.model)
+
+
+def profile_config(profile: Profile) -> TrainConfig:
+    """The defaults of a profile (see the three functions below for their reasons)."""
+    factories = {"paper": paper_profile, "cpu": cpu_profile, "smoke": smoke_profile}
+    if profile not in factories:
+        raise ValueError(f"unknown profile {profile!r}: choose from {', '.join(PROFILES)}")
+    return factories[profile]()
+
+
+def paper_profile() -> TrainConfig:
+    """Table S1 (DMCS column) and S1.2: K 64, 32-64-128 filters with 1 extra conv per scale, z 128, GRU 512,
+    prior 16, posterior 128, best of 50, beta 3e-3; 1e5 joint steps of batch 32 (8 + 8 steps), as the
+    paper trained it (~12 h on a P100). Meant for a GPU."""
+    return TrainConfig(profile="paper", mode="joint", steps=100_000, num_workers=4, net=ModelConfig.paper())
+
+
+def cpu_profile() -> TrainConfig:
+    """A useful model on 2 CPU cores in well under an hour, architecture intact, trained in stages.
+
+    Reduced (and why): K 32 (not 64) and 16-32-64 filters (not 32-64-128), ~4x less conv work, the
+    vision stage being ~all of the cost on CPU; the softmax x10 detector with fixed Gaussian amplitude
+    (ModelConfig.cpu: what avoided keypoint collapse in the CPU prototype, SPEC 8); z 32 (not 128), GRU
+    256 (not 512), best of 10 (not 50): the dynamics stage stays a few minutes. The vision stage sees
+    16 sequences of 8 frames per step (a 128-frame batch, a quarter of the paper's 512), 1500 steps;
+    the dynamics stage 32 windows of 8 + 8 steps, 3000 steps. Everything else (losses, weights, schedule
+    shapes, Adam, clipping, 8 + 8 windows) as the paper; the schedules scale with the stage's steps.
+    """
+    return TrainConfig(
+        profile="cpu",
+        mode="staged",
+        vision_steps=1_500,
+        dynamics_steps=3_000,
+        vision_batch_size=16,
+        vision_window=8,
+        eval_every=1_000,
+        eval_windows=64,
+        eval_samples=10,
+        checkpoint_every=250,
+        net=ModelConfig.cpu(),
+    )
+
+
+def smoke_profile() -> TrainConfig:
+    """Seconds, for tests: the tiny ModelConfig.smoke network, staged, a handful of steps of small batches."""
+    return TrainConfig(
+        profile="smoke",
+        mode="staged",
+        steps=6,
+        vision_steps=6,
+        dynamics_steps=6,
+        batch_size=4,
+        vision_batch_size=4,
+        vision_window=4,
+        num_workers=0,
+        log_every=2,
+        eval_every=4,
+        eval_windows=4,
+        eval_samples=3,
+        eval_batch_size=4,
+        checkpoint_every=4,
+        progress=False,
+        net=ModelConfig.smoke(),
+    )
+
+
+# Options that may differ between a run and its --resume without changing what is computed.
+RESUME_FREE_FIELDS = frozenset({"resume", "device", "num_workers", "progress", "data", "out", "halt_after"})
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain-dict form of a TrainConfig (paths as strings, tuples as lists): JSON- and weights_only-safe."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Names of the options whose values differ from a checkpoint's, ignoring RESUME_FREE_FIELDS."""
+    now = config_to_dict(current)
+    names = (set(saved) | set(now)) - RESUME_FREE_FIELDS
+    return sorted(name for name in names if saved.get(name) != now.get(name))
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError with a one-line reason for a config that cannot run."""
+    positive = (
+        "steps", "vision_steps", "dynamics_steps", "batch_size", "vision_batch_size", "vision_window",
+        "num_observed", "num_predicted", "log_every", "eval_every", "eval_windows", "eval_samples",
+        "eval_batch_size", "checkpoint_every",
+    )  # fmt: skip
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.halt_after is not None and config.halt_after < 1:
+        raise ValueError(f"--halt-after must be positive, got {config.halt_after}")
+    if config.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {config.num_workers}")
+    if not 0.0 < config.lr_halving_fraction:
+        raise ValueError("--lr-halving-fraction must be positive")
+    for name in ("kl_warmup_fraction", "sampling_final_observed", "sampling_final_predicted",
+                 "sparsity_warmup_fraction"):  # fmt: skip
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
+    start, end = config.amplitude_ramp
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"--amplitude-ramp must satisfy 0 <= start <= end <= 1, got {config.amplitude_ramp}")
+    if config.amplitude_mix_final is not None and not 0.0 <= config.amplitude_mix_final <= 1.0:
+        raise ValueError("--amplitude-mix-final must be in [0, 1]")
+    if config.net.variant != config.model and config.net.variant != ModelConfig().variant:
+        raise ValueError(f"give the variant with --model, not --net.variant ({config.net.variant})")
+    config.model_config  # runs ModelConfig's own checks with the variant applied
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+def ramp(step: int, start: float, end: float) -> float:
+    """0 before ``start``, 1 from ``end`` on, linear between (steps as floats)."""
+    if end <= start:
+        return 1.0 if step >= start else 0.0
+    return min(1.0, max(0.0, (step - start) / (end - start)))
+
+
+def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """``learning_rate * 0.5 ** (step // halving_interval)``, interval = lr_halving_fraction * total_steps."""
+    interval = max(1, round(config.lr_halving_fraction * total_steps))
+    return config.learning_rate * 0.5 ** (step // interval)
+
+
+def kl_scale_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    return ramp(step, 0.0, config.kl_warmup_fraction * total_steps)
+
+
+def teacher_forcing_at(step: int, total_steps: int, config: TrainConfig) -> tuple[float, float]:
+    """(observed, predicted) probability of feeding detected keypoints: 1 at step 0, then down linearly to
+    1 - sampling_final_* at the last step."""
+    progress = ramp(step, 0.0, float(total_steps))
+    return (
+        1.0 - config.sampling_final_observed * progress,
+        1.0 - config.sampling_final_predicted * progress,
+    )
+
+
+def vision_schedule_fields(step: int, total_steps: int, config: TrainConfig) -> tuple[float | None, float]:
+    """(amplitude_mix, sparsity_scale) of the vision side at ``step``."""
+    mix: float | None = None
+    if config.amplitude_mix_final is not None:
+        start, end = (fraction * total_steps for fraction in config.amplitude_ramp)
+        initial = config.net.initial_amplitude_mix
+        mix = initial + (config.amplitude_mix_final - initial) * ramp(step, start, end)
+    sparsity = ramp(step, 0.0, config.sparsity_warmup_fraction * total_steps)
+    return mix, sparsity
+
+
+def schedule_at(step: int, total_steps: int, config: TrainConfig, stage: Stage) -> Schedule:
+    """The model's Schedule at ``step`` of a stage of ``total_steps`` steps.
+
+    'joint' schedules everything over the joint steps; 'vision' only the vision fields (no dynamics run);
+    'dynamics' only the dynamics fields (no vision runs).
+    """
+    if stage == "vision":
+        mix, sparsity = vision_schedule_fields(step, total_steps, config)
+        return Schedule(kl_scale=0.0, teacher_forcing_observed=1.0, teacher_forcing_predicted=1.0,
+                        amplitude_mix=mix, sparsity_scale=sparsity)  # fmt: skip
+    observed, predicted = teacher_forcing_at(step, total_steps, config)
+    kl = kl_scale_at(step, total_steps, config)
+    if stage == "dynamics":
+        return Schedule(kl, observed, predicted, amplitude_mix=None, sparsity_scale=1.0)
+    mix, sparsity = vision_schedule_fields(step, total_steps, config)
+    return Schedule(kl, observed, predicted, amplitude_mix=mix, sparsity_scale=sparsity)
+
+
+def stage_steps(config: TrainConfig, stage: Stage) -> int:
+    return {"joint": config.steps, "vision": config.vision_steps, "dynamics": config.dynamics_steps}[stage]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters, optimizer, precision
+# ----------------------------------------------------------------------------------------------
+def vision_modules(model: WorldModel) -> list[nn.Module]:
+    """The pixel side: detector (or CNN encoder + feature maps), appearance net, reconstructor."""
+    parts = [model.detector, model.encoder, model.feature_maps, model.appearance, model.reconstructor]
+    return [part for part in parts if part is not None]
+
+
+def stage_parameters(model: WorldModel, stage: Stage) -> list[nn.Parameter]:
+    """The parameters a stage trains: vision, dynamics, or all (joint)."""
+    if stage == "vision":
+        return [p for module in vision_modules(model) for p in module.parameters()]
+    if stage == "dynamics":
+        return list(model.dynamics.parameters())
+    return list(model.parameters())
+
+
+def freeze_for_stage(model: WorldModel, stage: Stage) -> list[nn.Parameter]:
+    """requires_grad only on the stage's parameters (so DDP syncs exactly those); returns them."""
+    trained = stage_parameters(model, stage)
+    trained_ids = {id(p) for p in trained}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in trained_ids)
+    return trained
+
+
+def make_optimizer(parameters: Sequence[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam with the paper's betas; the L2 on conv kernels is a loss term (see module docstring)."""
+    fused = device.type == "cuda"  # one kernel for all parameters on GPU
+    return torch.optim.Adam(
+        list(parameters), lr=config.learning_rate, betas=tuple(config.adam_betas), fused=fused or None
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16", "fp16"]:
+    if precision == "auto":
+        if device.type == "cpu":
+            return "bf16"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training steps
+# ----------------------------------------------------------------------------------------------
+class Objective(nn.Module):
+    """The losses of one stage as a module's forward, so DistributedDataParallel can wrap it.
+
+    forward(stage, batch, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
+    L2 term (zero in the dynamics stage, which trains no conv).
+    """
+
+    def __init__(self, model: WorldModel, num_observed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_observed = num_observed
+
+    def forward(
+        self, stage: str, frames: Tensor | None, keypoints: Tensor | None, actions: Tensor | None, schedule: Schedule
+    ) -> tuple[Losses, Diagnostics | None, Tensor]:
+        model = self.model
+        if stage == "dynamics":
+            assert keypoints is not None and actions is not None
+            losses = model.dynamics_losses(keypoints, actions, self.num_observed, schedule)
+            return losses, None, losses.total.new_zeros(())
+        assert frames is not None
+        if stage == "vision":
+            observed = min(self.num_observed, frames.shape[1])
+            losses, diagnostics = model.vision_losses(frames, schedule, observed)
+        else:
+            assert actions is not None
+            losses, diagnostics = model.joint_losses(frames, actions, self.num_observed, schedule)
+        penalty = model.config.conv_weight_decay * model.conv_weight_l2()
+        return losses, diagnostics, penalty
+
+
+class StepOutput(NamedTuple):
+    losses: Losses  # detached scalars
+    diagnostics: Diagnostics | None
+    grad_norm: Tensor  # global gradient norm before clipping (scalar tensor)
+    penalty: Tensor  # the L2 term added to the loss
+
+
+def train_step(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    parameters: Sequence[nn.Parameter],
+    stage: Stage,
+    schedule: Schedule,
+    config: TrainConfig,
+    precision: str,
+    device: torch.device,
+    frames: Tensor | None = None,
+    keypoints: Tensor | None = None,
+    actions: Tensor | None = None,
+) -> StepOutput:
+    """One optimizer step: forward under autocast, backward, unscale, clip, step.
+
+    ``objective`` is an Objective or a DistributedDataParallel around one.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        losses, diagnostics, penalty = objective(stage, frames, keypoints, actions, schedule)
+    loss = losses.total.float() + penalty.float()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if config.grad_clip_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
+    detached = Losses(*(term.detach() for term in losses))
+    return StepOutput(detached, diagnostics, grad_norm.detach(), penalty.detach())
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable, seeded sampling
+# ----------------------------------------------------------------------------------------------
+class ResumableBatchSampler:
+    """Infinite batches of item indices, a pure function of (seed, step): resuming at a step replays the
+    exact stream an uninterrupted run would have drawn.
+
+    The global stream is the concatenation of seeded random permutations of all items (epoch e uses
+    seed + e). Step s takes the next ``global_batch`` indices; rank r of W keeps positions
+    r*B/W .. (r+1)*B/W of it (so the union over ranks is the single-process batch). Works as a
+    DataLoader ``batch_sampler``.
+    """
+
+    def __init__(
+        self, num_items: int, global_batch: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if num_items < 1:
+            raise ValueError("no training windows: episodes shorter than the window?")
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+
+    def batch_at(self, step: int) -> list[int]:
+        """This rank's indices of global batch ``step``."""
+        per_rank = self.global_batch // self.world_size
+        first = step * self.global_batch + self.rank * per_rank
+        indices: list[int] = []
+        while len(indices) < per_rank:
+            epoch, offset = divmod(first + len(indices), self.num_items)
+            take = min(per_rank - len(indices), self.num_items - offset)
+            indices.extend(int(i) for i in self._permutation(epoch)[offset : offset + take])
+        return indices
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield self.batch_at(step)
+            step += 1
+
+    def __len__(self) -> int:  # DataLoader asks; the stream is endless
+        return 2**62
+
+
+def seeded_loader(
+    dataset: torch.utils.data.Dataset[Any],
+    sampler: ResumableBatchSampler,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool,
+) -> torch.utils.data.DataLoader[Any]:
+    """A DataLoader over a resumable batch sampler. Its own generator keeps it off the global RNG (whose
+    state the checkpoint restores), so creating it does not shift the model's random draws."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Keypoint cache (staged training)
+# ----------------------------------------------------------------------------------------------
+KEYPOINT_CACHE_FILE = "keypoints.pt"
+
+
+class KeypointSplit(NamedTuple):
+    """Detected keypoints of every frame of one split, episodes concatenated along the first axis."""
+
+    keypoints: Tensor  # (N, K, 3) float32
+    actions: Tensor  # (N, 6) float32, actions[i] applied at frame i
+    episode_starts: Tensor  # (E,) int64, first row of each episode
+    episode_lengths: Tensor  # (E,) int64, frames per episode (T: the final frame, which no window uses, is left out)
+    task_ids: Tensor  # (E,) int64
+
+    def window_starts(self, length: int) -> Tensor:
+        """Flat row of the first frame of every window of ``length`` frames inside one episode."""
+        starts = [
+            torch.arange(int(first), int(first) + int(size) - length + 1)
+            for first, size in zip(self.episode_starts, self.episode_lengths)
+            if size >= length
+        ]
+        return torch.cat(starts) if starts else torch.zeros(0, dtype=torch.int64)
+
+    def windows(self, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Gather windows: starts (B,) -> keypoints (B, L, K, 3), actions (B, L, 6)."""
+        rows = starts[:, None] + torch.arange(length)
+        return self.keypoints[rows], self.actions[rows]
+
+    def sequences(self, length: int) -> Tensor:
+        """Non-overlapping chunks of ``length`` frames of every episode: (N, length, K, 3), for the
+        dynamics' normalisation (within-sequence statistics)."""
+        chunks = [
+            self.keypoints[int(first) + offset : int(first) + offset + length]
+            for first, size in zip(self.episode_starts, self.episode_lengths)
+            for offset in range(0, int(size) - length + 1, length)
+        ]
+        return torch.stack(chunks)
+
+
+@torch.no_grad()
+def detect_split(
+    model: WorldModel,
+    root: Path,
+    tasks: Sequence[str],
+    split: str,
+    device: torch.device,
+    precision: str,
+    chunk_frames: int = 256,
+) -> KeypointSplit:
+    """Run the detector over every episode of a split (frames 0..T-1; windows never need frame T)."""
+    from worldmodel import storage
+    from worldmodel.data import WindowDataset
+
+    keypoints, actions, lengths, task_ids = [], [], [], []
+    for task in tasks:
+        steps = storage.read_info(storage.dataset_path(root, task, split)).episode_steps
+        episodes = WindowDataset(root, [task], split, length=steps, stride=steps)  # one window per episode
+        for index in range(len(episodes)):
+            window = episodes[index]
+            frames = window.frames.to(device)
+            parts = []
+            for first in range(0, steps, chunk_frames):
+                with autocast(device, precision):
+                    parts.append(model.detect(frames[None, first : first + chunk_frames])[0].float())
+            keypoints.append(torch.cat(parts).cpu())
+            actions.append(window.actions)
+            lengths.append(steps)
+            task_ids.append(int(window.task_id))
+        episodes.close()
+    lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
+    return KeypointSplit(
+        keypoints=torch.cat(keypoints),
+        actions=torch.cat(actions),
+        episode_starts=torch.cumsum(lengths_tensor, 0) - lengths_tensor,
+        episode_lengths=lengths_tensor,
+        task_ids=torch.tensor(task_ids, dtype=torch.int64),
+    )
+
+
+def save_keypoint_cache(path: Path, splits: dict[str, KeypointSplit], vision_fingerprint: str) -> None:
+    from worldmodel.checkpoint import atomic_torch_save
+
+    payload = {"vision_fingerprint": vision_fingerprint}
+    payload.update({name: split._asdict() for name, split in splits.items()})
+    atomic_torch_save(payload, path)
+
+
+def load_keypoint_cache(path: Path, vision_fingerprint: str) -> dict[str, KeypointSplit] | None:
+    """The cache if it exists and was made by these vision weights, else None."""
+    if not path.is_file():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("vision_fingerprint") != vision_fingerprint:
+        return None
+    return {name: KeypointSplit(**payload[name]) for name in ("train", "test") if name in payload}
+
+
+def vision_fingerprint(model: WorldModel) -> str:
+    """Hash of the vision weights: ties a keypoint cache to the detector that made it."""
+    from worldmodel.fingerprint import model_fingerprint
+
+    return model_fingerprint(nn.ModuleList(vision_modules(model)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+def losses_to_floats(losses: Losses) -> dict[str, float]:
+    """All terms as Python floats (one device sync)."""
+    values = torch.stack([term.float() for term in losses]).tolist()
+    return dict(zip(Losses._fields, values))
+
+
+def is_finite(losses: Losses) -> bool:
+    return all(math.isfinite(value) for value in losses_to_floats(losses).values())
