@@ -128,8 +128,8 @@ def test_contents_replay_through_the_simulator(tiny_dataset: Path, task: str) ->
         for episode in range(TINY[split]):
             seed, action_sequence = episode_seeds(TINY["seed"], task, split, episode)
             assert stored["episode_seeds"][episode] == seed
-            expected_actions = np.random.default_rng(action_sequence).uniform(-1, 1, (TINY["steps"], TASKS[task].action_dim))
-            np.testing.assert_array_equal(stored["actions"][episode], expected_actions.astype(np.float32))
+            uniform = np.random.default_rng(action_sequence).uniform(-1, 1, (TINY["steps"], TASKS[task].action_dim))
+            np.testing.assert_array_equal(stored["actions"][episode], uniform.astype(np.float32))
             frame, state = simulator.reset(seed)
             frames, rewards, states = [frame], [], [state]
             for action in stored["actions"][episode]:
@@ -173,8 +173,9 @@ def test_same_seed_same_data_other_seed_other_data(tiny_dataset: Path, tmp_path:
     options = [*TINY_OPTIONS[:-1], "8"]
     assert run_collector(other, "--domains", "cartpole", "--workers", "1", *options).returncode == 0
     for split in storage.SPLITS:
-        assert_same_dataset(storage.dataset_path(tiny_dataset, "cartpole", split), storage.dataset_path(same, "cartpole", split))
-        with h5py.File(storage.dataset_path(tiny_dataset, "cartpole", split)) as a, h5py.File(storage.dataset_path(other, "cartpole", split)) as b:
+        original = storage.dataset_path(tiny_dataset, "cartpole", split)
+        assert_same_dataset(original, storage.dataset_path(same, "cartpole", split))
+        with h5py.File(original) as a, h5py.File(storage.dataset_path(other, "cartpole", split)) as b:
             assert not set(a["episode_seeds"][...].tolist()) & set(b["episode_seeds"][...].tolist())
             assert not np.array_equal(a["actions"][...], b["actions"][...])
             assert not np.array_equal(a["frames"][:, 0], b["frames"][:, 0])
@@ -182,7 +183,8 @@ def test_same_seed_same_data_other_seed_other_data(tiny_dataset: Path, tmp_path:
 
 def test_preset_and_explicit_options(tmp_path: Path) -> None:
     """--preset quick sets defaults (here its 200-step cap); explicit options win over it."""
-    result = run_collector(tmp_path, "--preset", "quick", "--domains", "cartpole", "--train-episodes", "1", "--test-episodes", "1", "--episode-steps", "12")
+    result = run_collector(tmp_path, "--preset", "quick", "--domains", "cartpole", "--train-episodes", "1",
+                           "--test-episodes", "1", "--episode-steps", "12")
     assert result.returncode == 0, result.stderr
     settings = json.loads(storage.read_info(tmp_path / "cartpole_train.h5").attrs["collection_settings"])
     assert (settings["episodes"], settings["episode_steps"], settings["episode_steps_cap"]) == (1, 12, 12)

@@ -75,7 +75,8 @@ def test_task_ids_follow_the_task_table(tiny_dataset: Path) -> None:
 
 def test_states_padded_to_the_largest_task(tiny_dataset: Path) -> None:
     dataset = WindowDataset(tiny_dataset, ["cartpole", "walker-walk"], "train", 16, states=True)
-    largest = max(storage.read_info(storage.dataset_path(tiny_dataset, t, "train")).state_dim for t in ("cartpole", "walker-walk"))
+    largest = max(storage.read_info(storage.dataset_path(tiny_dataset, task, "train")).state_dim
+                  for task in ("cartpole", "walker-walk"))
     cartpole = file_arrays(tiny_dataset, "cartpole", "train")["states"]
     window = dataset[3]
     assert int(window.task_id) == task_id("cartpole") and window.states.shape == (16, largest)

@@ -16,7 +16,7 @@ from train.world_model import main
 from worldmodel.checkpoint import load_checkpoint, load_world_model
 from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.data import WindowDataset
-from worldmodel.model import Losses, WorldModel
+from worldmodel.model import Losses, Schedule, WorldModel
 from worldmodel.training import (
     Objective,
     ResumableBatchSampler,
@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train" / "world_model.py"
 CPU = torch.device("cpu")
 # Values that legitimately differ between otherwise identical runs.
-TIMING_FIELDS = {"time", "steps_per_s", "frames_per_s", "seconds", "frames_per_s"}
+TIMING_FIELDS = {"time", "steps_per_s", "frames_per_s", "seconds"}
 
 
 # ---- schedules ------------------------------------------------------------------------------------
@@ -61,10 +61,16 @@ def test_schedules_scale_with_short_runs() -> None:
     assert learning_rate_at(299, 1_000, config) == 1e-3
     assert learning_rate_at(300, 1_000, config) == 5e-4
     assert teacher_forcing_at(500, 1_000, config) == pytest.approx((0.5, 0.75))
-    vision = schedule_at(10, 100, config, "vision")
-    assert vision.teacher_forcing_observed == 1.0 and vision.amplitude_mix is None  # no ramp unless asked
-    ramped = TrainConfig(amplitude_mix_final=1.0, amplitude_ramp=(0.5, 1.0), net=ModelConfig.cpu())
-    assert [schedule_at(step, 100, ramped, "vision").amplitude_mix for step in (0, 50, 75, 100)] == [0.0, 0.0, 0.5, 1.0]
+    # Amplitude warm-up against keypoint collapse: fixed amplitude -> mu-scaled maps over the first 10%.
+    warmup = TrainConfig(net=ModelConfig.cpu(initial_amplitude_mix=0.0, amplitude_warmup=0.1))
+    assert [schedule_at(step, 1_000, warmup, "vision").amplitude_mix for step in (0, 50, 100, 900)] == [0.0, 0.5, 1.0, 1.0]
+    assert schedule_at(10, 1_000, warmup, "dynamics").amplitude_mix is None  # left where the vision stage put it
+
+
+@pytest.mark.parametrize("step", [0, 10_000, 25_000, 50_000, 99_999])
+def test_joint_schedule_agrees_with_the_models_reference(step: int) -> None:
+    config = paper_profile()
+    assert schedule_at(step, config.steps, config, "joint") == Schedule.at_step(step, config.steps, config.model_config)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -108,13 +114,14 @@ def test_training_lowers_image_and_keypoint_losses(tiny_dataset: Path) -> None:
     config = TrainConfig(net=ModelConfig.smoke())
     torch.manual_seed(0)
     model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
-    history = optimise(model, "joint", 30, config, frames=frames, actions=actions)
+    history = optimise(model, "joint", 40, config, frames=frames, actions=actions)
 
     def mean(name: str, part: slice) -> float:
         return sum(float(getattr(losses, name)) for losses in history[part]) / len(history[part])
 
     assert all(torch.isfinite(losses.total) for losses in history)
-    assert mean("image", slice(-3, None)) < 0.7 * mean("image", slice(0, 3))
+    # The reconstructor starts as "copy the first frame" (zero-initialised output); it must beat that.
+    assert mean("image", slice(-3, None)) < 0.95 * mean("image", slice(0, 3))
     assert mean("keypoint", slice(-3, None)) < mean("keypoint", slice(0, 3))
     assert mean("future", slice(-3, None)) < mean("future", slice(0, 3))
 

@@ -68,7 +68,6 @@ from worldmodel.training import (  # noqa: E402
     freeze_for_stage,
     learning_rate_at,
     load_keypoint_cache,
-    losses_to_floats,
     make_optimizer,
     profile_config,
     resolve_precision,
@@ -119,7 +118,7 @@ def check_dataset(config: TrainConfig, tasks: list[str]) -> dict[str, Any]:
             if not path.is_file():
                 raise UsageError(str(storage.missing_dataset_error(config.data, task, split)))
             info = storage.read_info(path)
-            if info.episode_steps < config.window or info.episode_steps < config.vision_window:
+            if info.episode_steps < max(config.window, config.vision_span):
                 raise UsageError(f"episodes of {path} ({info.episode_steps} steps) are shorter than a window")
         action_repeats[task] = info.action_repeat
     return {"path": str(config.data.resolve()), "tasks": tasks, "action_repeats": action_repeats}
@@ -130,9 +129,11 @@ def check_dataset(config: TrainConfig, tasks: list[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 def frame_batches(
     config: TrainConfig, tasks: list[str], length: int, global_batch: int, start_step: int,
-    dist: distributed.DistInfo, salt: int,
+    dist: distributed.DistInfo, salt: int, frame_stride: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """(frames uint8 (B, L, 64, 64, 3), actions (B, L, 6)) on the device, from DataLoader workers."""
+    """(frames uint8 (B, L', 64, 64, 3), actions (B, L', 6)) on the device, from DataLoader workers;
+    windows of ``length`` consecutive steps, every ``frame_stride``-th kept (actions are then only
+    meaningful for stride 1: the vision stage ignores them)."""
     from worldmodel.data import WindowDataset
 
     dataset = WindowDataset(config.data, tasks, "train", length=length)
@@ -141,7 +142,8 @@ def frame_batches(
     )
     pin = dist.device.type == "cuda"
     for window in seeded_loader(dataset, sampler, config.num_workers, config.seed, pin):
-        yield (window.frames.to(dist.device, non_blocking=pin), window.actions.to(dist.device, non_blocking=pin))
+        frames, actions = window.frames[:, ::frame_stride], window.actions[:, ::frame_stride]
+        yield frames.to(dist.device, non_blocking=pin), actions.to(dist.device, non_blocking=pin)
 
 
 def keypoint_batches(
@@ -413,8 +415,9 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         # ---- staged (1): detector + reconstructor on frames -------------------------------------------
         if stage == "vision":
             batches = frame_batches(
-                config, tasks, config.vision_window, config.vision_batch_size, start_step, dist, salt=1
-            )
+                config, tasks, config.vision_span, config.vision_batch_size, start_step, dist, salt=1,
+                frame_stride=config.vision_frame_stride,
+            )  # fmt: skip
             if not run_stage("vision", start_step, batches):
                 return halted()
             write_checkpoint("keypoints", 0)

@@ -27,8 +27,9 @@ import dataclasses
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -190,7 +191,7 @@ def load_checkpoint(
     return checkpoint
 
 
-def model_config_from_dict(values: dict[str, Any]) -> "ModelConfig":
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig from its plain-dict form; unknown keys are an error (version skew)."""
     from worldmodel.config import ModelConfig
 
@@ -223,8 +224,8 @@ class CheckpointInfo(NamedTuple):
 
 
 class LoadedWorldModel(NamedTuple):
-    model: "WorldModel"  # in eval mode, on the requested device
-    config: "ModelConfig"
+    model: WorldModel  # in eval mode, on the requested device
+    config: ModelConfig
     info: CheckpointInfo
 
 

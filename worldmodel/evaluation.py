@@ -15,6 +15,8 @@ paper's Figure 3 convention for stochastic models).
 * PSNR and SSIM of the frames decoded from the best sample's keypoints against the real frames,
   images in [0, 1]. ``recon_*`` scores frames reconstructed from the detected keypoints (the
   decoder's ceiling for the predicted numbers).
+* ``*_static``: the "nothing moves" reference, holding the last observed keypoints (or frame) for
+  every predicted step; a model that predicts motion should beat it.
 
 SSIM is implemented here (Wang et al. 2004): Gaussian window 11x11 with sigma 1.5, K1 = 0.01,
 K2 = 0.03, data range 1, "valid" filtering (no padding, as tf.image.ssim), the mean over pixels and
@@ -30,12 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # imported for annotations only: model.py is written alongside this module
+if TYPE_CHECKING:  # annotations only: the metrics above need no model
     from worldmodel.model import DynamicsState, WorldModel
 
 SSIM_WINDOW = 11
@@ -144,14 +145,14 @@ class Prediction(NamedTuple):
     real_frames: Tensor  # (B, T, 3, 64, 64) in [0, 1]
 
 
-def repeat_state(state: "DynamicsState", times: int) -> "DynamicsState":
+def repeat_state(state: DynamicsState, times: int) -> DynamicsState:
     """Tile a recurrent state along the batch, sample-major: row s*B + b is a copy of row b."""
     return type(state)(*(field.repeat(times, *([1] * (field.dim() - 1))) for field in state))
 
 
 @torch.no_grad()
 def predict(
-    model: "WorldModel",
+    model: WorldModel,
     frames: Tensor,
     actions: Tensor,
     num_observed: int,
@@ -206,6 +207,11 @@ class EvalResult(NamedTuple):
     ssim: float
     recon_psnr: float  # all steps, frames reconstructed from detected keypoints
     recon_ssim: float
+    # Reference: "nothing moves" - the last observed keypoints / frame held for every predicted step.
+    keypoint_mse_static: float
+    keypoint_distance_static: float
+    psnr_static: float
+    ssim_static: float
     num_windows: int
     num_samples: int
 
@@ -223,6 +229,11 @@ def score(prediction: Prediction, num_observed: int) -> EvalResult:
     batch_index = torch.arange(mse.shape[1], device=mse.device)
     best = prediction.best_index
     predicted, real = prediction.predicted_frames[:, future], prediction.real_frames[:, future]
+    last = num_observed - 1
+    static_mse, static_distance = keypoint_errors(
+        prediction.detected[:, last : last + 1].expand_as(detected_future[0]), detected_future[0]
+    )
+    held_frame = prediction.real_frames[:, last : last + 1].expand_as(real)
     return EvalResult(
         keypoint_mse_best=float(mse[best, batch_index].mean()),
         keypoint_mse_random=float(mse[0].mean()),  # sample 0 is a random draw like any other
@@ -232,6 +243,10 @@ def score(prediction: Prediction, num_observed: int) -> EvalResult:
         ssim=float(ssim(predicted, real).mean()),
         recon_psnr=_finite_mean(psnr(prediction.reconstructed_frames, prediction.real_frames)),
         recon_ssim=float(ssim(prediction.reconstructed_frames, prediction.real_frames).mean()),
+        keypoint_mse_static=float(static_mse.mean()),
+        keypoint_distance_static=float(static_distance.mean()),
+        psnr_static=_finite_mean(psnr(held_frame, real)),
+        ssim_static=float(ssim(held_frame, real).mean()),
         num_windows=int(mse.shape[1]),
         num_samples=int(mse.shape[0]),
     )
@@ -290,7 +305,7 @@ def load_eval_set(root: Path, tasks: Sequence[str], length: int, count: int, see
 
 @torch.no_grad()
 def evaluate(
-    model: "WorldModel",
+    model: WorldModel,
     eval_set: EvalSet,
     num_observed: int,
     num_samples: int,
@@ -338,7 +353,7 @@ class Reconstruction(NamedTuple):
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: "WorldModel",
+    model: WorldModel,
     eval_set: EvalSet,
     batch_size: int,
     device: torch.device,

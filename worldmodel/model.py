@@ -50,7 +50,21 @@ class Schedule(NamedTuple):
     None keeps the model's current value (``ModelConfig.initial_amplitude_mix`` until set); a value is
     remembered by the model (a buffer saved with it) so decoding after training uses the last one."""
     sparsity_scale: float = 1.0
-    """Multiplies lambda_sparse (a sparsity warm-up can ramp it 0 -> 1)."""
+    """Multiplies lambda_sparse (on top of the amplitude mix, which weights it too)."""
+
+    @classmethod
+    def at_step(cls, step: int, total_steps: int, config: ModelConfig) -> Schedule:
+        """SPEC section 4's linear schedules at training step ``step`` of ``total_steps``: the KL scale
+        ramps 0 -> 1 over the first quarter (25k of the paper's 1e5 steps), 1 - p(teacher forcing) ramps
+        0 -> 1 (observed) and 0 -> 0.5 (predicted) over training, and the amplitude mix ramps from
+        ``config.initial_amplitude_mix`` to 1 over the first ``config.amplitude_warmup`` of training."""
+        progress = min(1.0, step / max(1, total_steps))
+        kl_scale = min(1.0, step / max(1.0, 0.25 * total_steps))
+        mix = config.initial_amplitude_mix
+        if config.amplitude_warmup > 0:
+            ramp = min(1.0, step / max(1.0, config.amplitude_warmup * total_steps))
+            mix = mix + (1.0 - mix) * ramp
+        return cls(kl_scale, 1.0 - progress, 1.0 - 0.5 * progress, mix)
 
 
 class Losses(NamedTuple):
@@ -176,13 +190,9 @@ class WorldModel(nn.Module):
         batch, steps = keypoints.shape[:2]
         appearance = self.appearance(first_images)  # (B, C, S', S')
         first_maps = self.keypoint_maps(first_keypoints, mix)  # (B, K, S', S')
-
-        def per_frame(x: Tensor) -> Tensor:  # (B, ...) -> (B*T, ...), repeated over time
-            return x[:, None].expand(batch, steps, *x.shape[1:]).reshape(batch * steps, *x.shape[1:])
-
         maps = self.keypoint_maps(keypoints.flatten(0, 1), mix)  # (B*T, K, S', S')
-        change = self.reconstructor(maps, per_frame(first_maps), per_frame(appearance))
-        return per_frame(first_images) + change  # (B*T, 3, H, W)
+        change = self.reconstructor(maps, first_maps, appearance).unflatten(0, (batch, steps))  # (B, T, 3, H, W)
+        return (first_images[:, None] + change).flatten(0, 1)  # (B*T, 3, H, W)
 
     @torch.no_grad()
     def detect(self, frames: Tensor) -> Tensor:
@@ -227,17 +237,18 @@ class WorldModel(nn.Module):
     def diagnose(self, keypoints: Tensor, amplitude: Tensor | None = None) -> Diagnostics:
         """Collapse diagnostics of keypoints (B, T, K, 3) (see ``Diagnostics``); one device sync."""
         points = keypoints.flatten(0, -3).float()  # (N, K, 3)
-        mix = float(self.amplitude_mix)
+        mix = self.amplitude_mix.float()
         if not self.config.structured:
             spread = points.flatten(1).std(0, unbiased=False).mean()
-            return Diagnostics(0.0, 0.0, float(spread), mix)
+            spread_value, mix_value = torch.stack([spread, mix]).tolist()
+            return Diagnostics(0.0, 0.0, spread_value, mix_value)
         amplitude = self.amplitude(points) if amplitude is None else amplitude.flatten(0, -2).float()  # (N, K)
         spread = points[..., :2].var(0, unbiased=False).sum(-1).sqrt()  # (K,)
         drawn = amplitude.mean(0)  # (K,)
         half_pixel = 0.5 * pixels_to_units(1.0, self.config.heatmap_size)
         active = (drawn >= 0.1 * drawn.max()) & (spread >= half_pixel)
-        mean_mu, num_active, mean_spread = torch.stack([points[..., 2].mean(), active.sum().float(), spread.mean()]).tolist()
-        return Diagnostics(mean_mu, num_active, mean_spread, mix)
+        stats = torch.stack([points[..., 2].mean(), active.sum().float(), spread.mean(), mix]).tolist()  # one sync
+        return Diagnostics(*stats)
 
     def vision_losses(
         self, frames: Tensor, schedule: Schedule | None = None, num_observed: int | None = None
@@ -381,6 +392,8 @@ class WorldModel(nn.Module):
         """Evaluation helper: observe frames[:, :num_observed] (posterior), predict the rest with the prior
         (best of ``num_samples`` against the detected keypoints, the paper's best-of-N evaluation; 1 = a
         plain sample), decode every frame. frames uint8 (B, T, 64, 64, 3), actions (B, T, 6)."""
+        if not 1 <= num_observed <= frames.shape[1]:
+            raise ValueError(f"num_observed must be in [1, T={frames.shape[1]}], got {num_observed}")
         detected = self.detect(frames)  # (B, T, K, 3)
         observed = self.observe(detected[:, :num_observed], actions[:, :num_observed], num_samples, generator)
         steps = frames.shape[1]

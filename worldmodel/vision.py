@@ -105,7 +105,7 @@ def conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int 
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(conv(in_channels, out_channels, 3, stride), nn.LeakyReLU(0.2))
+    return nn.Sequential(conv(in_channels, out_channels, 3, stride), nn.LeakyReLU(0.2, inplace=True))
 
 
 class ImageEncoder(nn.Module):
@@ -144,17 +144,29 @@ class KeypointDetector(nn.Module):
 
 
 class Reconstructor(nn.Module):
-    """phi_rec (S5): [maps(x_t), maps(x_1), appearance(v_1)] -> the image change from v_1, (N, 3, S, S).
+    """phi_rec (S5): [maps(x_t), maps(x_1), appearance(v_1)] -> the image change from v_1.
 
     Coordinate channels and a 1x1 conv to C channels at heatmap size; per doubling: bilinear x2 upsampling
     and ``max(1, layers_per_scale)`` 3x3 convs, the first halving the filters; a linear 1x1 conv to RGB.
+    The first 1x1 conv over the concatenation is computed as the sum of 1x1 convs over its parts (the same
+    linear map), so the parts that are the same for every frame of a sequence (maps(x_1), appearance(v_1),
+    coordinates) are computed once per sequence and broadcast over time instead of copied T times.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         channels = config.feature_channels
-        in_channels = 2 * config.num_keypoints + channels + 2
-        self.adjust = nn.Sequential(conv(in_channels, channels, kernel_size=1), nn.LeakyReLU(0.2))
+        k = config.num_keypoints
+        self.from_maps = conv(k, channels, kernel_size=1)  # the x_t part of the 1x1 conv
+        self.from_first = conv(k + channels + 2, channels, kernel_size=1)  # [maps(x_1), appearance, coords]
+        # He-uniform over the fan-in of the whole concatenation, as one conv would be initialised.
+        fan_in = 2 * k + channels + 2
+        for layer in (self.from_maps, self.from_first):
+            bound = (6.0 / fan_in) ** 0.5
+            nn.init.uniform_(layer.weight, -bound, bound)
+        nn.init.zeros_(self.from_maps.bias)
+        nn.init.zeros_(self.from_first.bias)
+        self.activation = nn.LeakyReLU(0.2, inplace=True)
         scales = []
         for _ in range(config.num_scales):
             layers: list[nn.Module] = [conv_block(channels, channels // 2)]
@@ -168,12 +180,18 @@ class Reconstructor(nn.Module):
         nn.init.zeros_(self.to_rgb.weight)
 
     def forward(self, maps: Tensor, first_maps: Tensor, appearance: Tensor) -> Tensor:
-        x = torch.cat([maps.to(appearance.dtype), first_maps.to(appearance.dtype), appearance], dim=1)
-        x = self.adjust(add_coordinate_channels(x))  # (N, C, S', S')
+        """maps (B*T, K, S', S') of the frames to draw; first_maps (B, K, S', S') and appearance (B, C, S', S')
+        of each sequence's first frame -> (B*T, 3, S, S), frames ordered (b, t) like ``maps``."""
+        batch = first_maps.shape[0]
+        dtype = appearance.dtype
+        per_sequence = self.from_first(add_coordinate_channels(torch.cat([first_maps.to(dtype), appearance], 1)))
+        per_frame = self.from_maps(maps.to(dtype).contiguous(memory_format=torch.channels_last))
+        x = per_frame.unflatten(0, (batch, -1)) + per_sequence[:, None]  # (B, T, C, S', S')
+        x = self.activation(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
         for scale in self.scales:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             x = scale(x)
-        return self.to_rgb(x)  # (N, 3, S, S), linear
+        return self.to_rgb(x)  # (B*T, 3, S, S), linear
 
 
 class FeatureEncoder(nn.Module):
@@ -186,7 +204,7 @@ class FeatureEncoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.encoder = ImageEncoder(config)
-        self.reduce = nn.Sequential(conv(self.encoder.out_channels, config.num_keypoints, 1), nn.LeakyReLU(0.2))
+        self.reduce = nn.Sequential(conv(self.encoder.out_channels, config.num_keypoints, 1), nn.LeakyReLU(0.2, inplace=True))
         self.project = nn.Linear(config.num_keypoints * config.heatmap_size**2, config.feature_size)
         self.norm = nn.LayerNorm(config.feature_size, elementwise_affine=False)
 

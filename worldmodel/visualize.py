@@ -56,7 +56,7 @@ def save_keypoint_png(
     detected: Tensor | None,
     predicted: Tensor | None,
     num_observed: int,
-    max_sequences: int = 4,
+    max_sequences: int = 6,
     title: str = "",
     border: int = 2,
 ) -> None:
@@ -117,7 +117,7 @@ def video_frames(
     real_frames: Tensor,
     model_frames: Tensor,
     num_observed: int,
-    max_sequences: int = 4,
+    max_sequences: int = 6,
     scale: int = 2,
     border: int = 2,
 ) -> np.ndarray:
@@ -150,7 +150,7 @@ def save_prediction_gif(
     real_frames: Tensor,
     model_frames: Tensor,
     num_observed: int,
-    max_sequences: int = 4,
+    max_sequences: int = 6,
     seconds_per_frame: float = 0.25,
 ) -> None:
     """Write the real-beside-predicted GIF; frames (B, T, 3, H, W) in [0, 1]."""

@@ -145,7 +145,7 @@ def main() -> None:
     results = {}
     for name, precision, channels_last in (("bf16 autocast + channels_last", "bf16", True), ("fp32 eager", "fp32", False)):
         _, step = build(config, "joint", precision, channels_last)
-        results[name] = seconds_per_call(lambda: step(frames=frames, actions=actions), args.steps)
+        results[name] = seconds_per_call(lambda step=step: step(frames=frames, actions=actions), args.steps)
         print(f"joint step, {name:32s}: {results[name]:6.2f} s/step = {1 / results[name]:5.2f} steps/s, "
               f"{frames_per_step / results[name]:6.0f} frames/s")  # fmt: skip
     default, eager = results["bf16 autocast + channels_last"], results["fp32 eager"]
