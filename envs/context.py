@@ -21,10 +21,10 @@ Choices written down here:
   detected in one call of fixed shape and kept in a per-process LRU cache, so a window gives
   bit-identical keypoints however many envs reset together.
 * The context's last action ``a_7`` is never used: the agent's first action replaces it.
-* Filtering repeats ``WorldModel.observe`` step by step (``posterior_step``) with noise passed in rather
-  than drawn from one generator, because every sub-env of a batch draws from its own seeded stream: a
-  vector env then gives exactly what the same sub-envs give one by one. ``tests/test_envs_imagined.py``
-  checks it against ``WorldModel.observe`` itself, so a change of the model's recursion shows up there.
+* Filtering runs the model's own recurrence (``VRNN.unroll``) with noise passed in rather than drawn
+  from one generator, because every sub-env of a batch draws from its own seeded stream: a vector env
+  then gives exactly what the same sub-envs give one by one (``tests/test_envs_imagined.py`` checks it
+  against ``WorldModel.observe``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch import Tensor
 
 from worldmodel import storage
 from worldmodel.dynamics import Carry
-from worldmodel.model import WorldModel
+from worldmodel.model import WorldModel, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
 
 CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
@@ -277,32 +277,17 @@ def posterior_noise(generator: torch.Generator, model: WorldModel, length: int =
 def posterior_step(
     model: WorldModel, carry: Carry | None, action: Tensor, target: Tensor, noise: Tensor
 ) -> tuple[Carry, Tensor]:
-    """One observed frame, as ``VRNN.unroll`` does it (SPEC section 3's ordering).
+    """One observed frame through the model's own recurrence (``VRNN.unroll``) with the given draws.
 
     carry: the state after the previous frame, or None for the first frame (h = 0, no GRU step).
     action (B, 6): the action that produced this frame (a_{t-1}); target (B, F): the frame's detected
     keypoints, normalised; noise (S, B, Z): the best-of-S standard normal draws.
     Returns the carry after this frame and its hidden state h_t (B, H) (the state that predicts it).
     """
-    dynamics = model.dynamics
-    batch = target.shape[0]
-    if carry is None:
-        hidden = target.new_zeros(batch, model.config.rnn_size)
-    else:
-        hidden = dynamics.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)
-    if dynamics.posterior is None:  # struct-rnn: deterministic
-        latent = hidden.new_zeros(batch, 0)
-    else:
-        belief = dynamics.posterior(torch.cat([target, hidden], dim=-1))
-        if noise.shape[0] > 1:  # best of many against the detected keypoints (eq. 8)
-            candidates = dynamics.decoder(belief.mean + belief.std * noise, hidden)  # (S, B, F)
-            best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
-            chosen = noise[best, torch.arange(batch, device=noise.device)]
-        else:
-            chosen = noise[0]
-        latent = belief.mean + belief.std * chosen
-    prediction = dynamics.decoder(latent, hidden)  # the RNN is fed its own decoded keypoints (as observe)
-    return Carry(hidden, prediction, latent), hidden
+    unroll = model.dynamics.unroll(
+        action[:, None], target[:, None], initial=carry, num_observed=1, num_samples=noise.shape[0], noise=noise[None]
+    )
+    return unroll.final, unroll.hidden[:, 0]
 
 
 class FilteredContext(NamedTuple):
@@ -312,19 +297,18 @@ class FilteredContext(NamedTuple):
 
 @torch.inference_mode()
 def filter_context(model: WorldModel, keypoints: Tensor, actions: Tensor, noise: Tensor) -> FilteredContext:
-    """Posterior over a batch of contexts: keypoints (B, L, K, 3), actions (B, L, 6) (actions[:, t] applied
-    at frame t), noise (B, L, S, Z) from ``posterior_noise`` per context."""
-    with torch.autocast(keypoints.device.type, enabled=False):  # the dynamics run in float32 (as the model)
-        targets = model.normalizer.normalize(keypoints.flatten(2))  # (B, L, F)
-        steps_noise = noise.permute(1, 2, 0, 3)  # (L, S, B, Z)
-        carry: Carry | None = None
-        hiddens = []
-        for t in range(keypoints.shape[1]):
-            previous = actions[:, t - 1] if t > 0 else actions[:, 0]  # unused at t = 0
-            carry, hidden = posterior_step(model, carry, previous.float(), targets[:, t], steps_noise[t])
-            hiddens.append(hidden)
-    assert carry is not None
-    return FilteredContext(carry, torch.stack(hiddens, dim=1))
+    """Posterior over a batch of contexts, as ``WorldModel.observe`` with per-context draws: keypoints
+    (B, L, K, 3), actions (B, L, 6) (actions[:, t] applied at frame t), noise (B, L, S, Z) from
+    ``posterior_noise`` per context."""
+    targets = model.normalizer.normalize(keypoints.flatten(2))  # (B, L, F)
+    unroll = model.dynamics.unroll(
+        previous_actions(actions),
+        targets,
+        num_observed=keypoints.shape[1],
+        num_samples=noise.shape[2],
+        noise=noise.permute(1, 2, 0, 3),  # (L, S, B, Z)
+    )
+    return FilteredContext(unroll.final, unroll.hidden)
 
 
 # ----------------------------------------------------------------------------------------------

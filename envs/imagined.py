@@ -201,19 +201,12 @@ def check_actions(actions: Any, shape: tuple[int, ...], task: str) -> np.ndarray
 # The batched imagination core
 # ----------------------------------------------------------------------------------------------
 def prior_step(model: WorldModel, carry: Carry, action: Tensor, noise: Tensor) -> Carry:
-    """One imagined frame, as ``WorldModel.imagine`` does it without targets (one prior sample).
+    """One imagined frame, as ``WorldModel.imagine`` without targets, with the given prior draw.
 
     carry: the state after the current frame (normalised keypoints); action (B, 6): the action applied at
     the current frame; noise (B, Z): the standard normal draw of the prior sample.
     """
-    dynamics = model.dynamics
-    hidden = dynamics.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # h_{t+1}
-    if dynamics.prior is None:  # struct-rnn: deterministic
-        latent = hidden.new_zeros(hidden.shape[0], 0)
-    else:
-        prior = dynamics.prior(hidden)
-        latent = prior.mean + prior.std * noise
-    return Carry(hidden, dynamics.decoder(latent, hidden), latent)
+    return model.dynamics.unroll(action[:, None], initial=carry, noise=noise[None, None]).final
 
 
 class NoiseStreams:

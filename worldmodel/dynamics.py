@@ -152,8 +152,12 @@ class VRNN(nn.Module):
         target: Tensor | None,
         num_samples: int,
         generator: torch.Generator | None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw z and decode it: -> z (B, Z), x^ (B, F).
+
+        ``noise`` (N, B, Z), when given, replaces the standard normal draws (callers that keep one random
+        stream per batch row, like the imagination envs, draw it themselves).
 
         Best of many (eq. 8): with a target (B, F) and num_samples > 1, N samples are decoded at once and the
         one closest to the target (squared error in normalised space) is kept; gradients flow through the
@@ -164,9 +168,11 @@ class VRNN(nn.Module):
             latent = hidden.new_zeros(batch, 0)
             return latent, self.decoder(latent, hidden)
         n = num_samples if target is not None else 1
-        noise = torch.randn(
-            (n, batch, belief.mean.shape[-1]), generator=generator, device=hidden.device, dtype=hidden.dtype
-        )
+        if noise is None:
+            noise = torch.randn(
+                (n, batch, belief.mean.shape[-1]), generator=generator, device=hidden.device, dtype=hidden.dtype
+            )
+        n = noise.shape[0]
         if n > 1:
             with torch.no_grad():
                 candidates = self.decoder(belief.mean + belief.std * noise, hidden)  # (N, B, F)
@@ -186,6 +192,7 @@ class VRNN(nn.Module):
         num_samples: int = 1,
         teacher_forcing: tuple[float, float] = (0.0, 0.0),
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Unroll:
         """Run the recurrence over T frames.
 
@@ -197,11 +204,12 @@ class VRNN(nn.Module):
         num_observed: the first ``num_observed`` frames use the posterior and give KL; the rest the prior.
         teacher_forcing: (observed, predicted) probability that the next GRU input is the target rather
             than the model's own x^_t (scheduled sampling, S1.3), drawn per batch element and step.
+        noise: (T, N, B, Z) standard normal draws to use instead of the generator's (N samples per step).
         """
         with torch.autocast(actions.device.type, enabled=False):
             return self._unroll(
                 actions.float(), None if targets is None else targets.float(), initial,
-                num_observed, num_samples, teacher_forcing, generator,
+                num_observed, num_samples, teacher_forcing, generator, noise,
             )
 
     def _unroll(
@@ -213,6 +221,7 @@ class VRNN(nn.Module):
         num_samples: int,
         teacher_forcing: tuple[float, float],
         generator: torch.Generator | None,
+        noise: Tensor | None,
     ) -> Unroll:
         batch, steps = actions.shape[:2]
         if num_observed > 0 and targets is None:
@@ -236,7 +245,8 @@ class VRNN(nn.Module):
                 else:
                     # As the original code: the prior is trained by the KL only, not by L_future.
                     belief = prior.detach()
-            latent, prediction = self.sample(belief, hidden, target, num_samples, generator)  # S8, eq. 8
+            step_noise = None if noise is None else noise[t]
+            latent, prediction = self.sample(belief, hidden, target, num_samples, generator, step_noise)  # S8, eq. 8
             inputs = prediction
             p_target = teacher_forcing[0] if observed else teacher_forcing[1]
             if target is not None and p_target > 0.0:
