@@ -5,7 +5,7 @@
 For each task: hidden states of up to ``--sequences`` length-20 test windows (8 observed through the
 posterior, 12 predicted through the prior from the true actions), cached under ``--out``; a GRU reward
 predictor per task and input trained on 80% of the windows (split by episode) and tested on the rest,
-over several folds; MSE normalized by the null model (the mean training reward). Two controls: the true
+over several folds; MSE normalized by the null model's (the mean training reward at every step). Two controls: the true
 low-dimensional states (upper bound) and the actions alone. Writes results.json, results.md and
 figure8.png to ``--out``, and each run's fold-0 predictors to ``<run>/reward_predictors/<task>.pt``
 (tagged with the world model's fingerprint, which the imagination envs check).
@@ -36,7 +36,7 @@ from worldmodel.reward import (
     null_model_mse,
     save_reward_predictor,
 )
-from worldmodel.reward_report import InputResult, Results, markdown_table, plot_figure8, summarize, write_json
+from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
 from worldmodel.storage import dataset_path
 from worldmodel.tasks import parse_tasks
 
@@ -113,13 +113,12 @@ def main(args: Args) -> None:
         features: WindowFeatures | None = None
         for label, model, fingerprint, _ in runs:
             cache = args.out / "cache" / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
-            if cache.is_file():
-                features = load_features(cache)
-            else:
-                features = extract_window_features(
+            if not cache.is_file():
+                extracted = extract_window_features(
                     model, args.data, task, args.sequences, batch_size=args.batch_size, seed=args.seed, device=device
                 )
-                save_features(cache, features)
+                save_features(cache, extracted)
+            features = load_features(cache)  # always from the cache (float16): a rerun gives the same numbers
             inputs[label] = features.hidden
         assert features is not None
         if args.controls:
@@ -135,8 +134,10 @@ def main(args: Args) -> None:
                     values[train], features.rewards[train], features.episodes[train], train_config
                 )
                 mse = evaluate_mse(fit.predictor, values[test], features.rewards[test])
-                null = null_model_mse(features.rewards[train], features.rewards[test])
-                normalized.append((mse / null).numpy())
+                # Normalized by the null model's MSE pooled over the window's frames: per-frame null
+                # errors can be 0 for sparse rewards (reacher) in a small fold.
+                null = null_model_mse(features.rewards[train], features.rewards[test]).nanmean()
+                normalized.append((mse / null).numpy() if null > 0 else np.full(len(mse), np.nan))
                 run = next((r for r in runs if r[0] == label), None)
                 if fold == 0 and run is not None:  # the predictor the imagination env uses
                     save_reward_predictor(run[3] / PREDICTOR_DIR / f"{task}.pt", fit.predictor, task, run[2])

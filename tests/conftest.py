@@ -8,6 +8,7 @@ Tests must not modify it (copy it first).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,19 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if result.returncode != 0:
         pytest.fail(f"collecting the tiny dataset failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of ``train/world_model.py --profile smoke`` trained on ``tiny_dataset`` (CPU).
+
+    Shared by the session: copy it (shutil.copytree) before writing into it.
+    """
+    run = tmp_path_factory.mktemp("smoke_run") / "run"
+    command = [sys.executable, str(REPO_ROOT / "train" / "world_model.py"), "--profile", "smoke",
+               "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        pytest.fail(f"training the smoke world model failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return run

@@ -3,7 +3,7 @@ model, and downstream/rl.py, on a smoke-profile world model trained on the tiny 
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -55,16 +55,11 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A smoke-profile world model trained by train/world_model.py on the tiny dataset, with reward
-    predictors fit on its hidden states (a few windows, a few epochs) for PREDICTOR_TASKS."""
+def run_dir(smoke_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's smoke-profile world model, with reward predictors fit on its hidden states
+    (a few windows, a few epochs) for PREDICTOR_TASKS."""
     run = tmp_path_factory.mktemp("imagination") / "run"
-    command = [sys.executable, str(REPO_ROOT / "train" / "world_model.py"), "--profile", "smoke",
-               "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode != 0:
-        pytest.fail(f"training the smoke world model failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    shutil.copytree(smoke_run, run)
     model = load_world_model(run, "cpu").model
     fingerprint = model_fingerprint(model)
     for task in PREDICTOR_TASKS:

@@ -1,7 +1,8 @@
 """Reports of the reward experiment: normalized MSE per task, per frame, observed vs predicted (Figure 8).
 
 A result is, for one task and one input (a world model's hidden states or a control), the per-frame
-MSE of the reward predictor divided by the null model's per-frame MSE, one row per fold. Frame 0 has
+MSE of the reward predictor divided by the null model's MSE over all frames of the fold's test windows
+(the null model predicts the mean training reward at every step), one row per fold. Frame 0 has
 no target (NaN); frames 1 .. num_observed-1 are observed, the rest predicted.
 """
 

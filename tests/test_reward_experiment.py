@@ -1,0 +1,138 @@
+"""The reward experiment end to end (downstream/reward.py) and its hidden-state extraction (Figure 8)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.checkpoint import load_world_model
+from worldmodel.data import WindowDataset
+from worldmodel.fingerprint import model_fingerprint
+from worldmodel.hidden_states import observe_then_imagine
+from worldmodel.reward import (
+    RewardPredictor,
+    RewardPredictorMismatch,
+    load_reward_predictor,
+    save_reward_predictor,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def hidden_states(model: torch.nn.Module, frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)  # the same prior draws for every call
+    return observe_then_imagine(model, frames, actions, num_observed=8)
+
+
+def test_observed_steps_use_the_posterior_and_predicted_steps_the_prior(smoke_run: Path, tiny_dataset: Path) -> None:
+    model = load_world_model(smoke_run, "cpu").model
+    window = WindowDataset(tiny_dataset, ["cheetah"], "test", length=20)[0]
+    frames, actions = window.frames[None], window.actions[None]  # (1, 20, 64, 64, 3), (1, 20, 6)
+    reference = hidden_states(model, frames, actions)
+    assert reference.shape == (1, 20, model.config.rnn_size)
+
+    garbage = frames.clone()
+    garbage[:, 8:] = torch.randint(0, 256, garbage[:, 8:].shape, dtype=torch.uint8)
+    assert torch.equal(hidden_states(model, garbage, actions), reference)  # predicted frames are never seen
+
+    changed_context = frames.clone()
+    changed_context[:, 3] = 255 - changed_context[:, 3]
+    changed = hidden_states(model, changed_context, actions)
+    assert torch.equal(changed[:, :4], reference[:, :4])  # h_t has seen frames < t only
+    assert not torch.allclose(changed[:, 4:], reference[:, 4:])  # the posterior read frame 3
+
+    other_actions = actions.clone()
+    other_actions[:, 12] = -other_actions[:, 12] + 0.5
+    moved = hidden_states(model, frames, other_actions)
+    assert torch.equal(moved[:, :13], reference[:, :13]) and not torch.allclose(moved[:, 13:], reference[:, 13:])
+
+
+def test_a_predictor_of_another_world_model_or_task_is_refused(tmp_path: Path) -> None:
+    predictor = RewardPredictor(4)
+    path = tmp_path / "cheetah.pt"
+    save_reward_predictor(path, predictor, "cheetah", world_model="a" * 64)
+    loaded = load_reward_predictor(path, "cheetah", world_model="a" * 64)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), predictor.state_dict().values()))
+    with pytest.raises(RewardPredictorMismatch, match="another world model"):
+        load_reward_predictor(path, "cheetah", world_model="b" * 64)
+    with pytest.raises(RewardPredictorMismatch, match="not 'cartpole'"):
+        load_reward_predictor(path, "cartpole", world_model="a" * 64)
+    with pytest.raises(FileNotFoundError, match="downstream/reward.py"):
+        load_reward_predictor(tmp_path / "missing.pt", "cheetah", world_model="a" * 64)
+
+
+@pytest.fixture(scope="module")
+def reward_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three short test episodes (folds need several episodes) of two tasks, by the real collector."""
+    out = tmp_path_factory.mktemp("reward_data") / "dmcs"
+    command = [sys.executable, "collect/dmcs.py", "--domains", "cartpole,cheetah", "--out", str(out),
+               "--train-episodes", "1", "--test-episodes", "3", "--episode-steps", "30", "--seed", "3"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def run_reward(*options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "downstream/reward.py", *options], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    out = tmp_path / "report"
+    options = ["--run", str(run), "--data", str(reward_dataset), "--out", str(out), "--tasks", "cartpole,cheetah",
+               "--sequences", "24", "--epochs", "2", "--folds", "3", "--folds-run", "2", "--device", "cpu"]
+    result = run_reward(*options)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["tasks"]) == {"cartpole", "cheetah"}
+    for by_input in report["tasks"].values():
+        assert set(by_input) == {"struct-vrnn", "true states", "actions only"}
+        for numbers in by_input.values():
+            assert len(numbers["per_frame_folds"]) == 2 and len(numbers["per_frame_mean"]) == 20
+            assert numbers["per_frame_mean"][0] is None  # frame 0 has no reward target
+            assert np.isfinite(numbers["observed"]) and np.isfinite(numbers["predicted"])
+    assert "| cartpole |" in (out / "results.md").read_text()
+    assert (out / "figure8.png").stat().st_size > 10_000
+
+    fingerprint = model_fingerprint(load_world_model(run, "cpu").model)
+    for task in ("cartpole", "cheetah"):
+        load_reward_predictor(run / "reward_predictors" / f"{task}.pt", task, fingerprint)  # matches its model
+
+    caches = sorted((out / "cache").rglob("*.npz"))
+    assert len(caches) == 2
+    stamps = [path.stat().st_mtime_ns for path in caches]
+    again = run_reward(*options)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [path.stat().st_mtime_ns for path in caches] == stamps  # hidden states were read, not recomputed
+    assert json.loads((out / "results.json").read_text())["tasks"] == report["tasks"]  # and seeded
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sequences", "0"], "--sequences must be positive"),
+        (["--tasks", "humanoid"], "unknown task"),
+        (["--folds", "2", "--folds-run", "3"], "--folds-run"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(smoke_run: Path, reward_dataset: Path, tmp_path: Path,
+                                          options: list[str], message: str) -> None:
+    result = run_reward("--run", str(smoke_run), "--data", str(reward_dataset), "--out", str(tmp_path), *options)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_run_says_how_to_train_one(reward_dataset: Path, tmp_path: Path) -> None:
+    result = run_reward("--run", str(tmp_path / "nothing"), "--data", str(reward_dataset), "--out", str(tmp_path),
+                        "--tasks", "cartpole")
+    assert result.returncode == 2 and "train/world_model.py" in result.stderr
