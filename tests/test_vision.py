@@ -112,7 +112,10 @@ def test_paper_sized_networks() -> None:
     assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 2, 1]
     features = encoder(images)
     assert features.shape == (2, 128, 16, 16)
-    assert features.is_contiguous(memory_format=torch.channels_last)
+    assert features.is_contiguous()  # activations follow the weights' layout: plain NCHW here
+    fast = encoder.to(memory_format=torch.channels_last)(images)
+    assert fast.is_contiguous(memory_format=torch.channels_last)  # ... and channels_last after .to()
+    assert torch.allclose(fast, features, atol=1e-5)
     logits = KeypointDetector(config)(images)
     assert logits.shape == (2, 64, 16, 16)
     maps = torch.rand(2, 64, 16, 16)

@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> int:
+    """The run: resume or start, then the stages (joint, or vision -> keypoints -> dynamics), then the summary."""
     device = dist.device
     try:
         precision = resolve_precision(config.precision, device)

@@ -36,14 +36,25 @@ def pixels_to_units(pixels: float, size: int) -> float:
     return pixels * 2.0 / (size - 1)
 
 
-def add_coordinate_channels(images: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N, C + 2, H, W) with x and y coordinate channels appended (CoordConv), channels_last."""
+def conv_memory_format(module: nn.Module) -> torch.memory_format:
+    """The layout of ``module``'s conv weights, for its activations to match: channels_last after
+    ``model.to(memory_format=torch.channels_last)`` (the fast path on CPU and GPU), plain NCHW otherwise
+    (e.g. the fp32 eager baseline of tests/bench/bench_train.py)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d) and layer.weight.shape[-1] > 1:  # 1x1 kernels fit both layouts
+            weight = layer.weight
+            return torch.contiguous_format if weight.is_contiguous() else torch.channels_last
+    return torch.channels_last
+
+
+def add_coordinate_channels(images: Tensor, memory_format: torch.memory_format = torch.channels_last) -> Tensor:
+    """(N, C, H, W) -> (N, C + 2, H, W) with x and y coordinate channels appended (CoordConv)."""
     n, _, h, w = images.shape
     x, _ = coordinate_grid(w, images.device)
     _, y = coordinate_grid(h, images.device)
     coords = torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]))  # (2, H, W)
     coords = coords.to(images.dtype)[None].expand(n, 2, h, w)
-    return torch.cat([images, coords], dim=1).contiguous(memory_format=torch.channels_last)
+    return torch.cat([images, coords], dim=1).contiguous(memory_format=memory_format)
 
 
 def detection_weights(logits: Tensor, heatmap: Heatmap, logit_scale: float) -> Tensor:
@@ -128,7 +139,7 @@ class ImageEncoder(nn.Module):
         self.out_channels = filters
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.layers(add_coordinate_channels(images))
+        return self.layers(add_coordinate_channels(images, conv_memory_format(self)))
 
 
 class KeypointDetector(nn.Module):
@@ -184,10 +195,11 @@ class Reconstructor(nn.Module):
         of each sequence's first frame -> (B*T, 3, S, S), frames ordered (b, t) like ``maps``."""
         batch = first_maps.shape[0]
         dtype = appearance.dtype
-        per_sequence = self.from_first(add_coordinate_channels(torch.cat([first_maps.to(dtype), appearance], 1)))
-        per_frame = self.from_maps(maps.to(dtype).contiguous(memory_format=torch.channels_last))
+        layout = conv_memory_format(self)
+        per_sequence = self.from_first(add_coordinate_channels(torch.cat([first_maps.to(dtype), appearance], 1), layout))
+        per_frame = self.from_maps(maps.to(dtype).contiguous(memory_format=layout))
         x = per_frame.unflatten(0, (batch, -1)) + per_sequence[:, None]  # (B, T, C, S', S')
-        x = self.activation(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+        x = self.activation(x.flatten(0, 1).contiguous(memory_format=layout))
         for scale in self.scales:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             x = scale(x)

@@ -2,7 +2,9 @@
 
     python tests/bench/bench_train.py [--data data/quick] [--profile cpu] [--steps 5] [--threads N]
 
-Measured in one run on the same batch of real windows (random frames if --data has none):
+Measured in one run on the same batch of real windows (random frames if --data has none). The
+variants are timed in turns and the minimum over the repeats is reported (the median is printed too):
+on a machine shared with other jobs the minimum is the stable estimate of the uncontended speed.
 
 1. Training steps/s and frames/s of a joint step (detector + reconstructor + VRNN with best of many +
    all losses + Adam) on the default CPU path (bf16 autocast + channels_last) against the same model in
@@ -81,15 +83,22 @@ def build(config: TrainConfig, stage: str, precision: str, channels_last: bool):
     return model, step
 
 
-def seconds_per_call(function: Callable[[], None], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):  # oneDNN builds its kernels on the first calls
-        function()
-    times = []
+def interleaved_seconds(functions: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Seconds per call of each function, timed in turns (A, B, A, B, ...) so that both see the same
+    machine; the minimum over the repeats, the best estimate of the uncontended time on a shared machine
+    (the median is printed too)."""
+    for function in functions.values():
+        for _ in range(warmup):  # oneDNN builds its kernels on the first calls
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    for name, values in times.items():
+        print(f"  {name}: min {min(values):.3f} s, median {statistics.median(values):.3f} s over {repeats}")
+    return {name: min(values) for name, values in times.items()}
 
 
 def conv_share(step: Callable[[], None]) -> float:
@@ -128,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/quick"))
     parser.add_argument("--profile", default="cpu", choices=("paper", "cpu", "smoke"))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (minimum reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -141,22 +150,27 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     frames_per_step = config.batch_size * window
 
-    # 1. default CPU path vs plain fp32 eager, joint step
-    results = {}
-    for name, precision, channels_last in (("bf16 autocast + channels_last", "bf16", True), ("fp32 eager", "fp32", False)):
-        _, step = build(config, "joint", precision, channels_last)
-        results[name] = seconds_per_call(lambda step=step: step(frames=frames, actions=actions), args.steps)
-        print(f"joint step, {name:32s}: {results[name]:6.2f} s/step = {1 / results[name]:5.2f} steps/s, "
-              f"{frames_per_step / results[name]:6.0f} frames/s")  # fmt: skip
-    default, eager = results["bf16 autocast + channels_last"], results["fp32 eager"]
+    # 1. default CPU path vs plain fp32 eager, joint step; 2. the same step with the vision losses only
+    _, default_step = build(config, "joint", "bf16", True)
+    _, eager_step = build(config, "joint", "fp32", False)
+    _, vision_step = build(config, "vision", "bf16", True)
+    seconds = interleaved_seconds(
+        {
+            "joint, bf16 autocast + channels_last": lambda: default_step(frames=frames, actions=actions),
+            "joint, fp32 eager": lambda: eager_step(frames=frames, actions=actions),
+            "vision losses only, bf16 + channels_last": lambda: vision_step(frames=frames, actions=actions),
+        },
+        args.steps,
+    )
+    default = seconds["joint, bf16 autocast + channels_last"]
+    eager = seconds["joint, fp32 eager"]
+    vision_only = seconds["vision losses only, bf16 + channels_last"]
+    for name, value in (("bf16 autocast + channels_last", default), ("fp32 eager", eager)):
+        print(f"joint step, {name:30s}: {value:6.2f} s/step = {1 / value:5.2f} steps/s, "
+              f"{frames_per_step / value:6.0f} frames/s")  # fmt: skip
     print(f"speed-up over fp32 eager: {eager / default:.2f}x (target >= 3x)")
 
-    # 2. where the default step goes
-    _, vision_step = build(config, "vision", "bf16", True)
-    vision_only = seconds_per_call(lambda: vision_step(frames=frames, actions=actions), args.steps)
-    _, joint_step = build(config, "joint", "bf16", True)
-    joint_step(frames=frames, actions=actions)
-    share = conv_share(lambda: joint_step(frames=frames, actions=actions))
+    share = conv_share(lambda: default_step(frames=frames, actions=actions))
     wait = data_wait(args.data, config, window, default, 2 * args.steps)
     dynamics = max(0.0, default - vision_only)
     exposed = wait or 0.0
@@ -173,13 +187,17 @@ def main() -> None:
     if config.mode == "staged":
         vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
         _, stage_step = build(config, "vision", "bf16", True)
-        seconds = seconds_per_call(lambda: stage_step(frames=vision_frames), args.steps)
+        seconds = interleaved_seconds({"staged vision step": lambda: stage_step(frames=vision_frames)}, args.steps)[
+            "staged vision step"
+        ]
         count = config.vision_batch_size * config.vision_window
         print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}): {1 / seconds:.2f} steps/s, "
               f"{count / seconds:.0f} frames/s")  # fmt: skip
         model, dynamics_step = build(config, "dynamics", "bf16", True)
         keypoints = model.detect(frames)
-        seconds = seconds_per_call(lambda: dynamics_step(keypoints=keypoints, actions=actions), 3 * args.steps)
+        seconds = interleaved_seconds(
+            {"staged dynamics step": lambda: dynamics_step(keypoints=keypoints, actions=actions)}, 3 * args.steps
+        )["staged dynamics step"]
         print(f"staged dynamics step ({config.batch_size} x {window}, cached keypoints): {1 / seconds:.1f} steps/s")
         model.eval()
 
@@ -187,7 +205,7 @@ def main() -> None:
             with autocast(CPU, "bf16"):
                 model.detect(frames)
 
-        seconds = seconds_per_call(detect, args.steps)
+        seconds = interleaved_seconds({"detect": detect}, args.steps)["detect"]
         print(f"keypoint extraction: {frames_per_step / seconds:.0f} frames/s")
 
 
