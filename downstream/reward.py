@@ -26,6 +26,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import CheckpointError, atomic_write_text, load_world_model
+from worldmodel.distributed import resolve_device
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import WindowFeatures, extract_window_features, load_features, save_features
 from worldmodel.reward import (
@@ -89,8 +90,10 @@ def main(args: Args) -> None:
     for task in tasks:
         if not dataset_path(args.data, task, "test").is_file():
             fail(f"no test data for {task} in {args.data}: run python collect/dmcs.py --out {args.data} first")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        fail(f"--device {args.device}: {error}")
 
     # ---- the world models whose hidden states we probe
     runs = []

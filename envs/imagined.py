@@ -46,6 +46,7 @@ from envs.context import (
     posterior_noise,
     posterior_step,
 )
+from worldmodel import distributed
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
 from worldmodel.dynamics import Carry
 from worldmodel.fingerprint import model_fingerprint
@@ -88,10 +89,8 @@ class ImaginationModels(NamedTuple):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda if available, else cpu."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """'auto' -> cuda if available, else cpu (``worldmodel.distributed.resolve_device``)."""
+    return device if isinstance(device, torch.device) else distributed.resolve_device(device)
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> Path:

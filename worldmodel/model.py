@@ -16,6 +16,8 @@ dynamics and the losses run in float32.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import NamedTuple
 
 import torch
@@ -120,6 +122,14 @@ class VisionOutput(NamedTuple):
     keypoints: Tensor  # (B, T, K, 3) detected, with gradient
     amplitude: Tensor  # (B, T, K) amplitude of each keypoint's Gaussian map
     losses: Losses
+
+
+def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for inference convolutions on CPU (detection ~2.2x faster there); none on CUDA, where
+    detection is cheap. The dynamics always run in float32 inside (``VRNN.unroll``)."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def frames_to_images(frames: Tensor) -> Tensor:
