@@ -73,6 +73,7 @@ import numpy as np  # noqa: E402
 import worldmodel  # noqa: E402
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator  # noqa: E402  (dm_control loads in workers only)
 from worldmodel import storage  # noqa: E402
+from worldmodel.atomic import TEMP_MARKER, stale_temporaries  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
 
 PROGRAM = "collect/dmcs.py"
@@ -395,8 +396,8 @@ def prepare_partials(states: Sequence[GroupState]) -> None:
     killed runs (temporary files, and partials of groups whose final file was already written)."""
     for state in states:
         group = state.group
-        temporary_final = group.path.parent.glob(f".{group.path.name}.*{storage.TEMP_SUFFIX}")
-        for temp in [*temporary_final, *group.partial_dir.glob(f".*{storage.TEMP_SUFFIX}")]:
+        temporary_episodes = group.partial_dir.glob(f".*{TEMP_MARKER}*")
+        for temp in [*stale_temporaries(group.path), *temporary_episodes]:
             temp.unlink(missing_ok=True)
         if state.complete:
             shutil.rmtree(group.partial_dir, ignore_errors=True)

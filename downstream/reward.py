@@ -25,7 +25,8 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import CheckpointError, atomic_write_text, load_world_model
+from worldmodel.atomic import atomic_write_text
+from worldmodel.checkpoint import CheckpointError, load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import WindowFeatures, extract_window_features, load_features, save_features

@@ -47,7 +47,8 @@ from envs.imagined import (
 )
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
-from worldmodel.checkpoint import CheckpointError, atomic_write, atomic_write_text
+from worldmodel.atomic import atomic_write, atomic_write_text
+from worldmodel.checkpoint import CheckpointError
 from worldmodel.reward import RewardPredictorMismatch
 from worldmodel.tasks import get_task
 

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, RNG round trip, weights_only loading, load_world_model."""
+"""Checkpoints: RNG round trip, weights_only loading, load_world_model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 
 from worldmodel.checkpoint import (
     CheckpointError,
-    atomic_write_text,
     capture_rng_state,
     load_checkpoint,
     load_world_model,
@@ -38,14 +37,6 @@ def test_rng_state_round_trip() -> None:
     draws()  # move every generator on
     restore_rng_state(state)
     assert draws() == expected
-
-
-def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "a.json"
-    atomic_write_text(target, "one")
-    atomic_write_text(target, "two")
-    assert target.read_text() == "two"
-    assert [path.name for path in target.parent.iterdir()] == ["a.json"]
 
 
 def write_model_checkpoint(path: Path, model: WorldModel, config: ModelConfig) -> None:

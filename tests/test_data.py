@@ -184,19 +184,6 @@ def test_assembly_copies_episodes_exactly(tmp_path: Path, steps: int) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in paths), target.name])
 
 
-def test_atomic_output_leaves_nothing_when_interrupted(tmp_path: Path) -> None:
-    target = tmp_path / "file.h5"
-    with pytest.raises(RuntimeError), storage.atomic_output(target) as temp:
-        temp.write_text("half")
-        raise RuntimeError("killed")
-    assert list(tmp_path.iterdir()) == []
-    target.write_text("old")
-    with pytest.raises(RuntimeError), storage.atomic_output(target) as temp:
-        temp.write_text("new")
-        raise RuntimeError("killed")
-    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
-
-
 def test_validation_names_the_problem(tmp_path: Path, tiny_dataset: Path) -> None:
     path = tmp_path / "cartpole_train.h5"
     path.write_bytes(storage.dataset_path(tiny_dataset, "cartpole", "train").read_bytes())

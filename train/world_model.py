@@ -40,11 +40,10 @@ import tyro  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from worldmodel import distributed, storage  # noqa: E402
+from worldmodel.atomic import atomic_write, atomic_write_text  # noqa: E402
 from worldmodel.checkpoint import (  # noqa: E402
     CHECKPOINT_FILE,
     CheckpointError,
-    atomic_write,
-    atomic_write_text,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,

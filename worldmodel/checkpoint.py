@@ -17,8 +17,7 @@ with ``torch.load(weights_only=True)`` (no pickled classes):
     complete     True once training finished
     extra        anything else the trainer needs to continue (e.g. a GradScaler state)
 
-Every file this project writes goes to a temporary name in the same directory first and is moved into
-place with ``os.replace``, so a kill never leaves a half-written checkpoint.
+Checkpoints are written atomically (``worldmodel.atomic``), so a kill never leaves a half-written one.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,6 +32,7 @@ import numpy as np
 import torch
 
 import worldmodel
+from worldmodel.atomic import atomic_torch_save
 
 if TYPE_CHECKING:
     from worldmodel.config import ModelConfig
@@ -47,44 +45,6 @@ TRAIN_HINT = "train one with `python train/world_model.py`"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the request; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic file writes
-# ----------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp_path)`` for a temporary file next to ``path``, then move it into place.
-
-    The temporary name keeps the final suffix so writers that pick a format from it (imageio,
-    matplotlib) still work.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(handle)
-    temp_path = Path(temp_name)
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    def write(temp: Path) -> None:
-        with open(temp, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-
-    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------

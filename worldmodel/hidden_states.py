@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import atomic_write
+from worldmodel.atomic import atomic_write
 from worldmodel.data import WindowDataset
 from worldmodel.model import inference_autocast
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worldmodel.checkpoint import atomic_write_text
+from worldmodel.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodel.checkpoint import atomic_torch_save
+from worldmodel.atomic import atomic_torch_save
 
 
 class RewardPredictor(nn.Module):

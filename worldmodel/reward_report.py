@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from worldmodel.checkpoint import atomic_write, atomic_write_text
+from worldmodel.atomic import atomic_write, atomic_write_text
 
 
 class InputResult(NamedTuple):

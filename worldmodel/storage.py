@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
+from worldmodel.atomic import atomic_output
 from worldmodel.tasks import IMAGE_SIZE
 
 FORMAT_VERSION = 1
@@ -49,7 +50,6 @@ FRAME_CHUNK_STEPS = 16  # ~16 frames per chunk: a random 16-frame window touches
 # Measured on DMC frames here: level 4 compresses 6-8x (level 1: ~6x) at ~0.06 ms per frame, 1% of the
 # render time, and its chunks decompress faster than level 1's (~0.23 ms per 16-frame chunk).
 GZIP_LEVEL = 4
-TEMP_SUFFIX = ".tmp"  # temporary files end with this; a collector removes stale ones on resume
 
 DATASET_NAMES: tuple[str, ...] = ("frames", "actions", "rewards", "states", "episode_seeds")
 REQUIRED_ATTRS: tuple[str, ...] = (
@@ -112,27 +112,6 @@ def missing_dataset_error(root: str | os.PathLike[str], task: str, split: str) -
     if (Path(root) / ".partial").is_dir():
         hint = f"a collection into {root} is unfinished: rerun the same collect/dmcs.py command to finish it"
     return FileNotFoundError(f"no dataset file {path}: {hint}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; when the block succeeds, it becomes ``path`` atomically.
-
-    The temporary file is flushed to disk before the rename, so a crash never leaves a partly written
-    file under the final name. On an exception the temporary file is removed and the error propagates.
-    """
-    final = Path(path)
-    temp = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    # Created like any new file (0o666 less the umask), unlike mkstemp's 0o600: the mode survives os.replace.
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield temp
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:

@@ -620,7 +620,7 @@ def detect_split(
 
 
 def save_keypoint_cache(path: Path, splits: dict[str, KeypointSplit], vision_fingerprint: str) -> None:
-    from worldmodel.checkpoint import atomic_torch_save
+    from worldmodel.atomic import atomic_torch_save
 
     payload = {"vision_fingerprint": vision_fingerprint}
     payload.update({name: split._asdict() for name, split in splits.items()})

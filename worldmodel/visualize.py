@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from worldmodel.checkpoint import atomic_write
+from worldmodel.atomic import atomic_write
 
 OBSERVED_COLOUR = (40, 200, 40)
 PREDICTED_COLOUR = (220, 40, 40)

@@ -1,0 +1,59 @@
+"""Atomic writes: the final name only ever holds a complete file; temporaries are found and cleaned."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from worldmodel.atomic import atomic_output, atomic_torch_save, atomic_write, atomic_write_text, stale_temporaries
+
+
+def test_interrupted_write_leaves_nothing_and_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "file.h5"
+    with pytest.raises(RuntimeError), atomic_output(target) as temp:
+        temp.write_text("half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(target) as temp:
+        temp.write_text("new")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_rewrites_leave_only_the_final_file_in_a_created_folder(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "a.json"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert [path.name for path in target.parent.iterdir()] == ["a.json"]
+
+
+def test_temporary_keeps_the_suffix_and_the_file_gets_normal_permissions(tmp_path: Path) -> None:
+    seen: list[Path] = []
+    atomic_write(tmp_path / "picture.png", lambda temp: (seen.append(temp), temp.write_bytes(b"png")))
+    assert seen[0].suffix == ".png" and seen[0].parent == tmp_path and seen[0].name.startswith(".picture.png.")
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE((tmp_path / "picture.png").stat().st_mode)
+    assert mode == 0o666 & ~umask  # like any new file, not mkstemp's 0o600
+
+
+def test_stale_temporaries_finds_what_a_killed_writer_left(tmp_path: Path) -> None:
+    target = tmp_path / "cheetah_train.h5"
+    with pytest.raises(KeyboardInterrupt), atomic_output(target) as temp:
+        leftover = temp.with_name(temp.name.replace(".tmp", "x.tmp"))  # a second writer's name pattern
+        leftover.write_text("left by a SIGKILL")
+        raise KeyboardInterrupt
+    (tmp_path / "other.h5").write_text("not ours")
+    assert stale_temporaries(target) == [leftover]
+
+
+def test_torch_save_round_trips(tmp_path: Path) -> None:
+    atomic_torch_save({"weights": torch.arange(3)}, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.equal(loaded["weights"], torch.arange(3))

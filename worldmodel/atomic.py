@@ -1,0 +1,68 @@
+"""Atomic file writes: every file this project writes goes to a temporary name in the same directory first
+and is moved into place with ``os.replace``, so a kill at any moment leaves either the old file or the new
+one under the final name, never a half-written one.
+
+Temporary names are ``.<final name>.<pid>.<random>.tmp<final suffix>``: hidden, unique per writer, and they
+keep the final suffix so that writers which pick a format from the name (h5py, imageio, matplotlib) still
+work. ``stale_temporaries`` finds the ones a killed writer left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+TEMP_MARKER = ".tmp"  # every temporary name contains this just before the final suffix
+
+
+def temporary_path(final: Path) -> Path:
+    """A fresh temporary name next to ``final`` (see the module docstring)."""
+    return final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_MARKER}{final.suffix}"
+
+
+def stale_temporaries(final: Path) -> list[Path]:
+    """Temporary files of ``final`` left by writers that were killed before moving them into place."""
+    return sorted(final.parent.glob(f".{final.name}.*{TEMP_MARKER}{final.suffix}"))
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block succeeds, it becomes ``path`` atomically.
+
+    The parent directory is created if needed. The temporary file is flushed to disk before the rename, so
+    a crash never leaves a partly written file under the final name; it is created like any new file
+    (0o666 less the umask, unlike mkstemp's 0o600), and the mode survives ``os.replace``. On an exception
+    the temporary file is removed and the error propagates.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_path(final)
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield temp
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(temporary_path)``, then move the file into place at ``path`` (``atomic_output``)."""
+    with atomic_output(path) as temp:
+        write(temp)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    import torch  # here, so that the collector (no torch needed) can import this module cheaply
+
+    atomic_write(path, lambda temp: torch.save(obj, temp))
