@@ -9,6 +9,9 @@ over several folds; MSE normalized by the null model's (the mean training reward
 low-dimensional states (upper bound) and the actions alone. Writes results.json, results.md and
 figure8.png to ``--out``, and each run's fold-0 predictors to ``<run>/reward_predictors/<task>.pt``
 (tagged with the world model's fingerprint, which the imagination envs check).
+
+The fits run as independent jobs in ``--workers`` processes, each writing its result under ``--out/cache``:
+an interrupted experiment continues where it stopped, and a rerun with the same settings fits nothing.
 """
 
 from __future__ import annotations
@@ -29,15 +32,9 @@ from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import CheckpointError, load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.fingerprint import model_fingerprint
-from worldmodel.hidden_states import WindowFeatures, extract_window_features, load_features, save_features
-from worldmodel.reward import (
-    RewardTrainConfig,
-    episode_folds,
-    evaluate_mse,
-    fit_reward_predictor,
-    null_model_mse,
-    save_reward_predictor,
-)
+from worldmodel.hidden_states import extract_window_features, save_features
+from worldmodel.reward import RewardTrainConfig, episode_folds
+from worldmodel.reward_jobs import FitJob, InputKind, SavedPredictor, default_workers, run_fit_jobs
 from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
 from worldmodel.storage import dataset_path
 from worldmodel.tasks import parse_tasks
@@ -71,6 +68,8 @@ class Args:
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
     batch_size: int = 256
     """Windows per batch when extracting hidden states."""
+    workers: int = default_workers()
+    """Processes fitting reward predictors side by side (default: one per CPU core); 1 fits in this process."""
 
 
 def fail(message: str) -> None:
@@ -79,7 +78,7 @@ def fail(message: str) -> None:
 
 
 def main(args: Args) -> None:
-    for name in ("sequences", "epochs", "folds", "folds_run", "batch_size"):
+    for name in ("sequences", "epochs", "folds", "folds_run", "batch_size", "workers"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.folds_run > args.folds or args.folds < 2:
@@ -110,46 +109,61 @@ def main(args: Args) -> None:
         runs.append((label, loaded.model, model_fingerprint(loaded.model), run_dir))
     train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
 
-    # ---- per task: features, folds, predictors
-    results: Results = {}
-    for task in tqdm(tasks, desc="tasks", unit="task"):
-        inputs: dict[str, torch.Tensor] = {}
-        features: WindowFeatures | None = None
-        for label, model, fingerprint, _ in runs:
-            cache = args.out / "cache" / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
+    # ---- per task: hidden states of every run (cached), then one fit job per input and fold
+    cache_dir = args.out / "cache"
+    fits_dir = cache_dir / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-e{args.epochs}"
+    jobs: list[FitJob] = []
+    labels: dict[str, list[str]] = {}
+    for task in tasks:
+        caches = []
+        for _, model, fingerprint, _ in runs:
+            cache = cache_dir / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
             if not cache.is_file():
                 extracted = extract_window_features(
                     model, args.data, task, args.sequences, batch_size=args.batch_size, seed=args.seed, device=device
                 )
                 save_features(cache, extracted)
-            features = load_features(cache)  # always from the cache (float16): a rerun gives the same numbers
-            inputs[label] = features.hidden
-        assert features is not None
-        if args.controls:
-            inputs["true states"] = features.states
-            inputs["actions only"] = features.actions
-
-        folds = episode_folds(features.episodes, args.folds, args.seed)[: args.folds_run]
-        results[task] = {}
-        for label, values in inputs.items():
-            normalized = []
+            caches.append(cache)
+        # Fits always read the cache (hidden states in float16), so a rerun gives the same numbers.
+        inputs: list[tuple[str, str, Path, InputKind, SavedPredictor | None]] = [
+            (label, fingerprint[:16], cache, "hidden", SavedPredictor(run_dir / PREDICTOR_DIR / f"{task}.pt", fingerprint))
+            for (label, _, fingerprint, run_dir), cache in zip(runs, caches)
+        ]
+        if args.controls:  # the same windows for every run: take them from the first run's cache
+            inputs += [("true states", "true-states", caches[0], "states", None),
+                       ("actions only", "actions-only", caches[0], "actions", None)]  # fmt: skip
+        with np.load(caches[0]) as cached:
+            episodes = cached["episodes"]
+        folds = episode_folds(episodes, args.folds, args.seed)[: args.folds_run]
+        labels[task] = [label for label, *_ in inputs]
+        for label, key, cache, kind, predictor in inputs:
             for fold, (train, test) in enumerate(folds):
-                fit = fit_reward_predictor(
-                    values[train], features.rewards[train], features.episodes[train], train_config
-                )
-                mse = evaluate_mse(fit.predictor, values[test], features.rewards[test])
-                # Normalized by the null model's MSE pooled over the window's frames: per-frame null
-                # errors can be 0 for sparse rewards (reacher) in a small fold.
-                null = null_model_mse(features.rewards[train], features.rewards[test]).nanmean()
-                normalized.append((mse / null).numpy() if null > 0 else np.full(len(mse), np.nan))
-                run = next((r for r in runs if r[0] == label), None)
-                if fold == 0 and run is not None:  # the predictor the imagination env uses
-                    save_reward_predictor(run[3] / PREDICTOR_DIR / f"{task}.pt", fit.predictor, task, run[2])
-            results[task][label] = summarize(np.stack(normalized), num_observed=8)
-            tqdm.write(
-                f"{task:13s} {label:28s} observed {results[task][label].observed_mean:.3f}"
-                f"  predicted {results[task][label].predicted_mean:.3f}"
-            )
+                jobs.append(FitJob(
+                    task, label, cache, kind, fold, train, test, fits_dir / task / f"{key}-fold{fold}.npy",
+                    predictor if fold == 0 else None,  # fold 0's predictor is the one the imagination env uses
+                ))  # fmt: skip
+
+    progress = tqdm(total=len(jobs), desc="reward predictors", unit="fit")
+    by_input: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+
+    def on_done(job: FitJob, normalized: np.ndarray) -> None:
+        progress.update(1)
+        folds_done = by_input.setdefault((job.task, job.label), {})
+        folds_done[job.fold] = normalized
+        if len(folds_done) == args.folds_run:
+            summary = summarize(np.stack([folds_done[f] for f in sorted(folds_done)]), num_observed=8)
+            progress.write(f"{job.task:13s} {job.label:28s} observed {summary.observed_mean:.3f}"
+                           f"  predicted {summary.predicted_mean:.3f}")  # fmt: skip
+
+    run_fit_jobs(jobs, train_config, args.workers, on_done)
+    progress.close()
+    results: Results = {
+        task: {
+            label: summarize(np.stack([by_input[task, label][f] for f in range(args.folds_run)]), num_observed=8)
+            for label in labels[task]
+        }
+        for task in tasks
+    }
 
     # ---- report
     meta = {

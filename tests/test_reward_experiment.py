@@ -89,7 +89,8 @@ def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset:
     shutil.copytree(smoke_run, run)
     out = tmp_path / "report"
     options = ["--run", str(run), "--data", str(reward_dataset), "--out", str(out), "--tasks", "cartpole,cheetah",
-               "--sequences", "24", "--epochs", "2", "--folds", "3", "--folds-run", "2", "--device", "cpu"]
+               "--sequences", "24", "--epochs", "2", "--folds", "3", "--folds-run", "2", "--device", "cpu",
+               "--workers", "2"]
     result = run_reward(*options)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -109,12 +110,28 @@ def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset:
         load_reward_predictor(run / "reward_predictors" / f"{task}.pt", task, fingerprint)  # matches its model
 
     caches = sorted((out / "cache").rglob("*.npz"))
-    assert len(caches) == 2
-    stamps = [path.stat().st_mtime_ns for path in caches]
+    fits = sorted((out / "cache").rglob("*.npy"))
+    assert len(caches) == 2 and len(fits) == 2 * 3 * 2  # tasks x inputs x folds
+    stamps = [path.stat().st_mtime_ns for path in [*caches, *fits]]
     again = run_reward(*options)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [path.stat().st_mtime_ns for path in caches] == stamps  # hidden states were read, not recomputed
-    assert json.loads((out / "results.json").read_text())["tasks"] == report["tasks"]  # and seeded
+    assert [path.stat().st_mtime_ns for path in [*caches, *fits]] == stamps  # nothing recomputed
+    assert json.loads((out / "results.json").read_text())["tasks"] == report["tasks"]
+
+    # An interrupted experiment: the fits not done yet run again, in one process this time, and are seeded.
+    lost = [path for path in fits if "cartpole" in str(path) and "fold1" in path.name]
+    for path in lost:
+        path.unlink()
+    resumed = run_reward(*options[:-1], "1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(path.is_file() for path in lost)
+    assert [path.stat().st_mtime_ns for path in [*caches, *fits] if path not in lost] == [
+        stamp for path, stamp in zip([*caches, *fits], stamps) if path not in lost
+    ]
+    resumed_tasks = json.loads((out / "results.json").read_text())["tasks"]
+    for task, by_input in report["tasks"].items():
+        for label, numbers in by_input.items():
+            np.testing.assert_allclose(resumed_tasks[task][label]["observed"], numbers["observed"], rtol=1e-4)
 
 
 @pytest.mark.parametrize(

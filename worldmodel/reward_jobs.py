@@ -1,0 +1,136 @@
+"""The reward experiment's predictor fits as independent, resumable jobs that run in parallel processes.
+
+One job = one task, one input (a world model's hidden states or a control) and one fold: fit a
+``RewardPredictor`` on the fold's training windows, score it on its test windows, normalize by the null
+model. Jobs read their inputs from the hidden-state cache (``hidden_states.save_features``), so only a
+path crosses the process boundary, and each writes its normalized per-frame errors to its own result file
+(atomically, last), so an interrupted experiment resumes with the jobs that are not done yet and a rerun
+with the same settings fits nothing.
+
+A job may also save its predictor for the imagination envs (fold 0 of a world model's hidden states);
+its result file is written after the predictor, so a finished job always has its predictor on disk.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from worldmodel.atomic import atomic_write
+from worldmodel.hidden_states import load_features
+from worldmodel.reward import (
+    RewardTrainConfig,
+    evaluate_mse,
+    fit_reward_predictor,
+    null_model_mse,
+    save_reward_predictor,
+)
+
+InputKind = Literal["hidden", "states", "actions"]
+
+
+class SavedPredictor(NamedTuple):
+    """Where a job saves its predictor, and the world model (fingerprint) whose hidden states it reads."""
+
+    path: Path
+    world_model: str
+
+
+class FitJob(NamedTuple):
+    task: str
+    label: str  # the row of the report: a world model's label, "true states" or "actions only"
+    features: Path  # the hidden-state cache (.npz) holding the inputs, rewards and episodes
+    kind: InputKind  # which of the cached arrays is the predictor's input
+    fold: int
+    train: np.ndarray  # window indices the predictor trains on (its validation part comes out of these)
+    test: np.ndarray  # window indices it is scored on
+    result: Path  # .npy of the normalized per-frame test MSE (L,), written when the job is done
+    predictor: SavedPredictor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result.is_file() and (self.predictor is None or self.predictor.path.is_file())
+
+
+def run_fit_job(job: FitJob, config: RewardTrainConfig, threads: int | None = None) -> np.ndarray:
+    """Fit, score and normalize one job; write its result (and predictor). -> normalized MSE per frame (L,).
+
+    Frame 0 and folds whose null model is exact (no reward variance in the test windows) are NaN.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    features = load_features(job.features)
+    inputs = getattr(features, job.kind)
+    fit = fit_reward_predictor(
+        inputs[job.train], features.rewards[job.train], features.episodes[job.train], config
+    )
+    mse = evaluate_mse(fit.predictor, inputs[job.test], features.rewards[job.test])
+    # Normalized by the null model's MSE pooled over the window's frames: per-frame null errors can be 0
+    # for sparse rewards (reacher) in a small fold.
+    null = null_model_mse(features.rewards[job.train], features.rewards[job.test]).nanmean()
+    normalized = (mse / null).numpy() if null > 0 else np.full(len(mse), np.nan)
+    if job.predictor is not None:
+        save_reward_predictor(job.predictor.path, fit.predictor, job.task, job.predictor.world_model)
+    atomic_write(job.result, lambda temporary: np.save(temporary, normalized))
+    return normalized
+
+
+def default_workers() -> int:
+    """One worker per available CPU core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_fit_jobs(
+    jobs: Sequence[FitJob],
+    config: RewardTrainConfig,
+    workers: int,
+    on_done: Callable[[FitJob, np.ndarray], None] | None = None,
+) -> list[np.ndarray]:
+    """Run the jobs that are not done yet (``workers`` processes, or in this process for 1) and load the
+    results of those that are; -> each job's normalized MSE per frame, in the order of ``jobs``.
+    ``on_done(job, normalized)`` is called as each job finishes or is loaded.
+
+    Each worker process uses ``cores // workers`` torch threads: on a small machine one-thread processes side
+    by side beat threads inside one process (the GRU's steps are too small to split well).
+    """
+    results: list[np.ndarray | None] = [None] * len(jobs)
+
+    def finish(index: int, normalized: np.ndarray) -> None:
+        results[index] = normalized
+        if on_done is not None:
+            on_done(jobs[index], normalized)
+
+    pending = []
+    for index, job in enumerate(jobs):
+        if job.done:
+            finish(index, np.load(job.result))
+        else:
+            pending.append(index)
+    if workers <= 1 or len(pending) <= 1:
+        for index in pending:
+            finish(index, run_fit_job(jobs[index], config))
+        return results  # type: ignore[return-value]  (all filled)
+
+    threads = max(1, default_workers() // workers)
+    # spawn, not fork: the parent has torch's thread pools running, which a forked child must not inherit.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
+        running: dict[Future[np.ndarray], int] = {
+            pool.submit(run_fit_job, jobs[index], config, threads): index for index in pending
+        }
+        try:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    finish(running.pop(future), future.result())  # a failed fit raises here; finished jobs are already on disk
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results  # type: ignore[return-value]  (all filled)
