@@ -52,9 +52,7 @@ class ModelConfig:
     """Hyperparameters of the Struct-VRNN world model and its baselines; defaults = ``paper`` profile."""
 
     variant: Variant = "struct-vrnn"
-    """``struct-vrnn`` (the model), ``struct-vrnn-nobom`` (1 sample, no best of many), ``struct-rnn``
-    (deterministic: no latent z, no KL) or ``cnn-vrnn`` (same dynamics on an unstructured CNN feature
-    vector of size ``num_keypoints * 3``; no keypoints, no separation or sparsity loss)."""
+    """``struct-vrnn`` (the model), ``struct-vrnn-nobom`` (1 sample, no best of many), ``struct-rnn`` (deterministic: no latent z, no KL) or ``cnn-vrnn`` (same dynamics on an unstructured CNN feature vector of size ``num_keypoints * 3``; no keypoints, no separation or sparsity loss)."""
 
     # ---- images and actions -------------------------------------------------------------------------
     image_size: int = IMAGE_SIZE
@@ -68,25 +66,17 @@ class ModelConfig:
     base_filters: int = 32
     """Filters of the first conv at full resolution; doubled per halving (32 -> 64 -> 128 at 16x16)."""
     layers_per_scale: int = 1
-    """Extra size-preserving 3x3 convs at every resolution of the encoders, and convs per scale of the
-    reconstructor (DMCS: 1, S1.1.1)."""
+    """Extra size-preserving 3x3 convs at every resolution of the encoders, and convs per scale of the reconstructor (DMCS: 1, S1.1.1)."""
     heatmap_size: int = 16
     """Width of the keypoint heatmaps; image_size / heatmap_size must be a power of two."""
     heatmap: Heatmap = "softmax"
-    """How the detection weights D_k (S1) are made from the detector's last 1x1 conv (the logits):
-    ``softmax``: D_k = spatial softmax(scale * logits) (default; SPEC 8: what avoided collapse);
-    ``softplus``: D_k = R_k / sum R_k with R_k = softplus(scale * logits), the paper. In both cases the
-    presence mu_k = mean softplus(logits) (S3)."""
+    """How the detection weights D_k (S1) are made from the detector's last 1x1 conv (the logits): with 'softmax', D_k = spatial softmax(scale * logits) (default; SPEC 8: what avoided collapse); with 'softplus', D_k = R_k / sum R_k with R_k = softplus(scale * logits), the paper. In both cases the presence mu_k = mean softplus(logits) (S3)."""
     heatmap_logit_scale: float = 10.0
     """``scale`` above: multiplies the logits before they become D_k (default 10, the prototype's; paper 1)."""
     initial_amplitude_mix: float = 0.0
-    """Amplitude of the Gaussian maps (S4) at the start of training: ``mix * mu_k + (1 - mix) * 1``; 1 is
-    the paper (maps scaled by mu), 0 fixed amplitude. The model keeps the current mix in a buffer (saved
-    in checkpoints) that starts here and follows ``Schedule.amplitude_mix`` when the trainer sets it.
-    L_sparse is weighted by the mix too."""
+    """Amplitude of the Gaussian maps (S4) at the start of training: ``mix * mu_k + (1 - mix) * 1``; 1 is the paper (maps scaled by mu), 0 fixed amplitude. The model keeps the current mix in a buffer (saved in checkpoints) that starts here and follows ``Schedule.amplitude_mix`` when the trainer sets it. L_sparse is weighted by the mix too."""
     amplitude_warmup: float = 0.0
-    """Fraction of training over which ``Schedule.at_step`` ramps the amplitude mix linearly from
-    ``initial_amplitude_mix`` to 1 (the paper's maps); 0 keeps the initial mix for the whole run."""
+    """Fraction of training over which ``Schedule.at_step`` ramps the amplitude mix linearly from ``initial_amplitude_mix`` to 1 (the paper's maps); 0 keeps the initial mix for the whole run."""
     keypoint_sigma: float = 1.5
     """sigma_k.p. of the Gaussian maps (S4), in pixels of the heatmap (Table S1: 1.5)."""
 
@@ -104,8 +94,7 @@ class ModelConfig:
     num_samples: int = 50
     """Samples of z for the best-of-many objective (eq. 8; Table S1: 50). ``struct-vrnn-nobom`` uses 1."""
     keypoint_std_floor: float = 0.05
-    """Floor of the per-feature std used to normalise the dynamics' inputs and targets
-    (``WorldModel.fit_keypoint_normalization``), in keypoint units ([-1, 1] coordinates)."""
+    """Floor of the per-feature std used to normalise the dynamics' inputs and targets (``WorldModel.fit_keypoint_normalization``), in keypoint units ([-1, 1] coordinates)."""
 
     # ---- loss weights (section 4, Table S1) -----------------------------------------------------------
     sparsity_weight: float = 5.0
@@ -115,8 +104,7 @@ class ModelConfig:
     separation_sigma: float = 0.02
     """sigma_sep of eq. 5 (Table S1 DMCS: 0.02), in [-1, 1] coordinate units."""
     kl_weight: float = 3e-3
-    """beta, the weight of KL(posterior || prior) (Table S1 DMCS: 3e-3); the trainer anneals
-    ``Schedule.kl_scale`` from 0 to 1 on top of it."""
+    """beta, the weight of KL(posterior || prior) (Table S1 DMCS: 3e-3); the trainer anneals ``Schedule.kl_scale`` from 0 to 1 on top of it."""
     conv_weight_decay: float = 1e-4
     """L2 weight on the conv kernels (S1.2); the trainer adds ``conv_weight_decay * model.conv_weight_l2()``."""
 
