@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import numpy as np
-import torch
 import tyro
 from tqdm.auto import tqdm
 
