@@ -39,12 +39,13 @@ from worldmodel.storage import dataset_path
 from worldmodel.tasks import parse_tasks
 
 PREDICTOR_DIR = "reward_predictors"
+DEFAULT_RUNS = (Path("runs/world_model"),)
 
 
 @dataclass(frozen=True)
 class Args:
-    run: tuple[Path, ...] = (Path("runs/world_model"),)
-    """World-model run directories (or checkpoint files) of train/world_model.py; repeat the flag to compare."""
+    run: tyro.conf.UseAppendAction[tuple[Path, ...]] = ()
+    """World-model run directory (or checkpoint file) of train/world_model.py; repeat the flag to compare several (--run A --run B). None given: runs/world_model."""
     data: Path = Path("data/dmcs")
     """Dataset directory of collect/dmcs.py; its test split is used."""
     out: Path = Path("runs/reward")
@@ -96,7 +97,7 @@ def main(args: Args) -> None:
 
     # ---- the world models whose hidden states we probe
     runs = []
-    for run_path in args.run:
+    for run_path in args.run or DEFAULT_RUNS:
         try:
             loaded = load_world_model(run_path, device)
         except CheckpointError as error:
@@ -171,7 +172,7 @@ def main(args: Args) -> None:
         "num_observed": 8,
         "length": 20,
     }
-    meta["args"]["run"] = [str(path) for path in args.run]
+    meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
     write_json(args.out / "results.json", results, meta)
     table = markdown_table(results)
     atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)

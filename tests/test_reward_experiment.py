@@ -153,3 +153,21 @@ def test_missing_run_says_how_to_train_one(reward_dataset: Path, tmp_path: Path)
     result = run_reward("--run", str(tmp_path / "nothing"), "--data", str(reward_dataset), "--out", str(tmp_path),
                         "--tasks", "cartpole")
     assert result.returncode == 2 and "train/world_model.py" in result.stderr
+
+
+def test_repeated_run_flags_compare_every_run() -> None:
+    import importlib.util
+
+    import tyro
+
+    spec = importlib.util.spec_from_file_location("reward_script", REPO_ROOT / "downstream" / "reward.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        del sys.modules[spec.name]
+    assert tyro.cli(script.Args, args=["--run", "a", "--run", "b"]).run == (Path("a"), Path("b"))
+    assert tyro.cli(script.Args, args=[]).run == ()  # main() then uses DEFAULT_RUNS
+    assert script.DEFAULT_RUNS == (Path("runs/world_model"),)
