@@ -163,11 +163,11 @@ def test_repeated_run_flags_compare_every_run() -> None:
     spec = importlib.util.spec_from_file_location("reward_script", REPO_ROOT / "downstream" / "reward.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up while the class is made
+    sys.modules[spec.name] = script  # dataclasses and tyro resolve the annotations through it
     try:
         spec.loader.exec_module(script)
+        assert tyro.cli(script.Args, args=["--run", "a", "--run", "b"]).run == (Path("a"), Path("b"))
+        assert tyro.cli(script.Args, args=[]).run == ()  # main() then uses DEFAULT_RUNS
+        assert script.DEFAULT_RUNS == (Path("runs/world_model"),)
     finally:
         del sys.modules[spec.name]
-    assert tyro.cli(script.Args, args=["--run", "a", "--run", "b"]).run == (Path("a"), Path("b"))
-    assert tyro.cli(script.Args, args=[]).run == ()  # main() then uses DEFAULT_RUNS
-    assert script.DEFAULT_RUNS == (Path("runs/world_model"),)
