@@ -16,6 +16,8 @@ an interrupted experiment continues where it stopped, and a rerun with the same 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -32,7 +34,7 @@ from worldmodel.checkpoint import CheckpointError, load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
-from worldmodel.reward import RewardTrainConfig, episode_folds
+from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
 from worldmodel.reward_jobs import FitJob, InputKind, SavedPredictor, default_workers, run_fit_jobs
 from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
 from worldmodel.storage import dataset_path
@@ -111,7 +113,8 @@ def main(args: Args) -> None:
 
     # ---- per task: hidden states of every run (cached), then one fit job per input and fold
     cache_dir = args.out / "cache"
-    fits_dir = cache_dir / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-e{args.epochs}"
+    fit_key = hashlib.sha256(json.dumps([FIT_VERSION, asdict(train_config)]).encode()).hexdigest()[:8]
+    fits_dir = cache_dir / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-{fit_key}"
     jobs: list[FitJob] = []
     labels: dict[str, list[str]] = {}
     for task in tasks:

@@ -45,6 +45,26 @@ def test_reward_independent_of_inputs_stays_near_one() -> None:
     assert 0.9 < normalized_test_mse(inputs, rewards, episodes) < 1.2
 
 
+def test_an_untrained_predictor_is_the_null_model_and_is_kept_when_nothing_beats_it() -> None:
+    inputs, episodes = synthetic_windows(200, 12, 8, seed=4)
+    rewards = 0.003 + 0.02 * torch.rand(200, 12, generator=torch.Generator().manual_seed(5))  # acrobot-sized
+    # Zero epochs: the predictor outputs the mean training target at every step, exactly the null model
+    # (the mean over the windows it trains on: those outside its validation episodes).
+    fit = fit_reward_predictor(inputs, rewards, episodes, RewardTrainConfig(epochs=0))
+    targets, mask = align_rewards(rewards)
+    assert fit.best_epoch == -1
+    predicted, _ = fit.predictor(inputs)
+    assert torch.equal(predicted, fit.predictor.reward_mean.expand_as(predicted))
+    assert abs(float(fit.predictor.reward_mean) - float(targets[:, mask].mean())) < 1e-3
+    # A wild learning rate on rewards that are noise: the one epoch is worse than the null model on the
+    # validation episodes, so the null model is what the fit returns.
+    noise = torch.rand(200, 12, generator=torch.Generator().manual_seed(6))
+    fit = fit_reward_predictor(inputs, noise, episodes, RewardTrainConfig(epochs=1, lr_start=10.0, lr_end=10.0))
+    assert fit.best_epoch == -1 and len(fit.validation_losses) == 1
+    predicted, _ = fit.predictor(inputs)
+    assert torch.equal(predicted, fit.predictor.reward_mean.expand_as(predicted))
+
+
 def test_null_model_matches_hand_computation() -> None:
     train = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # targets at frames 1,2: [1,2],[3,4] -> mean 2.5
     test = torch.tensor([[0.0, 1.0, 9.0]])  # targets at frames 1,2: 0 and 1

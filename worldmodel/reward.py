@@ -24,11 +24,20 @@ from torch import Tensor, nn
 from worldmodel.atomic import atomic_torch_save
 
 
+# Bumped whenever a change to the predictor or its training changes the numbers it gives, so that cached
+# fit results of an older version are not reused (downstream/reward.py keys its result cache on it).
+FIT_VERSION = 2
+
+
 class RewardPredictor(nn.Module):
     """dense 128 -> GRU 128 -> GRU 128 -> dense 1, ReLU between (S2.3).
 
-    Inputs are standardized per feature with statistics fit on the training data (kept as buffers so a
-    saved predictor carries them).
+    Inputs are standardized per feature, and the output is in units of the training rewards' std around
+    their mean (both fit on the training data and kept as buffers, so a saved predictor carries them). The
+    output layer starts at zero: an untrained predictor *is* the null model (the mean training reward at
+    every step), so training can only move away from it where the inputs carry reward information. This
+    matters for the tiny, sparse random-policy rewards (acrobot ~0.003 ± 0.02): in raw units an untrained
+    head's offset alone is several null-model MSEs.
     """
 
     def __init__(self, input_size: int, units: int = 128) -> None:
@@ -36,10 +45,14 @@ class RewardPredictor(nn.Module):
         self.input_size, self.units = input_size, units
         self.register_buffer("input_mean", torch.zeros(input_size))
         self.register_buffer("input_std", torch.ones(input_size))
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(()))
         self.dense_in = nn.Linear(input_size, units)
         self.gru1 = nn.GRU(units, units, batch_first=True)
         self.gru2 = nn.GRU(units, units, batch_first=True)
         self.dense_out = nn.Linear(units, 1)
+        nn.init.zeros_(self.dense_out.weight)
+        nn.init.zeros_(self.dense_out.bias)
 
     def fit_normalization(self, inputs: Tensor) -> None:
         """Set the per-feature mean/std from training inputs (N, T, F); a floor keeps constant features finite."""
@@ -47,19 +60,28 @@ class RewardPredictor(nn.Module):
         self.input_mean.copy_(flat.mean(0))
         self.input_std.copy_(flat.std(0).clamp_min(1e-3))
 
-    def initial_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
-        return torch.zeros(2, batch_size, self.units, device=device)  # (layers, B, units)
+    def fit_reward_scale(self, targets: Tensor) -> None:
+        """Set the output's mean and std from the training reward targets (any shape)."""
+        self.reward_mean.copy_(targets.float().mean())
+        self.reward_std.copy_(targets.float().std().clamp_min(1e-6))
 
-    def forward(self, inputs: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """inputs (B, T, F) -> (rewards (B, T), state (2, B, units)); pass `state` back to continue."""
+    def standardized(self, inputs: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Like ``forward``, but rewards in training units: (reward - reward_mean) / reward_std."""
         if state is None:
             state = self.initial_state(inputs.shape[0], inputs.device)
         x = (inputs.float() - self.input_mean) / self.input_std  # (B, T, F)
         x = F.relu(self.dense_in(x))  # (B, T, U)
         x, state1 = self.gru1(x, state[0:1].contiguous())
         x, state2 = self.gru2(F.relu(x), state[1:2].contiguous())
-        rewards = self.dense_out(F.relu(x)).squeeze(-1)  # (B, T)
-        return rewards, torch.cat([state1, state2], 0)
+        return self.dense_out(F.relu(x)).squeeze(-1), torch.cat([state1, state2], 0)  # (B, T), (2, B, U)
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        return torch.zeros(2, batch_size, self.units, device=device)  # (layers, B, units)
+
+    def forward(self, inputs: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """inputs (B, T, F) -> (rewards (B, T), state (2, B, units)); pass `state` back to continue."""
+        standardized, state = self.standardized(inputs, state)
+        return standardized * self.reward_std + self.reward_mean, state
 
 
 def align_rewards(rewards: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,7 +123,8 @@ class RewardTrainConfig:
     validation_fraction: float = 0.1
     """Share of the training episodes held out for early stopping."""
     patience: int = 8
-    """Stop after this many epochs without a better validation loss; the best weights are kept."""
+    """Stop after this many epochs without a better validation loss; the best weights are kept (the untrained
+    predictor, i.e. the null model, if no epoch beats it)."""
     units: int = 128
     """Width of the dense and GRU layers (S2.3)."""
     seed: int = 0
@@ -112,7 +135,7 @@ class FitResult(NamedTuple):
     predictor: RewardPredictor
     train_losses: list[float]
     validation_losses: list[float]
-    best_epoch: int
+    best_epoch: int  # -1: no epoch beat the untrained predictor (the null model) on validation
 
 
 def fit_reward_predictor(
@@ -131,24 +154,29 @@ def fit_reward_predictor(
     train_idx = torch.from_numpy(np.flatnonzero(~is_val))
     val_idx = torch.from_numpy(np.flatnonzero(is_val)) if num_val else train_idx
     predictor.fit_normalization(inputs[train_idx])
+    predictor.fit_reward_scale(targets[train_idx][:, mask])
+    scale = predictor.reward_std
 
     optimizer = torch.optim.Adam(predictor.parameters(), lr=config.lr_start)
     decay = (config.lr_end / config.lr_start) ** (1.0 / max(1, config.epochs - 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
 
-    train_losses, val_losses = [], []
-    best = (float("inf"), 0, copy.deepcopy(predictor.state_dict()))
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    initial = float(evaluate_mse(predictor, inputs[val_idx], rewards[val_idx]).nanmean())  # the null model
+    best = (initial, -1, copy.deepcopy(predictor.state_dict()))
     for epoch in range(config.epochs):
         predictor.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator)]
         total = 0.0
         for batch in order.split(config.batch_size):
-            predicted, _ = predictor(inputs[batch])
-            loss = F.mse_loss(predicted[:, mask], targets[batch][:, mask])
+            predicted, _ = predictor.standardized(inputs[batch])
+            target = (targets[batch][:, mask] - predictor.reward_mean) / scale
+            loss = F.mse_loss(predicted[:, mask], target)  # in units of the training rewards' variance
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += loss.item() * len(batch) * float(scale) ** 2  # logged in reward units
         scheduler.step()
         train_losses.append(total / len(train_idx))
         val_losses.append(float(evaluate_mse(predictor, inputs[val_idx], rewards[val_idx]).nanmean()))
