@@ -35,7 +35,7 @@ from worldmodel.distributed import resolve_device
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
-from worldmodel.reward_jobs import FitJob, InputKind, SavedPredictor, default_workers, run_fit_jobs
+from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, default_workers, run_fit_jobs
 from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
 from worldmodel.storage import dataset_path
 from worldmodel.tasks import parse_tasks
@@ -113,7 +113,7 @@ def main(args: Args) -> None:
 
     # ---- per task: hidden states of every run (cached), then one fit job per input and fold
     cache_dir = args.out / "cache"
-    fit_key = hashlib.sha256(json.dumps([FIT_VERSION, asdict(train_config)]).encode()).hexdigest()[:8]
+    fit_key = hashlib.sha256(json.dumps([FIT_VERSION, RESULT_FORMAT, asdict(train_config)]).encode()).hexdigest()[:8]
     fits_dir = cache_dir / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-{fit_key}"
     jobs: list[FitJob] = []
     labels: dict[str, list[str]] = {}
@@ -149,10 +149,10 @@ def main(args: Args) -> None:
     progress = tqdm(total=len(jobs), desc="reward predictors", unit="fit")
     by_input: dict[tuple[str, str], dict[int, np.ndarray]] = {}
 
-    def on_done(job: FitJob, normalized: np.ndarray) -> None:
+    def on_done(job: FitJob, errors: np.ndarray) -> None:
         progress.update(1)
         folds_done = by_input.setdefault((job.task, job.label), {})
-        folds_done[job.fold] = normalized
+        folds_done[job.fold] = errors
         if len(folds_done) == args.folds_run:
             summary = summarize(np.stack([folds_done[f] for f in sorted(folds_done)]), num_observed=8)
             progress.write(f"{job.task:13s} {job.label:28s} observed {summary.observed_mean:.3f}"

@@ -103,3 +103,19 @@ def test_recurrent_state_continues_a_sequence_exactly() -> None:
     first, state = predictor(inputs[:, :4])
     rest, _ = predictor(inputs[:, 4:], state)
     assert torch.allclose(whole, torch.cat([first, rest], 1), atol=1e-6)
+
+
+def test_summary_is_the_ratio_of_summed_errors_per_fold() -> None:
+    from worldmodel.reward_report import summarize
+
+    nan = float("nan")
+    errors = np.array([
+        [[nan, 1.0, 2.0, 3.0], [nan, 2.0, 2.0, 6.0]],  # fold 0: predictor (row 0), null model (row 1)
+        [[nan, 1.0, 0.0, 1.0], [nan, 1.0, 0.0, 4.0]],  # fold 1: a frame whose null error is 0
+    ])
+    result = summarize(errors, num_observed=2)
+    np.testing.assert_allclose(result.normalized_mse[0], [nan, 0.5, 1.0, 0.5])
+    np.testing.assert_allclose(result.normalized_mse[1], [nan, 1.0, nan, 0.25])
+    # observed frames: frame 1 only -> 0.5 and 1.0; predicted: (2 + 3) / (2 + 6) and (0 + 1) / (0 + 4)
+    assert np.isclose(result.observed_mean, 0.75) and np.isclose(result.observed_std, 0.25)
+    assert np.isclose(result.predicted_mean, (0.625 + 0.25) / 2) and np.isclose(result.predicted_std, 0.1875)

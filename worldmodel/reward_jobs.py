@@ -1,9 +1,10 @@
 """The reward experiment's predictor fits as independent, resumable jobs that run in parallel processes.
 
 One job = one task, one input (a world model's hidden states or a control) and one fold: fit a
-``RewardPredictor`` on the fold's training windows, score it on its test windows, normalize by the null
-model. Jobs read their inputs from the hidden-state cache (``hidden_states.save_features``), so only a
-path crosses the process boundary, and each writes its normalized per-frame errors to its own result file
+``RewardPredictor`` on the fold's training windows, then measure its per-frame MSE on the test windows
+beside the null model's (``reward_report.summarize`` turns the two into normalized errors).
+Jobs read their inputs from the hidden-state cache (``hidden_states.save_features``), so only a
+path crosses the process boundary, and each writes its per-frame errors to its own result file
 (atomically, last), so an interrupted experiment resumes with the jobs that are not done yet and a rerun
 with the same settings fits nothing.
 
@@ -34,6 +35,7 @@ from worldmodel.reward import (
 )
 
 InputKind = Literal["hidden", "states", "actions"]
+RESULT_FORMAT = 2  # what a result file holds; part of the key of the result cache (downstream/reward.py)
 
 
 class SavedPredictor(NamedTuple):
@@ -51,7 +53,7 @@ class FitJob(NamedTuple):
     fold: int
     train: np.ndarray  # window indices the predictor trains on (its validation part comes out of these)
     test: np.ndarray  # window indices it is scored on
-    result: Path  # .npy of the normalized per-frame test MSE (L,), written when the job is done
+    result: Path  # .npy (2, L): the predictor's and the null model's per-frame test MSE, written when done
     predictor: SavedPredictor | None = None
 
     @property
@@ -60,10 +62,8 @@ class FitJob(NamedTuple):
 
 
 def run_fit_job(job: FitJob, config: RewardTrainConfig, threads: int | None = None) -> np.ndarray:
-    """Fit, score and normalize one job; write its result (and predictor). -> normalized MSE per frame (L,).
-
-    Frame 0 and folds whose null model is exact (no reward variance in the test windows) are NaN.
-    """
+    """Fit and score one job; write its result (and predictor). -> (2, L): per-frame test MSE of the
+    predictor (row 0) and of the null model (row 1); frame 0 (no target) is NaN."""
     if threads is not None:
         torch.set_num_threads(threads)
     features = load_features(job.features)
@@ -72,14 +72,12 @@ def run_fit_job(job: FitJob, config: RewardTrainConfig, threads: int | None = No
         inputs[job.train], features.rewards[job.train], features.episodes[job.train], config
     )
     mse = evaluate_mse(fit.predictor, inputs[job.test], features.rewards[job.test])
-    # Normalized by the null model's MSE pooled over the window's frames: per-frame null errors can be 0
-    # for sparse rewards (reacher) in a small fold.
-    null = null_model_mse(features.rewards[job.train], features.rewards[job.test]).nanmean()
-    normalized = (mse / null).numpy() if null > 0 else np.full(len(mse), np.nan)
+    null = null_model_mse(features.rewards[job.train], features.rewards[job.test])
+    errors = torch.stack([mse, null]).numpy()  # (2, L)
     if job.predictor is not None:
         save_reward_predictor(job.predictor.path, fit.predictor, job.task, job.predictor.world_model)
-    atomic_write(job.result, lambda temporary: np.save(temporary, normalized))
-    return normalized
+    atomic_write(job.result, lambda temporary: np.save(temporary, errors))
+    return errors
 
 
 def default_workers() -> int:
@@ -94,18 +92,18 @@ def run_fit_jobs(
     on_done: Callable[[FitJob, np.ndarray], None] | None = None,
 ) -> list[np.ndarray]:
     """Run the jobs that are not done yet (``workers`` processes, or in this process for 1) and load the
-    results of those that are; -> each job's normalized MSE per frame, in the order of ``jobs``.
-    ``on_done(job, normalized)`` is called as each job finishes or is loaded.
+    results of those that are; -> each job's errors (2, L) (see ``run_fit_job``), in the order of ``jobs``.
+    ``on_done(job, errors)`` is called as each job finishes or is loaded.
 
     Each worker process uses ``cores // workers`` torch threads: on a small machine one-thread processes side
     by side beat threads inside one process (the GRU's steps are too small to split well).
     """
     results: list[np.ndarray | None] = [None] * len(jobs)
 
-    def finish(index: int, normalized: np.ndarray) -> None:
-        results[index] = normalized
+    def finish(index: int, errors: np.ndarray) -> None:
+        results[index] = errors
         if on_done is not None:
-            on_done(jobs[index], normalized)
+            on_done(jobs[index], errors)
 
     pending = []
     for index, job in enumerate(jobs):
