@@ -14,6 +14,7 @@ the mean of per-frame ratios would weight the frames where the null model happen
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,6 +51,13 @@ def summarize(errors: np.ndarray, num_observed: int) -> InputResult:
 Results = dict[str, dict[str, InputResult]]  # task -> input label -> result
 
 
+def fold_mean_and_spread(normalized_mse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame mean and std over folds (L,), NaN where no fold has a value (frame 0) without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: frame 0 has no target
+        return np.nanmean(normalized_mse, 0), np.nanstd(normalized_mse, 0)
+
+
 def write_json(path: Path, results: Results, meta: dict) -> None:
     payload = {
         "meta": meta,
@@ -60,7 +68,7 @@ def write_json(path: Path, results: Results, meta: dict) -> None:
                     "observed_std": r.observed_std,
                     "predicted": r.predicted_mean,
                     "predicted_std": r.predicted_std,
-                    "per_frame_mean": _nan_to_none(np.nanmean(r.normalized_mse, 0) if len(r.normalized_mse) else []),
+                    "per_frame_mean": _nan_to_none(fold_mean_and_spread(r.normalized_mse)[0] if len(r.normalized_mse) else []),
                     "per_frame_folds": [_nan_to_none(row) for row in r.normalized_mse],
                 }
                 for label, r in by_input.items()
@@ -109,8 +117,7 @@ def plot_figure8(path: Path, results: Results, num_observed: int) -> None:
     for axis, task in zip(axes.flat, tasks):
         for label, r in results[task].items():
             frames = np.arange(r.normalized_mse.shape[1])
-            mean = np.nanmean(r.normalized_mse, 0)
-            spread = np.nanstd(r.normalized_mse, 0)
+            mean, spread = fold_mean_and_spread(r.normalized_mse)
             line, = axis.plot(frames[1:], mean[1:], label=label)
             axis.fill_between(frames[1:], (mean - spread)[1:], (mean + spread)[1:], color=line.get_color(), alpha=0.2)
         axis.axvline(num_observed - 0.5, color="gray", linestyle="--", linewidth=1)
