@@ -74,6 +74,7 @@ import worldmodel  # noqa: E402
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator  # noqa: E402  (dm_control loads in workers only)
 from worldmodel import storage  # noqa: E402
 from worldmodel.atomic import TEMP_MARKER, stale_temporaries  # noqa: E402
+from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
 
 PROGRAM = "collect/dmcs.py"
@@ -85,14 +86,6 @@ PARTIAL_FOLDER = ".partial"
 SETTINGS_FILE = "settings.json"
 # Settings shared by every file of a dataset folder; the rest (task, action repeat, T) is per task.
 FOLDER_WIDE_SETTINGS = ("format_version", "seed", "episodes", "episode_steps_cap", "render")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, which containers often narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass

@@ -35,13 +35,15 @@ from worldmodel.distributed import resolve_device
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
-from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, default_workers, run_fit_jobs
+from worldmodel.machine import available_cores
+from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, run_fit_jobs
 from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
 from worldmodel.storage import dataset_path
 from worldmodel.tasks import parse_tasks
 
 PREDICTOR_DIR = "reward_predictors"
 DEFAULT_RUNS = (Path("runs/world_model"),)
+NUM_OBSERVED = 8  # of the 20 frames of a window: through the posterior; the rest open loop (Figure 8)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Args:
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
     batch_size: int = 256
     """Windows per batch when extracting hidden states."""
-    workers: int = default_workers()
+    workers: int = available_cores()
     """Processes fitting reward predictors side by side (default: one per CPU core); 1 fits in this process."""
 
 
@@ -113,7 +115,8 @@ def main(args: Args) -> None:
 
     # ---- per task: hidden states of every run (cached), then one fit job per input and fold
     cache_dir = args.out / "cache"
-    fit_key = hashlib.sha256(json.dumps([FIT_VERSION, RESULT_FORMAT, asdict(train_config)]).encode()).hexdigest()[:8]
+    fit_settings = json.dumps([FIT_VERSION, RESULT_FORMAT, asdict(train_config)])
+    fit_key = hashlib.sha256(fit_settings.encode()).hexdigest()[:8]
     fits_dir = cache_dir / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-{fit_key}"
     jobs: list[FitJob] = []
     labels: dict[str, list[str]] = {}
@@ -123,8 +126,9 @@ def main(args: Args) -> None:
             cache = cache_dir / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
             if not cache.is_file():
                 extracted = extract_window_features(
-                    model, args.data, task, args.sequences, batch_size=args.batch_size, seed=args.seed, device=device
-                )
+                    model, args.data, task, args.sequences, num_observed=NUM_OBSERVED, batch_size=args.batch_size,
+                    seed=args.seed, device=device,
+                )  # fmt: skip
                 save_features(cache, extracted)
             caches.append(cache)
         # Fits always read the cache (hidden states in float16), so a rerun gives the same numbers.
@@ -154,7 +158,7 @@ def main(args: Args) -> None:
         folds_done = by_input.setdefault((job.task, job.label), {})
         folds_done[job.fold] = errors
         if len(folds_done) == args.folds_run:
-            summary = summarize(np.stack([folds_done[f] for f in sorted(folds_done)]), num_observed=8)
+            summary = summarize(np.stack([folds_done[f] for f in sorted(folds_done)]), NUM_OBSERVED)
             progress.write(f"{job.task:13s} {job.label:28s} observed {summary.observed_mean:.3f}"
                            f"  predicted {summary.predicted_mean:.3f}")  # fmt: skip
 
@@ -162,7 +166,7 @@ def main(args: Args) -> None:
     progress.close()
     results: Results = {
         task: {
-            label: summarize(np.stack([by_input[task, label][f] for f in range(args.folds_run)]), num_observed=8)
+            label: summarize(np.stack([by_input[task, label][f] for f in range(args.folds_run)]), NUM_OBSERVED)
             for label in labels[task]
         }
         for task in tasks
@@ -172,14 +176,14 @@ def main(args: Args) -> None:
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "runs": {label: {"dir": str(run_dir), "fingerprint": fp} for label, _, fp, run_dir in runs},
-        "num_observed": 8,
+        "num_observed": NUM_OBSERVED,
         "length": 20,
     }
     meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
     write_json(args.out / "results.json", results, meta)
     table = markdown_table(results)
     atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)
-    plot_figure8(args.out / "figure8.png", results, num_observed=8)
+    plot_figure8(args.out / "figure8.png", results, num_observed=NUM_OBSERVED)
     print(table)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'figure8.png'}")
 

@@ -46,8 +46,8 @@ from envs.context import (
     posterior_noise,
     posterior_step,
 )
-from worldmodel import distributed
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
+from worldmodel.distributed import resolve_device
 from worldmodel.dynamics import Carry
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel
@@ -86,11 +86,6 @@ class ImaginationModels(NamedTuple):
     task: str
     action_repeat: int  # the one the model's data of this task was collected with
     device: torch.device
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda if available, else cpu (``worldmodel.distributed.resolve_device``)."""
-    return device if isinstance(device, torch.device) else distributed.resolve_device(device)
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> Path:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from worldmodel.machine import available_cores
+
 
 class DistInfo(NamedTuple):
     rank: int
@@ -33,9 +35,10 @@ class DistInfo(NamedTuple):
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` gets the process's local rank as index."""
-    if name == "auto":
+def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` gets the process's local rank as index; a
+    ``torch.device`` is checked the same way."""
+    if isinstance(name, str) and name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
@@ -55,7 +58,7 @@ def setup(device_name: str) -> DistInfo:
     device = resolve_device(device_name, local_rank)
     if device.type == "cpu" and local_world_size > 1:
         # N processes on one machine must share its cores instead of each spawning cores threads.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+        torch.set_num_threads(max(1, available_cores() // local_world_size))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

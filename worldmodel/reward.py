@@ -155,7 +155,9 @@ def fit_reward_predictor(
     val_idx = torch.from_numpy(np.flatnonzero(is_val)) if num_val else train_idx
     predictor.fit_normalization(inputs[train_idx])
     predictor.fit_reward_scale(targets[train_idx][:, mask])
-    scale = predictor.reward_std
+    # The loss is in units of the training rewards' variance (as the predictor's standardized output).
+    standardized_targets = (targets[:, mask] - predictor.reward_mean) / predictor.reward_std  # (N, L-1)
+    variance = float(predictor.reward_std) ** 2
 
     optimizer = torch.optim.Adam(predictor.parameters(), lr=config.lr_start)
     decay = (config.lr_end / config.lr_start) ** (1.0 / max(1, config.epochs - 1))
@@ -171,12 +173,11 @@ def fit_reward_predictor(
         total = 0.0
         for batch in order.split(config.batch_size):
             predicted, _ = predictor.standardized(inputs[batch])
-            target = (targets[batch][:, mask] - predictor.reward_mean) / scale
-            loss = F.mse_loss(predicted[:, mask], target)  # in units of the training rewards' variance
+            loss = F.mse_loss(predicted[:, mask], standardized_targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch) * float(scale) ** 2  # logged in reward units
+            total += loss.item() * len(batch) * variance  # logged in reward units
         scheduler.step()
         train_losses.append(total / len(train_idx))
         val_losses.append(float(evaluate_mse(predictor, inputs[val_idx], rewards[val_idx]).nanmean()))

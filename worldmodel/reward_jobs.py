@@ -15,9 +15,8 @@ its result file is written after the predictor, so a finished job always has its
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -26,6 +25,7 @@ import torch
 
 from worldmodel.atomic import atomic_write
 from worldmodel.hidden_states import load_features
+from worldmodel.machine import available_cores
 from worldmodel.reward import (
     RewardTrainConfig,
     evaluate_mse,
@@ -80,55 +80,38 @@ def run_fit_job(job: FitJob, config: RewardTrainConfig, threads: int | None = No
     return errors
 
 
-def default_workers() -> int:
-    """One worker per available CPU core."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run_fit_jobs(
-    jobs: Sequence[FitJob],
-    config: RewardTrainConfig,
-    workers: int,
-    on_done: Callable[[FitJob, np.ndarray], None] | None = None,
-) -> list[np.ndarray]:
+    jobs: Sequence[FitJob], config: RewardTrainConfig, workers: int, on_done: Callable[[FitJob, np.ndarray], None]
+) -> None:
     """Run the jobs that are not done yet (``workers`` processes, or in this process for 1) and load the
-    results of those that are; -> each job's errors (2, L) (see ``run_fit_job``), in the order of ``jobs``.
-    ``on_done(job, errors)`` is called as each job finishes or is loaded.
+    results of those that are; ``on_done(job, errors)`` gets each job's errors (2, L) (see ``run_fit_job``)
+    as it finishes or is loaded.
 
     Each worker process uses ``cores // workers`` torch threads: on a small machine one-thread processes side
     by side beat threads inside one process (the GRU's steps are too small to split well).
     """
-    results: list[np.ndarray | None] = [None] * len(jobs)
-
-    def finish(index: int, errors: np.ndarray) -> None:
-        results[index] = errors
-        if on_done is not None:
-            on_done(jobs[index], errors)
-
     pending = []
-    for index, job in enumerate(jobs):
+    for job in jobs:
         if job.done:
-            finish(index, np.load(job.result))
+            on_done(job, np.load(job.result))
         else:
-            pending.append(index)
+            pending.append(job)
     if workers <= 1 or len(pending) <= 1:
-        for index in pending:
-            finish(index, run_fit_job(jobs[index], config))
-        return results  # type: ignore[return-value]  (all filled)
+        for job in pending:
+            on_done(job, run_fit_job(job, config))
+        return
 
-    threads = max(1, default_workers() // workers)
+    threads = max(1, available_cores() // workers)
     # spawn, not fork: the parent has torch's thread pools running, which a forked child must not inherit.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
-        running: dict[Future[np.ndarray], int] = {
-            pool.submit(run_fit_job, jobs[index], config, threads): index for index in pending
-        }
+        running = {pool.submit(run_fit_job, job, config, threads): job for job in pending}
         try:
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    finish(running.pop(future), future.result())  # a failed fit raises here; finished jobs are already on disk
+                    job = running.pop(future)
+                    on_done(job, future.result())  # a failed fit raises here; finished ones are on disk
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return results  # type: ignore[return-value]  (all filled)

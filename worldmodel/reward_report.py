@@ -68,7 +68,7 @@ def write_json(path: Path, results: Results, meta: dict) -> None:
                     "observed_std": r.observed_std,
                     "predicted": r.predicted_mean,
                     "predicted_std": r.predicted_std,
-                    "per_frame_mean": _nan_to_none(fold_mean_and_spread(r.normalized_mse)[0] if len(r.normalized_mse) else []),
+                    "per_frame_mean": _nan_to_none(fold_mean_and_spread(r.normalized_mse)[0]),
                     "per_frame_folds": [_nan_to_none(row) for row in r.normalized_mse],
                 }
                 for label, r in by_input.items()
