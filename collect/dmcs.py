@@ -73,7 +73,7 @@ import numpy as np  # noqa: E402
 import worldmodel  # noqa: E402
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator  # noqa: E402  (dm_control loads in workers only)
 from worldmodel import storage  # noqa: E402
-from worldmodel.atomic import TEMP_MARKER, stale_temporaries  # noqa: E402
+from worldmodel.atomic import TEMP_MARKER, atomic_write_text, stale_temporaries  # noqa: E402
 from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
 
@@ -398,7 +398,7 @@ def prepare_partials(states: Sequence[GroupState]) -> None:
         group.partial_dir.mkdir(parents=True, exist_ok=True)
         settings_path = group.partial_dir / SETTINGS_FILE
         if not settings_path.exists():
-            storage.write_json_atomic(settings_path, group.settings.record())
+            atomic_write_text(settings_path, json.dumps(group.settings.record(), indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------

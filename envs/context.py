@@ -44,8 +44,7 @@ from torch import Tensor
 
 from worldmodel import storage
 from worldmodel.dynamics import Carry
-from worldmodel.model import WorldModel, previous_actions
-from worldmodel.model import inference_autocast as autocast_for
+from worldmodel.model import WorldModel, inference_autocast, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
 
 CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
@@ -105,7 +104,7 @@ def detect_frames(model: WorldModel, frames: Tensor, chunk: int = DETECT_CHUNK) 
     """uint8 frames (N, 64, 64, 3) on the model's device -> keypoints (N, K, 3) float32, in fixed chunks."""
     device = frames.device
     parts = []
-    with autocast_for(device):
+    with inference_autocast(device):
         for begin in range(0, frames.shape[0], chunk):
             parts.append(model.detect(frames[None, begin : begin + chunk])[0].float())
     return torch.cat(parts)

@@ -37,7 +37,6 @@ from torch import Tensor
 from envs.context import (
     CONTEXT_LENGTH,
     ContextSource,
-    autocast_for,
     context_source,
     cpu_threads,
     detect_frames,
@@ -50,7 +49,7 @@ from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpo
 from worldmodel.distributed import resolve_device
 from worldmodel.dynamics import Carry
 from worldmodel.fingerprint import model_fingerprint
-from worldmodel.model import WorldModel
+from worldmodel.model import WorldModel, inference_autocast
 from worldmodel.reward import RewardPredictor, RewardPredictorMismatch, load_reward_predictor
 from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, get_task
 
@@ -294,7 +293,7 @@ class ImaginationBatch:
     def _fp32(self) -> torch.autocast:
         """The dynamics and the reward predictor run in float32, as the model runs its dynamics (also under a
         caller's autocast). Measured: bf16 would step ~1.5x faster on CPU but moves the hidden state by ~1e-2;
-        the convolutions (detection, decoding) do use bf16 on CPU (``envs.context.autocast_for``)."""
+        the convolutions (detection, decoding) do use bf16 on CPU (``model.inference_autocast``)."""
         return torch.autocast(self.device.type, enabled=False)
 
     # ---- observations -------------------------------------------------------------------------------
@@ -386,7 +385,7 @@ class ImaginationBatch:
 def decode_frames(model: WorldModel, keypoints: Tensor, first_frames: Tensor, first_keypoints: Tensor) -> np.ndarray:
     """Frames drawn from keypoints (B, K, 3), with reference frames uint8 (B, 64, 64, 3) and their keypoints
     (B, K, 3) (S5) -> uint8 (B, 64, 64, 3) numpy."""
-    with autocast_for(keypoints.device):
+    with inference_autocast(keypoints.device):
         images = model.decode(keypoints[:, None], first_frames, first_keypoints)[:, 0]  # (B, 3, 64, 64)
     frames = ((images.float() + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8)
     return frames.permute(0, 2, 3, 1).cpu().numpy().copy()

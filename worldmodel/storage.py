@@ -29,11 +29,8 @@ Every file is written under a temporary name in its final folder, flushed to dis
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -112,11 +109,6 @@ def missing_dataset_error(root: str | os.PathLike[str], task: str, split: str) -
     if (Path(root) / ".partial").is_dir():
         hint = f"a collection into {root} is unfinished: rerun the same collect/dmcs.py command to finish it"
     return FileNotFoundError(f"no dataset file {path}: {hint}")
-
-
-def write_json_atomic(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    with atomic_output(path) as temp:
-        temp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def frame_chunk_steps(num_frames: int) -> int:
