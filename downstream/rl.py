@@ -47,7 +47,7 @@ from envs.imagined import (
 )
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
-from worldmodel.atomic import atomic_write, atomic_write_text
+from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.reward import RewardPredictorMismatch
 from worldmodel.tasks import get_task
@@ -234,7 +234,7 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
         assert real is not None
         frames.append(np.concatenate([real, dream], axis=1).repeat(2, axis=0).repeat(2, axis=1))
     env.close()
-    atomic_write(path, lambda temporary: imageio.mimsave(temporary, frames, duration=1000 / 30, loop=0))
+    atomic_write(path, lambda temporary: imageio.mimsave(temporary, frames, format="GIF", duration=1000 / 30, loop=0))
 
 
 def main(args: Args) -> Report:
@@ -256,7 +256,7 @@ def main(args: Args) -> Report:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.task}-{args.algo}"
     agent_path = args.out / f"{stem}.zip"
-    atomic_write(agent_path, lambda temporary: agent.save(temporary))
+    atomic_write_stream(agent_path, agent.save)
 
     imagined = imagined_returns(agent, args, args.eval_episodes)
     real_agent = real_returns(models, args, args.eval_episodes, agent)

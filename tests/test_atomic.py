@@ -6,10 +6,18 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from worldmodel.atomic import atomic_output, atomic_torch_save, atomic_write, atomic_write_text, stale_temporaries
+from worldmodel.atomic import (
+    atomic_output,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_stream,
+    atomic_write_text,
+    stale_temporaries,
+)
 
 
 def test_interrupted_write_leaves_nothing_and_keeps_the_old_file(tmp_path: Path) -> None:
@@ -33,13 +41,20 @@ def test_rewrites_leave_only_the_final_file_in_a_created_folder(tmp_path: Path) 
     assert [path.name for path in target.parent.iterdir()] == ["a.json"]
 
 
-def test_temporary_keeps_the_suffix_and_the_file_gets_normal_permissions(tmp_path: Path) -> None:
+def test_no_glob_for_the_final_suffix_sees_a_temporary_and_the_file_gets_normal_permissions(tmp_path: Path) -> None:
     seen: list[Path] = []
-    atomic_write(tmp_path / "picture.png", lambda temp: (seen.append(temp), temp.write_bytes(b"png")))
-    assert seen[0].suffix == ".png" and seen[0].parent == tmp_path and seen[0].name.startswith(".picture.png.")
+
+    def write(temp: Path) -> None:
+        seen.append(temp)
+        temp.write_bytes(b"half-written")
+        assert temp.exists() and not list(tmp_path.rglob("*.h5")) and not list(tmp_path.glob("*.h5"))
+
+    atomic_write(tmp_path / "data.h5", write)
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".data.h5.") and seen[0].suffix == ".tmp"
+    assert list(tmp_path.rglob("*.h5")) == [tmp_path / "data.h5"]
     umask = os.umask(0)
     os.umask(umask)
-    mode = stat.S_IMODE((tmp_path / "picture.png").stat().st_mode)
+    mode = stat.S_IMODE((tmp_path / "data.h5").stat().st_mode)
     assert mode == 0o666 & ~umask  # like any new file, not mkstemp's 0o600
 
 
@@ -51,6 +66,13 @@ def test_stale_temporaries_finds_what_a_killed_writer_left(tmp_path: Path) -> No
         raise KeyboardInterrupt
     (tmp_path / "other.h5").write_text("not ours")
     assert stale_temporaries(target) == [leftover]
+
+
+def test_stream_writers_that_add_suffixes_write_the_final_name(tmp_path: Path) -> None:
+    """np.save would append .npy to a temporary that lacks it; through a stream it cannot."""
+    atomic_write_stream(tmp_path / "errors.npy", lambda handle: np.save(handle, np.arange(4)))
+    assert [path.name for path in tmp_path.iterdir()] == ["errors.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "errors.npy"), np.arange(4))
 
 
 def test_torch_save_round_trips(tmp_path: Path) -> None:

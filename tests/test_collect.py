@@ -207,6 +207,32 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], ti
     raise TimeoutError("collector made no progress")
 
 
+def live_members(process_group: int) -> list[int]:
+    """Processes of ``process_group`` that are still running (zombies have released their files)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)"
+        except OSError:  # the process ended while we looked
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == process_group and state not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_process_tree(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGKILL the collector, as ``kill -9`` would, and wait until every worker of it has died too (they
+    follow through PR_SET_PDEATHSIG, asynchronously): only then is the folder what a resume will see."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while live_members(process.pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers of the killed collector still alive: {live_members(process.pid)}")
+        time.sleep(0.02)
+
+
 def partial_episodes(out: Path) -> list[Path]:
     return list((out / ".partial").glob("*/episode_*.h5"))
 
@@ -231,10 +257,10 @@ def test_resume_after_sigkill_gives_the_uninterrupted_dataset(tmp_path: Path) ->
     kill_points = [lambda: len(partial_episodes(resumed)) >= 2, lambda: len(final_files(resumed)) >= 1]
     kills = 0
     for kill_point in kill_points:
-        process = subprocess.Popen(collector_command(resumed, *options), cwd=REPO_ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(collector_command(resumed, *options), cwd=REPO_ROOT, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its own process group
         if wait_for(kill_point, process):
-            process.send_signal(signal.SIGKILL)
+            kill_process_tree(process)
             kills += 1
         process.wait(timeout=60)
         assert_only_complete_files_visible(resumed, {"train": 6, "test": 3})

@@ -2,9 +2,11 @@
 and is moved into place with ``os.replace``, so a kill at any moment leaves either the old file or the new
 one under the final name, never a half-written one.
 
-Temporary names are ``.<final name>.<pid>.<random>.tmp<final suffix>``: hidden, unique per writer, and they
-keep the final suffix so that writers which pick a format from the name (h5py, imageio, matplotlib) still
-work. ``stale_temporaries`` finds the ones a killed writer left behind.
+Temporary names are ``.<final name>.<pid>.<random>.tmp``: hidden, unique per writer, and ending in ``.tmp``
+rather than the final suffix, so that no glob for the final files (``*.h5``, ``*.pt``, not even a recursive
+one) ever finds a half-written file. Writers that pick a format from the file name (numpy, matplotlib,
+imageio, stable-baselines3) are given the format explicitly or write through ``atomic_write_stream``.
+``stale_temporaries`` finds the temporaries a killed writer left behind.
 """
 
 from __future__ import annotations
@@ -14,19 +16,19 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-TEMP_MARKER = ".tmp"  # every temporary name contains this just before the final suffix
+TEMP_MARKER = ".tmp"  # every temporary name ends with this (older versions put the final suffix after it)
 
 
 def temporary_path(final: Path) -> Path:
     """A fresh temporary name next to ``final`` (see the module docstring)."""
-    return final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_MARKER}{final.suffix}"
+    return final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_MARKER}"
 
 
 def stale_temporaries(final: Path) -> list[Path]:
     """Temporary files of ``final`` left by writers that were killed before moving them into place."""
-    return sorted(final.parent.glob(f".{final.name}.*{TEMP_MARKER}{final.suffix}"))
+    return sorted(final.parent.glob(f".{final.name}.*{TEMP_MARKER}*"))
 
 
 @contextlib.contextmanager
@@ -56,6 +58,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """Call ``write(temporary_path)``, then move the file into place at ``path`` (``atomic_output``)."""
     with atomic_output(path) as temp:
         write(temp)
+
+
+def atomic_write_stream(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(binary_file)`` on an open temporary file, then move it into place at ``path``. For writers
+    that would otherwise add a suffix to a name that lacks one (``np.save``, ``np.savez``, SB3's ``save``)."""
+
+    def write_to(temp: Path) -> None:
+        with open(temp, "wb") as handle:
+            write(handle)
+
+    atomic_write(path, write_to)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from worldmodel.atomic import atomic_write
+from worldmodel.atomic import atomic_write_stream
 from worldmodel.data import WindowDataset
 from worldmodel.model import inference_autocast
 
@@ -88,10 +88,10 @@ def extract_window_features(
 
 def save_features(path: Path, features: WindowFeatures) -> None:
     """Cache to .npz (hidden states in float16 to halve the size), written atomically."""
-    atomic_write(
+    atomic_write_stream(
         path,
-        lambda temporary: np.savez(
-            temporary,
+        lambda handle: np.savez(
+            handle,
             hidden=features.hidden.half().numpy(),
             rewards=features.rewards.numpy(),
             actions=features.actions.numpy(),

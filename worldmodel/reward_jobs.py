@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from worldmodel.atomic import atomic_write
+from worldmodel.atomic import atomic_write_stream
 from worldmodel.hidden_states import load_features
 from worldmodel.machine import available_cores
 from worldmodel.reward import (
@@ -76,7 +76,7 @@ def run_fit_job(job: FitJob, config: RewardTrainConfig, threads: int | None = No
     errors = torch.stack([mse, null]).numpy()  # (2, L)
     if job.predictor is not None:
         save_reward_predictor(job.predictor.path, fit.predictor, job.task, job.predictor.world_model)
-    atomic_write(job.result, lambda temporary: np.save(temporary, errors))
+    atomic_write_stream(job.result, lambda handle: np.save(handle, errors))
     return errors
 
 

@@ -129,7 +129,7 @@ def plot_figure8(path: Path, results: Results, num_observed: int) -> None:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110))
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
 
 
