@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from worldmodel.precision import choose_compute
 from worldmodel.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -71,6 +72,8 @@ def test_checkpoint_loads_weights_only_and_restores_the_same_outputs(tmp_path: P
     assert info.complete and info.global_step == 12 and info.dataset["tasks"] == ["cheetah"]
     frames = torch.randint(0, 256, (2, 5, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     actions = torch.rand(2, 5, 6)
+    model = choose_compute("cpu").prepare(model)  # the loader puts the convs in the chosen memory format too
+    assert loaded.detector is not None and loaded.detector.to_heatmaps.weight.is_contiguous(memory_format=torch.channels_last)
     for net in (model, loaded):
         torch.manual_seed(7)
         detected = net.detect(frames)

@@ -52,6 +52,7 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.logger import RunLogger  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
+from worldmodel.precision import announce, choose_compute  # noqa: E402
 from worldmodel.training import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
     PROFILES,
@@ -69,7 +70,6 @@ from worldmodel.training import (  # noqa: E402
     load_keypoint_cache,
     make_optimizer,
     profile_config,
-    resolve_precision,
     save_keypoint_cache,
     schedule_at,
     seeded_loader,
@@ -231,9 +231,10 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     """The run: resume or start, then the stages (joint, or vision -> keypoints -> dynamics), then the summary."""
     device = dist.device
     try:
-        precision = resolve_precision(config.precision, device)
+        compute = choose_compute(device, config.precision, config.channels_last)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    precision = compute.precision
     dataset_record = check_dataset(config, tasks)
     run_dir = config.out
     checkpoint_path = run_dir / CHECKPOINT_FILE
@@ -255,10 +256,10 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     distributed.barrier()  # every rank has looked at the run directory before rank 0 writes to it
 
     # ---- model, seeds ----------------------------------------------------------------------------
+    if dist.is_main:  # the inputs are valid: say how the convolutions will run
+        announce(compute)  # e.g. "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last"
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = WorldModel(config.model_config).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = compute.prepare(WorldModel(config.model_config).to(device))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -458,6 +459,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
             "profile": config.profile,
             "model": config.model,
             "mode": config.mode,
+            "compute": compute.reason,
             "global_steps": global_step_of("done", 0),
             "stage_seconds": {name: round(value, 1) for name, value in stage_seconds.items()},
             "final_losses": final_losses,

@@ -33,6 +33,7 @@ import torch
 
 import worldmodel
 from worldmodel.atomic import atomic_torch_save
+from worldmodel.precision import inference_compute
 
 if TYPE_CHECKING:
     from worldmodel.config import ModelConfig
@@ -203,7 +204,7 @@ def load_world_model(
     config = model_config_from_dict(checkpoint["model_config"])
     model = WorldModel(config)
     model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
+    model = inference_compute(torch.device(device)).prepare(model.to(device)).eval()
     info = CheckpointInfo(
         path=find_checkpoint(path_or_run_dir),
         stage=checkpoint["stage"],

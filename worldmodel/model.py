@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import VRNN, Carry, KeypointNormalizer, Unroll
 from worldmodel.losses import image_loss, keypoint_loss, separation_loss, sparsity_loss
+from worldmodel.precision import inference_compute
 from worldmodel.vision import (
     FeatureEncoder,
     FeatureMaps,
@@ -125,11 +126,9 @@ class VisionOutput(NamedTuple):
 
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for inference convolutions on CPU (detection ~2.2x faster there); none on CUDA, where
-    detection is cheap. The dynamics always run in float32 inside (``VRNN.unroll``)."""
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast of inference convolutions on ``device``, as ``worldmodel.precision`` decides: bf16 only
+    where the hardware runs it natively. The dynamics always run in float32 inside (``VRNN.unroll``)."""
+    return inference_compute(device).autocast()
 
 
 def frames_to_images(frames: Tensor) -> Tensor:

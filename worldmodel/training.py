@@ -24,7 +24,6 @@ gradient clipping to global norm 10 (the original code).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +36,10 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig, Variant
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
+from worldmodel.precision import Precision, autocast, choose_compute
 
-Profile = Literal["paper", "cpu", "smoke"]
-PROFILES: tuple[Profile, ...] = ("paper", "cpu", "smoke")
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Profile = Literal["paper", "cpu", "quick", "smoke"]
+PROFILES: tuple[Profile, ...] = ("paper", "cpu", "quick", "smoke")
 Mode = Literal["joint", "staged"]
 Stage = Literal["joint", "vision", "keypoints", "dynamics", "done"]
 
@@ -57,7 +56,7 @@ class TrainConfig:
     """
 
     profile: Profile = "paper"
-    """Defaults: 'paper' (Table S1 sizes, 1e5 joint steps, for a GPU), 'cpu' (staged training that gives a useful model on 2 CPU cores in well under an hour) or 'smoke' (seconds, for tests)."""
+    """Defaults: 'paper' (Table S1 sizes, 1e5 joint steps, for a GPU), 'cpu' (staged training that gives a useful model on 2 CPU cores in under an hour with native bf16, a few hours in fp32), 'quick' (the cpu model with fewer steps: a first look in minutes on any CPU) or 'smoke' (seconds, for tests)."""
     data: Path = Path("data/dmcs")
     """Dataset folder written by collect/dmcs.py (<task>_<split>.h5 files)."""
     out: Path = Path("runs/world_model")
@@ -71,9 +70,9 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Precision = "auto"
-    """Autocast dtype of the convs: 'auto' is bf16 on CPU and on CUDA GPUs with bf16, else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
+    """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
     channels_last: bool = True
-    """Keep conv weights and activations in channels_last memory format (faster convs on CPU and GPU)."""
+    """Keep conv weights and activations in channels_last memory format (faster convs on every CPU measured, in fp32 and bf16, and on GPUs)."""
     resume: bool = False
     """Continue the run in --out from its checkpoint (same config required)."""
     mode: Mode = "joint"
@@ -151,7 +150,7 @@ class TrainConfig:
 
 def profile_config(profile: Profile) -> TrainConfig:
     """The defaults of a profile (see the three functions below for their reasons)."""
-    factories = {"paper": paper_profile, "cpu": cpu_profile, "smoke": smoke_profile}
+    factories = {"paper": paper_profile, "cpu": cpu_profile, "quick": quick_profile, "smoke": smoke_profile}
     if profile not in factories:
         raise ValueError(f"unknown profile {profile!r}: choose from {', '.join(PROFILES)}")
     return factories[profile]()
@@ -201,6 +200,16 @@ def cpu_profile() -> TrainConfig:
         eval_samples=10,
         checkpoint_every=250,
         net=ModelConfig.cpu(heatmap="softmax", heatmap_logit_scale=10.0, initial_amplitude_mix=0.01, amplitude_warmup=0.0),
+    )
+
+
+def quick_profile() -> TrainConfig:
+    """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
+    model and losses with a fifth of its vision steps and half its dynamics steps, evaluated once per stage.
+    Enough to see keypoints on the bodies and the whole pipeline run end to end; train ``cpu`` (or
+    ``paper`` on a GPU) for results."""
+    return dataclasses.replace(
+        cpu_profile(), profile="quick", vision_steps=600, dynamics_steps=3_000, eval_every=100_000, checkpoint_every=200
     )
 
 
@@ -380,21 +389,8 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16", "fp16"]:
-    if precision == "auto":
-        if device.type == "cpu":
-            return "bf16"
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The forward pass's autocast context for a resolved precision (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The autocast precision for ``device`` (``worldmodel.precision.choose_compute`` decides)."""
+    return choose_compute(device, precision).precision
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,16 +6,19 @@ Measured in one run on the same batch of real windows (random frames if --data h
 variants are timed in turns and the minimum over the repeats is reported (the median is printed too):
 on a machine shared with other jobs the minimum is the stable estimate of the uncontended speed.
 
+0. The CPU: model name, the vector ISA torch uses, native bf16 or not, and what ``--precision auto``
+   chooses on it (``worldmodel.precision.choose_compute``).
 1. Training steps/s and frames/s of a joint step (detector + reconstructor + VRNN with best of many +
-   all losses + Adam) on the default CPU path (bf16 autocast + channels_last) against the same model in
-   plain fp32 eager. Target: >= 3x.
-2. Where a default-path step goes: the same step with only the vision losses (detector + appearance +
+   all losses + Adam), side by side: fp32 NCHW (plain eager), fp32 channels_last, bf16 autocast +
+   channels_last, and the automatic choice. Target: the automatic choice within 10% of the fastest.
+2. Where an automatic-path step goes: the same step with only the vision losses (detector + appearance +
    reconstructor), so the rest of the joint step is the dynamics side (VRNN, best of many, dynamics
    losses); the convolutions' share of the profiler's CPU time; and the time the training loop waits
    for the DataLoader (workers read and decompress windows in parallel). Target: dynamics side and
    data <= 25% of a step.
-3. For staged training: vision-stage steps/s at the profile's vision batch, dynamics-stage steps/s on
-   cached keypoints, and keypoint extraction frames/s.
+3. For staged training, on the automatic path: vision-stage steps/s at the profile's vision batch,
+   dynamics-stage steps/s on cached keypoints, and keypoint extraction frames/s; and the vision stage
+   in fp32 (what an AVX2-only CPU runs), so it can be measured on a CPU that has native bf16 too.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from worldmodel.model import WorldModel  # noqa: E402
+from worldmodel.precision import choose_compute, cpu_info  # noqa: E402
 from worldmodel.training import (  # noqa: E402
     Objective,
     ResumableBatchSampler,
     TrainConfig,
-    autocast,
     freeze_for_stage,
     make_optimizer,
     profile_config,
@@ -68,9 +71,7 @@ def real_or_random_batch(data: Path, config: TrainConfig, batch: int, length: in
 
 def build(config: TrainConfig, stage: str, precision: str, channels_last: bool):  # noqa: ANN201
     torch.manual_seed(0)
-    model = WorldModel(config.model_config)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = choose_compute(CPU, precision, channels_last).prepare(WorldModel(config.model_config))  # type: ignore[arg-type]
     parameters = freeze_for_stage(model, stage)  # type: ignore[arg-type]
     optimizer = make_optimizer(parameters, config, CPU)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -150,28 +151,35 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     frames_per_step = config.batch_size * window
 
-    # 1. default CPU path vs plain fp32 eager, joint step; 2. the same step with the vision losses only
-    _, default_step = build(config, "joint", "bf16", True)
-    _, eager_step = build(config, "joint", "fp32", False)
-    _, vision_step = build(config, "vision", "bf16", True)
-    seconds = interleaved_seconds(
-        {
-            "joint, bf16 autocast + channels_last": lambda: default_step(frames=frames, actions=actions),
-            "joint, fp32 eager": lambda: eager_step(frames=frames, actions=actions),
-            "vision losses only, bf16 + channels_last": lambda: vision_step(frames=frames, actions=actions),
-        },
-        args.steps,
-    )
-    default = seconds["joint, bf16 autocast + channels_last"]
-    eager = seconds["joint, fp32 eager"]
-    vision_only = seconds["vision losses only, bf16 + channels_last"]
-    for name, value in (("bf16 autocast + channels_last", default), ("fp32 eager", eager)):
-        print(f"joint step, {name:30s}: {value:6.2f} s/step = {1 / value:5.2f} steps/s, "
-              f"{frames_per_step / value:6.0f} frames/s")  # fmt: skip
-    print(f"speed-up over fp32 eager: {eager / default:.2f}x (target >= 3x)")
+    # 0. the CPU and the automatic choice
+    info = cpu_info()
+    auto = choose_compute(CPU)
+    print(f"CPU: {info.name}; torch capability {info.capability}; native bf16: {'yes' if info.native_bf16 else 'no'}")
+    print(f"--precision auto: {auto.reason}")
+    auto_name = f"auto = {auto.precision} {'channels_last' if auto.channels_last else 'NCHW'}"
 
-    share = conv_share(lambda: default_step(frames=frames, actions=actions))
+    # 1. the candidates side by side, joint step; 2. the automatic path with the vision losses only
+    candidates = {"fp32 NCHW": ("fp32", False), "fp32 channels_last": ("fp32", True),
+                  "bf16 channels_last": ("bf16", True), auto_name: (auto.precision, auto.channels_last)}  # fmt: skip
+    steps = {name: build(config, "joint", *choice)[1] for name, choice in candidates.items()}
+    _, vision_step = build(config, "vision", auto.precision, auto.channels_last)
+    timed: dict[str, Callable[[], None]] = {
+        f"joint, {name}": lambda step=step: step(frames=frames, actions=actions) for name, step in steps.items()
+    }
+    timed["vision losses only, auto"] = lambda: vision_step(frames=frames, actions=actions)
+    seconds = interleaved_seconds(timed, args.steps)
+    joint = {name: seconds[f"joint, {name}"] for name in candidates}
+    fastest = min(joint.values())
+    for name, value in joint.items():
+        print(f"joint step, {name:28s}: {value:6.2f} s/step = {1 / value:5.2f} steps/s, "
+              f"{frames_per_step / value:6.0f} frames/s, {value / fastest:4.2f}x the fastest, "
+              f"{joint['fp32 NCHW'] / value:4.2f}x over fp32 NCHW")  # fmt: skip
+    default = joint[auto_name]
+    print(f"automatic choice: {default / fastest:.2f}x the fastest's time (target <= 1.10)")
+
+    share = conv_share(lambda: steps[auto_name](frames=frames, actions=actions))
     wait = data_wait(args.data, config, window, default, 2 * args.steps)
+    vision_only = seconds["vision losses only, auto"]
     dynamics = max(0.0, default - vision_only)
     exposed = wait or 0.0
     print(f"vision-only step (detector + appearance + reconstructor + vision losses): {vision_only:.2f} s")
@@ -186,14 +194,16 @@ def main() -> None:
     # 3. staged training figures
     if config.mode == "staged":
         vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
-        _, stage_step = build(config, "vision", "bf16", True)
-        seconds = interleaved_seconds({"staged vision step": lambda: stage_step(frames=vision_frames)}, args.steps)[
-            "staged vision step"
-        ]
+        vision_choices = {"auto": (auto.precision, auto.channels_last), "fp32 channels_last": ("fp32", True)}
+        vision_steps = {name: build(config, "vision", *choice)[1] for name, choice in vision_choices.items()}
+        seconds = interleaved_seconds(
+            {name: lambda step=step: step(frames=vision_frames) for name, step in vision_steps.items()}, args.steps
+        )
         count = config.vision_batch_size * config.vision_window
-        print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}): {1 / seconds:.2f} steps/s, "
-              f"{count / seconds:.0f} frames/s")  # fmt: skip
-        model, dynamics_step = build(config, "dynamics", "bf16", True)
+        for name, value in seconds.items():
+            print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}), {name}: "
+                  f"{1 / value:.2f} steps/s, {count / value:.0f} frames/s")  # fmt: skip
+        model, dynamics_step = build(config, "dynamics", auto.precision, auto.channels_last)
         keypoints = model.detect(frames)
         seconds = interleaved_seconds(
             {"staged dynamics step": lambda: dynamics_step(keypoints=keypoints, actions=actions)}, 3 * args.steps
@@ -202,11 +212,11 @@ def main() -> None:
         model.eval()
 
         def detect() -> None:
-            with autocast(CPU, "bf16"):
+            with torch.no_grad(), auto.autocast():
                 model.detect(frames)
 
         seconds = interleaved_seconds({"detect": detect}, args.steps)["detect"]
-        print(f"keypoint extraction: {frames_per_step / seconds:.0f} frames/s")
+        print(f"keypoint extraction ({auto.precision}): {frames_per_step / seconds:.0f} frames/s")
 
 
 if __name__ == "__main__":

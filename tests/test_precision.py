@@ -1,0 +1,158 @@
+"""The precision decision (worldmodel/precision.py): known answers for both answers of the capability check,
+and, through the public entry points, that nothing computes in bf16 on a CPU without native bf16."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import envs  # noqa: F401  (registers the ids)
+from envs.imagined import RealTaskThroughModel, load_imagination_models
+from envs.real import RealPixelEnv
+from train.world_model import main as train_main
+from worldmodel import precision
+from worldmodel.checkpoint import load_world_model
+from worldmodel.fingerprint import model_fingerprint
+from worldmodel.hidden_states import extract_window_features
+from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
+from worldmodel.precision import Compute, CpuInfo, choose_compute
+
+AVX2 = CpuInfo(name="AMD EPYC 7B13", capability="AVX2", native_bf16=False)
+AMX = CpuInfo(name="Intel Xeon", capability="AVX512", native_bf16=True)
+
+
+@pytest.fixture
+def cpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "cpu_info", lambda: AVX2)
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "cpu_info", lambda: AMX)
+
+
+def test_auto_is_fp32_without_native_bf16(cpu_without_bf16: None) -> None:
+    assert choose_compute("cpu") == Compute(
+        "cpu", "fp32", True, "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last"
+    )
+
+
+def test_auto_is_bf16_with_native_bf16(cpu_with_bf16: None) -> None:
+    assert choose_compute("cpu") == Compute("cpu", "bf16", True, "cpu Intel Xeon (AVX512), native bf16 -> bf16, channels_last")
+
+
+def test_an_explicit_precision_wins(cpu_without_bf16: None) -> None:
+    compute = choose_compute(torch.device("cpu"), "bf16", channels_last=False)
+    assert (compute.precision, compute.channels_last) == ("bf16", False)
+    assert compute.reason.endswith("-> bf16 (asked for), NCHW")
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        choose_compute("cpu", "fp16")
+
+
+def test_autocast_and_layout_follow_the_decision(cpu_without_bf16: None) -> None:
+    conv = torch.nn.Conv2d(3, 4, 3)
+    compute = choose_compute("cpu")
+    with compute.autocast():
+        assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.float32
+    assert compute.prepare(conv).weight.is_contiguous(memory_format=torch.channels_last)
+    bf16 = choose_compute("cpu", "bf16")
+    with bf16.autocast():
+        assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.bfloat16
+
+
+def test_this_machine_is_described() -> None:
+    info = precision.cpu_info()
+    assert info.name and info.capability
+    assert choose_compute("cpu").precision == ("bf16" if info.native_bf16 else "fp32")
+
+
+# ---- through the entry points ------------------------------------------------------------------------
+
+
+class Bf16Spy(TorchDispatchMode):
+    """Records every operator that produces a bf16 tensor (after autocast has chosen the dtypes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(leaf, torch.Tensor) and leaf.dtype == torch.bfloat16 for leaf in tree_leaves(out)):
+            self.operators.add(str(func))
+        return out
+
+
+@pytest.fixture
+def spy() -> Iterator[Bf16Spy]:
+    with Bf16Spy() as recorder:
+        yield recorder
+
+
+def smoke_training(data: Path, out: Path) -> list[str]:
+    return ["--profile", "smoke", "--data", str(data), "--out", str(out), "--vision-steps", "2",
+            "--dynamics-steps", "2", "--eval-every", "100", "--device", "cpu"]  # fmt: skip
+
+
+def test_training_without_native_bf16_computes_nothing_in_bf16(
+    cpu_without_bf16: None, tiny_dataset: Path, tmp_path: Path, spy: Bf16Spy
+) -> None:
+    assert train_main(smoke_training(tiny_dataset, tmp_path / "run")) == 0
+    assert spy.operators == set()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["compute"] == "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last"
+
+
+def test_training_with_native_bf16_uses_it(cpu_with_bf16: None, tiny_dataset: Path, tmp_path: Path, spy: Bf16Spy) -> None:
+    """The other answer, so that the spy above is known to see bf16 when there is some."""
+    assert train_main(smoke_training(tiny_dataset, tmp_path / "run")) == 0
+    assert any("convolution" in name for name in spy.operators)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["compute"].endswith("-> bf16, channels_last")
+
+
+def test_inference_without_native_bf16_computes_nothing_in_bf16(
+    cpu_without_bf16: None, smoke_run: Path, tiny_dataset: Path, tmp_path: Path, spy: Bf16Spy
+) -> None:
+    """Hidden-state extraction (the reward experiment), an imagined env with rendering, and the real task
+    seen through the model (the RL evaluation's env)."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    model = load_world_model(run, "cpu").model
+    features = extract_window_features(model, tiny_dataset, "cartpole", num_sequences=4, batch_size=4)
+    assert features.hidden.dtype == torch.float32
+    fit = fit_reward_predictor(features.hidden, features.rewards, features.episodes, RewardTrainConfig(epochs=1, batch_size=4))
+    save_reward_predictor(run / "reward_predictors" / "cartpole.pt", fit.predictor, "cartpole", model_fingerprint(model))
+
+    env = gym.make("StructVRNN-Imagined-cartpole", checkpoint=run, render_mode="rgb_array")
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(np.zeros(env.action_space.shape, np.float32))
+    assert env.render() is not None
+    env.close()
+    through = RealTaskThroughModel(RealPixelEnv("cartpole"), load_imagination_models("cartpole", run, device="cpu"))
+    through.reset(seed=0)
+    through.step(np.zeros(through.action_space.shape, np.float32))
+    through.close()
+    assert spy.operators == set()
+
+
+def test_a_cpu_limited_to_avx2_has_no_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How a bf16 CPU is made to run like an AVX2-only one (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
+    hardware = {"avx512_bf16": True, "amx_bf16": True}
+    assert precision._native_bf16(hardware, "AVX512")
+    assert not precision._native_bf16(hardware, "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not precision._native_bf16(hardware, "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert precision._native_bf16(hardware, "AVX512")
+    assert not precision._native_bf16({"avx512_bf16": False, "amx_bf16": False}, "AVX512")

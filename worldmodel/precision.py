@@ -1,0 +1,155 @@
+"""Which number format and memory layout the convolutions use on a device: decided in one place, from what
+the hardware runs natively, and used by training, keypoint and hidden-state extraction, the imagination
+envs, the RL evaluation and the benchmarks.
+
+Why it has to be decided by capability (docs/PERFORMANCE.md has the measurements): bf16 autocast with
+channels_last convolutions is ~4.7x faster than fp32 on a CPU with native bf16 (AVX512-BF16 or AMX), but
+on an AVX2-only CPU every bf16 operation is emulated and the same training step is ~10x *slower* than
+fp32 with channels_last. channels_last itself pays in fp32 on every CPU measured (2.5x on AVX2) and on
+GPUs, so it is on by default everywhere.
+
+    compute = choose_compute(torch.device("cpu"))          # precision "auto"
+    compute.precision, compute.channels_last, compute.reason
+    # ('fp32', True, 'cpu Intel Xeon (AVX2), no native bf16 -> fp32, channels_last')
+    with compute.autocast():
+        keypoints = model.detect(frames)
+
+The dynamics and every loss run in float32 whatever is chosen here (they switch autocast off inside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
+
+
+class CpuInfo(NamedTuple):
+    name: str  # model name, e.g. "AMD EPYC 7B13"
+    capability: str  # the widest vector ISA torch dispatches to: "AVX2", "AVX512", "DEFAULT", ...
+    native_bf16: bool  # bf16 matrix/vector instructions in hardware (AVX512-BF16 or AMX-BF16)
+
+
+class Compute(NamedTuple):
+    """The decision for one device. ``reason`` is the one line printed and stored in summary.json."""
+
+    device_type: str  # "cpu" or "cuda"
+    precision: ResolvedPrecision  # the autocast dtype of the convolutions ("fp32": no autocast)
+    channels_last: bool  # conv weights and activations in channels_last memory format
+    reason: str
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of the convolutions (a no-op for fp32)."""
+        return autocast(torch.device(self.device_type), self.precision)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` with its conv weights in the chosen memory format (activations follow the weights)."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return model.to(memory_format=memory_format)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    """What this CPU can do, as torch sees it (read once per process)."""
+    capabilities: dict[str, Any] = {}
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        with contextlib.suppress(Exception):
+            capabilities = dict(get_capabilities())
+    name = _cpu_model_name() or str(capabilities.get("cpu_name", "unknown CPU"))
+    capability = torch.backends.cpu.get_cpu_capability()
+    return CpuInfo(name=name, capability=capability, native_bf16=_native_bf16(capabilities, capability))
+
+
+def _native_bf16(capabilities: dict[str, Any], capability: str) -> bool:
+    """bf16 instructions in hardware, and torch and oneDNN allowed to use them: ``ATEN_CPU_CAPABILITY=avx2``
+    and ``ONEDNN_MAX_CPU_ISA=AVX2`` (how to make a bf16 CPU run like an AVX2-only one) turn them off."""
+    if capability in ("AVX2", "DEFAULT", "NO AVX"):
+        return False
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if isa_cap != "ALL" and "BF16" not in isa_cap and "AMX" not in isa_cap:
+        return False
+    if capabilities:  # x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") or capabilities.get("bf16"))
+    flags = _cpuinfo_field("flags") or _cpuinfo_field("Features") or ""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()))
+
+
+def _cpu_model_name() -> str | None:
+    return _cpuinfo_field("model name")
+
+
+def _cpuinfo_field(field: str) -> str | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
+    except OSError:
+        return None
+    return None
+
+
+def choose_compute(
+    device: torch.device | str, precision: Precision = "auto", channels_last: bool = True
+) -> Compute:
+    """The precision and memory format for ``device``. ``precision='auto'``: bf16 where the hardware runs
+    it natively (a CPU with AVX512-BF16/AMX, a CUDA GPU with bf16), else fp32. An explicit precision wins;
+    fp16 needs CUDA (ValueError otherwise, with the fix in the message)."""
+    device = torch.device(device)
+    layout = "channels_last" if channels_last else "NCHW"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "CUDA"
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        found = f"cuda {name}, {'bf16' if native else 'no bf16'}"
+    elif device.type == "cpu":
+        info = cpu_info()
+        native = info.native_bf16
+        found = f"cpu {info.name} ({info.capability}), {'native bf16' if native else 'no native bf16'}"
+    else:
+        native, found = False, device.type
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA; use bf16 or fp32 (or auto) on this device")
+    if precision == "auto":
+        chosen: ResolvedPrecision = "bf16" if native else "fp32"
+        reason = f"{found} -> {chosen}, {layout}"
+    else:
+        chosen = precision
+        reason = f"{found} -> {chosen} (asked for), {layout}"
+    return Compute(device.type, chosen, channels_last, reason)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce(compute: Compute) -> None:
+    """Print the decision once per process (to stderr, so that it never mixes with a script's output)."""
+    if compute.reason not in _ANNOUNCED:
+        _ANNOUNCED.add(compute.reason)
+        print(f"compute: {compute.reason}", file=sys.stderr)
+
+
+def inference_compute(device: torch.device) -> Compute:
+    """The automatic choice for inference on ``device`` (detection and decoding in extraction, envs, RL
+    evaluation), announced once."""
+    compute = choose_compute(device)
+    announce(compute)
+    return compute
