@@ -99,8 +99,8 @@ class ModelConfig:
     """Samples of z for the best-of-many objective (eq. 8; Table S1: 50). ``struct-vrnn-nobom`` uses 1."""
     srvp_state_size: int = 64
     """srvp: size of the deterministic state y (the hidden state it exposes)."""
-    srvp_units: int = 256
-    """srvp: hidden units of its MLPs (keypoint encoder, initial-state net, prior, posterior, residual f, decoder)."""
+    srvp_units: int = 128
+    """srvp: hidden units of its MLPs (keypoint encoder, initial-state net, prior, posterior, residual f, decoder) and of the posterior filter's GRU."""
     srvp_init_frames: int = 3
     """srvp: k, the number of first observed frames y_1 is inferred from (must not exceed the observed steps)."""
     srvp_dt: float = 1.0

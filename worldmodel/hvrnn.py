@@ -42,21 +42,21 @@ class HVRNNCarry(NamedTuple):
 
 
 class LevelHead(nn.Module):
-    """One level's Gaussian from a per-frame input (shared by the samples) and the levels above it.
+    """One level's Gaussian from its share of the per-frame projection and the levels above it:
+    ReLU(frame part + dense(above)) -> dense -> mean, std = softplus(.) + 1e-4.
 
-    The first dense layer is split so that the per-frame part is computed once and broadcast over the
-    best-of-many samples: dense ``units`` ReLU -> mean, std = softplus(.) + 1e-4.
+    The frame part (dense on [x_t, h_t] or h_t) of all levels is one matrix product per frame, made once
+    and broadcast over the best-of-many samples (``HierarchicalVRNN.top_down``).
     """
 
-    def __init__(self, frame_features: int, above_features: int, units: int, latent_size: int) -> None:
+    def __init__(self, above_features: int, units: int, latent_size: int) -> None:
         super().__init__()
-        self.from_frame = dense(frame_features, units)
         self.from_above = dense(above_features, units) if above_features else None
         self.out = dense(units, 2 * latent_size)
 
-    def forward(self, frame: Tensor, above: Tensor | None) -> Gaussian:
-        """frame (B, C), above (..., B, (l-1)*Z) or None -> Gaussian (..., B, Z)."""
-        pre = self.from_frame(frame)  # (B, units)
+    def forward(self, frame_part: Tensor, above: Tensor | None) -> Gaussian:
+        """frame_part (B, units), above (..., B, (l-1)*Z) or None -> Gaussian (..., B, Z)."""
+        pre = frame_part
         if self.from_above is not None and above is not None:
             pre = self.from_above(above) + pre  # (..., B, units)
         mean, std = self.out(F.relu(pre)).chunk(2, dim=-1)
@@ -71,10 +71,12 @@ class HierarchicalVRNN(DynamicsCore):
         features, z, hidden, levels = config.feature_size, config.latent_dim, config.rnn_size, config.hvrnn_levels
         self.levels, self.level_size = levels, z
         self.rnn = nn.GRUCell(features + levels * z + config.action_dim, hidden)
-        self.priors = nn.ModuleList(LevelHead(hidden, l * z, config.prior_units, z) for l in range(levels))
-        self.posteriors = nn.ModuleList(
-            LevelHead(features + hidden, l * z, config.posterior_units, z) for l in range(levels)
-        )
+        # The first dense layer of every level's head, split: the part that reads the frame (h_t for the
+        # prior, [x_t, h_t] for the posterior) for all levels at once, and the part that reads the levels above.
+        self.prior_frame = dense(hidden, levels * config.prior_units)
+        self.posterior_frame = dense(features + hidden, levels * config.posterior_units)
+        self.priors = nn.ModuleList(LevelHead(l * z, config.prior_units, z) for l in range(levels))
+        self.posteriors = nn.ModuleList(LevelHead(l * z, config.posterior_units, z) for l in range(levels))
         self.decoder = KeypointDecoder(levels * z, hidden, config.decoder_units, features)
         self.hidden_size = hidden
         self.hidden_bound = 1.0
@@ -101,23 +103,23 @@ class HierarchicalVRNN(DynamicsCore):
         return carry._replace(keypoints=keypoints)
 
     def top_down(
-        self, hidden: Tensor, frame: Tensor | None, noise: Tensor, with_kl: bool
+        self, prior_parts: list[Tensor], posterior_parts: list[Tensor] | None, noise: Tensor, with_kl: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """Sample z^1..z^L top-down: posterior when ``frame`` ([x_t, h_t], (B, F+H)) is given, else the
-        (detached) prior. noise (..., B, L*Z) -> latents (..., B, L*Z) and, with ``with_kl``, the KL per
-        level (B, L) (observed frames only)."""
+        """Sample z^1..z^L top-down: posterior when its frame parts (L x (B, units), from [x_t, h_t]) are
+        given, else the (detached) prior (frame parts from h_t). noise (..., B, L*Z) -> latents
+        (..., B, L*Z) and, with ``with_kl``, the KL per level (B, L) (observed frames only)."""
         z = self.level_size
         levels: list[Tensor] = []
         kls: list[Tensor] = []
         for l in range(self.levels):
             above = torch.cat(levels, dim=-1) if levels else None  # all levels above l (dense)
             eps = noise[..., l * z : (l + 1) * z]
-            if frame is None:  # imagined: the prior, trained by the KL only
-                belief = self.priors[l](hidden, above).detach()
+            if posterior_parts is None:  # imagined: the prior, trained by the KL only
+                belief = self.priors[l](prior_parts[l], above).detach()
             else:
-                belief = self.posteriors[l](frame, above)
+                belief = self.posteriors[l](posterior_parts[l], above)
                 if with_kl:
-                    prior = self.priors[l](hidden, above)
+                    prior = self.priors[l](prior_parts[l], above)
                     kls.append(gaussian_kl(belief.mean, belief.std, prior.mean, prior.std))  # (B,)
             levels.append(belief.mean + belief.std * eps)  # reparameterised (..., B, Z)
         return torch.cat(levels, dim=-1), torch.stack(kls, dim=-1) if with_kl else None
@@ -137,17 +139,23 @@ class HierarchicalVRNN(DynamicsCore):
             hidden = action.new_zeros(batch, self.config.rnn_size)  # sequence start: h = 0, no GRU step
         else:
             hidden = self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
-        frame = torch.cat([target, hidden], dim=-1) if observed and target is not None else None  # (B, F+H)
+        # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
+        prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
+        posterior_parts = None
+        if observed and target is not None:
+            frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
+            posterior_parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))
         if noise is None:
             noise = draw_noise(num_samples if target is not None else 1, batch, self.noise_size, generator, hidden)
         if noise.shape[0] > 1 and target is not None:  # best of many over whole top-down samples
             with torch.no_grad():
-                candidates = self.decoder(self.top_down(hidden, frame, noise, with_kl=False)[0], hidden)  # (N, B, F)
+                latents = self.top_down(prior_parts, posterior_parts, noise, with_kl=False)[0]  # (N, B, L*Z)
+                candidates = self.decoder(latents, hidden)  # (N, B, F)
                 best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
             chosen = noise[best, torch.arange(batch, device=hidden.device)]  # (B, L*Z)
         else:
             chosen = noise[0]
-        latent, kl = self.top_down(hidden, frame, chosen, with_kl=observed)  # with gradient
+        latent, kl = self.top_down(prior_parts, posterior_parts, chosen, with_kl=observed)  # with gradient
         prediction = self.decoder(latent, hidden)  # (B, F)
         zero = hidden.new_zeros(batch)
         kl = hidden.new_zeros(batch, self.levels) if kl is None else kl

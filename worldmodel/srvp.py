@@ -53,7 +53,7 @@ class SRVPCarry(NamedTuple):
 
     state: Tensor  # (B, Y) y_t
     keypoints: Tensor  # (B, F) x^_t = g(y_t), normalised
-    filter: Tensor  # (B, G) r_t, the posterior filter's GRU state after the last observed frame
+    filter: Tensor  # (B, U) r_t, the posterior filter's GRU state after the last observed frame
     frames: Tensor  # (B, k, E) encodings of the first k observed frames (zero until seen)
     count: Tensor  # (B,) int64, frames observed so far
 
@@ -94,9 +94,9 @@ class SRVP(DynamicsCore):
         features, actions, units = config.feature_size, config.action_dim, config.srvp_units
         state, latent, k = config.srvp_state_size, config.latent_dim, config.srvp_init_frames
         self.encode = mlp(features, units, units)  # e_t
-        self.filter = nn.GRUCell(units + actions, config.rnn_size)  # r_t
+        self.filter = nn.GRUCell(units + actions, units)  # r_t
         self.initial = GaussianHead(k * units, units, state)  # q(y | x_{1:j})
-        self.posterior = GaussianHead(config.rnn_size, units, latent) if latent else None  # q(z_t | x_{<=t})
+        self.posterior = GaussianHead(units, units, latent) if latent else None  # q(z_t | x_{<=t})
         self.prior = GaussianHead(state + actions, units, latent) if latent else None  # p(z_{t+1} | y_t, a_t)
         self.residual = mlp(state + latent + actions, units, state, hidden_layers=2)  # f
         self.decoder = mlp(state, units, features)  # g
@@ -115,7 +115,7 @@ class SRVP(DynamicsCore):
         cfg = self.config
         zeros = lambda *shape: torch.zeros(batch_size, *shape, device=device)  # noqa: E731
         return SRVPCarry(
-            zeros(cfg.srvp_state_size), zeros(cfg.feature_size), zeros(cfg.rnn_size),
+            zeros(cfg.srvp_state_size), zeros(cfg.feature_size), zeros(cfg.srvp_units),
             zeros(cfg.srvp_init_frames, cfg.srvp_units), torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
@@ -205,7 +205,7 @@ class SRVP(DynamicsCore):
         if noise is None:
             noise = draw_noise(num_samples, batch, self.noise_size, generator, target)
         encoded = self.encode(target)  # (B, E)
-        filtered = self.filter(torch.cat([encoded, action], dim=-1), carry.filter)  # r_t (B, G)
+        filtered = self.filter(torch.cat([encoded, action], dim=-1), carry.filter)  # r_t (B, U)
         warm = carry.count < self.config.srvp_init_frames  # (B,)
         all_warm = bool(warm.all())
         none_warm = not all_warm and not bool(warm.any())

@@ -280,6 +280,10 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"give the variant with --model, not --net.variant ({config.net.variant})")
     if config.net.dynamics != config.dynamics and config.net.dynamics != ModelConfig().dynamics:
         raise ValueError(f"give the dynamics core with --dynamics, not --net.dynamics ({config.net.dynamics})")
+    if config.dynamics == "srvp" and config.net.srvp_init_frames > config.num_observed:
+        raise ValueError(
+            f"--net.srvp-init-frames ({config.net.srvp_init_frames}) must not exceed --num-observed ({config.num_observed})"
+        )
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
 
 
