@@ -226,9 +226,9 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
         observation, _, terminated, truncated, _ = env.step(action)
         padded = torch.zeros(1, 6, device=models.device)
         padded[0, : len(action)] = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32)
-        noise = torch.randn((1, model.config.latent_dim), generator=generator).to(models.device)
+        noise = torch.randn((1, model.dynamics.noise_size), generator=generator).to(models.device)
         imagined = prior_step(model, imagined, padded, noise)
-        keypoints = model.normalizer.denormalize(imagined.keypoints).view(1, -1, 3)
+        keypoints = model.normalizer.denormalize(model.dynamics.keypoints(imagined)).view(1, -1, 3)
         dream = decode_frames(model, keypoints, first_frame, env.first_keypoints)[0]
         real = env.render()
         assert real is not None

@@ -21,7 +21,8 @@ Choices written down here:
   detected in one call of fixed shape and kept in a per-process LRU cache, so a window gives
   bit-identical keypoints however many envs reset together.
 * The context's last action ``a_7`` is never used: the agent's first action replaces it.
-* Filtering runs the model's own recurrence (``VRNN.unroll``) with noise passed in rather than drawn
+* Filtering runs the model's own recurrence (its dynamics core's ``unroll``, whichever core it is) with
+  noise passed in rather than drawn
   from one generator, because every sub-env of a batch draws from its own seeded stream: a vector env
   then gives exactly what the same sub-envs give one by one (``tests/test_envs_imagined.py`` checks it
   against ``WorldModel.observe``).
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 from worldmodel import storage
-from worldmodel.dynamics import Carry
+from worldmodel.dynamics_core import CoreCarry
 from worldmodel.model import WorldModel, inference_autocast, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
 
@@ -262,35 +263,33 @@ def posterior_noise(generator: torch.Generator, model: WorldModel, length: int =
     Drawn in the order ``observe`` draws them for a batch of one ((samples, 1, Z) per frame), so the same
     generator state gives the same filtered state as ``model.observe(..., generator=generator)``.
     """
-    config = model.config
-    return torch.randn((length, config.best_of, config.latent_dim), generator=generator)
+    core = model.dynamics
+    return torch.randn((length, core.best_of, core.noise_size), generator=generator)
 
 
 def posterior_step(
-    model: WorldModel, carry: Carry | None, action: Tensor, target: Tensor, noise: Tensor
-) -> tuple[Carry, Tensor]:
-    """One observed frame through the model's own recurrence (``VRNN.unroll``) with the given draws.
+    model: WorldModel, carry: CoreCarry | None, action: Tensor, target: Tensor, noise: Tensor
+) -> tuple[CoreCarry, Tensor]:
+    """One observed frame through the model's own dynamics core (``observe_step``) with the given draws.
 
-    carry: the state after the previous frame, or None for the first frame (h = 0, no GRU step).
+    carry: the state after the previous frame, or None for the first frame of a sequence.
     action (B, 6): the action that produced this frame (a_{t-1}); target (B, F): the frame's detected
-    keypoints, normalised; noise (S, B, Z): the best-of-S standard normal draws.
-    Returns the carry after this frame and its hidden state h_t (B, H) (the state that predicts it).
+    keypoints, normalised; noise (S, B, noise_size): the best-of-S standard normal draws.
+    Returns the carry after this frame and its hidden state (B, H) (the state that predicts it).
     """
-    unroll = model.dynamics.unroll(
-        action[:, None], target[:, None], initial=carry, num_observed=1, num_samples=noise.shape[0], noise=noise[None]
-    )
-    return unroll.final, unroll.hidden[:, 0]
+    step = model.dynamics.observe_step(carry, action, target, num_samples=noise.shape[0], noise=noise)
+    return step.carry, step.hidden
 
 
 class FilteredContext(NamedTuple):
-    carry: Carry  # after the context's last frame (normalised keypoints), what imagination continues from
+    carry: CoreCarry  # after the context's last frame (normalised keypoints), what imagination continues from
     hidden: Tensor  # (B, L, H) hidden states of the context's frames (warm-up of the reward predictor)
 
 
 @torch.inference_mode()
 def filter_context(model: WorldModel, keypoints: Tensor, actions: Tensor, noise: Tensor) -> FilteredContext:
     """Posterior over a batch of contexts, as ``WorldModel.observe`` with per-context draws: keypoints
-    (B, L, K, 3), actions (B, L, 6) (actions[:, t] applied at frame t), noise (B, L, S, Z) from
+    (B, L, K, 3), actions (B, L, 6) (actions[:, t] applied at frame t), noise (B, L, S, noise_size) from
     ``posterior_noise`` per context."""
     targets = model.normalizer.normalize(keypoints.flatten(2))  # (B, L, F)
     unroll = model.dynamics.unroll(
@@ -298,7 +297,7 @@ def filter_context(model: WorldModel, keypoints: Tensor, actions: Tensor, noise:
         targets,
         num_observed=keypoints.shape[1],
         num_samples=noise.shape[2],
-        noise=noise.permute(1, 2, 0, 3),  # (L, S, B, Z)
+        noise=noise.permute(1, 2, 0, 3),  # (L, S, B, noise_size)
     )
     return FilteredContext(unroll.final, unroll.hidden)
 

@@ -2,7 +2,8 @@
 
 An episode starts from a real context (``envs.context``: 8 frames and actions from the dataset's test split
 or the real simulator) filtered through the posterior, and then continues in imagination: each action
-drives one GRU step and a prior sample of the latent, the agent observes the RNN's hidden state, and the
+drives one imagine step of the model's dynamics core (a prior sample), the agent observes the core's hidden
+state (``DynamicsCore.hidden_state``: the GRU state of the VRNNs, SRVP's y), and the
 task's GRU reward predictor (``downstream/reward.py``), carried as a recurrent state over the same
 hidden states, gives the reward. ``render()`` decodes the imagined keypoints into a 64x64 frame.
 
@@ -47,7 +48,7 @@ from envs.context import (
 )
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
 from worldmodel.distributed import resolve_device
-from worldmodel.dynamics import Carry
+from worldmodel.dynamics_core import CoreCarry, DynamicsCore
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, inference_autocast
 from worldmodel.reward import RewardPredictor, RewardPredictorMismatch, load_reward_predictor
@@ -151,7 +152,7 @@ def load_imagination_models(
     with _LOAD_LOCK:
         if predictor_key not in _REWARD_PREDICTORS:
             predictor = load_reward_predictor(predictor_path, spec.name, fingerprint, map_location=device)
-            expected = loaded.config.rnn_size
+            expected = loaded.model.dynamics.hidden_size
             if predictor.input_size != expected:
                 raise RewardPredictorMismatch(
                     f"{predictor_path} reads {predictor.input_size} features, the world model's hidden state has {expected}"
@@ -193,18 +194,19 @@ def check_actions(actions: Any, shape: tuple[int, ...], task: str) -> np.ndarray
 # ----------------------------------------------------------------------------------------------
 # The batched imagination core
 # ----------------------------------------------------------------------------------------------
-def prior_step(model: WorldModel, carry: Carry, action: Tensor, noise: Tensor) -> Carry:
+def prior_step(model: WorldModel, carry: CoreCarry, action: Tensor, noise: Tensor) -> CoreCarry:
     """One imagined frame, as ``WorldModel.imagine`` without targets, with the given prior draw.
 
-    carry: the state after the current frame (normalised keypoints); action (B, 6): the action applied at
-    the current frame; noise (B, Z): the standard normal draw of the prior sample.
+    carry: the core's state after the current frame; action (B, 6): the action applied at the current
+    frame; noise (B, noise_size): the standard normal draw of the prior sample.
     """
-    return model.dynamics.unroll(action[:, None], initial=carry, noise=noise[None, None]).final
+    return model.dynamics.imagine_step(carry, action, noise=noise[None]).carry
 
 
 class NoiseStreams:
     """One seeded ``torch.Generator`` per sub-env (on the CPU, so results do not depend on the device),
-    read in blocks of ``block`` prior draws; a sub-env's k-th draw is the same whatever the batch."""
+    read in blocks of ``block`` prior draws of ``latent_dim`` (the core's ``noise_size``) numbers; a
+    sub-env's k-th draw is the same whatever the batch."""
 
     def __init__(self, num_envs: int, latent_dim: int, device: torch.device, block: int = NOISE_BLOCK) -> None:
         self.generators = [torch.Generator() for _ in range(num_envs)]
@@ -247,7 +249,7 @@ class ResetBatch(NamedTuple):
 class ImaginationBatch:
     """N imagined episodes of one task as one tensor batch on the model's device.
 
-    Observation of a sub-env: the hidden state h_t (H,) that predicts the current frame, followed, when
+    Observation of a sub-env: the core's hidden state (H,) that predicts the current frame, followed, when
     ``observe_keypoints``, by the current frame's keypoints (K*3,) (x, y, mu per keypoint; imagined
     frames: the decoded prior sample, in the detector's units).
     """
@@ -274,19 +276,16 @@ class ImaginationBatch:
         self.observe_keypoints, self.keep_frames = observe_keypoints, keep_frames
         self.threads = threads
         config = self.model.config
+        core = self.model.dynamics
         self.num_keypoints = config.num_keypoints
-        self.observation_space = observation_space(config.rnn_size, config.feature_size if observe_keypoints else 0)
+        self.observation_space = observation_space(core, config.feature_size if observe_keypoints else 0)
         n, device = num_envs, self.device
-        # The recurrence (normalised keypoints, as the model carries them) and the reward predictor's state.
-        self.carry = Carry(
-            torch.zeros(n, config.rnn_size, device=device),
-            torch.zeros(n, config.feature_size, device=device),
-            torch.zeros(n, config.latent_dim, device=device),
-        )
+        # The recurrence (the core's carry, normalised keypoints) and the reward predictor's state.
+        self.carry: CoreCarry = core.initial_carry(n, device)
         self.reward_state = self.predictor.initial_state(n, device)
         self.first_keypoints = torch.zeros(n, config.num_keypoints, 3, device=device)
         self.first_frames = torch.zeros(n, 64, 64, 3, dtype=torch.uint8, device=device) if keep_frames else None
-        self.noise = NoiseStreams(n, config.latent_dim, device)
+        self.noise = NoiseStreams(n, core.noise_size, device)
         self.steps = np.zeros(n, dtype=np.int64)
         self.started = np.zeros(n, dtype=bool)
 
@@ -300,11 +299,12 @@ class ImaginationBatch:
     # ---- observations -------------------------------------------------------------------------------
     def current_keypoints(self) -> Tensor:
         """(N, K, 3) keypoints of every sub-env's current frame, in the detector's units."""
-        return self.model.normalizer.denormalize(self.carry.keypoints).view(self.num_envs, self.num_keypoints, 3)
+        keypoints = self.model.dynamics.keypoints(self.carry)
+        return self.model.normalizer.denormalize(keypoints).view(self.num_envs, self.num_keypoints, 3)
 
     def observations(self, rows: Tensor | None = None) -> np.ndarray:
         """(N, D) (or the given rows) float32 observations of the current frames, a fresh array."""
-        carry = self.carry if rows is None else Carry(*(part[rows] for part in self.carry))
+        carry = self.carry if rows is None else type(self.carry)(*(part[rows] for part in self.carry))
         return observations_of(self.model, carry, self.observe_keypoints)
 
     # ---- reset ----------------------------------------------------------------------------------------
@@ -356,7 +356,8 @@ class ImaginationBatch:
         padded = torch.from_numpy(pad_actions(actions)).to(self.device)  # (N, 6)
         self.carry = prior_step(self.model, self.carry, padded, self.noise.draw())
         # The reward of the step t -> t+1 is read from the state that predicts frame t+1 (align_rewards).
-        rewards, self.reward_state = self.predictor(self.carry.hidden[:, None], self.reward_state)
+        hidden = self.model.dynamics.hidden_state(self.carry)
+        rewards, self.reward_state = self.predictor(hidden[:, None], self.reward_state)
         self.steps += 1
         return StepBatch(
             self.observations(),
@@ -392,19 +393,21 @@ def decode_frames(model: WorldModel, keypoints: Tensor, first_frames: Tensor, fi
     return frames.permute(0, 2, 3, 1).cpu().numpy().copy()
 
 
-def observations_of(model: WorldModel, carry: Carry, observe_keypoints: bool) -> np.ndarray:
+def observations_of(model: WorldModel, carry: CoreCarry, observe_keypoints: bool) -> np.ndarray:
     """(B, D) float32 numpy, fresh: the hidden states [and the current keypoints, de-normalised]."""
+    core = model.dynamics
     # A GRU state is a convex mix of tanh outputs, so in [-1, 1]; the clamp only removes float rounding.
-    parts = [carry.hidden.clamp(-1.0, 1.0)]
+    parts = [core.hidden_state(carry).clamp(-core.hidden_bound, core.hidden_bound)]
     if observe_keypoints:
-        parts.append(model.normalizer.denormalize(carry.keypoints))
+        parts.append(model.normalizer.denormalize(core.keypoints(carry)))
     return torch.cat(parts, dim=-1).float().cpu().numpy().copy()
 
 
-def observation_space(hidden_size: int, keypoint_features: int) -> spaces.Box:
-    """The GRU's hidden state lies in [-1, 1] (a convex mix of tanh outputs, from 0); keypoints, decoded by a
-    linear layer and de-normalised, are unbounded."""
-    low = np.concatenate([np.full(hidden_size, -1.0), np.full(keypoint_features, -np.inf)]).astype(np.float32)
+def observation_space(core: DynamicsCore, keypoint_features: int) -> spaces.Box:
+    """The core's hidden state lies in [-bound, bound] (a GRU's in [-1, 1], SRVP's y is unbounded); keypoints,
+    decoded by a linear layer and de-normalised, are unbounded."""
+    bound = core.hidden_bound
+    low = np.concatenate([np.full(core.hidden_size, -bound), np.full(keypoint_features, -np.inf)]).astype(np.float32)
     return spaces.Box(low=low, high=-low, dtype=np.float32)
 
 
@@ -467,8 +470,8 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Observation space
     | | |
     |---|---|
-    | type | ``Box(float32)`` of size H (the RNN size: 512 ``paper``, 256 ``cpu`` profile), or H + 3K with ``observe_keypoints`` |
-    | ``[0, H)`` | the GRU hidden state h_t that predicts the current frame, in [-1, 1] |
+    | type | ``Box(float32)`` of size H (the dynamics core's ``hidden_size``: the GRU size for the VRNNs, 512 ``paper``, 256 ``cpu``; SRVP's state size), or H + 3K with ``observe_keypoints`` |
+    | ``[0, H)`` | the core's hidden state that predicts the current frame: in [-1, 1] for the VRNNs (a GRU state), unbounded for SRVP's y |
     | ``[H, H+3K)`` | with ``observe_keypoints``: the current frame's keypoints (x, y, mu) x K, unbounded |
 
     ## Rewards
@@ -613,14 +616,14 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         self.warmup_steps = warmup_steps
         self.threads = threads
         config = self.model.config
-        self.observation_space = observation_space(config.rnn_size, config.feature_size if observe_keypoints else 0)
-        self._carry: Carry | None = None
+        self.observation_space = observation_space(self.model.dynamics, config.feature_size if observe_keypoints else 0)
+        self._carry: CoreCarry | None = None
         self._generator = torch.Generator()
         self.first_frame: np.ndarray | None = None  # (64, 64, 3) the episode's first real frame
         self.first_keypoints: Tensor | None = None  # (1, K, 3) its detected keypoints
 
     @property
-    def carry(self) -> Carry:
+    def carry(self) -> CoreCarry:
         """The filter's state after the current real frame (normalised keypoints; do not modify)."""
         if self._carry is None:
             raise RuntimeError("call reset() first")

@@ -170,7 +170,7 @@ def test_struct_rnn_is_deterministic() -> None:
     assert losses.kl.item() == 0.0
     a = model.observe(keypoints, actions)
     b = model.observe(keypoints, actions)
-    assert torch.equal(a.keypoints, b.keypoints) and a.final.latent.shape == (2, 0)
+    assert torch.equal(a.keypoints, b.keypoints) and a.final.carry.latent.shape == (2, 0)
 
 
 def test_dynamics_run_in_float32_under_autocast() -> None:
@@ -205,5 +205,6 @@ def test_imagine_from_observed_state_continues_the_recurrence() -> None:
     torch.testing.assert_close(observed.final.hidden, observed.hidden[:, -1])
     future = model.imagine(observed.final, torch.rand(3, 7, 6))
     assert future.keypoints.shape == (3, 7, k, 3) and future.hidden.shape == (3, 7, h)
-    state = Carry(*observed.final)
+    state = observed.final.carry
+    assert isinstance(state, Carry)
     assert state.latent.shape == (3, model.config.latent_size)

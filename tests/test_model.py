@@ -81,7 +81,7 @@ def test_shapes(variant: str) -> None:
     assert dynamics.image.item() == 0.0 and dynamics.future.item() > 0
     observed = model.observe(keypoints, actions)
     assert observed.keypoints.shape == (B, T, k, 3) and observed.hidden.shape == (B, T, h)
-    assert observed.final.latent.shape == (B, cfg.latent_dim)
+    assert observed.final.carry.latent.shape == (B, cfg.latent_dim)
     future = model.imagine(observed.final, actions)
     assert future.keypoints.shape == (B, T, k, 3) and future.final.keypoints.shape == (B, k, 3)
     decoded = model.decode(future.keypoints, frames[:, 0], keypoints[:, 0])

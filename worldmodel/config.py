@@ -45,6 +45,8 @@ from worldmodel.tasks import IMAGE_SIZE, MAX_ACTION_DIM
 Variant = Literal["struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn"]
 VARIANTS: tuple[Variant, ...] = ("struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn")
 Heatmap = Literal["softplus", "softmax"]
+Dynamics = Literal["vrnn", "srvp", "hvrnn"]
+DYNAMICS: tuple[Dynamics, ...] = ("vrnn", "srvp", "hvrnn")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ class ModelConfig:
     keypoint_sigma: float = 1.5
     """sigma_k.p. of the Gaussian maps (S4), in pixels of the heatmap (Table S1: 1.5)."""
 
-    # ---- dynamics (S1.1.2) -----------------------------------------------------------------------------
+    # ---- dynamics (S1.1.2; other cores: docs/DYNAMICS.md) -----------------------------------------------
+    dynamics: Dynamics = "vrnn"
+    """Dynamics core on the keypoints and actions: 'vrnn' (the paper's VRNN), 'srvp' (stochastic residual state-space model of Franceschi et al. 2020) or 'hvrnn' (hierarchical VRNN with ``hvrnn_levels`` levels of latents, Castrejon et al. 2019). Independent of the variant."""
     latent_size: int = 128
     """Size of the latent z (Table S1 DMCS: 128). Unused by ``struct-rnn``."""
     rnn_size: int = 512
@@ -93,6 +97,18 @@ class ModelConfig:
     """Hidden units of the keypoint decoder (S1.1.2: 128)."""
     num_samples: int = 50
     """Samples of z for the best-of-many objective (eq. 8; Table S1: 50). ``struct-vrnn-nobom`` uses 1."""
+    srvp_state_size: int = 64
+    """srvp: size of the deterministic state y (the hidden state it exposes)."""
+    srvp_units: int = 128
+    """srvp: hidden units of its MLPs (keypoint encoder, initial-state net, prior, posterior, residual f, decoder) and of the posterior filter's GRU."""
+    srvp_init_frames: int = 3
+    """srvp: k, the number of first observed frames y_1 is inferred from (must not exceed the observed steps)."""
+    srvp_dt: float = 1.0
+    """srvp: Euler step of the residual update y <- y + dt f(y, z, a), applied 1/dt times per frame (1/dt must be an integer)."""
+    srvp_residual_weight: float = 1.0
+    """srvp: lambda, the weight of the L2 penalty on the residuals f (mean over steps of the squared norm)."""
+    hvrnn_levels: int = 3
+    """hvrnn: L, the number of latent levels (each of ``latent_size``)."""
     keypoint_std_floor: float = 0.05
     """Floor of the per-feature std used to normalise the dynamics' inputs and targets (``WorldModel.fit_keypoint_normalization``), in keypoint units ([-1, 1] coordinates)."""
 
@@ -129,6 +145,18 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.stochastic and self.latent_size < 1:
             raise ValueError("latent_size must be >= 1 for stochastic variants")
+        if self.dynamics not in DYNAMICS:
+            raise ValueError(f"unknown dynamics {self.dynamics!r}: choose from {', '.join(DYNAMICS)}")
+        for name in ("srvp_state_size", "srvp_units", "srvp_init_frames", "hvrnn_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        substeps = 1.0 / self.srvp_dt if self.srvp_dt > 0 else 0.0
+        if not (0.0 < self.srvp_dt <= 1.0 and abs(substeps - round(substeps)) < 1e-6):
+            raise ValueError(f"srvp_dt must be 1/n for an integer n >= 1, got {self.srvp_dt}")
+        if self.srvp_residual_weight < 0:
+            raise ValueError("srvp_residual_weight must be >= 0")
+        if self.dynamics == "hvrnn" and not self.stochastic:
+            raise ValueError("hvrnn is a hierarchy of latents: it needs a stochastic variant (not struct-rnn)")
 
     # ---- derived -------------------------------------------------------------------------------------
     @property
@@ -148,7 +176,7 @@ class ModelConfig:
 
     @property
     def latent_dim(self) -> int:
-        """Size of z as carried in DynamicsState.latent (0 for ``struct-rnn``)."""
+        """Size of one level of z (0 for ``struct-rnn``, which has no latent)."""
         return self.latent_size if self.stochastic else 0
 
     @property

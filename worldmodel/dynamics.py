@@ -14,6 +14,8 @@ The decoder's output is linear: normalised keypoints are unbounded, so tanh (the
 coordinates in [-1, 1] and mu in [0, 1]) does not fit.
 
 ``struct-rnn`` has no z (size 0), no prior/posterior and no KL; ``struct-vrnn-nobom`` draws one sample.
+The VRNN implements ``DynamicsCore`` (worldmodel/dynamics_core.py): its hidden state is h_t, best of many
+and scheduled sampling apply on every frame, and the prior is trained by the KL only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
+from worldmodel.dynamics_core import DynamicsCore, Step, Unroll
 from worldmodel.losses import gaussian_kl
+
+__all__ = ["VRNN", "Carry", "Gaussian", "GaussianHead", "KeypointDecoder", "KeypointNormalizer", "Unroll", "dense"]
 
 STD_OFFSET = 1e-4  # std = softplus(.) + 1e-4 (S6, S7)
 
@@ -113,37 +118,46 @@ class KeypointNormalizer(nn.Module):
 
 
 class Carry(NamedTuple):
-    """What the recurrence carries after a frame (normalised keypoints)."""
+    """What the VRNN carries after a frame (normalised keypoints)."""
 
     hidden: Tensor  # (B, H) h_t
     keypoints: Tensor  # (B, F) x_t as fed to the next GRU step (detected or predicted, normalised)
     latent: Tensor  # (B, Z) z_t (Z = 0 for struct-rnn)
 
 
-class Unroll(NamedTuple):
-    keypoints: Tensor  # (B, T, F) decoded keypoints x^_t of the chosen samples, normalised
-    hidden: Tensor  # (B, T, H) h_t, the state that predicts frame t
-    kl: Tensor  # (B, T_observed) KL(posterior || prior) per observed step (summed over z)
-    final: Carry  # after the last frame
-
-
-class VRNN(nn.Module):
+class VRNN(DynamicsCore):
     """The dynamics core shared by all four variants."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         features, latent, hidden = config.feature_size, config.latent_dim, config.rnn_size
         self.rnn = nn.GRUCell(features + latent + config.action_dim, hidden)
         self.prior = GaussianHead(hidden, config.prior_units, latent) if latent else None
         self.posterior = GaussianHead(features + hidden, config.posterior_units, latent) if latent else None
         self.decoder = KeypointDecoder(latent, hidden, config.decoder_units, features)
+        self.hidden_size = hidden
+        self.hidden_bound = 1.0  # a GRU state is a convex mix of tanh outputs, from 0
+        self.noise_size = latent
+        self.best_of = config.best_of
+        self.posterior_in_training = False
+        self.scheduled_sampling = True
+        self.kl_names = ("z",)
+        self.regulariser_weight = 0.0
 
     def initial_carry(self, batch_size: int, device: torch.device) -> Carry:
         """The zero state before any frame (only its hidden part is used; see ``unroll``)."""
         cfg = self.config
         zeros = lambda size: torch.zeros(batch_size, size, device=device)  # noqa: E731
         return Carry(zeros(cfg.rnn_size), zeros(cfg.feature_size), zeros(cfg.latent_dim))
+
+    def hidden_state(self, carry: Carry) -> Tensor:  # type: ignore[override]
+        return carry.hidden
+
+    def keypoints(self, carry: Carry) -> Tensor:  # type: ignore[override]
+        return carry.keypoints
+
+    def feed(self, carry: Carry, keypoints: Tensor) -> Carry:  # type: ignore[override]
+        return carry._replace(keypoints=keypoints)
 
     def sample(
         self,
@@ -183,81 +197,43 @@ class VRNN(nn.Module):
         latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
         return latent, self.decoder(latent, hidden)
 
-    def unroll(
+    def _transition(self, carry: Carry | None, action: Tensor) -> Tensor:
+        """h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}]) (S9); h = 0 and no GRU step at a sequence start."""
+        if carry is None:
+            return action.new_zeros(action.shape[0], self.config.rnn_size)
+        return self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
+
+    def observe_step(  # type: ignore[override]
         self,
-        actions: Tensor,
-        targets: Tensor | None = None,
-        initial: Carry | None = None,
-        num_observed: int = 0,
+        carry: Carry | None,
+        action: Tensor,
+        target: Tensor,
         num_samples: int = 1,
-        teacher_forcing: tuple[float, float] = (0.0, 0.0),
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
-    ) -> Unroll:
-        """Run the recurrence over T frames.
+    ) -> Step:
+        hidden = self._transition(carry, action)
+        belief = None
+        kl = hidden.new_zeros(hidden.shape[0], 1)
+        if self.prior is not None and self.posterior is not None:
+            prior = self.prior(hidden)  # S6
+            belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
+            kl = gaussian_kl(belief.mean, belief.std, prior.mean, prior.std)[:, None]  # (B, 1)
+        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise)  # S8, eq. 8
+        return Step(Carry(hidden, prediction, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
 
-        actions: (B, T, A), row t = the action that produced frame t (a_{t-1}); ignored for t = 0 when
-            ``initial`` is None (the sequence starts there: h_0 = 0, no GRU step).
-        targets: (B, T, F) normalised detected keypoints, or None (pure imagination). Needed for the
-            observed steps (posterior) and for best of many.
-        initial: the carry after the frame before frame 0, or None to start a sequence.
-        num_observed: the first ``num_observed`` frames use the posterior and give KL; the rest the prior.
-        teacher_forcing: (observed, predicted) probability that the next GRU input is the target rather
-            than the model's own x^_t (scheduled sampling, S1.3), drawn per batch element and step.
-        noise: (T, N, B, Z) standard normal draws to use instead of the generator's (N samples per step).
-        """
-        with torch.autocast(actions.device.type, enabled=False):
-            return self._unroll(
-                actions.float(), None if targets is None else targets.float(), initial,
-                num_observed, num_samples, teacher_forcing, generator, noise,
-            )
-
-    def _unroll(
+    def imagine_step(  # type: ignore[override]
         self,
-        actions: Tensor,
-        targets: Tensor | None,
-        initial: Carry | None,
-        num_observed: int,
-        num_samples: int,
-        teacher_forcing: tuple[float, float],
-        generator: torch.Generator | None,
-        noise: Tensor | None,
-    ) -> Unroll:
-        batch, steps = actions.shape[:2]
-        if num_observed > 0 and targets is None:
-            raise ValueError("observed steps need target keypoints")
-        carry = initial if initial is not None else self.initial_carry(batch, actions.device)
-        hidden, inputs, latent = carry
-        predictions: list[Tensor] = []
-        hiddens: list[Tensor] = []
-        kls: list[Tensor] = []
-        for t in range(steps):
-            if t > 0 or initial is not None:
-                hidden = self.rnn(torch.cat([inputs, latent, actions[:, t]], dim=-1), hidden)  # (B, H)  S9
-            target = None if targets is None else targets[:, t]  # (B, F)
-            observed = t < num_observed
-            belief = None
-            if self.prior is not None and self.posterior is not None:
-                prior = self.prior(hidden)  # S6
-                if observed:
-                    belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
-                    kls.append(gaussian_kl(belief.mean, belief.std, prior.mean, prior.std))  # (B,)
-                else:
-                    # As the original code: the prior is trained by the KL only, not by L_future.
-                    belief = prior.detach()
-            step_noise = None if noise is None else noise[t]
-            latent, prediction = self.sample(belief, hidden, target, num_samples, generator, step_noise)  # S8, eq. 8
-            inputs = prediction
-            p_target = teacher_forcing[0] if observed else teacher_forcing[1]
-            if target is not None and p_target > 0.0:
-                coin = torch.rand((batch, 1), generator=generator, device=actions.device)
-                inputs = torch.where(coin < p_target, target, prediction)  # scheduled sampling (S1.3)
-            predictions.append(prediction)
-            hiddens.append(hidden)
-        kl = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0)
-        return Unroll(
-            keypoints=torch.stack(predictions, dim=1),  # (B, T, F)
-            hidden=torch.stack(hiddens, dim=1),  # (B, T, H)
-            kl=kl,
-            final=Carry(hidden, inputs, latent),
-        )
+        carry: Carry | None,
+        action: Tensor,
+        target: Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Step:
+        hidden = self._transition(carry, action)
+        # As the original code: the prior is trained by the KL only, not by L_future.
+        belief = self.prior(hidden).detach() if self.prior is not None else None
+        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise)
+        zero = hidden.new_zeros(hidden.shape[0])
+        return Step(Carry(hidden, prediction, latent), prediction, hidden, zero[:, None], zero)

@@ -146,8 +146,15 @@ class Prediction(NamedTuple):
 
 
 def repeat_state(state: DynamicsState, times: int) -> DynamicsState:
-    """Tile a recurrent state along the batch, sample-major: row s*B + b is a copy of row b."""
-    return type(state)(*(field.repeat(times, *([1] * (field.dim() - 1))) for field in state))
+    """Tile a recurrent state (and the core's carry inside it) along the batch, sample-major: row s*B + b
+    is a copy of row b."""
+
+    def tile(field: Any) -> Any:
+        if isinstance(field, tuple):  # the core's carry, a NamedTuple of tensors
+            return type(field)(*(tile(part) for part in field))
+        return field.repeat(times, *([1] * (field.dim() - 1)))
+
+    return tile(state)
 
 
 @torch.no_grad()

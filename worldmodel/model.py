@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
-from worldmodel.dynamics import VRNN, Carry, KeypointNormalizer, Unroll
+from worldmodel.dynamics import KeypointNormalizer
+from worldmodel.dynamics_core import CoreCarry, DynamicsLosses, Unroll, make_dynamics
 from worldmodel.losses import image_loss, keypoint_loss, separation_loss, sparsity_loss
 from worldmodel.precision import inference_compute
 from worldmodel.vision import (
@@ -80,6 +81,7 @@ class Losses(NamedTuple):
     keypoint: Tensor  # keypoint reconstruction error, observed steps
     kl: Tensor  # KL(posterior || prior), observed steps (unscaled)
     future: Tensor  # keypoint reconstruction error, predicted steps
+    regulariser: Tensor  # the dynamics core's own penalty, unweighted (SRVP: squared residuals; else 0)
 
 
 class Diagnostics(NamedTuple):
@@ -97,11 +99,11 @@ class Diagnostics(NamedTuple):
 
 
 class DynamicsState(NamedTuple):
-    """What the recurrence carries after a frame."""
+    """What the recurrence carries after a frame: the core's carry and two views of it."""
 
-    hidden: Tensor  # (B, H)
-    keypoints: Tensor  # (B, K, 3) the frame's keypoints as fed to the next RNN step
-    latent: Tensor  # (B, Z) (Z = 0 for struct-rnn)
+    hidden: Tensor  # (B, H) the core's hidden state (``DynamicsCore.hidden_state``)
+    keypoints: Tensor  # (B, K, 3) the frame's keypoints as the core carries them, de-normalised
+    carry: CoreCarry  # the core's own carry (normalised keypoints); ``imagine`` continues from it
 
 
 class Rollout(NamedTuple):
@@ -159,7 +161,7 @@ class WorldModel(nn.Module):
             self.feature_maps = FeatureMaps(config)
         self.appearance = ImageEncoder(config)  # phi_appearance: the detector's trunk, on v_1
         self.reconstructor = Reconstructor(config)  # phi_rec (S5)
-        self.dynamics = VRNN(config)
+        self.dynamics = make_dynamics(config)  # config.dynamics: vrnn, srvp or hvrnn
         self.normalizer = KeypointNormalizer(config.feature_size, config.keypoint_std_floor)
         self.amplitude_mix: Tensor
         self.register_buffer("amplitude_mix", torch.tensor(float(config.initial_amplitude_mix)))
@@ -239,7 +241,7 @@ class WorldModel(nn.Module):
         # L_sparse acts on the maps' amplitudes: with fixed amplitude (mix 0) mu is not drawn, nothing to prune.
         sparsity_scale = (1.0 if schedule is None else schedule.sparsity_scale) * mix
         total = image + cfg.separation_weight * separation + cfg.sparsity_weight * sparsity_scale * sparsity
-        losses = Losses(total, image, separation, sparsity, zero, zero, zero)
+        losses = Losses(total, image, separation, sparsity, zero, zero, zero, zero)
         return VisionOutput(keypoints, self.amplitude(keypoints, mix), losses)
 
     @torch.no_grad()
@@ -280,25 +282,24 @@ class WorldModel(nn.Module):
         """L_VRNN + L_future on detected keypoints (B, T, K, 3) (no gradient reaches them) and actions (B, T, 6).
 
         The first ``num_observed`` frames use the posterior (keypoint error + beta * kl_scale * KL), the rest
-        the prior (L_future); best of ``config.best_of`` samples against the detected keypoints (eq. 8).
+        the prior (L_future), with the core's best of many (eq. 8) and scheduled sampling. A core that trains
+        on the posterior at every frame (``posterior_in_training``: SRVP) has KL terms on all frames and no
+        L_future. The core's own penalty (SRVP's residual norm) is added with its weight.
         """
-        cfg = self.config
+        core = self.dynamics
         targets = self.normalizer.normalize(keypoints.detach().flatten(2))  # (B, T, F), stop-gradient
-        unroll = self.dynamics.unroll(
+        observed = targets.shape[1] if core.posterior_in_training else num_observed
+        unroll = core.unroll(
             previous_actions(actions),
             targets,
-            num_observed=num_observed,
-            num_samples=cfg.best_of,
+            num_observed=observed,
+            num_samples=core.best_of,
             teacher_forcing=(schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted),
             generator=generator,
         )
-        n = num_observed
-        keypoint = keypoint_loss(unroll.keypoints[:, :n], targets[:, :n])
-        future = keypoint_loss(unroll.keypoints[:, n:], targets[:, n:])
-        kl = unroll.kl.mean() if unroll.kl.numel() else keypoint.new_zeros(())
-        total = keypoint + cfg.kl_weight * schedule.kl_scale * kl + future
-        zero = keypoint.new_zeros(())
-        return Losses(total, zero, zero, zero, keypoint, kl, future)
+        d: DynamicsLosses = core.losses(unroll, targets, observed, schedule.kl_scale)
+        zero = d.keypoint.new_zeros(())
+        return Losses(d.total, zero, zero, zero, d.keypoint, d.kl, d.future, d.regulariser)
 
     def joint_losses(
         self,
@@ -312,7 +313,9 @@ class WorldModel(nn.Module):
         vision = self._vision(frames, schedule, num_observed)
         dynamics = self.dynamics_losses(vision.keypoints, actions, num_observed, schedule, generator)
         v, d = vision.losses, dynamics
-        losses = Losses(v.total + d.total, v.image, v.separation, v.sparsity, d.keypoint, d.kl, d.future)
+        losses = Losses(
+            v.total + d.total, v.image, v.separation, v.sparsity, d.keypoint, d.kl, d.future, d.regulariser
+        )
         return losses, self.diagnose(vision.keypoints, vision.amplitude)
 
     def conv_weight_l2(self) -> Tensor:
@@ -326,10 +329,10 @@ class WorldModel(nn.Module):
         mean over all frames, within-sequence std floored at ``config.keypoint_std_floor``."""
         self.normalizer.fit(keypoints, std_floor)
 
-    def _state(self, carry: Carry) -> DynamicsState:
+    def _state(self, carry: CoreCarry) -> DynamicsState:
         k = self.config.num_keypoints
-        points = self.normalizer.denormalize(carry.keypoints).view(-1, k, 3)
-        return DynamicsState(carry.hidden, points, carry.latent)
+        points = self.normalizer.denormalize(self.dynamics.keypoints(carry)).view(-1, k, 3)
+        return DynamicsState(self.dynamics.hidden_state(carry), points, carry)
 
     def _rollout(self, unroll: Unroll) -> Rollout:
         batch, steps = unroll.keypoints.shape[:2]
@@ -351,15 +354,15 @@ class WorldModel(nn.Module):
         """Filter detected keypoints (B, T, K, 3) with the posterior; actions (B, T, 6), actions[:, t] applied
         at frame t (the last one is unused: it leads past the sequence; pass it to ``imagine``).
 
-        Each frame's z is the best of ``num_samples`` (default ``config.best_of``) posterior samples against
-        the detected keypoints, and the RNN is fed its own decoded keypoints (as at the end of training).
+        Each frame's latent is the best of ``num_samples`` (default: the core's ``best_of``) posterior samples
+        against the detected keypoints, and a core that feeds keypoints back is fed its own decoded ones.
         """
         targets = self.normalizer.normalize(keypoints.flatten(2))
         unroll = self.dynamics.unroll(
             previous_actions(actions),
             targets,
             num_observed=keypoints.shape[1],
-            num_samples=self.config.best_of if num_samples is None else num_samples,
+            num_samples=self.dynamics.best_of if num_samples is None else num_samples,
             generator=generator,
         )
         return self._rollout(unroll)
@@ -376,15 +379,15 @@ class WorldModel(nn.Module):
         the frame of ``state``; returns the T frames that follow it.
 
         With ``targets`` (B, T, K, 3) (keypoints detected in the true future frames, for evaluation) each
-        step keeps the best of ``num_samples`` (default ``config.best_of``) prior samples; without, the first.
+        step keeps the best of ``num_samples`` (default: the core's ``best_of``) prior samples; without, the
+        first. The continuation reads ``state.carry`` only.
         """
-        carry = Carry(state.hidden, self.normalizer.normalize(state.keypoints.flatten(1)), state.latent)
         normalized = None if targets is None else self.normalizer.normalize(targets.flatten(2))
         unroll = self.dynamics.unroll(
             actions,
             normalized,
-            initial=carry,
-            num_samples=self.config.best_of if num_samples is None else num_samples,
+            initial=state.carry,
+            num_samples=self.dynamics.best_of if num_samples is None else num_samples,
             generator=generator,
         )
         return self._rollout(unroll)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from worldmodel.config import ModelConfig, Variant
+from worldmodel.config import Dynamics, ModelConfig, Variant
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
 from worldmodel.precision import Precision, autocast, choose_compute
 
@@ -63,6 +63,8 @@ class TrainConfig:
     """Run directory: checkpoint.pt, metrics.jsonl, tensorboard/, keypoint cache, pictures, summary.json."""
     model: Variant = "struct-vrnn"
     """Model variant: struct-vrnn, struct-vrnn-nobom (one sample), struct-rnn (deterministic) or cnn-vrnn (unstructured features). It sets --net.variant, which is not to be given separately."""
+    dynamics: Dynamics = "vrnn"
+    """Dynamics core: vrnn, srvp (stochastic residual state-space model) or hvrnn (hierarchical VRNN); any variant takes any core (docs/DYNAMICS.md). It sets --net.dynamics, which is not to be given separately."""
     tasks: str = "all"
     """Comma-separated tasks to train on, or 'all' (the six)."""
     seed: int = 1
@@ -144,8 +146,8 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        """The network's config with --model applied."""
-        return dataclasses.replace(self.net, variant=self.model)
+        """The network's config with --model and --dynamics applied."""
+        return dataclasses.replace(self.net, variant=self.model, dynamics=self.dynamics)
 
 
 def profile_config(profile: Profile) -> TrainConfig:
@@ -285,6 +287,12 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     if config.net.variant != config.model and config.net.variant != ModelConfig().variant:
         raise ValueError(f"give the variant with --model, not --net.variant ({config.net.variant})")
+    if config.net.dynamics != config.dynamics and config.net.dynamics != ModelConfig().dynamics:
+        raise ValueError(f"give the dynamics core with --dynamics, not --net.dynamics ({config.net.dynamics})")
+    if config.dynamics == "srvp" and config.net.srvp_init_frames > config.num_observed:
+        raise ValueError(
+            f"--net.srvp-init-frames ({config.net.srvp_init_frames}) must not exceed --num-observed ({config.num_observed})"
+        )
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
 
 

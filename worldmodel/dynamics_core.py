@@ -1,0 +1,217 @@
+"""The one interface every dynamics core implements (VRNN, SRVP, hierarchical VRNN; docs/DYNAMICS.md).
+
+A core consumes normalised keypoints x_t (B, F) (F = K*3, or the CNN features of ``cnn-vrnn``) and
+zero-padded actions, one frame at a time:
+
+    out = core.observe_step(carry, a_{t-1}, x_t)   # posterior: frame t was seen
+    out = core.imagine_step(carry, a_{t-1})        # prior: frame t is imagined
+    out.carry        the core's own NamedTuple of (B, ...) tensors after frame t
+    out.prediction   x^_t (B, F), the decoded keypoints of frame t
+    out.hidden       (B, hidden_size), the vector exposed to reward predictors and agents
+
+Action order (the same for every core): the state that predicts frame t has seen a_{t-1}, the action that
+produced frame t, and nothing later. ``carry=None`` starts a sequence. Every random draw is a standard
+normal block of ``noise_size`` numbers per sample; callers that keep their own streams (the imagination
+envs: one seeded generator per sub-env) pass it as ``noise`` (N, B, noise_size) instead of a generator.
+
+``unroll`` is nothing but a loop over the two steps (plus scheduled sampling where a core feeds its own
+predictions back), so a hand-written loop reproduces it exactly. ``losses`` turns an unroll into the
+typed loss terms. Code outside ``worldmodel/`` (training, hidden states, envs) only uses this class.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from worldmodel.config import ModelConfig
+from worldmodel.losses import keypoint_loss
+
+CoreCarry = tuple[Tensor, ...]  # each core's NamedTuple of tensors with the batch first
+
+
+class Step(NamedTuple):
+    """One frame through a core."""
+
+    carry: CoreCarry  # after this frame
+    prediction: Tensor  # (B, F) decoded keypoints x^_t, normalised
+    hidden: Tensor  # (B, H) the hidden state that predicts this frame
+    kl: Tensor  # (B, L) the core's KL terms for this frame (zero on imagined frames)
+    regulariser: Tensor  # (B,) the core's own penalty for this frame (zero where it has none)
+
+
+class Unroll(NamedTuple):
+    keypoints: Tensor  # (B, T, F) decoded keypoints x^_t of the chosen samples, normalised
+    hidden: Tensor  # (B, T, H) the state that predicts frame t
+    kl: Tensor  # (B, T_observed) the KL terms summed, per observed frame
+    kl_terms: Tensor  # (B, T_observed, L) each KL term per observed frame
+    regulariser: Tensor  # (B, T) the core's own penalty per frame
+    final: CoreCarry  # after the last frame
+
+
+class DynamicsLosses(NamedTuple):
+    """Float32 scalars, except ``kl_terms``."""
+
+    total: Tensor  # keypoint + beta * kl_scale * kl + future + weight * regulariser
+    keypoint: Tensor  # keypoint reconstruction error, observed frames
+    future: Tensor  # keypoint reconstruction error, imagined frames
+    kl: Tensor  # the KL terms summed (mean over batch and observed frames), unscaled
+    kl_terms: Tensor  # (L,) each KL term (``DynamicsCore.kl_names``), same averaging
+    regulariser: Tensor  # the core's own penalty (mean over batch and frames), unweighted
+
+
+def draw_noise(num_samples: int, batch: int, size: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Standard normal draws (N, B, size) on ``like``'s device."""
+    return torch.randn((num_samples, batch, size), generator=generator, device=like.device, dtype=like.dtype)
+
+
+class DynamicsCore(nn.Module):
+    """Base of the cores: the shared ``unroll`` and ``losses``; subclasses fill in the steps.
+
+    Attributes a core sets: ``hidden_size`` (H), ``hidden_bound`` (|hidden| <= bound; inf when unbounded),
+    ``noise_size`` (standard normals per sample and step), ``best_of`` (samples per step for best of many in
+    training and filtering; 1 = none), ``posterior_in_training`` (train on the posterior at every frame of
+    the window instead of the prior after the observed frames), ``scheduled_sampling`` (the core feeds its
+    own predicted keypoints back, so teacher forcing applies), ``kl_names`` (its KL terms, in order) and
+    ``regulariser_weight``.
+    """
+
+    hidden_size: int
+    hidden_bound: float
+    noise_size: int
+    best_of: int
+    posterior_in_training: bool
+    scheduled_sampling: bool
+    kl_names: tuple[str, ...]
+    regulariser_weight: float
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    # ---- what each core implements --------------------------------------------------------------
+    def initial_carry(self, batch_size: int, device: torch.device) -> CoreCarry:
+        """A zero carry of the right shapes (to allocate buffers); a sequence starts with ``carry=None``."""
+        raise NotImplementedError
+
+    def observe_step(
+        self,
+        carry: CoreCarry | None,
+        action: Tensor,
+        target: Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Step:
+        """Frame t seen: carry after frame t-1 (None: t is the first frame), action (B, A) = a_{t-1}, target
+        (B, F) its normalised detected keypoints; best of ``num_samples`` posterior samples against it."""
+        raise NotImplementedError
+
+    def imagine_step(
+        self,
+        carry: CoreCarry | None,
+        action: Tensor,
+        target: Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Step:
+        """Frame t imagined with the prior; with a target (B, F) (evaluation, training) the best of
+        ``num_samples`` prior samples is kept, without it the first."""
+        raise NotImplementedError
+
+    def hidden_state(self, carry: CoreCarry) -> Tensor:
+        """(B, H): the vector this core exposes for the frame the carry stands at."""
+        raise NotImplementedError
+
+    def keypoints(self, carry: CoreCarry) -> Tensor:
+        """(B, F): the normalised keypoints of the frame the carry stands at (decoded or fed back)."""
+        raise NotImplementedError
+
+    def feed(self, carry: CoreCarry, keypoints: Tensor) -> CoreCarry:
+        """Scheduled sampling: the carry with ``keypoints`` (B, F) as the frame fed to the next step."""
+        raise NotImplementedError(f"{type(self).__name__} does not feed keypoints back")
+
+    # ---- shared -------------------------------------------------------------------------------------
+    def unroll(
+        self,
+        actions: Tensor,
+        targets: Tensor | None = None,
+        initial: CoreCarry | None = None,
+        num_observed: int = 0,
+        num_samples: int = 1,
+        teacher_forcing: tuple[float, float] = (0.0, 0.0),
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Unroll:
+        """Run T frames: ``observe_step`` for the first ``num_observed``, ``imagine_step`` after.
+
+        actions: (B, T, A), row t = a_{t-1}, the action that produced frame t (unused for the first frame of
+            a sequence, ``initial=None``). targets: (B, T, F) normalised detected keypoints or None.
+        teacher_forcing: (observed, imagined) probability that the frame fed to the next step is the
+            target rather than the prediction (scheduled sampling), drawn per batch row and frame; only for
+            cores with ``scheduled_sampling``. noise: (T, N, B, noise_size) draws instead of the generator's.
+        Runs in float32, also under autocast: the dynamics are small, precision matters more.
+        """
+        with torch.autocast(actions.device.type, enabled=False):
+            actions = actions.float()
+            targets = None if targets is None else targets.float()
+            if num_observed > 0 and targets is None:
+                raise ValueError("observed steps need target keypoints")
+            batch, steps = actions.shape[:2]
+            carry = initial
+            predictions, hiddens, kls, regularisers = [], [], [], []
+            for t in range(steps):
+                target = None if targets is None else targets[:, t]  # (B, F)
+                step_noise = None if noise is None else noise[t]
+                observed = t < num_observed
+                if observed:
+                    assert target is not None
+                    out = self.observe_step(carry, actions[:, t], target, num_samples, generator, step_noise)
+                    kls.append(out.kl)
+                else:
+                    out = self.imagine_step(carry, actions[:, t], target, num_samples, generator, step_noise)
+                carry = out.carry
+                p_target = teacher_forcing[0] if observed else teacher_forcing[1]
+                if self.scheduled_sampling and target is not None and p_target > 0.0:
+                    coin = torch.rand((batch, 1), generator=generator, device=actions.device)
+                    carry = self.feed(carry, torch.where(coin < p_target, target, out.prediction))
+                predictions.append(out.prediction)
+                hiddens.append(out.hidden)
+                regularisers.append(out.regulariser)
+            terms = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0, len(self.kl_names))
+            assert carry is not None
+            return Unroll(
+                keypoints=torch.stack(predictions, dim=1),  # (B, T, F)
+                hidden=torch.stack(hiddens, dim=1),  # (B, T, H)
+                kl=terms.sum(-1),  # (B, T_observed)
+                kl_terms=terms,  # (B, T_observed, L)
+                regulariser=torch.stack(regularisers, dim=1),  # (B, T)
+                final=carry,
+            )
+
+    def losses(self, unroll: Unroll, targets: Tensor, num_observed: int, kl_scale: float) -> DynamicsLosses:
+        """The loss terms of an unroll against its normalised targets (B, T, F); ``kl_scale`` multiplies beta."""
+        n = num_observed
+        keypoint = keypoint_loss(unroll.keypoints[:, :n], targets[:, :n])
+        future = keypoint_loss(unroll.keypoints[:, n:], targets[:, n:])
+        zero = keypoint.new_zeros(())
+        kl = unroll.kl.mean() if unroll.kl.numel() else zero
+        terms = unroll.kl_terms.mean((0, 1)) if unroll.kl_terms.numel() else keypoint.new_zeros(len(self.kl_names))
+        total = keypoint + self.config.kl_weight * kl_scale * kl + future
+        regulariser = unroll.regulariser.mean() if unroll.regulariser.numel() else zero
+        if self.regulariser_weight > 0:
+            total = total + self.regulariser_weight * regulariser
+        return DynamicsLosses(total, keypoint, future, kl, terms, regulariser)
+
+
+def make_dynamics(config: ModelConfig) -> DynamicsCore:
+    """The core ``config.dynamics`` names."""
+    from worldmodel.dynamics import VRNN
+    from worldmodel.hvrnn import HierarchicalVRNN
+    from worldmodel.srvp import SRVP
+
+    cores: dict[str, type[DynamicsCore]] = {"vrnn": VRNN, "srvp": SRVP, "hvrnn": HierarchicalVRNN}
+    return cores[config.dynamics](config)

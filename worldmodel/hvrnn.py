@@ -1,0 +1,184 @@
+"""Hierarchical VRNN (Castrejon et al. 2019, supplement A.1-A.2) on keypoints and actions.
+
+The VRNN with its latent split into L levels z_t = (z_t^1, ..., z_t^L), sampled top-down:
+
+    h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}^{1..L}, a_{t-1}])          (the VRNN's action ordering)
+    prior:     p(z_t^l | z_t^{<l}, h_t)      = N(phi_prior^l([h_t, z_t^1, ..., z_t^{l-1}]))
+    posterior: q(z_t^l | z_t^{<l}, x_t, h_t) = N(phi_post^l([x_t, h_t, z_t^1, ..., z_t^{l-1}]))
+    x^_t = phi_dec([z_t^1, ..., z_t^L, h_t])
+
+Dense connectivity (A.2): every level reads the frame (and h_t, which holds x_{t-1} and a_{t-1}) and all
+the levels above it, and the decoder reads every level. The ELBO of A.1 sums one KL per level,
+KL(q(z^l | z^{<l}, x, h) || p(z^l | z^{<l}, h)), both conditioned on the same posterior sample of z^{<l};
+the loss reports the L values and their sum. The paper's per-level recurrent (ConvLSTM) priors and
+posteriors are folded into the one GRU state h_t: the keypoint vector is small, and one state keeps the
+step as cheap as the VRNN's. Hidden state: h_t.
+
+Best of many (eq. 8 of Minderer et al.) and scheduled sampling apply as in the VRNN: N whole top-down
+samples are decoded, the closest to the target is kept and redrawn with gradient; the prior is trained by
+the KL only (detached on imagined frames).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldmodel.config import ModelConfig
+from worldmodel.dynamics import STD_OFFSET, Gaussian, KeypointDecoder, dense
+from worldmodel.dynamics_core import DynamicsCore, Step, draw_noise
+from worldmodel.losses import gaussian_kl
+
+
+class HVRNNCarry(NamedTuple):
+    """What the hierarchical VRNN carries after a frame (normalised keypoints)."""
+
+    hidden: Tensor  # (B, H) h_t
+    keypoints: Tensor  # (B, F) x_t as fed to the next GRU step
+    latent: Tensor  # (B, L*Z) z_t^1..z_t^L concatenated
+
+
+class LevelHead(nn.Module):
+    """One level's Gaussian from its share of the per-frame projection and the levels above it:
+    ReLU(frame part + dense(above)) -> dense -> mean, std = softplus(.) + 1e-4.
+
+    The frame part (dense on [x_t, h_t] or h_t) of all levels is one matrix product per frame, made once
+    and broadcast over the best-of-many samples (``HierarchicalVRNN.top_down``).
+    """
+
+    def __init__(self, above_features: int, units: int, latent_size: int) -> None:
+        super().__init__()
+        self.from_above = dense(above_features, units) if above_features else None
+        self.out = dense(units, 2 * latent_size)
+
+    def forward(self, frame_part: Tensor, above: Tensor | None) -> Gaussian:
+        """frame_part (B, units), above (..., B, (l-1)*Z) or None -> Gaussian (..., B, Z)."""
+        pre = frame_part
+        if self.from_above is not None and above is not None:
+            pre = self.from_above(above) + pre  # (..., B, units)
+        mean, std = self.out(F.relu(pre)).chunk(2, dim=-1)
+        return Gaussian(mean, F.softplus(std) + STD_OFFSET)
+
+
+class HierarchicalVRNN(DynamicsCore):
+    """L levels of latents with top-down, densely connected prior and posterior."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        features, z, hidden, levels = config.feature_size, config.latent_dim, config.rnn_size, config.hvrnn_levels
+        self.levels, self.level_size = levels, z
+        self.rnn = nn.GRUCell(features + levels * z + config.action_dim, hidden)
+        # The first dense layer of every level's head, split: the part that reads the frame (h_t for the
+        # prior, [x_t, h_t] for the posterior) for all levels at once, and the part that reads the levels above.
+        self.prior_frame = dense(hidden, levels * config.prior_units)
+        self.posterior_frame = dense(features + hidden, levels * config.posterior_units)
+        self.priors = nn.ModuleList(LevelHead(l * z, config.prior_units, z) for l in range(levels))
+        self.posteriors = nn.ModuleList(LevelHead(l * z, config.posterior_units, z) for l in range(levels))
+        self.decoder = KeypointDecoder(levels * z, hidden, config.decoder_units, features)
+        self.hidden_size = hidden
+        self.hidden_bound = 1.0
+        self.noise_size = levels * z
+        self.best_of = config.best_of
+        self.posterior_in_training = False
+        self.scheduled_sampling = True
+        self.kl_names = tuple(f"z{l + 1}" for l in range(levels))
+        self.regulariser_weight = 0.0
+
+    def initial_carry(self, batch_size: int, device: torch.device) -> HVRNNCarry:
+        """The zero state (a sequence starts with ``carry=None``: h = 0 and no GRU step, as the VRNN)."""
+        cfg = self.config
+        zeros = lambda size: torch.zeros(batch_size, size, device=device)  # noqa: E731
+        return HVRNNCarry(zeros(cfg.rnn_size), zeros(cfg.feature_size), zeros(self.noise_size))
+
+    def hidden_state(self, carry: HVRNNCarry) -> Tensor:  # type: ignore[override]
+        return carry.hidden
+
+    def keypoints(self, carry: HVRNNCarry) -> Tensor:  # type: ignore[override]
+        return carry.keypoints
+
+    def feed(self, carry: HVRNNCarry, keypoints: Tensor) -> HVRNNCarry:  # type: ignore[override]
+        return carry._replace(keypoints=keypoints)
+
+    def top_down(
+        self, prior_parts: list[Tensor], posterior_parts: list[Tensor] | None, noise: Tensor, with_kl: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Sample z^1..z^L top-down: posterior when its frame parts (L x (B, units), from [x_t, h_t]) are
+        given, else the (detached) prior (frame parts from h_t). noise (..., B, L*Z) -> latents
+        (..., B, L*Z) and, with ``with_kl``, the KL per level (B, L) (observed frames only)."""
+        z = self.level_size
+        levels: list[Tensor] = []
+        kls: list[Tensor] = []
+        for l in range(self.levels):
+            above = torch.cat(levels, dim=-1) if levels else None  # all levels above l (dense)
+            eps = noise[..., l * z : (l + 1) * z]
+            if posterior_parts is None:  # imagined: the prior, trained by the KL only
+                belief = self.priors[l](prior_parts[l], above).detach()
+            else:
+                belief = self.posteriors[l](posterior_parts[l], above)
+                if with_kl:
+                    prior = self.priors[l](prior_parts[l], above)
+                    kls.append(gaussian_kl(belief.mean, belief.std, prior.mean, prior.std))  # (B,)
+            levels.append(belief.mean + belief.std * eps)  # reparameterised (..., B, Z)
+        return torch.cat(levels, dim=-1), torch.stack(kls, dim=-1) if with_kl else None
+
+    def _step(
+        self,
+        carry: HVRNNCarry | None,
+        action: Tensor,
+        target: Tensor | None,
+        observed: bool,
+        num_samples: int,
+        generator: torch.Generator | None,
+        noise: Tensor | None,
+    ) -> Step:
+        batch = action.shape[0]
+        if carry is None:
+            hidden = action.new_zeros(batch, self.config.rnn_size)  # sequence start: h = 0, no GRU step
+        else:
+            hidden = self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
+        # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
+        prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
+        posterior_parts = None
+        if observed and target is not None:
+            frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
+            posterior_parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))
+        if noise is None:
+            noise = draw_noise(num_samples if target is not None else 1, batch, self.noise_size, generator, hidden)
+        if noise.shape[0] > 1 and target is not None:  # best of many over whole top-down samples
+            with torch.no_grad():
+                latents = self.top_down(prior_parts, posterior_parts, noise, with_kl=False)[0]  # (N, B, L*Z)
+                candidates = self.decoder(latents, hidden)  # (N, B, F)
+                best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+            chosen = noise[best, torch.arange(batch, device=hidden.device)]  # (B, L*Z)
+        else:
+            chosen = noise[0]
+        latent, kl = self.top_down(prior_parts, posterior_parts, chosen, with_kl=observed)  # with gradient
+        prediction = self.decoder(latent, hidden)  # (B, F)
+        zero = hidden.new_zeros(batch)
+        kl = hidden.new_zeros(batch, self.levels) if kl is None else kl
+        return Step(HVRNNCarry(hidden, prediction, latent), prediction, hidden, kl, zero)
+
+    def observe_step(  # type: ignore[override]
+        self,
+        carry: HVRNNCarry | None,
+        action: Tensor,
+        target: Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Step:
+        return self._step(carry, action, target, True, num_samples, generator, noise)
+
+    def imagine_step(  # type: ignore[override]
+        self,
+        carry: HVRNNCarry | None,
+        action: Tensor,
+        target: Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Step:
+        return self._step(carry, action, target, False, num_samples, generator, noise)
