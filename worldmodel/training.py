@@ -207,12 +207,14 @@ def cpu_profile() -> TrainConfig:
 
 def quick_profile() -> TrainConfig:
     """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
-    model and losses with a fifth of its vision steps and half its dynamics steps, evaluated once per stage.
-    Enough to see keypoints on the bodies and the whole pipeline run end to end; train ``cpu`` (or
-    ``paper`` on a GPU) for results."""
+    model and losses; the vision stage 600 steps of 8 sequences (a tenth of the cpu profile's frames), the
+    dynamics 2,000 steps, one evaluation per stage. On an AVX2-only CPU the fp32 vision stage runs ~1.3 s
+    per 128 frames, so this is ~7 min of training there (docs/PERFORMANCE.md). Enough to see the pipeline
+    end to end; train ``cpu`` (or ``paper`` on a GPU) for results."""
     return dataclasses.replace(
-        cpu_profile(), profile="quick", vision_steps=600, dynamics_steps=3_000, eval_every=100_000, checkpoint_every=200
-    )
+        cpu_profile(), profile="quick", vision_steps=600, vision_batch_size=8, dynamics_steps=2_000,
+        eval_every=100_000, eval_windows=32, checkpoint_every=200,
+    )  # fmt: skip
 
 
 def smoke_profile() -> TrainConfig:
