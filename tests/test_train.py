@@ -220,6 +220,10 @@ def test_script_end_to_end_writes_a_loadable_model(tiny_dataset: Path, tmp_path:
     assert summary["complete"] and set(summary["stage_seconds"]) == {"vision", "keypoints", "dynamics"}
     for name in ("keypoint_mse_best", "keypoint_distance_best", "psnr", "ssim"):
         assert isinstance(summary["final_eval"][name], float)
+    benchmark = summary["dynamics_benchmark"]  # open loop on the cached test keypoints
+    assert set(benchmark["ratio_to_hold_last"]) == {"single", "mean_of_n", "best_of_n", "hold_last", "constant_velocity"}
+    assert benchmark["ratio_to_hold_last"]["hold_last"] == 1.0 and len(benchmark["per_horizon"]["single"]) == 8
+    assert "->" in summary["compute"]
     evals = records(out, "eval")
     assert [(r["stage"], r["step"]) for r in evals] == [("vision", 4), ("vision", 6), ("dynamics", 4), ("dynamics", 6)]
     model, config, info = load_world_model(out, "cpu")
@@ -274,3 +278,20 @@ def test_bad_options_exit_2(
 def test_existing_or_finished_run_is_not_overwritten(reference_run: Path, tiny_dataset: Path) -> None:
     assert main(smoke_args(tiny_dataset, reference_run)) == 2  # needs --resume
     assert main(smoke_args(tiny_dataset, reference_run, "--resume")) == 2  # already complete
+
+
+def test_vision_from_a_finished_run_trains_only_a_new_dynamics_core(
+    reference_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "srvp"
+    assert main(smoke_args(tiny_dataset, out, "--vision-from", str(reference_run), "--dynamics", "srvp")) == 0
+    theirs, mine = load_checkpoint(reference_run)["model"], load_checkpoint(out)["model"]
+    vision = [key for key in theirs if not key.startswith(("dynamics.", "normalizer."))]
+    assert vision and all(torch.equal(theirs[key], mine[key]) for key in vision)  # the detector is theirs
+    assert {record["stage"] for record in records(out, "train")} == {"dynamics"}  # no vision stage ran
+    assert load_world_model(out, "cpu").config.dynamics == "srvp"
+    assert (out / "keypoints.pt").read_bytes() == (reference_run / "keypoints.pt").read_bytes()
+
+    other = smoke_args(tiny_dataset, tmp_path / "other", "--vision-from", str(reference_run), "--net.base-filters", "8")
+    assert main(other) == 2  # another vision network
+    assert main(smoke_args(tiny_dataset, tmp_path / "none", "--vision-from", str(tmp_path / "missing"))) == 2

@@ -44,6 +44,7 @@ from worldmodel.atomic import atomic_write, atomic_write_text  # noqa: E402
 from worldmodel.checkpoint import (  # noqa: E402
     CHECKPOINT_FILE,
     CheckpointError,
+    find_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -52,6 +53,7 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.logger import RunLogger  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
+from worldmodel.dynamics_benchmark import PREDICTIONS, REFERENCES, choose_window_starts, horizon_errors, open_loop  # noqa: E402
 from worldmodel.precision import announce, choose_compute  # noqa: E402
 from worldmodel.training import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
@@ -205,6 +207,51 @@ def run_evaluation(
     return metrics
 
 
+def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any], run_dir: Path | None) -> None:
+    """Load the vision weights of the finished run ``source`` into ``model`` and copy its keypoint cache into
+    ``run_dir`` (rank 0; None elsewhere), so that the staged run starts at the keypoint stage."""
+    try:
+        checkpoint = load_checkpoint(source)
+    except CheckpointError as error:
+        raise UsageError(f"--vision-from: {error}") from None
+    if checkpoint["stage"] in ("vision", "joint") and not checkpoint["complete"]:
+        raise UsageError(f"--vision-from {source}: its vision stage has not finished (resume that run first)")
+    theirs = checkpoint["dataset"]
+    if (theirs.get("path"), list(theirs.get("tasks", []))) != (dataset_record["path"], dataset_record["tasks"]):
+        raise UsageError(f"--vision-from {source} was trained on {theirs.get('path')} ({', '.join(theirs.get('tasks', []))}); "
+                         f"this run uses {dataset_record['path']} ({', '.join(dataset_record['tasks'])}): give the same --data and --tasks")  # fmt: skip
+    vision = {key: value for key, value in checkpoint["model"].items() if not key.startswith(("dynamics.", "normalizer."))}
+    mine = model.state_dict()
+    mismatched = [key for key, value in vision.items() if key not in mine or mine[key].shape != value.shape]
+    if mismatched or any(key not in vision for key in mine if not key.startswith(("dynamics.", "normalizer."))):
+        raise UsageError(f"--vision-from {source}: its vision network differs from this one ({', '.join(mismatched[:3]) or 'missing layers'}); "
+                         "give the same --model and --net sizes")  # fmt: skip
+    model.load_state_dict(vision, strict=False)
+    cache = find_checkpoint(source).parent / KEYPOINT_CACHE_FILE
+    if run_dir is not None and cache.is_file():  # else detected again (the fingerprint decides either way)
+        atomic_write(run_dir / KEYPOINT_CACHE_FILE, lambda temp: shutil.copyfile(cache, temp))
+
+
+def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConfig) -> dict[str, Any] | None:
+    """Open-loop keypoint distance per horizon on the cached test keypoints, beside hold-last and constant
+    velocity (worldmodel/dynamics_benchmark.py; downstream/dynamics.py compares runs)."""
+    length = config.num_observed + config.num_predicted
+    try:
+        starts = choose_window_starts(test, length, config.eval_windows * 8, config.seed)
+    except ValueError:
+        return None
+    result = open_loop(model, test, starts, config.num_observed, config.num_predicted, config.eval_samples, config.seed)
+    errors = horizon_errors(result, config.num_observed)
+    names = PREDICTIONS + REFERENCES
+    return {
+        "mean_distance": {name: float(getattr(errors, name).mean()) for name in names},
+        "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in names},
+        "per_horizon": {name: getattr(errors, name).tolist() for name in names},
+        "num_windows": errors.num_windows,
+        "num_samples": errors.num_samples,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +320,9 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         if dist.rank > 0:  # other ranks' generators were not saved: a fresh, still seeded, stream each
             torch.manual_seed(config.seed + 1_000_003 * dist.rank + checkpoint["global_step"])
     else:
+        if config.vision_from is not None:
+            take_vision(model, config.vision_from, dataset_record, run_dir if dist.is_main else None)
+            stage = "keypoints"
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)  # each rank draws its own latent samples
     stage_seconds: dict[str, float] = dict(extra.get("stage_seconds", {}))  # wall time per stage
     final_losses: dict[str, dict[str, float]] = dict(extra.get("final_losses", {}))
@@ -454,6 +504,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     # ---- done: final checkpoint and summary -----------------------------------------------------------
     write_checkpoint("done", 0, complete=True)
     if dist.is_main:
+        benchmark = dynamics_benchmark(model, splits["test"], config) if staged else None
         summary = {
             "complete": True,
             "profile": config.profile,
@@ -464,6 +515,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
             "stage_seconds": {name: round(value, 1) for name, value in stage_seconds.items()},
             "final_losses": final_losses,
             "final_eval": last_eval,
+            "dynamics_benchmark": benchmark,
             "dataset": dataset_record,
             "checkpoint": str(checkpoint_path),
             "config": config_to_dict(config),

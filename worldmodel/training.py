@@ -129,6 +129,8 @@ class TrainConfig:
     """Write the checkpoint every this many steps of a stage (and at every stage's end)."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0)."""
+    vision_from: Path | None = None
+    """Staged mode: take the detector, appearance net and reconstructor (and the keypoint cache) of this finished run on the same data, skip the vision stage and train only the dynamics: the way to compare dynamics cores on the same keypoints."""
     halt_after: int | None = None
     """Stop after this many optimizer steps in this invocation, writing a checkpoint; continue later with --resume (time-sliced or preemptible jobs). None trains to the end."""
     net: ModelConfig = field(default_factory=ModelConfig)
@@ -295,6 +297,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(
             f"--net.srvp-init-frames ({config.net.srvp_init_frames}) must not exceed --num-observed ({config.num_observed})"
         )
+    if config.vision_from is not None and config.mode != "staged":
+        raise ValueError("--vision-from needs --mode staged (the dynamics train on the cached keypoints)")
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
 
 

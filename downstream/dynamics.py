@@ -1,0 +1,182 @@
+"""Compare dynamics cores on the test split: open-loop keypoint error per horizon, and keypoints -> true state.
+
+    python downstream/dynamics.py --run runs/struct_vrnn --run runs/struct_srvp --out runs/dynamics
+
+For each run (a staged run of train/world_model.py, whose run directory caches the detected keypoints of
+both splits): observe ``--observed`` frames, imagine ``--horizon`` frames ``--samples`` times with the true
+actions, and report the mean keypoint distance per horizon of a single prior sample, the mean of the
+samples and the best of them, beside hold-last and constant-velocity extrapolation; and, per task, the
+R^2 of a linear probe from keypoints to the true low-dimensional state (detected keypoints, and the
+open-loop predicted ones). Writes results.json, results.md and horizons.png to ``--out``. See
+worldmodel/dynamics_benchmark.py for the definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import h5py
+import numpy as np
+import torch
+import tyro
+
+from worldmodel.atomic import atomic_write, atomic_write_text
+from worldmodel.checkpoint import CheckpointError, load_world_model
+from worldmodel.distributed import resolve_device
+from worldmodel.dynamics_benchmark import (
+    PREDICTIONS,
+    REFERENCES,
+    choose_window_starts,
+    horizon_errors,
+    open_loop,
+    probe_task,
+)
+from worldmodel.storage import dataset_path
+from worldmodel.training import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
+
+DEFAULT_RUNS = (Path("runs/world_model"),)
+
+
+@dataclass(frozen=True)
+class Args:
+    run: tyro.conf.UseAppendAction[tuple[Path, ...]] = ()
+    """Staged run directory of train/world_model.py; repeat the flag to compare several (--run A --run B). None given: runs/world_model."""
+    out: Path = Path("runs/dynamics")
+    """Where results.json, results.md and horizons.png go."""
+    observed: int = 8
+    """Frames observed through the posterior before the open-loop part."""
+    horizon: int = 8
+    """Open-loop frames imagined from the prior."""
+    samples: int = 10
+    """Prior samples per window (single = the first; mean and best of all)."""
+    windows: int = 2_000
+    """Test windows, drawn over all tasks (fixed by --seed)."""
+    probe: bool = True
+    """Also fit the keypoints -> true state probe per task (reads the dataset's states)."""
+    seed: int = 0
+    """Seeds the window choice and the prior samples."""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda if available)."""
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def task_states(root: Path, task: str, split: str, steps: KeypointSplit, task_id: int) -> torch.Tensor:
+    """True states of every cached frame of the task, in cache order (episodes, then frames)."""
+    lengths = steps.episode_lengths[steps.task_ids == task_id]
+    with h5py.File(dataset_path(root, task, split), "r") as file:
+        states = file["states"]
+        if states.shape[0] != len(lengths):
+            raise ValueError(f"{task} {split}: {states.shape[0]} episodes in the data, {len(lengths)} in the keypoint cache")
+        return torch.cat([torch.from_numpy(states[index, : int(size)]) for index, size in enumerate(lengths)])
+
+
+def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
+    try:
+        loaded = load_world_model(run, device)
+    except CheckpointError as error:
+        fail(str(error))
+    model, info = loaded.model, loaded.info
+    if not info.complete:
+        fail(f"the run in {run} has not finished training: finish it with train/world_model.py --resume")
+    cache = load_keypoint_cache(Path(info.path).parent / KEYPOINT_CACHE_FILE, vision_fingerprint(model))
+    if cache is None or "test" not in cache:
+        fail(f"{run} holds no keypoint cache of its detector: this benchmark needs a staged run (--mode staged)")
+    train, test = cache["train"], cache["test"]
+    length = args.observed + args.horizon
+    starts = choose_window_starts(test, length, args.windows, args.seed)
+    result = open_loop(model, test, starts, args.observed, args.horizon, args.samples, args.seed)
+    errors = horizon_errors(result, args.observed)
+    record: dict[str, Any] = {
+        "run": str(run),
+        "label": f"{loaded.config.variant} / {loaded.config.dynamics}",
+        "horizon_errors": {name: getattr(errors, name).tolist() for name in PREDICTIONS + REFERENCES},
+        "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in PREDICTIONS + REFERENCES},
+        "num_windows": errors.num_windows,
+        "num_samples": errors.num_samples,
+    }
+    if args.probe:
+        root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
+        probes = {}
+        for task_id, task in enumerate(tasks):
+            try:
+                train_states = task_states(root, task, "train", train, task_id)
+                test_states = task_states(root, task, "test", test, task_id)
+            except (OSError, KeyError, ValueError) as error:
+                fail(f"true states for the probe ({task}): {error}; pass --no-probe to skip it")
+            probe = probe_task(train, test, task_id, train_states, test_states, result, args.observed)
+            probes[task] = probe._asdict()
+        record["probe_r2"] = probes
+    return record
+
+
+def markdown(records: list[dict[str, Any]], args: Args) -> str:
+    lines = [f"Open-loop keypoint distance after {args.observed} observed frames, mean over horizons 1..{args.horizon} "
+             f"(ratio to hold-last; < 1 beats holding still):", "",
+             "| run | single | mean of N | best of N | hold-last | constant velocity |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for record in records:
+        cells = [f"{np.mean(record['horizon_errors'][name]):.4f} ({record['ratio_to_hold_last'][name]:.2f}x)"
+                 for name in PREDICTIONS + REFERENCES]  # fmt: skip
+        lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
+    if any("probe_r2" in record for record in records):
+        tasks = list(next(record for record in records if "probe_r2" in record)["probe_r2"])
+        lines += ["", "Linear probe keypoints -> true state, R^2 on the test split (detected / predicted):", "",
+                  "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
+        for record in records:
+            probes = record.get("probe_r2", {})
+            cells = [f"{probes[t]['detected_r2']:.2f} / {probes[t]['predicted_r2']:.2f}" if t in probes else "-" for t in tasks]
+            lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.4), squeeze=False, sharey=True)
+    for axis, record in zip(axes[0], records):
+        for name in PREDICTIONS + REFERENCES:
+            values = record["horizon_errors"][name]
+            style = "--" if name in REFERENCES else "-"
+            axis.plot(range(1, len(values) + 1), values, style, label=name.replace("_", " "))
+        axis.set_title(record["label"], fontsize=9)
+        axis.set_xlabel("open-loop horizon (frames)")
+    axes[0][0].set_ylabel("mean keypoint distance")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    plt.close(figure)
+
+
+def main(args: Args) -> list[dict[str, Any]]:
+    for name in ("observed", "horizon", "samples", "windows"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        fail(f"--device {args.device}: {error}")
+    records = [evaluate_run(args, run, device) for run in args.run or DEFAULT_RUNS]
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "results.json", json.dumps({"args": asdict(args) | {"run": [str(r) for r in args.run], "out": str(args.out)}, "runs": records}, indent=2))
+    table = markdown(records, args)
+    atomic_write_text(args.out / "results.md", table)
+    plot(records, args.out / "horizons.png")
+    print(table)
+    return records
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,132 @@
+"""The dynamics benchmark (worldmodel/dynamics_benchmark.py, downstream/dynamics.py): known answers for the
+per-horizon table and the linear probe, and the script on a real smoke run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.dynamics_benchmark import (
+    OpenLoop,
+    choose_window_starts,
+    fit_ridge,
+    horizon_errors,
+    predict_ridge,
+    probe_task,
+    r_squared,
+)
+from worldmodel.training import KeypointSplit
+
+
+def moving_keypoints(batch: int, length: int, keypoints: int, speed: float) -> torch.Tensor:
+    """Keypoints moving along x with constant ``speed`` per frame: (B, L, K, 3)."""
+    frames = torch.arange(length, dtype=torch.float32)[None, :, None]
+    x = -0.5 + speed * frames + 0.01 * torch.arange(keypoints)[None, None, :]
+    points = torch.zeros(batch, length, keypoints, 3)
+    points[..., 0] = x
+    points[..., 2] = 1.0
+    return points
+
+
+def test_horizon_table_known_answers() -> None:
+    observed, horizon, speed = 4, 3, 0.1
+    detected = moving_keypoints(2, observed + horizon, 5, speed)
+    truth = detected[:, observed:]
+    offset = torch.zeros_like(truth)
+    offset[..., 1] = 0.2  # 0.2 off in y
+    samples = torch.stack([truth, truth + offset, truth - offset])  # (N=3, B, H, K, 3)
+    errors = horizon_errors(OpenLoop(detected, samples, torch.arange(2)), observed)
+    np.testing.assert_allclose(errors.single, 0.0, atol=1e-6)  # the first sample is the truth
+    np.testing.assert_allclose(errors.best_of_n, 0.0, atol=1e-6)
+    np.testing.assert_allclose(errors.mean_of_n, 0.0, atol=1e-6)  # +0.2 and -0.2 cancel
+    np.testing.assert_allclose(errors.hold_last, speed * np.arange(1, horizon + 1), rtol=1e-5)
+    np.testing.assert_allclose(errors.constant_velocity, 0.0, atol=1e-6)  # the motion is constant velocity
+    assert errors.ratio_to_hold_last("single") == pytest.approx(0.0, abs=1e-5)
+    assert (errors.num_windows, errors.num_samples) == (2, 3)
+
+    shifted = torch.stack([truth + offset, truth, truth - offset])
+    worse = horizon_errors(OpenLoop(detected, shifted, torch.arange(2)), observed)
+    np.testing.assert_allclose(worse.single, 0.2, rtol=1e-5)  # now the first sample is 0.2 off
+    np.testing.assert_allclose(worse.best_of_n, 0.0, atol=1e-6)
+
+
+def test_ridge_probe_recovers_a_linear_state_and_scores_noise_near_zero() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(500, 6, generator=generator)
+    mixing = torch.randn(6, 3, generator=generator)
+    states = features @ mixing + 0.5
+    weights, scaling = fit_ridge(features[:400], states[:400], ridge=1e-8)
+    assert r_squared(predict_ridge(features[400:], weights, scaling), states[400:]) > 0.999
+    noise = torch.randn(500, 3, generator=generator)
+    weights, scaling = fit_ridge(features[:400], noise[:400])
+    assert r_squared(predict_ridge(features[400:], weights, scaling), noise[400:]) < 0.05
+    constant = torch.cat([states, torch.ones(500, 1)], 1)  # a constant dimension is left out, not 0/0
+    weights, scaling = fit_ridge(features[:400], constant[:400], ridge=1e-8)
+    assert r_squared(predict_ridge(features[400:], weights, scaling), constant[400:]) > 0.999
+
+
+def make_split(keypoints: torch.Tensor, lengths: list[int], task_ids: list[int]) -> KeypointSplit:
+    starts = torch.tensor([0, *np.cumsum(lengths)[:-1].tolist()])
+    return KeypointSplit(keypoints, torch.zeros(len(keypoints), 6), starts, torch.tensor(lengths), torch.tensor(task_ids))
+
+
+def test_probe_per_task_lines_up_frames_and_predicted_steps() -> None:
+    """Task 1's state is a linear function of its keypoints; task 0's rows must not be used for it."""
+    generator = torch.Generator().manual_seed(1)
+    train_points, test_points = torch.randn(60, 4, 3, generator=generator), torch.randn(40, 4, 3, generator=generator)
+    mixing = torch.randn(12, 2, generator=generator)
+    train = make_split(train_points, [30, 30], [0, 1])
+    test = make_split(test_points, [20, 20], [0, 1])
+    train_states = train_points[30:].flatten(1) @ mixing  # task 1's frames only, in order
+    test_states = test_points[20:].flatten(1) @ mixing
+    starts = choose_window_starts(test, 6, 100, seed=0)
+    window_rows = starts[:, None] + torch.arange(6)
+    samples = test_points[window_rows][None, :, 3:]  # perfect predictions of the last 3 frames: (1, B, 3, K, 3)
+    result = OpenLoop(test_points[window_rows], samples, starts)
+    probe = probe_task(train, test, 1, train_states, test_states, result, num_observed=3)
+    assert probe.detected_r2 > 0.99 and probe.predicted_r2 > 0.99
+    wrong = probe_task(train, test, 1, train_states, test_states.flip(0), result, num_observed=3)
+    assert wrong.detected_r2 < 0.5
+    with pytest.raises(ValueError, match="line up"):
+        probe_task(train, test, 0, train_states[:10], test_states, None)
+
+
+def test_window_starts_stay_inside_episodes_and_follow_the_seed() -> None:
+    split = make_split(torch.zeros(25, 2, 3), [10, 15], [0, 0])
+    starts = choose_window_starts(split, 8, 100, seed=0)
+    assert sorted(starts.tolist()) == [0, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17]
+    assert torch.equal(choose_window_starts(split, 8, 4, seed=3), choose_window_starts(split, 8, 4, seed=3))
+    with pytest.raises(ValueError, match="shorter horizon"):
+        choose_window_starts(split, 16, 4, seed=0)
+
+
+def test_script_on_a_smoke_run(smoke_run: Path, tmp_path: Path) -> None:
+    from downstream.dynamics import Args, main
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    out = tmp_path / "out"
+    records = main(Args(run=(run,), out=out, observed=4, horizon=4, samples=3, windows=16, device="cpu"))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"][0]["horizon_errors"] == records[0]["horizon_errors"]
+    assert len(records[0]["horizon_errors"]["single"]) == 4 and records[0]["num_samples"] == 3
+    assert set(records[0]["probe_r2"]) == {"acrobot", "cartpole", "cheetah", "reacher", "walker-stand", "walker-walk"}
+    assert (out / "horizons.png").stat().st_size > 0 and "hold-last" in (out / "results.md").read_text()
+    again = main(Args(run=(run,), out=tmp_path / "again", observed=4, horizon=4, samples=3, windows=16, device="cpu"))
+    assert again[0]["horizon_errors"] == records[0]["horizon_errors"]  # seeded
+
+
+def test_script_refuses_a_run_without_a_keypoint_cache(smoke_run: Path, tmp_path: Path) -> None:
+    from downstream.dynamics import Args, main
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "keypoints.pt").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(Args(run=(run,), out=tmp_path / "out", device="cpu"))
+    assert exit_info.value.code == 2

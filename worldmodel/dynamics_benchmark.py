@@ -1,0 +1,181 @@
+"""How well a dynamics core predicts, measured on cached keypoints of the test split (docs/DYNAMICS.md).
+
+Two questions, both asked without pixels (the trainer's keypoint cache holds every detected keypoint):
+
+1. **Open-loop error per horizon.** Observe ``num_observed`` frames through the posterior, then imagine
+   ``horizon`` frames from the prior with the true actions, ``num_samples`` times. For each horizon
+   h = 1..H the mean keypoint distance (x, y; units of the [-1, 1] image frame) to the detected keypoints
+   of a single prior sample, of the mean of the N samples, and of the best of the N (chosen per window by
+   its error over the whole horizon, the paper's best-of-N), beside two references that use no model:
+   *hold-last* (the last observed keypoints, nothing moves) and *constant velocity* (the last observed
+   step repeated). A core whose single sample does not beat hold-last has not learned dynamics.
+2. **Linear probe to the true state** (the paper's section 5.2, "keypoints track objects"): ridge
+   regression from one frame's keypoints (K*3) to the task's true low-dimensional state, fit on the train
+   split, R^2 on the test split, per task; and the same probe applied to *predicted* keypoints of the
+   open-loop frames, against the true states of those frames.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from worldmodel.evaluation import repeat_state
+from worldmodel.model import WorldModel
+from worldmodel.training import KeypointSplit
+
+REFERENCES = ("hold_last", "constant_velocity")
+PREDICTIONS = ("single", "mean_of_n", "best_of_n")
+
+
+class HorizonErrors(NamedTuple):
+    """Mean keypoint distance at each open-loop horizon h = 1..H, each (H,) float64 numpy."""
+
+    single: np.ndarray  # one prior sample
+    mean_of_n: np.ndarray  # the mean of the N samples' keypoints
+    best_of_n: np.ndarray  # the sample with the lowest error over the whole horizon, per window
+    hold_last: np.ndarray  # the last observed keypoints
+    constant_velocity: np.ndarray  # x_{n-1} + h (x_{n-1} - x_{n-2})
+    num_windows: int
+    num_samples: int
+
+    def ratio_to_hold_last(self, name: str) -> float:
+        """Mean over horizons of a row divided by hold-last's mean: < 1 beats holding still."""
+        return float(np.mean(getattr(self, name)) / np.mean(self.hold_last))
+
+
+class OpenLoop(NamedTuple):
+    """Keypoints of an open-loop evaluation (all denormalised, (…, K, 3))."""
+
+    detected: Tensor  # (B, n + H, K, 3) the detected keypoints of the whole window
+    samples: Tensor  # (N, B, H, K, 3) imagined keypoints of each prior sample
+    starts: Tensor  # (B,) flat row of each window's first frame in the split
+
+
+def choose_window_starts(split: KeypointSplit, length: int, count: int, seed: int) -> Tensor:
+    """Up to ``count`` window starts drawn without replacement, fixed by ``seed``."""
+    starts = split.window_starts(length)
+    if len(starts) == 0:
+        raise ValueError(f"no episode of the split has {length} frames; use a shorter horizon")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(starts), generator=generator)[: min(count, len(starts))]
+    return starts[chosen.sort().values]
+
+
+@torch.no_grad()
+def open_loop(
+    model: WorldModel, split: KeypointSplit, starts: Tensor, num_observed: int, horizon: int, num_samples: int,
+    seed: int, batch_size: int = 256,
+) -> OpenLoop:  # fmt: skip
+    """Observe, then imagine ``horizon`` frames ``num_samples`` times, for every window start."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    length = num_observed + horizon
+    detected_parts, sample_parts = [], []
+    for first in range(0, len(starts), batch_size):
+        keypoints, actions = split.windows(starts[first : first + batch_size], length)  # (B, L, K, 3), (B, L, 6)
+        keypoints, actions = keypoints.to(device), actions.to(device)
+        batch = keypoints.shape[0]
+        observed = model.observe(keypoints[:, :num_observed], actions[:, :num_observed], generator=generator)
+        # The state after frame n-1 continues with a_{n-1} .. a_{L-2}: it predicts frames n .. L-1.
+        future_actions = actions[:, num_observed - 1 : length - 1].repeat(num_samples, 1, 1)
+        imagined = model.imagine(repeat_state(observed.final, num_samples), future_actions, num_samples=1, generator=generator)
+        samples = imagined.keypoints.reshape(num_samples, batch, horizon, *keypoints.shape[2:])
+        detected_parts.append(keypoints.cpu())
+        sample_parts.append(samples.float().cpu())
+    return OpenLoop(torch.cat(detected_parts), torch.cat(sample_parts, dim=1), starts)
+
+
+def horizon_errors(result: OpenLoop, num_observed: int) -> HorizonErrors:
+    """Reduce an open-loop evaluation to the per-horizon table."""
+    target = result.detected[:, num_observed:]  # (B, H, K, 3)
+    horizon = target.shape[1]
+
+    def distance(predicted: Tensor) -> Tensor:  # (..., B, H, K, 3) -> (..., B, H)
+        return (predicted[..., :2] - target[..., :2]).norm(dim=-1).mean(-1)
+
+    per_sample = distance(result.samples)  # (N, B, H)
+    best = per_sample.mean(-1).argmin(0)  # (B,) over the whole horizon
+    rows = torch.arange(per_sample.shape[1])
+    last = result.detected[:, num_observed - 1 : num_observed]  # (B, 1, K, 3)
+    steps = torch.arange(1, horizon + 1, dtype=last.dtype)[None, :, None, None]  # (1, H, 1, 1)
+    velocity = last - result.detected[:, num_observed - 2 : num_observed - 1] if num_observed >= 2 else 0 * last
+    table = {
+        "single": per_sample[0],
+        "mean_of_n": distance(result.samples.mean(0)),
+        "best_of_n": per_sample[best, rows],
+        "hold_last": distance(last.expand_as(target)),
+        "constant_velocity": distance(last + steps * velocity),
+    }
+    means = {name: value.mean(0).double().numpy() for name, value in table.items()}  # (H,) each
+    return HorizonErrors(**means, num_windows=int(per_sample.shape[1]), num_samples=int(per_sample.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe: keypoints -> true state
+# ----------------------------------------------------------------------------------------------
+def fit_ridge(features: Tensor, targets: Tensor, ridge: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Least squares with a small ridge on standardised features: returns (weights (F+1, D), feature mean
+    and std stacked (2, F)) so that ``predict_ridge`` can apply it."""
+    features, targets = features.double(), targets.double()
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    x = torch.cat([(features - mean) / std, torch.ones(len(features), 1, dtype=features.dtype)], 1)
+    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(gram, x.T @ targets)
+    return weights, torch.stack([mean, std])
+
+
+def predict_ridge(features: Tensor, weights: Tensor, scaling: Tensor) -> Tensor:
+    x = (features.double() - scaling[0]) / scaling[1]
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ weights
+
+
+def r_squared(predicted: Tensor, targets: Tensor) -> float:
+    """R^2 averaged over the state's dimensions (constant dimensions are left out)."""
+    targets = targets.double()
+    residual = (predicted - targets).pow(2).sum(0)
+    total = (targets - targets.mean(0)).pow(2).sum(0)
+    varying = total > 1e-12
+    return float((1 - residual[varying] / total[varying]).mean())
+
+
+def task_rows(split: KeypointSplit, task_id: int) -> Tensor:
+    """Flat rows of every frame of the task's episodes, in episode order."""
+    rows = [
+        torch.arange(int(first), int(first) + int(size))
+        for first, size, task in zip(split.episode_starts, split.episode_lengths, split.task_ids)
+        if int(task) == task_id
+    ]
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+
+
+class ProbeResult(NamedTuple):
+    detected_r2: float  # probe on detected test keypoints
+    predicted_r2: float  # the same probe on open-loop predicted keypoints (single sample); NaN if none
+
+
+def probe_task(
+    train: KeypointSplit, test: KeypointSplit, task_id: int, train_states: Tensor, test_states: Tensor,
+    open_loop_result: OpenLoop | None = None, num_observed: int = 0,
+) -> ProbeResult:  # fmt: skip
+    """R^2 of the keypoints -> state probe for one task. ``train_states`` / ``test_states`` (rows, D) hold
+    the true state of every frame of the task's episodes, in the order of ``task_rows``."""
+    train_rows, test_rows = task_rows(train, task_id), task_rows(test, task_id)
+    if len(train_rows) != len(train_states) or len(test_rows) != len(test_states):
+        raise ValueError("the true states do not line up with the keypoint cache's frames")
+    weights, scaling = fit_ridge(train.keypoints[train_rows].flatten(1), train_states)
+    detected = r_squared(predict_ridge(test.keypoints[test_rows].flatten(1), weights, scaling), test_states)
+    predicted = float("nan")
+    if open_loop_result is not None:
+        horizon = open_loop_result.samples.shape[2]
+        mine = torch.isin(open_loop_result.starts, test_rows)
+        if mine.any():
+            rows = open_loop_result.starts[mine, None] + num_observed + torch.arange(horizon)  # (B', H) split rows
+            positions = torch.searchsorted(test_rows, rows.flatten())  # test_rows is sorted
+            keypoints = open_loop_result.samples[0, mine].flatten(0, 1).flatten(1)  # (B' * H, K*3)
+            predicted = r_squared(predict_ridge(keypoints, weights, scaling), test_states[positions])
+    return ProbeResult(detected, predicted)
