@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -58,6 +58,8 @@ class Args:
     """Prior samples per window (single = the first; mean and best of all)."""
     windows: int = 2_000
     """Test windows, drawn over all tasks (fixed by --seed)."""
+    split: Literal["test", "train"] = "test"
+    """Split of the open-loop windows: 'test' for results; 'train' shows how well a core fits its own data (diagnosis: a core that beats hold-last on train but not on test overfits)."""
     probe: bool = True
     """Also fit the keypoints -> true state probe per task (reads the dataset's states)."""
     seed: int = 0
@@ -94,8 +96,9 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
         fail(f"{run} holds no keypoint cache of its detector: this benchmark needs a staged run (--mode staged)")
     train, test = cache["train"], cache["test"]
     length = args.observed + args.horizon
-    starts = choose_window_starts(test, length, args.windows, args.seed)
-    result = open_loop(model, test, starts, args.observed, args.horizon, args.samples, args.seed)
+    windows = cache[args.split]
+    starts = choose_window_starts(windows, length, args.windows, args.seed)
+    result = open_loop(model, windows, starts, args.observed, args.horizon, args.samples, args.seed)
     errors = horizon_errors(result, args.observed)
     record: dict[str, Any] = {
         "run": str(run),
@@ -114,14 +117,15 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
                 test_states = task_states(root, task, "test", test, task_id)
             except (OSError, KeyError, ValueError) as error:
                 fail(f"true states for the probe ({task}): {error}; pass --no-probe to skip it")
-            probe = probe_task(train, test, task_id, train_states, test_states, result, args.observed)
+            predicted = result if args.split == "test" else None  # the probe is always scored on test
+            probe = probe_task(train, test, task_id, train_states, test_states, predicted, args.observed)
             probes[task] = probe._asdict()
         record["probe_r2"] = probes
     return record
 
 
 def markdown(records: list[dict[str, Any]], args: Args) -> str:
-    lines = [f"Open-loop keypoint distance after {args.observed} observed frames, mean over horizons 1..{args.horizon} "
+    lines = [f"Open-loop keypoint distance ({args.split} split) after {args.observed} observed frames, mean over horizons 1..{args.horizon} "
              f"(ratio to hold-last; < 1 beats holding still):", "",
              "| run | single | mean of N | best of N | hold-last | constant velocity |", "|---|---|---|---|---|---|"]  # fmt: skip
     for record in records:
