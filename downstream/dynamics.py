@@ -102,7 +102,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     errors = horizon_errors(result, args.observed)
     record: dict[str, Any] = {
         "run": str(run),
-        "label": f"{loaded.config.variant} / {loaded.config.dynamics}",
+        "label": f"{run.name}: {loaded.config.variant} / {loaded.config.dynamics}",
         "horizon_errors": {name: getattr(errors, name).tolist() for name in PREDICTIONS + REFERENCES},
         "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in PREDICTIONS + REFERENCES},
         "num_windows": errors.num_windows,

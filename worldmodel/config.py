@@ -107,6 +107,8 @@ class ModelConfig:
     """srvp: Euler step of the residual update y <- y + dt f(y, z, a), applied 1/dt times per frame (1/dt must be an integer)."""
     srvp_residual_weight: float = 1.0
     """srvp: lambda, the weight of the L2 penalty on the residuals f (mean over steps of the squared norm)."""
+    residual_keypoints: bool = False
+    """vrnn, hvrnn: the decoder predicts the change from the keypoints fed in for the previous frame (x^_t = x_{t-1} + phi_dec(z_t, h_t)) instead of absolute keypoints, so that "nothing moves" is the easy default (srvp is residual in its state already)."""
     hvrnn_levels: int = 3
     """hvrnn: L, the number of latent levels (each of ``latent_size``)."""
     keypoint_std_floor: float = 0.05

@@ -167,6 +167,7 @@ class VRNN(DynamicsCore):
         num_samples: int,
         generator: torch.Generator | None,
         noise: Tensor | None = None,
+        base: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw z and decode it: -> z (B, Z), x^ (B, F).
 
@@ -176,11 +177,13 @@ class VRNN(DynamicsCore):
         Best of many (eq. 8): with a target (B, F) and num_samples > 1, N samples are decoded at once and the
         one closest to the target (squared error in normalised space) is kept; gradients flow through the
         chosen sample only (it is decoded again with grad). Without a target the first sample is used.
+        ``base`` (B, F), when given, is added to every decoded output (residual keypoints).
         """
         batch = hidden.shape[0]
+        offset: Tensor | float = 0.0 if base is None else base
         if belief is None:  # struct-rnn: deterministic
             latent = hidden.new_zeros(batch, 0)
-            return latent, self.decoder(latent, hidden)
+            return latent, self.decoder(latent, hidden) + offset
         n = num_samples if target is not None else 1
         if noise is None:
             noise = torch.randn(
@@ -189,13 +192,18 @@ class VRNN(DynamicsCore):
         n = noise.shape[0]
         if n > 1:
             with torch.no_grad():
-                candidates = self.decoder(belief.mean + belief.std * noise, hidden)  # (N, B, F)
+                candidates = self.decoder(belief.mean + belief.std * noise, hidden) + offset  # (N, B, F)
                 best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
             noise = noise[best, torch.arange(batch, device=hidden.device)]  # (B, Z)
         else:
             noise = noise[0]
         latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
-        return latent, self.decoder(latent, hidden)
+        return latent, self.decoder(latent, hidden) + offset
+
+    def _base(self, carry: Carry | None) -> Tensor | None:
+        """What the decoder's output is added to: x_{t-1} as fed to the GRU, with residual keypoints (none at
+        a sequence start, where there is no previous frame)."""
+        return carry.keypoints if self.config.residual_keypoints and carry is not None else None
 
     def _transition(self, carry: Carry | None, action: Tensor) -> Tensor:
         """h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}]) (S9); h = 0 and no GRU step at a sequence start."""
@@ -219,7 +227,7 @@ class VRNN(DynamicsCore):
             prior = self.prior(hidden)  # S6
             belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
             kl = gaussian_kl(belief.mean, belief.std, prior.mean, prior.std)[:, None]  # (B, 1)
-        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise)  # S8, eq. 8
+        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self._base(carry))  # S8, eq. 8
         return Step(Carry(hidden, prediction, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
 
     def imagine_step(  # type: ignore[override]
@@ -234,6 +242,6 @@ class VRNN(DynamicsCore):
         hidden = self._transition(carry, action)
         # As the original code: the prior is trained by the KL only, not by L_future.
         belief = self.prior(hidden).detach() if self.prior is not None else None
-        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise)
+        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self._base(carry))
         zero = hidden.new_zeros(hidden.shape[0])
         return Step(Carry(hidden, prediction, latent), prediction, hidden, zero[:, None], zero)

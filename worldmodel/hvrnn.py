@@ -139,6 +139,8 @@ class HierarchicalVRNN(DynamicsCore):
             hidden = action.new_zeros(batch, self.config.rnn_size)  # sequence start: h = 0, no GRU step
         else:
             hidden = self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
+        # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
+        offset: Tensor | float = carry.keypoints if self.config.residual_keypoints and carry is not None else 0.0
         # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
         prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
         posterior_parts = None
@@ -150,13 +152,13 @@ class HierarchicalVRNN(DynamicsCore):
         if noise.shape[0] > 1 and target is not None:  # best of many over whole top-down samples
             with torch.no_grad():
                 latents = self.top_down(prior_parts, posterior_parts, noise, with_kl=False)[0]  # (N, B, L*Z)
-                candidates = self.decoder(latents, hidden)  # (N, B, F)
+                candidates = self.decoder(latents, hidden) + offset  # (N, B, F)
                 best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
             chosen = noise[best, torch.arange(batch, device=hidden.device)]  # (B, L*Z)
         else:
             chosen = noise[0]
         latent, kl = self.top_down(prior_parts, posterior_parts, chosen, with_kl=observed)  # with gradient
-        prediction = self.decoder(latent, hidden)  # (B, F)
+        prediction = self.decoder(latent, hidden) + offset  # (B, F)
         zero = hidden.new_zeros(batch)
         kl = hidden.new_zeros(batch, self.levels) if kl is None else kl
         return Step(HVRNNCarry(hidden, prediction, latent), prediction, hidden, kl, zero)
