@@ -209,12 +209,12 @@ def cpu_profile() -> TrainConfig:
 
 def quick_profile() -> TrainConfig:
     """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
-    model and losses; the vision stage 500 steps of 8 sequences (a twelfth of the cpu profile's frames),
-    the dynamics 2,000 steps, one evaluation per stage. On a 2-core AVX2-only CPU (fp32) that is ~5 min of
-    vision and ~2 min of dynamics (docs/PERFORMANCE.md). Enough to see the pipeline end to end; train
+    model and losses; the vision stage 450 steps of 8 sequences (a thirteenth of the cpu profile's frames),
+    the dynamics 1,500 steps, one evaluation per stage. On a 2-core AVX2-only CPU (fp32) that is ~5 min of
+    vision and ~1.5 min of dynamics (docs/PERFORMANCE.md). Enough to see the pipeline end to end; train
     ``cpu`` (or ``paper`` on a GPU) for results."""
     return dataclasses.replace(
-        cpu_profile(), profile="quick", vision_steps=500, vision_batch_size=8, dynamics_steps=2_000,
+        cpu_profile(), profile="quick", vision_steps=450, vision_batch_size=8, dynamics_steps=1_500,
         eval_every=100_000, eval_windows=32, checkpoint_every=200,
     )  # fmt: skip
 
