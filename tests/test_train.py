@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -295,3 +296,17 @@ def test_vision_from_a_finished_run_trains_only_a_new_dynamics_core(
     other = smoke_args(tiny_dataset, tmp_path / "other", "--vision-from", str(reference_run), "--net.base-filters", "8")
     assert main(other) == 2  # another vision network
     assert main(smoke_args(tiny_dataset, tmp_path / "none", "--vision-from", str(tmp_path / "missing"))) == 2
+
+
+def test_a_checkpoint_from_before_new_options_still_resumes(reference_run: Path, tiny_dataset: Path) -> None:
+    """Options added later (the dynamics core, --vision-from, ...) count as their defaults for old runs."""
+    from worldmodel.training import config_differences, profile_config
+
+    saved = load_checkpoint(reference_run)["train_config"]
+    for name in ("dynamics", "vision_from"):
+        del saved[name]
+    for name in ("dynamics", "srvp_units", "residual_keypoints", "hvrnn_levels"):
+        del saved["net"][name]
+    config = dataclasses.replace(profile_config("smoke"), data=tiny_dataset, out=reference_run, log_every=1, eval_every=100)
+    assert config_differences(saved, config) == []
+    assert config_differences(saved, dataclasses.replace(config, dynamics="srvp")) == ["dynamics"]

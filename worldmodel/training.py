@@ -262,8 +262,11 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Names of the options whose values differ from a checkpoint's, ignoring RESUME_FREE_FIELDS."""
+    """Names of the options whose values differ from a checkpoint's, ignoring RESUME_FREE_FIELDS. Options a
+    checkpoint predates (added later, with defaults that keep the old behaviour) count as their defaults."""
     now = config_to_dict(current)
+    defaults = config_to_dict(TrainConfig())
+    saved = {**defaults, **saved, "net": {**defaults["net"], **saved.get("net", {})}}
     names = (set(saved) | set(now)) - RESUME_FREE_FIELDS
     return sorted(name for name in names if saved.get(name) != now.get(name))
 
