@@ -54,7 +54,7 @@ from worldmodel.logger import RunLogger  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
 from worldmodel.dynamics_benchmark import PREDICTIONS, REFERENCES, choose_window_starts, horizon_errors, open_loop  # noqa: E402
-from worldmodel.precision import announce, choose_compute  # noqa: E402
+from worldmodel.precision import announce, autocast, choose_compute  # noqa: E402
 from worldmodel.training import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
     PROFILES,
@@ -63,7 +63,6 @@ from worldmodel.training import (  # noqa: E402
     ResumableBatchSampler,
     Stage,
     TrainConfig,
-    autocast,
     config_differences,
     config_to_dict,
     detect_split,
@@ -220,12 +219,11 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
     if (theirs.get("path"), list(theirs.get("tasks", []))) != (dataset_record["path"], dataset_record["tasks"]):
         raise UsageError(f"--vision-from {source} was trained on {theirs.get('path')} ({', '.join(theirs.get('tasks', []))}); "
                          f"this run uses {dataset_record['path']} ({', '.join(dataset_record['tasks'])}): give the same --data and --tasks")  # fmt: skip
-    vision = {key: value for key, value in checkpoint["model"].items() if not key.startswith(("dynamics.", "normalizer."))}
-    mine = model.state_dict()
-    mismatched = [key for key, value in vision.items() if key not in mine or mine[key].shape != value.shape]
-    if mismatched or any(key not in vision for key in mine if not key.startswith(("dynamics.", "normalizer."))):
-        raise UsageError(f"--vision-from {source}: its vision network differs from this one ({', '.join(mismatched[:3]) or 'missing layers'}); "
-                         "give the same --model and --net sizes")  # fmt: skip
+    own_parts = ("dynamics.", "normalizer.")  # what this run trains and fits itself
+    vision = {key: value for key, value in checkpoint["model"].items() if not key.startswith(own_parts)}
+    wanted = {key: value.shape for key, value in model.state_dict().items() if not key.startswith(own_parts)}
+    if {key: value.shape for key, value in vision.items()} != wanted:
+        raise UsageError(f"--vision-from {source}: its vision network differs from this one; give the same --model and --net sizes")
     model.load_state_dict(vision, strict=False)
     cache = find_checkpoint(source).parent / KEYPOINT_CACHE_FILE
     if run_dir is not None and cache.is_file():  # else detected again (the fingerprint decides either way)

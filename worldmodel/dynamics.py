@@ -200,11 +200,6 @@ class VRNN(DynamicsCore):
         latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
         return latent, self.decoder(latent, hidden) + offset
 
-    def _base(self, carry: Carry | None) -> Tensor | None:
-        """What the decoder's output is added to: x_{t-1} as fed to the GRU, with residual keypoints (none at
-        a sequence start, where there is no previous frame)."""
-        return carry.keypoints if self.config.residual_keypoints and carry is not None else None
-
     def _transition(self, carry: Carry | None, action: Tensor) -> Tensor:
         """h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}]) (S9); h = 0 and no GRU step at a sequence start."""
         if carry is None:
@@ -227,7 +222,7 @@ class VRNN(DynamicsCore):
             prior = self.prior(hidden)  # S6
             belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
             kl = gaussian_kl(belief.mean, belief.std, prior.mean, prior.std)[:, None]  # (B, 1)
-        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self._base(carry))  # S8, eq. 8
+        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self.residual_base(carry))  # S8, eq. 8
         return Step(Carry(hidden, prediction, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
 
     def imagine_step(  # type: ignore[override]
@@ -242,6 +237,6 @@ class VRNN(DynamicsCore):
         hidden = self._transition(carry, action)
         # As the original code: the prior is trained by the KL only, not by L_future.
         belief = self.prior(hidden).detach() if self.prior is not None else None
-        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self._base(carry))
+        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self.residual_base(carry))
         zero = hidden.new_zeros(hidden.shape[0])
         return Step(Carry(hidden, prediction, latent), prediction, hidden, zero[:, None], zero)

@@ -130,6 +130,11 @@ class DynamicsCore(nn.Module):
         """(B, F): the normalised keypoints of the frame the carry stands at (decoded or fed back)."""
         raise NotImplementedError
 
+    def residual_base(self, carry: CoreCarry | None) -> Tensor | None:
+        """What a decoder's output is added to with ``residual_keypoints``: the keypoints fed in for the
+        previous frame; None without it, and at a sequence start (no previous frame)."""
+        return self.keypoints(carry) if self.config.residual_keypoints and carry is not None else None
+
     def feed(self, carry: CoreCarry, keypoints: Tensor) -> CoreCarry:
         """Scheduled sampling: the carry with ``keypoints`` (B, F) as the frame fed to the next step."""
         raise NotImplementedError(f"{type(self).__name__} does not feed keypoints back")

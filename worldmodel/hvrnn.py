@@ -140,7 +140,8 @@ class HierarchicalVRNN(DynamicsCore):
         else:
             hidden = self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
         # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
-        offset: Tensor | float = carry.keypoints if self.config.residual_keypoints and carry is not None else 0.0
+        base = self.residual_base(carry)
+        offset: Tensor | float = 0.0 if base is None else base
         # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
         prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
         posterior_parts = None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import KeypointNormalizer
 from worldmodel.dynamics_core import CoreCarry, DynamicsLosses, Unroll, make_dynamics
-from worldmodel.losses import image_loss, keypoint_loss, separation_loss, sparsity_loss
+from worldmodel.losses import image_loss, separation_loss, sparsity_loss
 from worldmodel.precision import inference_compute
 from worldmodel.vision import (
     FeatureEncoder,

@@ -100,6 +100,15 @@ def _cpuinfo_field(field: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int | None) -> tuple[str, bool]:
+    """A CUDA device's name and whether it runs bf16 (asked once: the envs decide at every step)."""
+    if not torch.cuda.is_available():
+        return "CUDA", False
+    device = torch.device("cuda", index) if index is not None else torch.device("cuda")
+    return torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported()
+
+
 def choose_compute(
     device: torch.device | str, precision: Precision = "auto", channels_last: bool = True
 ) -> Compute:
@@ -109,8 +118,7 @@ def choose_compute(
     device = torch.device(device)
     layout = "channels_last" if channels_last else "NCHW"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "CUDA"
-        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        name, native = _cuda_info(device.index)
         found = f"cuda {name}, {'bf16' if native else 'no bf16'}"
     elif device.type == "cpu":
         info = cpu_info()

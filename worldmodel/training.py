@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import Dynamics, ModelConfig, Variant
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
-from worldmodel.precision import Precision, autocast, choose_compute
+from worldmodel.precision import Precision, autocast
 
 Profile = Literal["paper", "cpu", "quick", "smoke"]
 PROFILES: tuple[Profile, ...] = ("paper", "cpu", "quick", "smoke")
@@ -403,11 +403,6 @@ def make_optimizer(parameters: Sequence[nn.Parameter], config: TrainConfig, devi
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16", "fp16"]:
-    """The autocast precision for ``device`` (``worldmodel.precision.choose_compute`` decides)."""
-    return choose_compute(device, precision).precision
 
 
 # ----------------------------------------------------------------------------------------------
