@@ -371,3 +371,72 @@ def test_residual_keypoints_decode_the_change_from_the_fed_keypoints(dynamics: s
     torch.testing.assert_close(imagined.prediction, target if residual else torch.zeros_like(target))
     observed = core.observe_step(fed, action, torch.randn(3, config.feature_size), num_samples=4)
     torch.testing.assert_close(observed.prediction, target if residual else torch.zeros_like(target))
+
+
+# ---- training options of the recurrent cores (docs/DYNAMICS.md, "What the diagnosis found") ---------------
+RECURRENT = ["vrnn", "hvrnn"]
+
+
+@pytest.mark.parametrize("dynamics", RECURRENT)
+def test_feed_detected_makes_observed_frames_feed_the_detected_keypoints(dynamics: str) -> None:
+    model = smoke_model(dynamics, feed_detected=True)
+    keypoints, actions = random_window(model, steps=5)
+    targets = model.normalizer.normalize(keypoints.flatten(2))
+    core = model.dynamics
+    carry = None
+    for t in range(5):
+        step = core.observe_step(carry, previous_actions(actions)[:, t], targets[:, t], num_samples=3)
+        torch.testing.assert_close(core.keypoints(step.carry), targets[:, t], rtol=0, atol=0)
+        assert not torch.equal(step.prediction, targets[:, t])  # the prediction is still the decoder's
+        carry = step.carry
+    # Scheduled sampling cannot override it on observed frames: a coin that always picks the prediction.
+    unroll = core.unroll(previous_actions(actions), targets, num_observed=5, teacher_forcing=(1e-9, 1e-9))
+    torch.testing.assert_close(core.keypoints(unroll.final), targets[:, -1], rtol=0, atol=0)
+
+
+def test_a_deterministic_core_reads_the_observation_only_with_feed_detected() -> None:
+    """struct-rnn has no posterior: without feed_detected its observed frames feed its own predictions, so
+    the state after observing does not depend on what was observed (except the first frame's decoding)."""
+    for feed, depends in ((False, False), (True, True)):
+        model = smoke_model("vrnn", variant="struct-rnn", feed_detected=feed)
+        keypoints, actions = random_window(model, steps=6)
+        other = keypoints.clone()
+        other[:, 2:] = -keypoints[:, 2:]
+        states = [model.observe(k, actions).final.hidden for k in (keypoints, other)]
+        assert (not torch.allclose(states[0], states[1])) == depends
+
+
+@pytest.mark.parametrize("dynamics", RECURRENT)
+@pytest.mark.parametrize("on", [False, True])
+def test_prior_future_gradient_lets_l_future_train_the_prior(dynamics: str, on: bool) -> None:
+    model = smoke_model(dynamics, prior_future_gradient=on)
+    keypoints, actions = random_window(model, steps=6)
+    targets = model.normalizer.normalize(keypoints.flatten(2))
+    unroll = model.dynamics.unroll(previous_actions(actions), targets, num_observed=3, num_samples=1)
+    future = model.dynamics.losses(unroll, targets, 3, kl_scale=0.0).future  # no KL: L_future alone
+    priors = model.dynamics.prior if dynamics == "vrnn" else model.dynamics.priors
+    future.backward()
+    grads = [p.grad for p in priors.parameters()]
+    reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert reached == on
+
+
+@pytest.mark.parametrize("dynamics", RECURRENT)
+def test_future_best_of_off_scores_one_prior_sample_on_imagined_frames(dynamics: str) -> None:
+    """Without best of many on imagined frames the training loss equals an unroll that draws one prior
+    sample there (same random stream), and differs from the best-of-many loss."""
+    schedule = Schedule(kl_scale=1.0, teacher_forcing_observed=0.0, teacher_forcing_predicted=0.0)
+    keypoints, actions = random_window(smoke_model(dynamics), steps=6)
+    losses = {}
+    for future_best_of in (False, True):
+        model = smoke_model(dynamics, future_best_of=future_best_of)
+        losses[future_best_of] = model.dynamics_losses(
+            keypoints, actions, 3, schedule, torch.Generator().manual_seed(5)
+        ).future
+    model = smoke_model(dynamics)
+    targets = model.normalizer.normalize(keypoints.flatten(2))
+    core = model.dynamics
+    unroll = core.unroll(previous_actions(actions), targets, num_observed=3, num_samples=core.best_of,
+                         generator=torch.Generator().manual_seed(5), imagined_samples=1)  # fmt: skip
+    torch.testing.assert_close(losses[False], core.losses(unroll, targets, 3, 1.0).future)
+    assert losses[True] < losses[False]  # the best of 4 samples is closer than one

@@ -223,7 +223,8 @@ class VRNN(DynamicsCore):
             belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
             kl = gaussian_kl(belief.mean, belief.std, prior.mean, prior.std)[:, None]  # (B, 1)
         latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self.residual_base(carry))  # S8, eq. 8
-        return Step(Carry(hidden, prediction, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
+        fed = target if self.config.feed_detected else prediction  # what the next GRU step reads as x_t
+        return Step(Carry(hidden, fed, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
 
     def imagine_step(  # type: ignore[override]
         self,
@@ -235,8 +236,11 @@ class VRNN(DynamicsCore):
         noise: Tensor | None = None,
     ) -> Step:
         hidden = self._transition(carry, action)
-        # As the original code: the prior is trained by the KL only, not by L_future.
-        belief = self.prior(hidden).detach() if self.prior is not None else None
+        # As the original code, the prior is trained by the KL only, not by L_future, unless
+        # prior_future_gradient asks L_future to shape its spread too.
+        belief = self.prior(hidden) if self.prior is not None else None
+        if belief is not None and not self.config.prior_future_gradient:
+            belief = belief.detach()
         latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self.residual_base(carry))
         zero = hidden.new_zeros(hidden.shape[0])
         return Step(Carry(hidden, prediction, latent), prediction, hidden, zero[:, None], zero)

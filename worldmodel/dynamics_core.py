@@ -150,6 +150,7 @@ class DynamicsCore(nn.Module):
         teacher_forcing: tuple[float, float] = (0.0, 0.0),
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        imagined_samples: int | None = None,
     ) -> Unroll:
         """Run T frames: ``observe_step`` for the first ``num_observed``, ``imagine_step`` after.
 
@@ -157,7 +158,9 @@ class DynamicsCore(nn.Module):
             a sequence, ``initial=None``). targets: (B, T, F) normalised detected keypoints or None.
         teacher_forcing: (observed, imagined) probability that the frame fed to the next step is the
             target rather than the prediction (scheduled sampling), drawn per batch row and frame; only for
-            cores with ``scheduled_sampling``. noise: (T, N, B, noise_size) draws instead of the generator's.
+            cores with ``scheduled_sampling``; observed frames of a core that feeds the detected keypoints
+            (``feed_detected``) always feed them. noise: (T, N, B, noise_size) draws instead of the
+            generator's. imagined_samples: best of many on the imagined frames (default ``num_samples``).
         Runs in float32, also under autocast: the dynamics are small, precision matters more.
         """
         with torch.autocast(actions.device.type, enabled=False):
@@ -177,10 +180,12 @@ class DynamicsCore(nn.Module):
                     out = self.observe_step(carry, actions[:, t], target, num_samples, generator, step_noise)
                     kls.append(out.kl)
                 else:
-                    out = self.imagine_step(carry, actions[:, t], target, num_samples, generator, step_noise)
+                    samples = num_samples if imagined_samples is None else imagined_samples
+                    out = self.imagine_step(carry, actions[:, t], target, samples, generator, step_noise)
                 carry = out.carry
                 p_target = teacher_forcing[0] if observed else teacher_forcing[1]
-                if self.scheduled_sampling and target is not None and p_target > 0.0:
+                fed_already = observed and self.config.feed_detected
+                if self.scheduled_sampling and target is not None and p_target > 0.0 and not fed_already:
                     coin = torch.rand((batch, 1), generator=generator, device=actions.device)
                     carry = self.feed(carry, torch.where(coin < p_target, target, out.prediction))
                 predictions.append(out.prediction)

@@ -114,8 +114,10 @@ class HierarchicalVRNN(DynamicsCore):
         for l in range(self.levels):
             above = torch.cat(levels, dim=-1) if levels else None  # all levels above l (dense)
             eps = noise[..., l * z : (l + 1) * z]
-            if posterior_parts is None:  # imagined: the prior, trained by the KL only
-                belief = self.priors[l](prior_parts[l], above).detach()
+            if posterior_parts is None:  # imagined: the prior, trained by the KL only (unless prior_future_gradient)
+                belief = self.priors[l](prior_parts[l], above)
+                if not self.config.prior_future_gradient:
+                    belief = belief.detach()
             else:
                 belief = self.posteriors[l](posterior_parts[l], above)
                 if with_kl:
@@ -162,7 +164,8 @@ class HierarchicalVRNN(DynamicsCore):
         prediction = self.decoder(latent, hidden) + offset  # (B, F)
         zero = hidden.new_zeros(batch)
         kl = hidden.new_zeros(batch, self.levels) if kl is None else kl
-        return Step(HVRNNCarry(hidden, prediction, latent), prediction, hidden, kl, zero)
+        fed = target if observed and target is not None and self.config.feed_detected else prediction
+        return Step(HVRNNCarry(hidden, fed, latent), prediction, hidden, kl, zero)
 
     def observe_step(  # type: ignore[override]
         self,

@@ -296,6 +296,7 @@ class WorldModel(nn.Module):
             num_samples=core.best_of,
             teacher_forcing=(schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted),
             generator=generator,
+            imagined_samples=None if self.config.future_best_of else 1,
         )
         d: DynamicsLosses = core.losses(unroll, targets, observed, schedule.kl_scale)
         zero = d.keypoint.new_zeros(())
