@@ -59,6 +59,12 @@ def test_reconstruction_and_sparsity_losses_by_hand() -> None:
     assert image_loss(recon, target).item() == pytest.approx(1.0)
     assert keypoint_loss(torch.ones(2, 3, 6), torch.zeros(2, 3, 6)).item() == pytest.approx(3.0)  # 0.5 * 6
     assert keypoint_loss(torch.ones(2, 0, 6), torch.zeros(2, 0, 6)).item() == 0.0
+    # Laplace decoder: |error| summed over features; -2 and +1 per feature -> 3 per feature, 18 per step.
+    prediction, target = torch.full((2, 3, 6), -2.0), torch.zeros(2, 3, 6)
+    target[1] = 3.0
+    assert keypoint_loss(prediction, target, "absolute").item() == pytest.approx((6 * 2 + 6 * 5) / 2)
+    with pytest.raises(ValueError, match="absolute"):
+        keypoint_loss(prediction, target, "cubed")
     assert sparsity_loss(torch.tensor([[0.5, -1.5, 0.0, 1.0]])).item() == pytest.approx(0.75)
 
 

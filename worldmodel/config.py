@@ -110,13 +110,15 @@ class ModelConfig:
     residual_keypoints: bool = False
     """vrnn, hvrnn: the decoder predicts the change from the keypoints fed in for the previous frame (x^_t = x_{t-1} + phi_dec(z_t, h_t)) instead of absolute keypoints, so that "nothing moves" is the easy default (srvp is residual in its state already)."""
     hvrnn_levels: int = 3
+    """hvrnn: L, the number of latent levels (each of ``latent_size``)."""
     feed_detected: bool = False
     """vrnn, hvrnn: on observed frames the recurrence reads the detected keypoints x_t (as SRVP's filter and Dreamer's RSSM do) instead of the keypoints decoded from the posterior sample (the paper). The decoded ones carry the posterior's reconstruction error into every later step; a deterministic ``struct-rnn`` sees no observation at all without this (its "posterior" is the prediction)."""
     prior_future_gradient: bool = False
     """vrnn, hvrnn: let L_future's gradient reach the prior on imagined frames (reparameterised prior samples), so that the prior learns a spread that costs no open-loop error. Off (the paper's code): the prior is trained by the KL only and its spread is free to make single samples worse than the mean."""
     future_best_of: bool = True
     """vrnn, hvrnn: best of many (``num_samples``) also on the imagined frames of training, as the paper. Off: one prior sample there, so L_future scores what a single sample predicts (best of many still applies on observed frames)."""
-    """hvrnn: L, the number of latent levels (each of ``latent_size``)."""
+    keypoint_error: Literal["squared", "absolute"] = "squared"
+    """Error of the dynamics' keypoint reconstruction (L_VRNN, L_future) and of the best-of-many choice, in the normalised space: 'squared' (a Gaussian decoder, the paper) or 'absolute' (a Laplace decoder, robust to the detector's occasional jumps of a keypoint between two places)."""
     keypoint_std_floor: float = 0.05
     """Floor of the per-feature std used to normalise the dynamics' inputs and targets (``WorldModel.fit_keypoint_normalization``), in keypoint units ([-1, 1] coordinates)."""
 
@@ -163,6 +165,8 @@ class ModelConfig:
             raise ValueError(f"srvp_dt must be 1/n for an integer n >= 1, got {self.srvp_dt}")
         if self.srvp_residual_weight < 0:
             raise ValueError("srvp_residual_weight must be >= 0")
+        if self.keypoint_error not in ("squared", "absolute"):
+            raise ValueError(f"keypoint_error must be 'squared' or 'absolute', got {self.keypoint_error!r}")
         if self.dynamics == "hvrnn" and not self.stochastic:
             raise ValueError("hvrnn is a hierarchy of latents: it needs a stochastic variant (not struct-rnn)")
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics_core import DynamicsCore, Step, Unroll
-from worldmodel.losses import gaussian_kl
+from worldmodel.losses import gaussian_kl, keypoint_error
 
 __all__ = ["VRNN", "Carry", "Gaussian", "GaussianHead", "KeypointDecoder", "KeypointNormalizer", "Unroll", "dense"]
 
@@ -193,7 +193,7 @@ class VRNN(DynamicsCore):
         if n > 1:
             with torch.no_grad():
                 candidates = self.decoder(belief.mean + belief.std * noise, hidden) + offset  # (N, B, F)
-                best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+                best = keypoint_error(candidates, target, self.config.keypoint_error).argmin(0)  # (B,)
             noise = noise[best, torch.arange(batch, device=hidden.device)]  # (B, Z)
         else:
             noise = noise[0]

@@ -205,8 +205,9 @@ class DynamicsCore(nn.Module):
     def losses(self, unroll: Unroll, targets: Tensor, num_observed: int, kl_scale: float) -> DynamicsLosses:
         """The loss terms of an unroll against its normalised targets (B, T, F); ``kl_scale`` multiplies beta."""
         n = num_observed
-        keypoint = keypoint_loss(unroll.keypoints[:, :n], targets[:, :n])
-        future = keypoint_loss(unroll.keypoints[:, n:], targets[:, n:])
+        error = self.config.keypoint_error
+        keypoint = keypoint_loss(unroll.keypoints[:, :n], targets[:, :n], error)
+        future = keypoint_loss(unroll.keypoints[:, n:], targets[:, n:], error)
         zero = keypoint.new_zeros(())
         kl = unroll.kl.mean() if unroll.kl.numel() else zero
         terms = unroll.kl_terms.mean((0, 1)) if unroll.kl_terms.numel() else keypoint.new_zeros(len(self.kl_names))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import STD_OFFSET, Gaussian, KeypointDecoder, dense
 from worldmodel.dynamics_core import DynamicsCore, Step, draw_noise
-from worldmodel.losses import gaussian_kl
+from worldmodel.losses import gaussian_kl, keypoint_error
 
 
 class HVRNNCarry(NamedTuple):
@@ -156,7 +156,7 @@ class HierarchicalVRNN(DynamicsCore):
             with torch.no_grad():
                 latents = self.top_down(prior_parts, posterior_parts, noise, with_kl=False)[0]  # (N, B, L*Z)
                 candidates = self.decoder(latents, hidden) + offset  # (N, B, F)
-                best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+                best = keypoint_error(candidates, target, self.config.keypoint_error).argmin(0)  # (B,)
             chosen = noise[best, torch.arange(batch, device=hidden.device)]  # (B, L*Z)
         else:
             chosen = noise[0]

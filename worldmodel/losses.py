@@ -54,9 +54,21 @@ def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) ->
         return kl.sum(-1)
 
 
-def keypoint_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """Keypoint reconstruction error of L_VRNN and L_future: 0.5 * squared error summed over the K*3
+def keypoint_error(prediction: Tensor, target: Tensor, error: str = "squared") -> Tensor:
+    """Per-step error summed over the last axis (F): 0.5 * squared error (a Gaussian decoder, the paper) or
+    the absolute error (a Laplace decoder: its optimum is the conditional median, which holds still
+    where keypoints now and then jump, instead of the mean, which moves half way). (..., F) -> (...)."""
+    difference = prediction.float() - target.float()
+    if error == "squared":
+        return 0.5 * difference.square().sum(-1)
+    if error == "absolute":
+        return difference.abs().sum(-1)
+    raise ValueError(f"unknown keypoint error {error!r}: choose 'squared' or 'absolute'")
+
+
+def keypoint_loss(prediction: Tensor, target: Tensor, error: str = "squared") -> Tensor:
+    """Keypoint reconstruction error of L_VRNN and L_future: ``keypoint_error`` summed over the K*3
     features of a step, mean over batch and steps. prediction, target: (B, T, F); zero if T == 0."""
     if prediction.shape[1] == 0:
         return prediction.new_zeros((), dtype=torch.float32)
-    return 0.5 * (prediction.float() - target.float()).square().sum(-1).mean()
+    return keypoint_error(prediction, target, error).mean()

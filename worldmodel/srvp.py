@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import Gaussian, GaussianHead, dense
 from worldmodel.dynamics_core import DynamicsCore, Step, draw_noise
-from worldmodel.losses import gaussian_kl
+from worldmodel.losses import gaussian_kl, keypoint_error
 
 
 class SRVPCarry(NamedTuple):
@@ -145,7 +145,7 @@ class SRVP(DynamicsCore):
         """Best of many: the noise row (B, D) whose decoded candidate (N, B, F) is closest to the target."""
         if target is None or noise.shape[0] == 1:
             return noise[0]
-        best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+        best = keypoint_error(candidates, target, self.config.keypoint_error).argmin(0)  # (B,)
         return noise[best, torch.arange(noise.shape[1], device=noise.device)]
 
     def _warmup(self, carry: SRVPCarry, encoded: Tensor, filtered: Tensor, target: Tensor, noise: Tensor) -> Step:
