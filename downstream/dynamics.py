@@ -31,10 +31,12 @@ from worldmodel.atomic import atomic_write, atomic_write_text
 from worldmodel.checkpoint import CheckpointError, load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.dynamics_benchmark import (
+    JUMP,
     PREDICTIONS,
     REFERENCES,
     choose_window_starts,
     horizon_errors,
+    keypoint_stability,
     open_loop,
     probe_task,
 )
@@ -107,6 +109,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
         "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in PREDICTIONS + REFERENCES},
         "num_windows": errors.num_windows,
         "num_samples": errors.num_samples,
+        "stability": keypoint_stability(windows)._asdict(),
     }
     if args.probe:
         root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
@@ -132,6 +135,12 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
         cells = [f"{np.mean(record['horizon_errors'][name]):.4f} ({record['ratio_to_hold_last'][name]:.2f}x)"
                  for name in PREDICTIONS + REFERENCES]  # fmt: skip
         lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Detector stability ({args.split} split): one-frame keypoint moves; jumps are moves > {JUMP} "
+              "(a tenth of the image), which no dynamics can predict:", "",
+              "| run | mean move | median move | jump rate | share of motion in jumps |", "|---|---|---|---|---|"]  # fmt: skip
+    for record in records:
+        st = record["stability"]
+        lines.append(f"| {record['label']} | {st['mean_step']:.4f} | {st['median_step']:.4f} | {st['jump_rate']:.3f} | {st['jump_share']:.2f} |")
     if any("probe_r2" in record for record in records):
         tasks = list(next(record for record in records if "probe_r2" in record)["probe_r2"])
         lines += ["", "Linear probe keypoints -> true state, R^2 on the test split (detected / predicted):", "",

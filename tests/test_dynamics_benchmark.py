@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from worldmodel.dynamics_benchmark import (
+    keypoint_stability,
     OpenLoop,
     choose_window_starts,
     fit_ridge,
@@ -130,3 +131,19 @@ def test_script_refuses_a_run_without_a_keypoint_cache(smoke_run: Path, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(Args(run=(run,), out=tmp_path / "out", device="cpu"))
     assert exit_info.value.code == 2
+
+
+def test_keypoint_stability_known_answer() -> None:
+    """Two episodes of 3 frames, 2 keypoints: keypoint 0 moves 0.1 then jumps 0.5 in episode 0; everything
+    else stands still. The jump from episode 0's last frame to episode 1's first is not a move."""
+    points = torch.zeros(6, 2, 3)
+    points[1, 0, 0] = 0.1  # 0.1 move
+    points[2, 0, :2] = torch.tensor([0.1, 0.5])  # 0.5 move (a jump)
+    points[3:, :, :2] = 0.9  # episode 1: far away, still
+    points[:, :, 2] = torch.arange(6.0)[:, None]  # presence changes: not a move
+    stability = keypoint_stability(make_split(points, [3, 3], [0, 0]))
+    # 4 one-frame moves per episode pair x 2 keypoints = 8 moves: 0.1, 0.5 and six zeros.
+    assert stability.mean_step == pytest.approx(0.6 / 8)
+    assert stability.median_step == pytest.approx(0.0)
+    assert stability.jump_rate == pytest.approx(1 / 8)
+    assert stability.jump_share == pytest.approx(0.5 / 0.6)

@@ -53,7 +53,7 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.logger import RunLogger  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
-from worldmodel.dynamics_benchmark import PREDICTIONS, REFERENCES, choose_window_starts, horizon_errors, open_loop  # noqa: E402
+from worldmodel.dynamics_benchmark import PREDICTIONS, REFERENCES, choose_window_starts, horizon_errors, keypoint_stability, open_loop  # noqa: E402
 from worldmodel.precision import announce, autocast, choose_compute  # noqa: E402
 from worldmodel.training import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
@@ -247,6 +247,7 @@ def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConf
         "per_horizon": {name: getattr(errors, name).tolist() for name in names},
         "num_windows": errors.num_windows,
         "num_samples": errors.num_samples,
+        "stability": keypoint_stability(test)._asdict(),
     }
 
 

@@ -9,7 +9,11 @@ Two questions, both asked without pixels (the trainer's keypoint cache holds eve
    its error over the whole horizon, the paper's best-of-N), beside two references that use no model:
    *hold-last* (the last observed keypoints, nothing moves) and *constant velocity* (the last observed
    step repeated). A core whose single sample does not beat hold-last has not learned dynamics.
-2. **Linear probe to the true state** (the paper's section 5.2, "keypoints track objects"): ridge
+2. **Keypoint stability** of the detector, which bounds every core: how far keypoints move from one frame
+   to the next, and how much of that is *jumps* (moves longer than ``JUMP``, a tenth of the image width,
+   more than any limb moves in one agent step): a keypoint that switches to another object moves
+   without physics, and no dynamics model can predict it.
+3. **Linear probe to the true state** (the paper's section 5.2, "keypoints track objects"): ridge
    regression from one frame's keypoints (K*3) to the task's true low-dimensional state, fit on the train
    split, R^2 on the test split, per task; and the same probe applied to *predicted* keypoints of the
    open-loop frames, against the true states of those frames.
@@ -28,6 +32,7 @@ from worldmodel.model import WorldModel
 from worldmodel.training import KeypointSplit
 
 REFERENCES = ("hold_last", "constant_velocity")
+JUMP = 0.2  # a one-frame move longer than this (a tenth of the [-1, 1] image width) counts as a jump
 PREDICTIONS = ("single", "mean_of_n", "best_of_n")
 
 
@@ -113,6 +118,36 @@ def horizon_errors(result: OpenLoop, num_observed: int) -> HorizonErrors:
     }
     means = {name: value.mean(0).double().numpy() for name, value in table.items()}  # (H,) each
     return HorizonErrors(**means, num_windows=int(per_sample.shape[1]), num_samples=int(per_sample.shape[0]))
+
+
+class Stability(NamedTuple):
+    """One-frame keypoint displacements (x, y) inside the episodes of a split, all keypoints."""
+
+    mean_step: float  # mean distance a keypoint moves from one frame to the next
+    median_step: float
+    jump_rate: float  # fraction of one-frame moves longer than JUMP
+    jump_share: float  # share of the summed displacement that is in those jumps
+
+
+def keypoint_stability(split: KeypointSplit, jump: float = JUMP) -> Stability:
+    """How steadily the detector's keypoints move (see the module docstring)."""
+    rows = [
+        torch.arange(int(first), int(first) + int(size) - 1)
+        for first, size in zip(split.episode_starts, split.episode_lengths)
+        if size >= 2
+    ]
+    if not rows:
+        raise ValueError("no episode of the split has two frames")
+    row = torch.cat(rows)
+    steps = (split.keypoints[row + 1, :, :2] - split.keypoints[row, :, :2]).double().norm(dim=-1).flatten()  # (N*K,)
+    jumps = steps > jump
+    total = float(steps.sum())
+    return Stability(
+        mean_step=float(steps.mean()),
+        median_step=float(steps.median()),
+        jump_rate=float(jumps.double().mean()),
+        jump_share=float(steps[jumps].sum()) / total if total > 0 else 0.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
