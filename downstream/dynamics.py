@@ -36,6 +36,7 @@ from worldmodel.dynamics_benchmark import (
     REFERENCES,
     choose_window_starts,
     horizon_errors,
+    jump_free_ratios,
     keypoint_stability,
     open_loop,
     probe_task,
@@ -110,6 +111,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
         "num_windows": errors.num_windows,
         "num_samples": errors.num_samples,
         "stability": keypoint_stability(windows)._asdict(),
+        "jump_free_ratio_to_hold_last": jump_free_ratios(result, args.observed),
     }
     if args.probe:
         root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
@@ -141,6 +143,11 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
     for record in records:
         st = record["stability"]
         lines.append(f"| {record['label']} | {st['mean_step']:.4f} | {st['median_step']:.4f} | {st['jump_rate']:.3f} | {st['jump_share']:.2f} |")
+    lines += ["", "The open-loop ratios to hold-last on keypoint tracks without a jump (what physics explains):", "",
+              "| run | single | mean of N | best of N | tracks kept |", "|---|---|---|---|---|"]  # fmt: skip
+    for record in records:
+        jf = record["jump_free_ratio_to_hold_last"]
+        lines.append(f"| {record['label']} | {jf['single']:.2f}x | {jf['mean_of_n']:.2f}x | {jf['best_of_n']:.2f}x | {jf['tracks_kept']:.2f} |")
     if any("probe_r2" in record for record in records):
         tasks = list(next(record for record in records if "probe_r2" in record)["probe_r2"])
         lines += ["", "Linear probe keypoints -> true state, R^2 on the test split (detected / predicted):", "",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from worldmodel.dynamics_benchmark import (
+    jump_free_ratios,
     keypoint_stability,
     OpenLoop,
     choose_window_starts,
@@ -147,3 +148,20 @@ def test_keypoint_stability_known_answer() -> None:
     assert stability.median_step == pytest.approx(0.0)
     assert stability.jump_rate == pytest.approx(1 / 8)
     assert stability.jump_share == pytest.approx(0.5 / 0.6)
+
+
+def test_jump_free_ratios_leave_out_jumping_tracks() -> None:
+    """Keypoint 0 moves 0.1 per frame (no jump); keypoint 1 jumps 0.5 after the last observed frame.
+    Sample 0 predicts keypoint 0 exactly, sample 1 holds it still: only keypoint 0's track counts."""
+    detected = torch.zeros(1, 4, 2, 3)  # (B, n + H, K, 3) with n = 2 observed, H = 2
+    detected[0, :, 0, 0] = torch.tensor([0.0, 0.1, 0.2, 0.3])
+    detected[0, 2:, 1, 1] = 0.5
+    samples = torch.zeros(2, 1, 2, 2, 3)  # (N, B, H, K, 3)
+    samples[0, 0, :, 0, 0] = torch.tensor([0.2, 0.3])  # exact on keypoint 0
+    samples[1, 0, :, 0, 0] = 0.1  # holds keypoint 0 still
+    samples[:, 0, :, 1, 1] = -3.0  # far off on the jumping keypoint: must not count
+    ratios = jump_free_ratios(OpenLoop(detected, samples, torch.zeros(1, dtype=torch.int64)), num_observed=2)
+    assert ratios["single"] == pytest.approx(0.0)
+    assert ratios["mean_of_n"] == pytest.approx(0.5)  # half way: errors 0.05 and 0.1 against 0.1 and 0.2
+    assert ratios["best_of_n"] == pytest.approx(0.0)
+    assert ratios["tracks_kept"] == pytest.approx(0.5)

@@ -150,6 +150,33 @@ def keypoint_stability(split: KeypointSplit, jump: float = JUMP) -> Stability:
     )
 
 
+def jump_free_ratios(result: OpenLoop, num_observed: int, jump: float = JUMP) -> dict[str, float]:
+    """The open-loop ratios to hold-last restricted to keypoint tracks without a jump: the (window,
+    keypoint) pairs whose detected track moves at most ``jump`` per frame from the last observed frame to
+    the end of the horizon. What a core predicts of the motion that physics explains, apart from the
+    detector's jumps. Keys: PREDICTIONS and the share of tracks kept."""
+    detected = result.detected[:, num_observed - 1 :, :, :2]  # (B, 1 + H, K, 2)
+    steady = (detected[:, 1:] - detected[:, :-1]).norm(dim=-1).amax(1) <= jump  # (B, K)
+    target = detected[:, 1:]  # (B, H, K, 2)
+    weight = steady[:, None, :].expand(target.shape[:3]).double()  # (B, H, K)
+
+    def mean_distance(predicted: Tensor) -> float:  # (B, H, K, 2)
+        distance = (predicted - target).norm(dim=-1).double()
+        return float((distance * weight).sum() / weight.sum().clamp_min(1.0))
+
+    samples = result.samples[..., :2]  # (N, B, H, K, 2)
+    hold = mean_distance(detected[:, :1].expand_as(target))
+    per_sample = (samples - target).norm(dim=-1).double()  # (N, B, H, K)
+    per_window = (per_sample * weight).sum((2, 3)) / weight.sum((1, 2)).clamp_min(1.0)  # (N, B)
+    best = samples[per_window.argmin(0), torch.arange(samples.shape[1])]  # (B, H, K, 2)
+    ratios = {
+        "single": mean_distance(samples[0]) / hold,
+        "mean_of_n": mean_distance(samples.mean(0)) / hold,
+        "best_of_n": mean_distance(best) / hold,
+    }
+    return ratios | {"tracks_kept": float(steady.double().mean())}
+
+
 # ----------------------------------------------------------------------------------------------
 # Linear probe: keypoints -> true state
 # ----------------------------------------------------------------------------------------------
