@@ -20,6 +20,7 @@ from worldmodel.dynamics_benchmark import (
     probe_task,
     r_squared,
 )
+from worldmodel.errors import InputError
 from worldmodel.training import KeypointSplit
 
 
@@ -127,6 +128,5 @@ def test_script_refuses_a_run_without_a_keypoint_cache(smoke_run: Path, tmp_path
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     (run / "keypoints.pt").unlink()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(InputError, match="staged run"):
         main(Args(run=(run,), out=tmp_path / "out", device="cpu"))
-    assert exit_info.value.code == 2
