@@ -30,7 +30,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_text
-from worldmodel.checkpoint import check_dataset_fits, load_world_model
+from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.errors import InputError, run_script
 from worldmodel.fingerprint import model_fingerprint
@@ -88,6 +88,8 @@ def main(args: Args) -> None:
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
     tasks = parse_tasks(args.tasks)
+    for run_path in args.run or DEFAULT_RUNS:
+        find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, below)
     test_files = {task: checked_dataset(args.data, task, "test") for task in tasks}  # absent, damaged: InputError
     for info in test_files.values():  # enough test data for the folds and the windows
         if info.num_episodes < args.folds:  # folds split the test windows by episode
