@@ -45,7 +45,6 @@ from worldmodel.atomic import atomic_write, atomic_write_text  # noqa: E402
 from worldmodel.checkpoint import (  # noqa: E402
     CHECKPOINT_FILE,
     CheckpointError,
-    check_dataset_fits,
     find_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(config)
         tasks = parse_tasks(config.tasks)
     except ValueError as error:  # InputError, or a ModelConfig check run while parsing
-        return report(error if isinstance(error, InputError) else InputError(str(error)))
+        return report(error)
     try:
         dist = distributed.setup(config.device)
         return train(config, tasks, dist)

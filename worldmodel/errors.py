@@ -40,8 +40,9 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
-def report(error: InputError) -> int:
-    """Print ``error: <message>`` on stderr; returns the exit code for bad input."""
+def report(error: Exception) -> int:
+    """Print ``error: <message>`` on stderr (an InputError, or a parser's ValueError); returns the exit code
+    for bad input."""
     print(f"error: {one_line(str(error))}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
