@@ -154,7 +154,7 @@ def load_imagination_models(
     )
     if not predictor_path.is_file():
         raise MissingInputError(
-            f"no reward predictor for {spec.name} at {predictor_path}: fit one for this world model with "
+            f"no reward predictor for {spec.name} at {predictor_path}; fit one for this world model with "
             f"`python downstream/reward.py --run {path.parent} --tasks {spec.name}` (or pass reward_predictor=)"
         )
     predictor_key = (str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name, str(device))

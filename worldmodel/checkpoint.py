@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -149,9 +150,11 @@ def load_checkpoint(
     """The raw checkpoint dict, loaded with ``weights_only=True``."""
     path = find_checkpoint(path_or_run_dir)
     damaged = f"it is damaged or not a checkpoint of train/world_model.py: restore it, or {TRAIN_HINT}"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, or not a torch file); {damaged}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
+    except Exception as error:  # a foreign file
         raise CheckpointError(f"cannot read checkpoint {path} ({detail(error)}); {damaged}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a world-model checkpoint (format {CHECKPOINT_FORMAT}); {damaged}")

@@ -12,6 +12,7 @@ section 3), so a causal predictor can know it.
 from __future__ import annotations
 
 import copy
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -242,9 +243,11 @@ def load_reward_predictor(
     refit = "fit it again with python downstream/reward.py --run <run dir>"
     if not path.is_file():
         raise MissingInputError(f"no reward predictor at {path}; {refit}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
+        raise RewardPredictorMismatch(f"cannot read reward predictor {path} (truncated, or not a torch file); {refit}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
+    except Exception as error:  # a foreign file
         raise RewardPredictorMismatch(f"cannot read reward predictor {path} ({detail(error)}); {refit}") from None
     keys = ("task", "world_model_fingerprint", "input_size", "units", "state_dict")
     if not isinstance(payload, dict) or any(key not in payload for key in keys):
