@@ -74,11 +74,11 @@ import worldmodel  # noqa: E402
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator  # noqa: E402  (dm_control loads in workers only)
 from worldmodel import storage  # noqa: E402
 from worldmodel.atomic import TEMP_MARKER, atomic_write_text, stale_temporaries  # noqa: E402
+from worldmodel.errors import InputError, detail, report  # noqa: E402
 from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
 
 PROGRAM = "collect/dmcs.py"
-EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 CAMERA_ID = 0
@@ -120,10 +120,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {"train_episodes": 8, "test_episodes": 5, "episode_steps": 200},
 }
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 class GroupSettings(NamedTuple):
@@ -209,7 +205,7 @@ def parse_action_repeats(text: str, tasks: Sequence[str]) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, separator, value = (part.strip() for part in item.partition("="))
         if not separator:
-            raise UsageError(f"--action-repeat: expected task=N pairs or one integer, got {item!r}")
+            raise InputError(f"--action-repeat: expected task=N pairs or one integer, got {item!r}")
         get_task(name)  # unknown names are errors even when that task is not collected
         if name in repeats:
             repeats[name] = _positive_int(value, f"--action-repeat {name}")
@@ -220,9 +216,9 @@ def _positive_int(text: str, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise UsageError(f"{what}: expected a positive integer, got {text!r}") from None
+        raise InputError(f"{what}: expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise UsageError(f"{what} must be positive, got {value}")
+        raise InputError(f"{what} must be positive, got {value}")
     return value
 
 
@@ -243,22 +239,22 @@ def make_groups(args: Args) -> list[Group]:
     try:
         tasks = parse_tasks(args.domains)
     except ValueError as error:
-        raise UsageError(f"--domains: {error}") from None
+        raise InputError(f"--domains: {error}") from None
     try:
         repeats = parse_action_repeats(args.action_repeat, tasks)
     except ValueError as error:  # an unknown task name in the overrides
-        raise UsageError(f"--action-repeat: {error}") from None
+        raise InputError(f"--action-repeat: {error}") from None
     for option, value in (("--train-episodes", args.train_episodes), ("--test-episodes", args.test_episodes),
                           ("--workers", args.workers), ("--episode-steps", args.episode_steps)):
         if value is not None and value < 1:
-            raise UsageError(f"{option} must be positive, got {value}")
+            raise InputError(f"{option} must be positive, got {value}")
     if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
     for task, repeat in repeats.items():
         if repeat > get_task(task).horizon(1):
-            raise UsageError(f"--action-repeat {task}={repeat} leaves no agent step in 1000 control steps")
+            raise InputError(f"--action-repeat {task}={repeat} leaves no agent step in 1000 control steps")
     if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file, not a folder: choose another --out")
+        raise InputError(f"--out {args.out} is a file, not a folder; choose another --out")
     settings = [
         group_settings(args, task, split, repeats[task]) for task in tasks for split in storage.SPLITS
     ]
@@ -322,18 +318,21 @@ def existing_settings(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     for path in sorted(out.glob("*.h5")):
         if path.stem not in known:
             continue
+        redo = "delete it (a rerun collects it again), or use another --out"
         try:
             record = json.loads(storage.validate_dataset(path).attrs.get("collection_settings", "null"))
-        except (storage.InvalidDatasetError, json.JSONDecodeError) as error:
-            raise UsageError(f"{path} is not a valid dataset ({error}): delete it, or use another --out") from None
+        except storage.InvalidDatasetError as error:  # truncated, not HDF5, another layout
+            raise InputError(f"{error}; {redo}") from None
+        except (TypeError, json.JSONDecodeError):
+            raise InputError(f"{path} has unreadable collection settings; {redo}") from None
         if record is None:
-            raise UsageError(f"{path} was not written by {PROGRAM}: use another --out")
+            raise InputError(f"{path} was not written by {PROGRAM}; use another --out")
         yield path, record
     for path in sorted((out / PARTIAL_FOLDER).glob(f"*/{SETTINGS_FILE}")):
         try:
             yield path.parent, json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise UsageError(f"unreadable {path} ({error}): delete {path.parent}") from None
+            raise InputError(f"unreadable {path} ({error}); delete {path.parent}") from None
 
 
 def check_existing(out: Path, groups: Sequence[Group], args: Args) -> None:
@@ -346,14 +345,14 @@ def check_existing(out: Path, groups: Sequence[Group], args: Args) -> None:
             expected, keys = requested[name], list(requested[name])
         else:
             if record.get("task") not in TASK_NAMES or record.get("split") not in storage.SPLITS:
-                raise UsageError(f"{path} has unknown settings {record}: delete it, or use another --out")
+                raise InputError(f"{path} has unknown settings {record}; delete it, or use another --out")
             expected = group_settings(args, record["task"], record["split"], record.get("action_repeat", 1)).record()
             keys = list(FOLDER_WIDE_SETTINGS)
         differences = [key for key in keys if record.get(key) != expected[key]]
         if differences:
             found = ", ".join(f"{key}={record.get(key)}" for key in differences)
             asked = ", ".join(f"{key}={expected[key]}" for key in differences)
-            raise UsageError(
+            raise InputError(
                 f"{path} was collected with {found}, this run asks {asked}: refusing to mix datasets; "
                 f"rerun with the original settings, use another --out, or delete {out} to recollect"
             )
@@ -380,7 +379,7 @@ def collection_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another {PROGRAM} is writing into {out}: wait for it or use another --out") from None
+            raise InputError(f"another {PROGRAM} is writing into {out}; wait for it or use another --out") from None
         yield
 
 
@@ -471,11 +470,18 @@ def assemble_group(job: AssemblyJob) -> AssemblyResult:
     expected_settings = json.dumps(job.settings.record(), sort_keys=True)
     layouts = set()
     for index, path in enumerate(job.episode_paths):
-        attrs = storage.read_attrs(path)
+        try:
+            attrs = storage.read_attrs(path)
+        except OSError as error:  # e.g. truncated by a full disk or an interrupted copy of the folder
+            raise storage.InvalidDatasetError(
+                f"{path} is damaged ({detail(error)}); delete it and rerun the same command to collect it again"
+            ) from None
         seed, _ = episode_seeds(job.settings.seed, job.settings.task, job.settings.split, index)
-        found = (attrs["collection_settings"], attrs["episode_index"], attrs["episode_seed"])
+        found = (attrs.get("collection_settings"), attrs.get("episode_index"), attrs.get("episode_seed"))
         if found != (expected_settings, index, seed):
-            raise storage.InvalidDatasetError(f"{path} does not belong to this collection: delete it")
+            raise storage.InvalidDatasetError(
+                f"{path} does not belong to this collection; delete it and rerun the same command"
+            )
         layouts.add((tuple(attrs["state_keys"]), tuple(attrs["state_sizes"])))
     if len(layouts) != 1:
         raise storage.InvalidDatasetError(f"episodes of {job.path} disagree on the state layout")
@@ -616,7 +622,7 @@ def remove_empty_partial_folder(out: Path) -> None:
 
 def collect(args: Args) -> list[Summary]:
     """Validate, then produce every requested file that does not exist yet; returns the summary rows.
-    Raises UsageError on bad input before writing anything."""
+    Raises InputError on bad input before writing anything."""
     groups = make_groups(args)
     check_existing(args.out, groups, args)
     leftovers = (args.out / PARTIAL_FOLDER).exists()  # of a killed run, even if all files are done now
@@ -624,7 +630,7 @@ def collect(args: Args) -> list[Summary]:
         try:
             (args.out / PARTIAL_FOLDER).mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UsageError(f"cannot create {args.out}: {error.strerror}") from None
+            raise InputError(f"cannot create {args.out}: {error.strerror}") from None
         with collection_lock(args.out):
             check_existing(args.out, groups, args)  # again under the lock: another run may have written
             states = scan(groups)
@@ -639,9 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         rows = collect(args)
-    except UsageError as error:
-        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except InputError as error:  # also a foreign or damaged episode file found while assembling
+        return report(error)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted: rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -28,7 +28,7 @@ import torch
 import tyro
 
 from worldmodel.atomic import atomic_write, atomic_write_text
-from worldmodel.checkpoint import CheckpointError, load_world_model
+from worldmodel.checkpoint import load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.dynamics_benchmark import (
     JUMP,
@@ -41,6 +41,7 @@ from worldmodel.dynamics_benchmark import (
     open_loop,
     probe_task,
 )
+from worldmodel.errors import InputError, one_line, run_script
 from worldmodel.storage import dataset_path
 from worldmodel.training import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 
@@ -71,11 +72,6 @@ class Args:
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def task_states(root: Path, task: str, split: str, steps: KeypointSplit, task_id: int) -> torch.Tensor:
     """True states of every cached frame of the task, in cache order (episodes, then frames)."""
     lengths = steps.episode_lengths[steps.task_ids == task_id]
@@ -87,16 +83,13 @@ def task_states(root: Path, task: str, split: str, steps: KeypointSplit, task_id
 
 
 def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
-    try:
-        loaded = load_world_model(run, device)
-    except CheckpointError as error:
-        fail(str(error))
+    loaded = load_world_model(run, device)  # absent, damaged or foreign: CheckpointError
     model, info = loaded.model, loaded.info
     if not info.complete:
-        fail(f"the run in {run} has not finished training: finish it with train/world_model.py --resume")
+        raise InputError(f"the run in {run} has not finished training; finish it with train/world_model.py --resume")
     cache = load_keypoint_cache(Path(info.path).parent / KEYPOINT_CACHE_FILE, vision_fingerprint(model))
     if cache is None or "test" not in cache:
-        fail(f"{run} holds no keypoint cache of its detector: this benchmark needs a staged run (--mode staged)")
+        raise InputError(f"{run} holds no keypoint cache of its detector; this benchmark needs a staged run (--mode staged)")
     train, test = cache["train"], cache["test"]
     length = args.observed + args.horizon
     windows = cache[args.split]
@@ -121,7 +114,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
                 train_states = task_states(root, task, "train", train, task_id)
                 test_states = task_states(root, task, "test", test, task_id)
             except (OSError, KeyError, ValueError) as error:
-                fail(f"true states for the probe ({task}): {error}; pass --no-probe to skip it")
+                raise InputError(f"true states for the probe ({task}): {one_line(str(error))}; pass --no-probe to skip it") from None
             predicted = result if args.split == "test" else None  # the probe is always scored on test
             probe = probe_task(train, test, task_id, train_states, test_states, predicted, args.observed)
             probes[task] = probe._asdict()
@@ -181,13 +174,13 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(args: Args) -> list[dict[str, Any]]:
+    """The comparison; bad input raises InputError before anything is written."""
     for name in ("observed", "horizon", "samples", "windows"):
         if getattr(args, name) < 1:
-            fail(f"--{name} must be positive, got {getattr(args, name)}")
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        fail(f"--device {args.device}: {error}")
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    device = resolve_device(args.device)
     records = [evaluate_run(args, run, device) for run in args.run or DEFAULT_RUNS]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "results.json", json.dumps({"args": asdict(args) | {"run": [str(r) for r in args.run], "out": str(args.out)}, "runs": records}, indent=2))
@@ -198,5 +191,9 @@ def main(args: Args) -> list[dict[str, Any]]:
     return records
 
 
-if __name__ == "__main__":
+def cli() -> None:
     main(tyro.cli(Args))
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(cli))

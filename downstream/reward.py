@@ -30,20 +30,22 @@ import tyro
 from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_text
-from worldmodel.checkpoint import CheckpointError, load_world_model
+from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
 from worldmodel.distributed import resolve_device
+from worldmodel.errors import InputError, run_script
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
 from worldmodel.machine import available_cores
 from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, run_fit_jobs
 from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
-from worldmodel.storage import dataset_path
+from worldmodel.storage import checked_dataset
 from worldmodel.tasks import parse_tasks
 
 PREDICTOR_DIR = "reward_predictors"
 DEFAULT_RUNS = (Path("runs/world_model"),)
 NUM_OBSERVED = 8  # of the 20 frames of a window: through the posterior; the rest open loop (Figure 8)
+WINDOW_LENGTH = 20
 
 
 @dataclass(frozen=True)
@@ -76,36 +78,38 @@ class Args:
     """Processes fitting reward predictors side by side (default: one per CPU core); 1 fits in this process."""
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(args: Args) -> None:
+    """The experiment; bad input raises InputError before anything is written."""
     for name in ("sequences", "epochs", "folds", "folds_run", "batch_size", "workers"):
         if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.folds_run > args.folds or args.folds < 2:
-        fail(f"need 2 <= --folds and --folds-run <= --folds, got {args.folds} and {args.folds_run}")
-    try:
-        tasks = parse_tasks(args.tasks)
-    except ValueError as error:
-        fail(str(error))
-    for task in tasks:
-        if not dataset_path(args.data, task, "test").is_file():
-            fail(f"no test data for {task} in {args.data}: run python collect/dmcs.py --out {args.data} first")
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        fail(f"--device {args.device}: {error}")
+        raise InputError(f"need 2 <= --folds and --folds-run <= --folds, got {args.folds} and {args.folds_run}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    tasks = parse_tasks(args.tasks)
+    for run_path in args.run or DEFAULT_RUNS:
+        find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, below)
+    test_files = {task: checked_dataset(args.data, task, "test") for task in tasks}  # absent, damaged: InputError
+    for info in test_files.values():  # enough test data for the folds and the windows
+        if info.num_episodes < args.folds:  # folds split the test windows by episode
+            raise InputError(
+                f"{info.path} holds {info.num_episodes} test episodes, fewer than --folds {args.folds}; collect more "
+                f"test episodes (collect/dmcs.py --test-episodes) or lower --folds"
+            )
+        if info.episode_steps < WINDOW_LENGTH:
+            raise InputError(
+                f"episodes of {info.path} have {info.episode_steps} steps, shorter than the {WINDOW_LENGTH}-step "
+                "windows of this experiment; collect longer episodes (collect/dmcs.py --episode-steps)"
+            )
+    device = resolve_device(args.device)
 
-    # ---- the world models whose hidden states we probe
+    # ---- the world models whose hidden states we probe (each must have been trained on this data)
     runs = []
     for run_path in args.run or DEFAULT_RUNS:
-        try:
-            loaded = load_world_model(run_path, device)
-        except CheckpointError as error:
-            fail(str(error))
+        loaded = load_world_model(run_path, device)  # absent, damaged or foreign: CheckpointError
+        for info in test_files.values():
+            check_dataset_fits(loaded.info, loaded.config, info)
         label = loaded.config.variant
         if any(label == other[0] for other in runs):
             label = f"{label} ({Path(run_path).name})"
@@ -126,7 +130,8 @@ def main(args: Args) -> None:
             cache = cache_dir / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
             if not cache.is_file():
                 extracted = extract_window_features(
-                    model, args.data, task, args.sequences, num_observed=NUM_OBSERVED, batch_size=args.batch_size,
+                    model, args.data, task, args.sequences, length=WINDOW_LENGTH, num_observed=NUM_OBSERVED,
+                    batch_size=args.batch_size,
                     seed=args.seed, device=device,
                 )  # fmt: skip
                 save_features(cache, extracted)
@@ -177,7 +182,7 @@ def main(args: Args) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "runs": {label: {"dir": str(run_dir), "fingerprint": fp} for label, _, fp, run_dir in runs},
         "num_observed": NUM_OBSERVED,
-        "length": 20,
+        "length": WINDOW_LENGTH,
     }
     meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
     write_json(args.out / "results.json", results, meta)
@@ -188,5 +193,9 @@ def main(args: Args) -> None:
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'figure8.png'}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
     main(tyro.cli(Args))
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(cli))

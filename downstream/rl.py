@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -48,8 +48,7 @@ from envs.imagined import (
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
-from worldmodel.checkpoint import CheckpointError
-from worldmodel.reward import RewardPredictorMismatch
+from worldmodel.errors import InputError, run_script
 from worldmodel.tasks import get_task
 
 
@@ -104,10 +103,6 @@ class Report(NamedTuple):
     imagined_agent: Returns
 
 
-class UsageError(ValueError):
-    """Bad input: reported in one line, exit status 2."""
-
-
 class ProgressBar(BaseCallback):
     """A tqdm bar over imagined environment steps, with the mean return of recent imagined episodes."""
 
@@ -133,19 +128,24 @@ class ProgressBar(BaseCallback):
 
 
 def check_args(args: Args) -> None:
+    """Raise InputError for options that cannot run (the models and data are checked where they are loaded)."""
     try:
         get_task(args.task)
-    except ValueError as error:
-        raise UsageError(f"--task: {error}") from None
+    except InputError as error:
+        raise InputError(f"--task: {error}") from None
     for name in ("steps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.horizon is not None and args.horizon < 1:
-        raise UsageError(f"--horizon must be positive, got {args.horizon}")
+        raise InputError(f"--horizon must be positive, got {args.horizon}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
     if args.checkpoint is not None and not args.checkpoint.exists():
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+        raise InputError(f"--checkpoint {args.checkpoint} does not exist; give a run directory of train/world_model.py")
     if args.data is not None and not args.data.is_dir():
-        raise UsageError(f"--data {args.data} is not a directory")
+        raise InputError(f"--data {args.data} is not a directory; give the dataset folder of collect/dmcs.py")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file, not a folder; choose another --out")
 
 
 def make_agent(args: Args, venv: VecMonitor) -> BaseAlgorithm:
@@ -237,16 +237,39 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
     atomic_write(path, lambda temporary: imageio.mimsave(temporary, frames, format="GIF", duration=1000 / 30, loop=0))
 
 
-def main(args: Args) -> Report:
-    check_args(args)
+def args_record(args: Args) -> dict[str, Any]:
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
+
+
+def finished_report(args: Args) -> Report | None:
+    """The report of an earlier run with exactly these options, if it finished (its results file is written
+    last); None otherwise."""
+    stem = f"{args.task}-{args.algo}"
+    results_path = args.out / f"{stem}.json"
     try:
-        models = load_imagination_models(args.task, args.checkpoint, args.reward_predictor, args.device)
-        venv = VecMonitor(ImaginedSB3VecEnv(
-            args.task, args.num_envs, args.checkpoint, args.reward_predictor, args.data, args.context,
-            args.observe_keypoints, args.horizon, args.device,
-        ))
-    except (CheckpointError, FileNotFoundError, RewardPredictorMismatch, ValueError) as error:
-        raise UsageError(str(error)) from None
+        record = json.loads(results_path.read_text())
+        if record["args"] != args_record(args):
+            return None
+        returns = [Returns(**record[key]) for key in ("real_agent", "real_random", "imagined_agent")]
+    except (OSError, ValueError, KeyError, TypeError):  # absent, damaged or of another version: run again
+        return None
+    gif_path = args.out / f"{stem}.gif" if args.gif else None
+    return Report(args.out / f"{stem}.zip", results_path, gif_path, *returns)
+
+
+def main(args: Args) -> Report:
+    """Train, evaluate, report; bad input raises InputError before anything is written, and a rerun of a
+    finished run with the same options does nothing."""
+    check_args(args)
+    done = finished_report(args)
+    if done is not None:
+        print(f"{done.results_path} already holds the results of these options: nothing to do")
+        return done
+    models = load_imagination_models(args.task, args.checkpoint, args.reward_predictor, args.device)  # else InputError
+    venv = VecMonitor(ImaginedSB3VecEnv(
+        args.task, args.num_envs, args.checkpoint, args.reward_predictor, args.data, args.context,
+        args.observe_keypoints, args.horizon, args.device,
+    ))
     torch.manual_seed(args.seed)
     venv.seed(args.seed)
     agent = make_agent(args, venv)
@@ -267,7 +290,7 @@ def main(args: Args) -> Report:
 
     results_path = args.out / f"{stem}.json"
     record = {
-        "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()},
+        "args": args_record(args),
         "world_model": {"checkpoint": str(models.checkpoint), "fingerprint": models.fingerprint},
         "action_repeat": models.action_repeat,
         "real_agent": real_agent._asdict(),
@@ -284,13 +307,10 @@ def main(args: Args) -> Report:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = tyro.cli(Args, args=argv, description=__doc__)
-    try:
-        main(args)
-    except UsageError as error:
-        print(f"rl.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    def run() -> None:
+        main(tyro.cli(Args, args=argv, description=__doc__))
+
+    return run_script(run)
 
 
 if __name__ == "__main__":

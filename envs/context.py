@@ -45,6 +45,7 @@ from torch import Tensor
 
 from worldmodel import storage
 from worldmodel.dynamics_core import CoreCarry
+from worldmodel.errors import InputError, MissingInputError
 from worldmodel.model import WorldModel, inference_autocast, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
 
@@ -134,15 +135,18 @@ class DatasetContexts:
         self.path = storage.dataset_path(self.root, self.task, split)
         if not self.path.is_file():
             error = storage.missing_dataset_error(self.root, self.task, split)
-            raise FileNotFoundError(f"{error} (or pass data=<dataset dir>, or context='simulator')")
-        self.info = storage.read_info(self.path)
+            raise MissingInputError(f"{error} (or pass data=<dataset dir>, or context='simulator')")
+        self.info = storage.checked_dataset(self.root, self.task, split)  # damaged or foreign: InputError
         if self.info.action_repeat != action_repeat:
-            raise ValueError(
+            raise InputError(
                 f"{self.path} was collected with action repeat {self.info.action_repeat}, but the world model "
-                f"was trained on {self.task} with action repeat {action_repeat}: pass data= a matching dataset"
+                f"was trained on {self.task} with action repeat {action_repeat}; pass data= a matching dataset"
             )
         if self.info.episode_steps < length:
-            raise ValueError(f"episodes of {self.path} have {self.info.episode_steps} steps, fewer than {length}")
+            raise InputError(
+                f"episodes of {self.path} have {self.info.episode_steps} steps, fewer than a context of {length}; "
+                "pass data= a dataset of longer episodes, or context='simulator'"
+            )
         self.action_repeat = action_repeat
         self.model = model
         self.device = next(model.parameters()).device
@@ -321,11 +325,11 @@ def context_source(
     """The shared ``DatasetContexts`` (kind 'dataset', from ``data``, with the trainer's ``keypoint_cache``
     of that dataset if any) or ``SimulatorContexts`` ('simulator')."""
     if kind not in CONTEXT_SOURCES:
-        raise ValueError(f"context must be one of {', '.join(CONTEXT_SOURCES)}, got {kind!r}")
+        raise InputError(f"context must be one of {', '.join(CONTEXT_SOURCES)}, got {kind!r}")
     device = str(next(model.parameters()).device)
     if kind == "dataset":
         if data is None:
-            raise ValueError("context='dataset' needs a dataset directory (data=...)")
+            raise InputError("context='dataset' needs a dataset directory; pass data=<dataset dir>")
         key: tuple[Any, ...] = (
             kind, str(Path(data).resolve()), task, fingerprint, device, action_repeat, str(keypoint_cache)
         )

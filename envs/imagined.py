@@ -49,10 +49,11 @@ from envs.context import (
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
 from worldmodel.distributed import resolve_device
 from worldmodel.dynamics_core import CoreCarry, DynamicsCore
+from worldmodel.errors import InputError, MissingInputError
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, inference_autocast
 from worldmodel.reward import RewardPredictor, RewardPredictorMismatch, load_reward_predictor
-from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, get_task
+from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, IMAGE_SIZE, get_task
 
 CHECKPOINT_ENV = "STRUCTVRNN_CHECKPOINT"
 DEFAULT_RUN_DIR = Path("runs/world_model")  # train/world_model.py's default --out
@@ -138,14 +139,22 @@ def load_imagination_models(
     repeats = dataset_info.get("action_repeats") or {}
     if spec.name not in repeats:
         trained_on = ", ".join(dataset_info.get("tasks", repeats)) or "unknown tasks"
-        raise CheckpointError(f"the world model at {path} was not trained on {spec.name} (its tasks: {trained_on})")
+        raise CheckpointError(
+            f"the world model at {path} was not trained on {spec.name} (its tasks: {trained_on}); "
+            f"pass checkpoint= a run trained on {spec.name}"
+        )
+    if loaded.config.image_size != IMAGE_SIZE:
+        raise CheckpointError(
+            f"the world model at {path} sees {loaded.config.image_size}-pixel frames, the tasks render {IMAGE_SIZE}; "
+            "pass checkpoint= a run of train/world_model.py on collect/dmcs.py data"
+        )
 
     predictor_path = Path(reward_predictor) if reward_predictor is not None else (
         path.parent / REWARD_PREDICTOR_DIR / f"{spec.name}.pt"
     )
     if not predictor_path.is_file():
-        raise FileNotFoundError(
-            f"no reward predictor for {spec.name} at {predictor_path}: fit one for this world model with "
+        raise MissingInputError(
+            f"no reward predictor for {spec.name} at {predictor_path}; fit one for this world model with "
             f"`python downstream/reward.py --run {path.parent} --tasks {spec.name}` (or pass reward_predictor=)"
         )
     predictor_key = (str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name, str(device))
@@ -265,7 +274,7 @@ class ImaginationBatch:
         threads: int | None = 1,
     ) -> None:
         if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+            raise InputError(f"num_envs must be >= 1, got {num_envs}")
         self.models, self.source = models, source
         self.model = models.world_model
         self.predictor = models.reward_predictor
@@ -431,12 +440,12 @@ def build_batch(
     """Load (or reuse) the models and the context source, and make the batch (shared by all env classes)."""
     models = load_imagination_models(task, checkpoint, reward_predictor, device)
     if horizon is not None and horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
+        raise InputError(f"horizon must be >= 1, got {horizon}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be None or >= 1, got {threads}")
+        raise InputError(f"threads must be None or >= 1, got {threads}")
     if data is None and context == "dataset":
         if models.dataset is None:
-            raise ValueError(f"the checkpoint {models.checkpoint} records no dataset: pass data=<dataset dir>")
+            raise InputError(f"the checkpoint {models.checkpoint} records no dataset; pass data=<dataset dir>")
         data = models.dataset
     # The trainer's keypoints of its own data spare the detector at every reset (envs.context).
     same_data = data is not None and models.dataset is not None and Path(data).resolve() == models.dataset.resolve()
@@ -523,7 +532,7 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
         self.batch = build_batch(
             task, 1, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
@@ -604,12 +613,12 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         simulator = getattr(env.unwrapped, "simulator", None)  # RealPixelEnv's; other envs are not checked
         repeat = None if simulator is None else simulator.action_repeat
         if repeat is not None and repeat != models.action_repeat:
-            raise ValueError(
+            raise InputError(
                 f"the real env steps with action repeat {repeat}, the world model's {models.task} data used "
-                f"{models.action_repeat}: make it with action_repeat={models.action_repeat}"
+                f"{models.action_repeat}; make it with action_repeat={models.action_repeat}"
             )
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.models = models
         self.model = models.world_model
         self.observe_keypoints = observe_keypoints

@@ -17,6 +17,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from envs.imagined import ImaginationBatch, build_batch, check_actions
+from worldmodel.errors import InputError
 
 
 class ImaginedVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
@@ -69,12 +70,12 @@ class ImaginedVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         try:
             mode = AutoresetMode(autoreset_mode)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in AutoresetMode)
-            raise ValueError(f"autoreset_mode must be one of {choices}, got {autoreset_mode!r}") from None
+            raise InputError(f"autoreset_mode must be one of {choices}, got {autoreset_mode!r}") from None
         self.render_mode = render_mode
         self.autoreset_mode = mode
         self.metadata = {**self.metadata, "autoreset_mode": mode}

@@ -14,6 +14,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.simulator import Simulator
+from worldmodel.errors import InputError
 from worldmodel.tasks import IMAGE_SIZE
 
 
@@ -61,7 +62,7 @@ class RealPixelEnv(gym.Env[np.ndarray, np.ndarray]):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
         self.simulator = Simulator(task, action_repeat=action_repeat, fast_render=fast_render)
         self.task = self.simulator.spec.name

@@ -22,6 +22,7 @@ from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from envs.imagined import ImaginationBatch, build_batch, check_actions
+from worldmodel.errors import InputError
 
 
 class ImaginedSB3VecEnv(VecEnv):
@@ -46,7 +47,7 @@ class ImaginedSB3VecEnv(VecEnv):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode != "rgb_array":
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode  # read by VecEnv.__init__ through get_attr
         self.batch: ImaginationBatch = build_batch(
             task, num_envs, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,

@@ -19,6 +19,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np  # noqa: E402
 
+from worldmodel.errors import InputError  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TaskSpec, get_task  # noqa: E402
 
 # Measured here (SPEC section 2): ~2.5x frames/s with a mean pixel difference <= 1/255.
@@ -47,7 +48,7 @@ class Simulator:
         self.spec: TaskSpec = get_task(task)
         self.action_repeat = self.spec.action_repeat if action_repeat is None else int(action_repeat)
         if self.action_repeat < 1:
-            raise ValueError(f"action_repeat must be >= 1, got {self.action_repeat}")
+            raise InputError(f"action_repeat must be >= 1, got {self.action_repeat}")
         self.horizon = self.spec.horizon(self.action_repeat)
         self.fast_render = fast_render
         self.image_size = image_size

@@ -128,7 +128,7 @@ def test_missing_dataset_says_how_to_collect(tmp_path: Path, tiny_dataset: Path)
     storage.dataset_path(tmp_path / "some", "cartpole", "train").write_bytes(
         storage.dataset_path(tiny_dataset, "cartpole", "train").read_bytes()
     )
-    with pytest.raises(FileNotFoundError, match=r"cheetah_train.h5: run `python collect/dmcs.py"):
+    with pytest.raises(FileNotFoundError, match=r"cheetah_train.h5; run `python collect/dmcs.py"):
         WindowDataset(tmp_path / "some", "cartpole,cheetah", "train", 16)
 
 

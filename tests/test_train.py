@@ -276,9 +276,13 @@ def test_bad_options_exit_2(
     assert message in error and len(error.splitlines()) == 1
 
 
-def test_existing_or_finished_run_is_not_overwritten(reference_run: Path, tiny_dataset: Path) -> None:
-    assert main(smoke_args(tiny_dataset, reference_run)) == 2  # needs --resume
-    assert main(smoke_args(tiny_dataset, reference_run, "--resume")) == 2  # already complete
+def test_a_finished_run_is_never_rewritten(reference_run: Path, tiny_dataset: Path) -> None:
+    before = {path: path.read_bytes() for path in reference_run.rglob("*") if path.is_file()}
+    assert main(smoke_args(tiny_dataset, reference_run)) == 0  # the same command again: nothing to do
+    assert main(smoke_args(tiny_dataset, reference_run, "--resume")) == 0
+    assert main(smoke_args(tiny_dataset, reference_run, "--seed", "5")) == 2  # other options: refused
+    assert main(smoke_args(tiny_dataset, reference_run, "--seed", "5", "--resume")) == 2
+    assert {path: path.read_bytes() for path in reference_run.rglob("*") if path.is_file()} == before
 
 
 def test_vision_from_a_finished_run_trains_only_a_new_dynamics_core(

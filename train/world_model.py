@@ -16,7 +16,8 @@ summary.json (final evaluation, per-stage wall time, final losses).
 Reading order: parse and check the config; set up processes, device and seeds; build the model (or
 restore it); then the stages, each one plain loop: schedule -> batch -> step -> log / evaluate /
 checkpoint. Joint mode has one stage; staged mode has vision -> keypoints -> dynamics (SPEC section 4).
-Bad input ends with a one-line error and exit code 2.
+Bad input (worldmodel.errors.InputError) ends with a one-line error and exit code 2, before anything is
+written; rerunning a run that already finished does nothing and exits 0.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from worldmodel.checkpoint import (  # noqa: E402
     restore_rng_state,
     save_checkpoint,
 )
+from worldmodel.errors import InputError, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
@@ -82,13 +84,8 @@ from worldmodel.training import (  # noqa: E402
 )
 from worldmodel.visualize import save_keypoint_png, save_prediction_gif  # noqa: E402
 
-EXIT_USAGE = 2
 SUMMARY_FILE = "summary.json"
 PICTURES_DIR = "pictures"
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,26 +98,34 @@ def parse_config(argv: list[str]) -> TrainConfig:
     known, _ = early.parse_known_args(argv)
     profile = known.profile or ("paper" if torch.cuda.is_available() else "cpu")
     if any(arg == "--net.variant" or arg.startswith("--net.variant=") for arg in argv):
-        raise UsageError("give the model variant with --model, not --net.variant")
+        raise InputError("give the model variant with --model, not --net.variant")
     defaults = dataclasses.replace(profile_config(profile), profile=profile)
     description = (__doc__ or "").split("\n\n")[0]
     return tyro.cli(TrainConfig, args=argv, default=defaults, description=description)
 
 
 def check_dataset(config: TrainConfig, tasks: list[str]) -> dict[str, Any]:
-    """Every task's train and test file must exist; returns the dataset record stored in checkpoints."""
+    """Every task's train and test file must exist, be intact and hold windows of the run's length; returns
+    the dataset record stored in checkpoints."""
     if not config.data.is_dir():
-        raise UsageError(f"no dataset folder {config.data}: run `python collect/dmcs.py --out {config.data}` first")
+        raise InputError(f"no dataset folder {config.data}; run `python collect/dmcs.py --out {config.data}` first")
     action_repeats = {}
+    length = max(config.window, config.vision_span) if config.mode == "staged" else config.window
     for task in tasks:
-        for split in storage.SPLITS:
-            path = storage.dataset_path(config.data, task, split)
-            if not path.is_file():
-                raise UsageError(str(storage.missing_dataset_error(config.data, task, split)))
-            info = storage.read_info(path)
-            if info.episode_steps < max(config.window, config.vision_span):
-                raise UsageError(f"episodes of {path} ({info.episode_steps} steps) are shorter than a window")
-        action_repeats[task] = info.action_repeat
+        infos = [storage.checked_dataset(config.data, task, split) for split in storage.SPLITS]  # else InputError
+        for info in infos:
+            if info.episode_steps < length:
+                raise InputError(
+                    f"episodes of {info.path} have {info.episode_steps} steps, shorter than a training window of "
+                    f"{length}; collect longer episodes (collect/dmcs.py --episode-steps) or shorten the window "
+                    "(--num-observed, --num-predicted, --vision-window)"
+                )
+        if len({info.action_repeat for info in infos}) > 1:
+            raise InputError(
+                f"the train and test files of {task} in {config.data} were collected with different action repeats; "
+                "collect both splits with the same collect/dmcs.py command"
+            )
+        action_repeats[task] = infos[0].action_repeat
     return {"path": str(config.data.resolve()), "tasks": tasks, "action_repeats": action_repeats}
 
 
@@ -212,18 +217,18 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
     try:
         checkpoint = load_checkpoint(source)
     except CheckpointError as error:
-        raise UsageError(f"--vision-from: {error}") from None
+        raise InputError(f"--vision-from: {error}") from None
     if checkpoint["stage"] in ("vision", "joint") and not checkpoint["complete"]:
-        raise UsageError(f"--vision-from {source}: its vision stage has not finished (resume that run first)")
+        raise InputError(f"--vision-from {source}: its vision stage has not finished (resume that run first)")
     theirs = checkpoint["dataset"]
     if (theirs.get("path"), list(theirs.get("tasks", []))) != (dataset_record["path"], dataset_record["tasks"]):
-        raise UsageError(f"--vision-from {source} was trained on {theirs.get('path')} ({', '.join(theirs.get('tasks', []))}); "
+        raise InputError(f"--vision-from {source} was trained on {theirs.get('path')} ({', '.join(theirs.get('tasks', []))}); "
                          f"this run uses {dataset_record['path']} ({', '.join(dataset_record['tasks'])}): give the same --data and --tasks")  # fmt: skip
     own_parts = ("dynamics.", "normalizer.")  # what this run trains and fits itself
     vision = {key: value for key, value in checkpoint["model"].items() if not key.startswith(own_parts)}
     wanted = {key: value.shape for key, value in model.state_dict().items() if not key.startswith(own_parts)}
     if {key: value.shape for key, value in vision.items()} != wanted:
-        raise UsageError(f"--vision-from {source}: its vision network differs from this one; give the same --model and --net sizes")
+        raise InputError(f"--vision-from {source}: its vision network differs from this one; give the same --model and --net sizes")
     model.load_state_dict(vision, strict=False)
     cache = find_checkpoint(source).parent / KEYPOINT_CACHE_FILE
     if run_dir is not None and cache.is_file():  # else detected again (the fingerprint decides either way)
@@ -260,15 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
         validate(config)
         tasks = parse_tasks(config.tasks)
-    except (UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    dist = distributed.setup(config.device)
+    except ValueError as error:  # InputError, or a ModelConfig check run while parsing
+        return report(error)
     try:
+        dist = distributed.setup(config.device)
         return train(config, tasks, dist)
-    except (UsageError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except InputError as error:
+        return report(error)
     finally:
         distributed.cleanup()
 
@@ -279,26 +282,44 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     try:
         compute = choose_compute(device, config.precision, config.channels_last)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise InputError(str(error)) from None
     precision = compute.precision
-    dataset_record = check_dataset(config, tasks)
     run_dir = config.out
     checkpoint_path = run_dir / CHECKPOINT_FILE
     staged = config.mode == "staged"
 
-    # ---- resume or start ------------------------------------------------------------------------
+    # ---- resume or start (nothing is written before every input has been checked) ------------------
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file, not a folder; choose another --out")
+    if config.resume and not checkpoint_path.is_file():
+        raise InputError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     checkpoint: dict[str, Any] | None = None
-    if config.resume:
-        if not checkpoint_path.is_file():
-            raise UsageError(f"--resume: no checkpoint in {run_dir} (start a new run without --resume)")
-        checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint_path.is_file():
+        checkpoint = load_checkpoint(checkpoint_path)  # damaged or foreign: CheckpointError
         differences = config_differences(checkpoint["train_config"], config)
-        if differences:
-            raise UsageError(f"--resume with a different config than the run in {run_dir}: {', '.join(differences)}")
+        if checkpoint["complete"] and not differences:  # a rerun of finished work, like the collector's
+            if dist.is_main:
+                print(f"the run in {run_dir} is already complete: nothing to do ({run_dir / SUMMARY_FILE})")
+            return 0
         if checkpoint["complete"]:
-            raise UsageError(f"the run in {run_dir} is already complete")
-    elif checkpoint_path.exists():
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+            raise InputError(
+                f"{run_dir} holds a finished run with other options ({', '.join(differences)}); choose another --out"
+            )
+        if not config.resume:
+            raise InputError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        if differences:
+            raise InputError(
+                f"--resume with a different config than the run in {run_dir} ({', '.join(differences)}); "
+                "give the run's options (see its config.json), or choose another --out"
+            )
+    dataset_record = check_dataset(config, tasks)
+    if checkpoint is not None:
+        trained_on = checkpoint["dataset"].get("action_repeats")
+        if trained_on != dataset_record["action_repeats"]:
+            raise InputError(
+                f"--data {config.data} was collected with action repeats {dataset_record['action_repeats']}, the run in "
+                f"{run_dir} trained on data with {trained_on}; resume with its dataset ({checkpoint['dataset'].get('path')})"
+            )
     distributed.barrier()  # every rank has looked at the run directory before rank 0 writes to it
 
     # ---- model, seeds ----------------------------------------------------------------------------
@@ -313,7 +334,11 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     start_step = 0
     extra: dict[str, Any] = {}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError:
+            raise InputError(f"the weights in {checkpoint_path} do not fit its config; the checkpoint is damaged: "
+                             "restore it, or start a new run in another --out") from None
         stage, start_step, extra = checkpoint["stage"], checkpoint["step"], checkpoint["extra"]
         restore_rng_state(checkpoint["rng"])  # rank 0's: a single-process resume replays the same draws
         if dist.rank > 0:  # other ranks' generators were not saved: a fresh, still seeded, stream each
@@ -334,12 +359,12 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         offset = {"vision": 0, "keypoints": config.vision_steps, "dynamics": config.vision_steps}
         return offset.get(stage_name, config.vision_steps + config.dynamics_steps) + step
 
-    logger = RunLogger(run_dir, dist.is_main, checkpoint["global_step"] if checkpoint else None)
-    if dist.is_main and checkpoint is None:
-        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
     eval_set = (
         load_eval_set(config.data, tasks, config.window, config.eval_windows, config.seed) if dist.is_main else None
     )
+    logger = RunLogger(run_dir, dist.is_main, checkpoint["global_step"] if checkpoint else None)
+    if dist.is_main and checkpoint is None:
+        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
 
     def write_checkpoint(
         stage_name: str, step: int, optimizer: torch.optim.Optimizer | None = None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -33,18 +34,23 @@ import torch
 
 import worldmodel
 from worldmodel.atomic import atomic_torch_save
+from worldmodel.errors import InputError, detail
 from worldmodel.precision import inference_compute
 
 if TYPE_CHECKING:
     from worldmodel.config import ModelConfig
     from worldmodel.model import WorldModel
+    from worldmodel.storage import DatasetInfo
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_HINT = "train one with `python train/world_model.py`"
 
 
-class CheckpointError(RuntimeError):
+REQUIRED_KEYS = ("model", "model_config", "train_config", "dataset", "stage", "step", "global_step", "complete")
+
+
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the request; the message says what to do."""
 
 
@@ -143,12 +149,18 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """The raw checkpoint dict, loaded with ``weights_only=True``."""
     path = find_checkpoint(path_or_run_dir)
+    damaged = f"it is damaged or not a checkpoint of train/world_model.py: restore it, or {TRAIN_HINT}"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, or not a torch file); {damaged}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    except Exception as error:  # a foreign file
+        raise CheckpointError(f"cannot read checkpoint {path} ({detail(error)}); {damaged}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a world-model checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{path} is not a world-model checkpoint (format {CHECKPOINT_FORMAT}); {damaged}")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; {damaged}")
     return checkpoint
 
 
@@ -157,10 +169,13 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     from worldmodel.config import ModelConfig
 
     known = {field.name for field in dataclasses.fields(ModelConfig)}
+    if not isinstance(values, dict):
+        raise CheckpointError(f"checkpoint model config is not a dict; the checkpoint is foreign: {TRAIN_HINT}")
     unknown = set(values) - known
     if unknown:
         raise CheckpointError(
-            f"checkpoint model config has fields this code does not know: {sorted(unknown)}"
+            f"checkpoint model config has fields this code does not know: {sorted(unknown)}; "
+            "it was written by another version of this package: load it with that version"
         )
     converted = {}
     for field in dataclasses.fields(ModelConfig):
@@ -201,9 +216,17 @@ def load_world_model(
     from worldmodel.model import WorldModel
 
     checkpoint = load_checkpoint(path_or_run_dir, map_location="cpu")
-    config = model_config_from_dict(checkpoint["model_config"])
-    model = WorldModel(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        config = model_config_from_dict(checkpoint["model_config"])
+        model = WorldModel(config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError, AttributeError) as error:  # CheckpointError passes through
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"checkpoint {find_checkpoint(path_or_run_dir)} holds weights that do not fit its model config "
+            f"({detail(error)}); it is damaged or foreign: {TRAIN_HINT}"
+        ) from None
     model = inference_compute(torch.device(device)).prepare(model.to(device)).eval()
     info = CheckpointInfo(
         path=find_checkpoint(path_or_run_dir),
@@ -216,3 +239,28 @@ def load_world_model(
         train_config=checkpoint["train_config"],
     )
     return LoadedWorldModel(model, config, info)
+
+
+def check_dataset_fits(info: CheckpointInfo, config: ModelConfig, dataset: DatasetInfo) -> None:
+    """Refuse a dataset file the world model of a checkpoint was not trained on data like: another task, another
+    action repeat (the model's steps would mean another duration) or another frame size."""
+    from worldmodel.storage import FRAME_SHAPE
+
+    tasks = list(info.dataset.get("tasks", []))
+    repeats = info.dataset.get("action_repeats") or {}
+    if dataset.task not in repeats:
+        raise CheckpointError(
+            f"the world model {info.path} was not trained on {dataset.task} (its tasks: {', '.join(tasks) or 'unknown'}); "
+            f"use a run trained on {dataset.task}, or leave it out of --tasks"
+        )
+    if int(repeats[dataset.task]) != dataset.action_repeat:
+        raise CheckpointError(
+            f"{dataset.path} was collected with action repeat {dataset.action_repeat}, the world model {info.path} "
+            f"was trained on {dataset.task} data with action repeat {repeats[dataset.task]}; "
+            f"use the dataset it was trained on ({info.dataset.get('path')})"
+        )
+    if config.image_size != FRAME_SHAPE[0]:
+        raise CheckpointError(
+            f"the world model {info.path} sees {config.image_size}x{config.image_size} frames, {dataset.path} holds "
+            f"{FRAME_SHAPE[0]}x{FRAME_SHAPE[1]}; use a model trained on this kind of data"
+        )

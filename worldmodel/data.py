@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from worldmodel import storage
+from worldmodel.errors import InputError
 from worldmodel.tasks import MAX_ACTION_DIM, parse_tasks, task_id
 
 # Random windows rarely reuse a chunk, but a sequential sweep (stride 1) reads each chunk ~16 times:
@@ -88,7 +89,7 @@ class WindowDataset(Dataset[Window]):
         frames: bool = True,
     ) -> None:
         if length < 1 or stride < 1:
-            raise ValueError(f"length and stride must be positive, got length={length}, stride={stride}")
+            raise InputError(f"length and stride must be positive, got length={length}, stride={stride}")
         self.root = Path(root)
         self.tasks: tuple[str, ...] = tuple(parse_tasks(tasks if isinstance(tasks, str) else ",".join(tasks)))
         self.split = split
@@ -104,15 +105,11 @@ class WindowDataset(Dataset[Window]):
         self._handles_pid = os.getpid()
 
     def _open_info(self, task: str) -> storage.DatasetInfo:
-        path = storage.dataset_path(self.root, task, self.split)
-        if not path.is_file():
-            raise storage.missing_dataset_error(self.root, task, self.split)
-        info = storage.read_info(path)
-        if (info.task, info.split) != (task, self.split):
-            raise storage.InvalidDatasetError(f"{path} holds {info.task} {info.split}, not {task} {self.split}")
+        info = storage.checked_dataset(self.root, task, self.split)  # absent, damaged, foreign: InputError
         if info.episode_steps < self.length:
-            raise ValueError(
-                f"window length {self.length} exceeds the {info.episode_steps} steps per episode of {path}"
+            raise InputError(
+                f"window length {self.length} exceeds the {info.episode_steps} steps per episode of {info.path}; "
+                "collect longer episodes (collect/dmcs.py --episode-steps) or use shorter windows"
             )
         return info
 

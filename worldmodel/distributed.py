@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from worldmodel.errors import InputError
 from worldmodel.machine import available_cores
 
 
@@ -40,10 +41,13 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     ``torch.device`` is checked the same way."""
     if isinstance(name, str) and name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available")
+            raise InputError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu (or auto)")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

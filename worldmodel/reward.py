@@ -12,6 +12,7 @@ section 3), so a causal predictor can know it.
 from __future__ import annotations
 
 import copy
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.atomic import atomic_torch_save
+from worldmodel.errors import InputError, MissingInputError, detail
 
 
 # Bumped whenever a change to the predictor or its training changes the numbers it gives, so that cached
@@ -100,7 +102,10 @@ def episode_folds(episodes: np.ndarray, num_folds: int, seed: int) -> list[tuple
     """
     unique = np.unique(episodes)
     if len(unique) < num_folds:
-        raise ValueError(f"{len(unique)} episodes cannot make {num_folds} folds: collect more test episodes")
+        raise InputError(
+            f"{len(unique)} test episodes cannot make {num_folds} folds; collect more test episodes "
+            "(collect/dmcs.py --test-episodes) or lower --folds"
+        )
     shuffled = np.random.default_rng(seed).permutation(unique)
     groups = np.array_split(shuffled, num_folds)
     folds = []
@@ -214,7 +219,7 @@ def null_model_mse(train_rewards: Tensor, test_rewards: Tensor) -> Tensor:
     return per_frame
 
 
-class RewardPredictorMismatch(ValueError):
+class RewardPredictorMismatch(InputError):
     """A saved reward predictor belongs to another world model (or task) than the one it is used with."""
 
 
@@ -235,11 +240,18 @@ def load_reward_predictor(
 ) -> RewardPredictor:
     """Load a predictor saved by ``save_reward_predictor``; refuse one made for another model or task."""
     path = Path(path)
+    refit = "fit it again with python downstream/reward.py --run <run dir>"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no reward predictor at {path}: run python downstream/reward.py --run <run dir> first"
-        )
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+        raise MissingInputError(f"no reward predictor at {path}; {refit}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
+        raise RewardPredictorMismatch(f"cannot read reward predictor {path} (truncated, or not a torch file); {refit}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a foreign file
+        raise RewardPredictorMismatch(f"cannot read reward predictor {path} ({detail(error)}); {refit}") from None
+    keys = ("task", "world_model_fingerprint", "input_size", "units", "state_dict")
+    if not isinstance(payload, dict) or any(key not in payload for key in keys):
+        raise RewardPredictorMismatch(f"{path} is not a reward predictor of downstream/reward.py; {refit}")
     if payload["task"] != task:
         raise RewardPredictorMismatch(f"{path} predicts rewards of {payload['task']!r}, not {task!r}")
     if payload["world_model_fingerprint"] != world_model:
@@ -248,7 +260,10 @@ def load_reward_predictor(
             f"({payload['world_model_fingerprint'][:12]} != {world_model[:12]}): rerun "
             "python downstream/reward.py --run <this run dir> to fit predictors for this checkpoint"
         )
-    predictor = RewardPredictor(payload["input_size"], payload["units"])
-    predictor.load_state_dict(payload["state_dict"])
+    try:
+        predictor = RewardPredictor(payload["input_size"], payload["units"])
+        predictor.load_state_dict(payload["state_dict"])
+    except (TypeError, RuntimeError) as error:
+        raise RewardPredictorMismatch(f"{path} holds weights of another shape ({detail(error)}); {refit}") from None
     return predictor.eval()
 

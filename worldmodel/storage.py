@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 
 from worldmodel.atomic import atomic_output
+from worldmodel.errors import InputError, MissingInputError, detail
 from worldmodel.tasks import IMAGE_SIZE
 
 FORMAT_VERSION = 1
@@ -91,8 +92,8 @@ class DatasetInfo(NamedTuple):
     attrs: dict[str, Any]  # all attrs, decoded to plain Python values
 
 
-class InvalidDatasetError(ValueError):
-    """A file does not follow the dataset layout above."""
+class InvalidDatasetError(InputError):
+    """A file does not follow the dataset layout above (damaged, truncated or foreign)."""
 
 
 def dataset_path(root: str | os.PathLike[str], task: str, split: str) -> Path:
@@ -102,13 +103,36 @@ def dataset_path(root: str | os.PathLike[str], task: str, split: str) -> Path:
     return Path(root) / f"{task}_{split}.h5"
 
 
-def missing_dataset_error(root: str | os.PathLike[str], task: str, split: str) -> FileNotFoundError:
+def missing_dataset_error(root: str | os.PathLike[str], task: str, split: str) -> MissingInputError:
     """The error to raise when a dataset file is absent: it says how to produce it."""
     path = dataset_path(root, task, split)
     hint = f"run `python collect/dmcs.py --domains {task} --out {root}` first"
     if (Path(root) / ".partial").is_dir():
         hint = f"a collection into {root} is unfinished: rerun the same collect/dmcs.py command to finish it"
-    return FileNotFoundError(f"no dataset file {path}: {hint}")
+    if not Path(root).is_dir():
+        return MissingInputError(f"no dataset folder {root}; {hint}")
+    return MissingInputError(f"no dataset file {path}; {hint}")
+
+
+def checked_dataset(root: str | os.PathLike[str], task: str, split: str) -> DatasetInfo:
+    """The validated dataset file of one task and split, for an entry point that is about to read it:
+    absent, damaged (e.g. truncated by a killed copy), foreign or holding another task raises an
+    InputError that says how to get a usable one. Frames are not decompressed (see validate_dataset)."""
+    path = dataset_path(root, task, split)
+    if not path.is_file():
+        raise missing_dataset_error(root, task, split)
+    recollect = (
+        f"delete it and rerun the collect/dmcs.py command that made {root} (it collects only the missing files)"
+    )
+    try:
+        info = validate_dataset(path)
+    except InvalidDatasetError as error:
+        raise InvalidDatasetError(f"{error}; {recollect}") from None
+    if (info.task, info.split) != (task, split):
+        raise InvalidDatasetError(f"{path} holds {info.task} {info.split}, not {task} {split}; {recollect}")
+    if info.num_episodes < 1:
+        raise InvalidDatasetError(f"{path} holds no episode; {recollect}")
+    return info
 
 
 def frame_chunk_steps(num_frames: int) -> int:
@@ -239,29 +263,46 @@ def _copy_frame_chunks(source: h5py.Dataset, target: h5py.Dataset, episode: int)
         target.id.write_direct_chunk((episode, start, 0, 0, 0), chunk, filter_mask)
 
 
+def open_dataset(path: str | os.PathLike[str]) -> h5py.File:
+    """Open a dataset file for reading; a truncated or non-HDF5 file raises InvalidDatasetError."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise InvalidDatasetError(f"{path}: not a readable HDF5 file ({detail(error)})") from None
+
+
 def read_info(path: str | os.PathLike[str]) -> DatasetInfo:
     """Shapes and attrs of a dataset file, without reading its arrays."""
-    with h5py.File(path, "r") as file:
+    with open_dataset(path) as file:
         return _info(Path(path), file)
 
 
 def _info(path: Path, file: h5py.File) -> DatasetInfo:
-    missing = [name for name in DATASET_NAMES if name not in file] + [
+    missing = [name for name in DATASET_NAMES if not isinstance(file.get(name), h5py.Dataset)] + [
         name for name in REQUIRED_ATTRS if name not in file.attrs
     ]
     if missing:
         raise InvalidDatasetError(f"{path}: missing {', '.join(missing)}")
-    attrs = decode_attrs(file.attrs)
+    if file["actions"].ndim != 3 or file["states"].ndim != 3:
+        raise InvalidDatasetError(f"{path}: actions or states is not (episodes, steps, size)")
+    try:
+        attrs = decode_attrs(file.attrs)
+    except OSError as error:  # a damaged attribute block
+        raise InvalidDatasetError(f"{path}: unreadable attributes ({detail(error)})") from None
     episodes, steps = file["actions"].shape[:2]
+    try:
+        task, split, action_repeat = str(attrs["task"]), str(attrs["split"]), int(attrs["action_repeat"])
+    except (TypeError, ValueError):
+        raise InvalidDatasetError(f"{path}: attrs task, split or action_repeat of a foreign kind") from None
     return DatasetInfo(
         path=path,
-        task=attrs["task"],
-        split=attrs["split"],
+        task=task,
+        split=split,
         num_episodes=int(episodes),
         episode_steps=int(steps),
         action_dim=int(file["actions"].shape[2]),
         state_dim=int(file["states"].shape[2]),
-        action_repeat=int(attrs["action_repeat"]),
+        action_repeat=action_repeat,
         attrs=attrs,
     )
 
@@ -270,11 +311,7 @@ def validate_dataset(path: str | os.PathLike[str]) -> DatasetInfo:
     """Check a dataset file against the layout (shapes, dtypes, chunks, attrs, finite rewards and
     states); raise InvalidDatasetError naming the first problem. Frames are not decompressed."""
     path = Path(path)
-    try:
-        file = h5py.File(path, "r")
-    except OSError as error:
-        raise InvalidDatasetError(f"{path}: not a readable HDF5 file ({error})") from None
-    with file:
+    with open_dataset(path) as file:
         info = _info(path, file)
         episodes, steps = info.num_episodes, info.episode_steps
         expected = {
@@ -290,16 +327,23 @@ def validate_dataset(path: str | os.PathLike[str]) -> DatasetInfo:
                 raise InvalidDatasetError(f"{path}: {name} is {dataset.dtype}{dataset.shape}, expected {shape} {dtype}")
         if file["frames"].chunks != (1, frame_chunk_steps(steps + 1), *FRAME_SHAPE):
             raise InvalidDatasetError(f"{path}: frames chunks {file['frames'].chunks}")
-        checks = {
-            "num_episodes": (info.attrs["num_episodes"], episodes),
-            "episode_steps": (info.attrs["episode_steps"], steps),
-            "state_sizes": (sum(info.attrs["state_sizes"]), info.state_dim),
-            "state_keys": (len(info.attrs["state_keys"]), len(info.attrs["state_sizes"])),
-        }
+        try:
+            checks = {
+                "num_episodes": (info.attrs["num_episodes"], episodes),
+                "episode_steps": (info.attrs["episode_steps"], steps),
+                "state_sizes": (sum(info.attrs["state_sizes"]), info.state_dim),
+                "state_keys": (len(info.attrs["state_keys"]), len(info.attrs["state_sizes"])),
+            }
+        except TypeError:  # e.g. a number where a list belongs
+            raise InvalidDatasetError(f"{path}: attrs state_sizes or state_keys of a foreign kind") from None
         for name, (stored, actual) in checks.items():
             if stored != actual:
                 raise InvalidDatasetError(f"{path}: attr {name} says {stored}, the data says {actual}")
         for name in ("rewards", "states", "actions"):
-            if not np.isfinite(file[name][...]).all():
+            try:
+                values = file[name][...]
+            except OSError as error:  # a damaged chunk
+                raise InvalidDatasetError(f"{path}: {name} unreadable ({detail(error)})") from None
+            if not np.isfinite(values).all():
                 raise InvalidDatasetError(f"{path}: {name} has non-finite values")
     return info

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worldmodel.errors import InputError
+
 CONTROL_STEPS_PER_EPISODE = 1000  # dm_control's time limit for all six tasks at their control timestep
 MAX_ACTION_DIM = 6  # one model serves all tasks: actions are zero-padded to the largest action size
 IMAGE_SIZE = 64
@@ -57,7 +59,7 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown task {name!r}: choose from {', '.join(TASK_NAMES)} (or 'all')"
         ) from None
 
@@ -66,7 +68,7 @@ def parse_tasks(text: str) -> list[str]:
     """Parse a comma-separated task list (or ``all``) into validated short names, in the given order."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"no task given: choose from {', '.join(TASK_NAMES)} (or 'all')")
+        raise InputError(f"no task given: choose from {', '.join(TASK_NAMES)} (or 'all')")
     if names == ["all"]:
         return list(TASK_NAMES)
     for name in names:

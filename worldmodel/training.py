@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.config import Dynamics, ModelConfig, Variant
+from worldmodel.errors import InputError
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
 from worldmodel.precision import Precision, autocast
 
@@ -272,7 +273,7 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
 
 
 def validate(config: TrainConfig) -> None:
-    """Raise ValueError with a one-line reason for a config that cannot run."""
+    """Raise InputError with a one-line reason for a config that cannot run."""
     positive = (
         "steps", "vision_steps", "dynamics_steps", "batch_size", "vision_batch_size", "vision_window", "vision_frame_stride",
         "num_observed", "num_predicted", "log_every", "eval_every", "eval_windows", "eval_samples",
@@ -280,28 +281,32 @@ def validate(config: TrainConfig) -> None:
     )  # fmt: skip
     for name in positive:
         if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be positive, got {config.learning_rate}")
+        raise InputError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {config.seed}")
+    if not all(0.0 <= beta < 1.0 for beta in config.adam_betas):
+        raise InputError(f"--adam-betas must be in [0, 1), got {config.adam_betas}")
     if config.halt_after is not None and config.halt_after < 1:
-        raise ValueError(f"--halt-after must be positive, got {config.halt_after}")
+        raise InputError(f"--halt-after must be positive, got {config.halt_after}")
     if config.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {config.num_workers}")
+        raise InputError(f"--num-workers must be >= 0, got {config.num_workers}")
     if not 0.0 < config.lr_halving_fraction:
-        raise ValueError("--lr-halving-fraction must be positive")
+        raise InputError("--lr-halving-fraction must be positive")
     for name in ("kl_warmup_fraction", "sampling_final_observed", "sampling_final_predicted"):
         if not 0.0 <= getattr(config, name) <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     if config.net.variant != config.model and config.net.variant != ModelConfig().variant:
-        raise ValueError(f"give the variant with --model, not --net.variant ({config.net.variant})")
+        raise InputError(f"give the variant with --model, not --net.variant ({config.net.variant})")
     if config.net.dynamics != config.dynamics and config.net.dynamics != ModelConfig().dynamics:
-        raise ValueError(f"give the dynamics core with --dynamics, not --net.dynamics ({config.net.dynamics})")
+        raise InputError(f"give the dynamics core with --dynamics, not --net.dynamics ({config.net.dynamics})")
     if config.dynamics == "srvp" and config.net.srvp_init_frames > config.num_observed:
-        raise ValueError(
+        raise InputError(
             f"--net.srvp-init-frames ({config.net.srvp_init_frames}) must not exceed --num-observed ({config.num_observed})"
         )
     if config.vision_from is not None and config.mode != "staged":
-        raise ValueError("--vision-from needs --mode staged (the dynamics train on the cached keypoints)")
+        raise InputError("--vision-from needs --mode staged (the dynamics train on the cached keypoints)")
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
 
 
