@@ -161,3 +161,41 @@ def test_torchrun_training_killed_and_resumed_matches_the_uninterrupted_run(tiny
     assert_same_tensors(final["model"], expected["model"], "model")
     assert_same_tensors(final["rng_ranks"], expected["rng_ranks"], "rng_ranks")
     assert records(resumed, "train", "eval") == records(reference, "train", "eval")
+
+
+# ---- the reward experiment ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cartpole_test_episodes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cartpole with three test episodes (the folds split by episode), by the real collector."""
+    out = tmp_path_factory.mktemp("cartpole") / "dmcs"
+    run([sys.executable, "collect/dmcs.py", "--domains", "cartpole", "--out", str(out), "--train-episodes", "1",
+         "--test-episodes", "3", "--episode-steps", "30", "--seed", "5"])  # fmt: skip
+    return out
+
+
+def test_reward_experiment_killed_after_a_fit_reports_the_uninterrupted_numbers(
+    smoke_run: Path, cartpole_test_episodes: Path, tmp_path: Path
+) -> None:
+    """Killed once a first fit's result is on disk, rerun: the same report and predictors as one run."""
+    numbers: dict[str, Any] = {}
+    for name in ("reference", "resumed"):
+        shutil.copytree(smoke_run, tmp_path / name / "run")
+        out = tmp_path / name / "report"
+        command = [sys.executable, "downstream/reward.py", "--run", str(tmp_path / name / "run"),
+                   "--data", str(cartpole_test_episodes), "--out", str(out), "--tasks", "cartpole",
+                   "--sequences", "30", "--epochs", "12", "--folds", "3", "--device", "cpu", "--workers", "1"]  # fmt: skip
+        if name == "resumed":
+            process = start(command, REPO_ROOT, ONE_THREAD)
+            try:
+                reached = wait_for(lambda: any((out / "cache").rglob("*.npy")), process)
+            finally:
+                kill_tree(process)
+            assert reached and not (out / "results.json").exists(), "the kill came too late"
+            finished = len(list((out / "cache").rglob("*.npy")))
+            assert 1 <= finished < 9
+        run(command)
+        numbers[name] = json.loads((out / "results.json").read_text())["tasks"]
+        assert len(list((out / "cache").rglob("*.npy"))) == 9  # 3 inputs x 3 folds
+    assert numbers["resumed"] == numbers["reference"]
+    predictors = [torch.load(tmp_path / name / "run" / "reward_predictors" / "cartpole.pt") for name in numbers]
+    assert_same_tensors(predictors[1], predictors[0], "predictor")
