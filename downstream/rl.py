@@ -11,6 +11,9 @@
    does a uniform random policy; both real returns are reported (mean ± std), with the agent's return in
    imagination beside them (how much the model's reward flatters the agent). Results go to
    ``<out>/<task>-<algo>.json``.
+   PPO training is saved every ``--save-every`` imagined steps to ``<out>/<task>-ppo.resume.pt``
+   (``envs.sb3_snapshot``): the same command run again after a kill continues from there and ends with the
+   agent an uninterrupted run would have trained; once training is done, a rerun goes straight to step 2.
 3. ``--gif``: one real episode under the agent, each real frame beside the frame the model imagines
    open loop from the same start under the same actions, to ``<out>/<task>-<algo>.gif``.
 
@@ -25,7 +28,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -47,6 +50,7 @@ from envs.imagined import (
 )
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
+from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.reward import RewardPredictorMismatch
@@ -87,6 +91,12 @@ class Args:
     """Device of the world model: 'auto' (cuda if available), 'cpu', 'cuda'."""
     agent_device: str = "cpu"
     """Device of the agent's networks (small MLPs: the CPU is usually faster)."""
+    save_every: int = 20_000
+    """PPO: save the training state every this many imagined steps (at the next update), so that rerunning a killed run continues it exactly; 0 never saves. SAC runs are not saved (their replay buffer would have to be) and start over."""
+
+
+# Options that do not change the trained agent: a rerun may change them and still continue a saved training.
+RESUME_FREE_OPTIONS = frozenset({"eval_episodes", "gif", "out", "save_every"})
 
 
 class Returns(NamedTuple):
@@ -117,7 +127,8 @@ class ProgressBar(BaseCallback):
         self.bar: tqdm | None = None
 
     def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.total, desc="imagined steps", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, initial=self.num_timesteps, desc="imagined steps", unit="step",
+                        dynamic_ncols=True)  # fmt: skip
 
     def _on_step(self) -> bool:
         assert self.bar is not None
@@ -140,6 +151,8 @@ def check_args(args: Args) -> None:
     for name in ("steps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.save_every < 0:
+        raise UsageError(f"--save-every must be >= 0 (0: never), got {args.save_every}")
     if args.horizon is not None and args.horizon < 1:
         raise UsageError(f"--horizon must be positive, got {args.horizon}")
     if args.checkpoint is not None and not args.checkpoint.exists():
@@ -237,6 +250,49 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
     atomic_write(path, lambda temporary: imageio.mimsave(temporary, frames, format="GIF", duration=1000 / 30, loop=0))
 
 
+def resume_settings(args: Args, fingerprint: str) -> dict[str, Any]:
+    """What decides the trained agent: the options (less RESUME_FREE_OPTIONS) and the world model's weights."""
+    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
+    return {**{key: options[key] for key in sorted(options) if key not in RESUME_FREE_OPTIONS},
+            "world_model": fingerprint}  # fmt: skip
+
+
+def train_agent(args: Args, venv: VecMonitor, models: ImaginationModels, snapshot_path: Path) -> BaseAlgorithm:
+    """Train the agent in imagination, from the snapshot at ``snapshot_path`` if one exists (PPO), saving
+    one every ``--save-every`` steps and at the end."""
+    settings = resume_settings(args, models.fingerprint)
+    resumable = args.algo == "ppo" and args.save_every > 0
+    if resumable and snapshot_path.is_file():
+        try:
+            snapshot = read_snapshot(snapshot_path)
+        except SnapshotError as error:
+            raise UsageError(str(error)) from None
+        differences = sorted(key for key in settings.keys() | snapshot["settings"].keys()
+                             if settings.get(key) != snapshot["settings"].get(key))  # fmt: skip
+        if differences:
+            raise UsageError(f"{snapshot_path} continues a run with other settings ({', '.join(differences)}): "
+                             "rerun with those, or choose another --out")  # fmt: skip
+        agent: BaseAlgorithm = load_snapshot(snapshot, venv, args.agent_device)
+        print(f"continuing {args.algo.upper()} from {snapshot_path} at {agent.num_timesteps} of {args.steps} steps")
+    else:
+        torch.manual_seed(args.seed)
+        venv.seed(args.seed)
+        agent = make_agent(args, venv)
+        print(f"training {args.algo.upper()} on {args.num_envs} imagined {args.task} episodes "
+              f"(model {models.checkpoint}, horizon {venv.unwrapped.horizon})")  # fmt: skip
+    if agent.num_timesteps >= args.steps:  # trained before: the evaluation was what was left
+        return agent
+    callbacks: list[BaseCallback] = [ProgressBar(args.steps)]
+    if resumable:
+        callbacks.append(PeriodicSnapshots(snapshot_path, args.save_every, settings))
+    # Continuing: SB3 keeps the saved last observations and counts on to the same total.
+    agent.learn(total_timesteps=args.steps - agent.num_timesteps, callback=callbacks,
+                reset_num_timesteps=agent.num_timesteps == 0)  # fmt: skip
+    if resumable:
+        save_snapshot(snapshot_path, agent, settings)  # a rerun goes straight to the evaluation
+    return agent
+
+
 def main(args: Args) -> Report:
     check_args(args)
     try:
@@ -247,14 +303,9 @@ def main(args: Args) -> Report:
         ))
     except (CheckpointError, FileNotFoundError, RewardPredictorMismatch, ValueError) as error:
         raise UsageError(str(error)) from None
-    torch.manual_seed(args.seed)
-    venv.seed(args.seed)
-    agent = make_agent(args, venv)
-    print(f"training {args.algo.upper()} on {args.num_envs} imagined {args.task} episodes "
-          f"(model {models.checkpoint}, horizon {venv.unwrapped.horizon})")
-    agent.learn(total_timesteps=args.steps, callback=ProgressBar(args.steps))
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.task}-{args.algo}"
+    agent = train_agent(args, venv, models, args.out / f"{stem}.resume.pt")
+    args.out.mkdir(parents=True, exist_ok=True)
     agent_path = args.out / f"{stem}.zip"
     atomic_write_stream(agent_path, agent.save)
 

@@ -199,3 +199,50 @@ def test_reward_experiment_killed_after_a_fit_reports_the_uninterrupted_numbers(
     assert numbers["resumed"] == numbers["reference"]
     predictors = [torch.load(tmp_path / name / "run" / "reward_predictors" / "cartpole.pt") for name in numbers]
     assert_same_tensors(predictors[1], predictors[0], "predictor")
+
+
+# ---- RL in imagination ------------------------------------------------------------------------------
+def snapshot_steps(path: Path) -> int | None:
+    """Imagined steps done in the training snapshot at ``path`` (None: none yet)."""
+    from envs.sb3_snapshot import read_snapshot
+
+    return read_snapshot(path)["num_timesteps"] if path.is_file() else None
+
+
+def test_rl_killed_and_rerun_trains_the_uninterrupted_agent(imagination_run: Path, tmp_path: Path) -> None:
+    """PPO in imagination (3 updates of 2048 steps), killed after its first saved snapshot and run again: the
+    same agent (policy, Adam state), imagined episodes in flight and generators as an uninterrupted run."""
+    from envs.sb3_snapshot import read_snapshot
+    from stable_baselines3 import PPO
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "downstream/rl.py", "--task", "cartpole", "--algo", "ppo", "--steps", "6144",
+                "--num-envs", "16", "--save-every", "2048", "--eval-episodes", "1", "--checkpoint",
+                str(imagination_run), "--out", str(out), "--device", "cpu"]  # fmt: skip
+
+    def train_until_saved(out: Path) -> None:
+        """Run until the trained agent is written; the evaluation that follows is not what is tested here."""
+        process = start(command(out), REPO_ROOT, ONE_THREAD)
+        try:
+            assert wait_for(lambda: (out / "cartpole-ppo.zip").is_file(), process), "rl.py failed"
+        finally:
+            kill_tree(process)
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train_until_saved(reference)
+    snapshot = resumed / "cartpole-ppo.resume.pt"
+    process = start(command(resumed), REPO_ROOT, ONE_THREAD)
+    try:
+        assert wait_for(lambda: snapshot.is_file(), process)
+    finally:
+        kill_tree(process)
+    assert snapshot_steps(snapshot) in (2048, 4096), "the kill came too late"
+    train_until_saved(resumed)
+
+    agents = [PPO.load(out / "cartpole-ppo.zip", device="cpu") for out in (reference, resumed)]
+    assert agents[1].num_timesteps == agents[0].num_timesteps == 6144
+    assert_same_tensors(agents[1].policy.state_dict(), agents[0].policy.state_dict(), "policy")
+    assert_same_tensors(agents[1].policy.optimizer.state_dict(), agents[0].policy.optimizer.state_dict(), "adam")
+    final = [read_snapshot(out / "cartpole-ppo.resume.pt") for out in (reference, resumed)]
+    for part in ("env", "rng", "monitor", "action_space", "num_timesteps"):
+        assert_same_tensors(final[1][part], final[0][part], part)
