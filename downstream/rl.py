@@ -11,6 +11,9 @@
    does a uniform random policy; both real returns are reported (mean ± std), with the agent's return in
    imagination beside them (how much the model's reward flatters the agent). Results go to
    ``<out>/<task>-<algo>.json``.
+   PPO training is saved every ``--save-every`` imagined steps to ``<out>/<task>-ppo.resume.pt``
+   (``envs.sb3_snapshot``): the same command run again after a kill continues from there and ends with the
+   agent an uninterrupted run would have trained; once training is done, a rerun goes straight to step 2.
 3. ``--gif``: one real episode under the agent, each real frame beside the frame the model imagines
    open loop from the same start under the same actions, to ``<out>/<task>-<algo>.gif``.
 
@@ -47,6 +50,7 @@ from envs.imagined import (
 )
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
+from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.errors import InputError, run_script
 from worldmodel.tasks import get_task
@@ -86,6 +90,12 @@ class Args:
     """Device of the world model: 'auto' (cuda if available), 'cpu', 'cuda'."""
     agent_device: str = "cpu"
     """Device of the agent's networks (small MLPs: the CPU is usually faster)."""
+    save_every: int = 20_000
+    """PPO: save the training state every this many imagined steps (at the next update), so that rerunning a killed run continues it exactly; 0 never saves. SAC runs are not saved (their replay buffer would have to be) and start over."""
+
+
+# Options that do not change the trained agent: a rerun may change them and still continue a saved training.
+RESUME_FREE_OPTIONS = frozenset({"eval_episodes", "gif", "out", "save_every"})
 
 
 class Returns(NamedTuple):
@@ -112,7 +122,8 @@ class ProgressBar(BaseCallback):
         self.bar: tqdm | None = None
 
     def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.total, desc="imagined steps", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, initial=self.num_timesteps, desc="imagined steps", unit="step",
+                        dynamic_ncols=True)  # fmt: skip
 
     def _on_step(self) -> bool:
         assert self.bar is not None
@@ -136,6 +147,8 @@ def check_args(args: Args) -> None:
     for name in ("steps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.save_every < 0:
+        raise InputError(f"--save-every must be >= 0 (0: never), got {args.save_every}")
     if args.horizon is not None and args.horizon < 1:
         raise InputError(f"--horizon must be positive, got {args.horizon}")
     if args.seed < 0:
@@ -257,9 +270,52 @@ def finished_report(args: Args) -> Report | None:
     return Report(args.out / f"{stem}.zip", results_path, gif_path, *returns)
 
 
+def resume_settings(args: Args, fingerprint: str) -> dict[str, Any]:
+    """What decides the trained agent: the options (less RESUME_FREE_OPTIONS) and the world model's weights."""
+    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
+    return {**{key: options[key] for key in sorted(options) if key not in RESUME_FREE_OPTIONS},
+            "world_model": fingerprint}  # fmt: skip
+
+
+def train_agent(args: Args, venv: VecMonitor, models: ImaginationModels, snapshot_path: Path) -> BaseAlgorithm:
+    """Train the agent in imagination, from the snapshot at ``snapshot_path`` if one exists (PPO), saving
+    one every ``--save-every`` steps and at the end."""
+    settings = resume_settings(args, models.fingerprint)
+    resumable = args.algo == "ppo" and args.save_every > 0
+    if resumable and snapshot_path.is_file():
+        try:
+            snapshot = read_snapshot(snapshot_path)
+        except SnapshotError as error:
+            raise InputError(str(error)) from None
+        differences = sorted(key for key in settings.keys() | snapshot["settings"].keys()
+                             if settings.get(key) != snapshot["settings"].get(key))  # fmt: skip
+        if differences:
+            raise InputError(f"{snapshot_path} continues a run with other settings ({', '.join(differences)}): "
+                             "rerun with those, or choose another --out")  # fmt: skip
+        agent: BaseAlgorithm = load_snapshot(snapshot, venv, args.agent_device)
+        print(f"continuing {args.algo.upper()} from {snapshot_path} at {agent.num_timesteps} of {args.steps} steps")
+    else:
+        torch.manual_seed(args.seed)
+        venv.seed(args.seed)
+        agent = make_agent(args, venv)
+        print(f"training {args.algo.upper()} on {args.num_envs} imagined {args.task} episodes "
+              f"(model {models.checkpoint}, horizon {venv.unwrapped.horizon})")  # fmt: skip
+    if agent.num_timesteps >= args.steps:  # trained before: the evaluation was what was left
+        return agent
+    callbacks: list[BaseCallback] = [ProgressBar(args.steps)]
+    if resumable:
+        callbacks.append(PeriodicSnapshots(snapshot_path, args.save_every, settings))
+    # Continuing: SB3 keeps the saved last observations and counts on to the same total.
+    agent.learn(total_timesteps=args.steps - agent.num_timesteps, callback=callbacks,
+                reset_num_timesteps=agent.num_timesteps == 0)  # fmt: skip
+    if resumable:
+        save_snapshot(snapshot_path, agent, settings)  # a rerun goes straight to the evaluation
+    return agent
+
+
 def main(args: Args) -> Report:
-    """Train, evaluate, report; bad input raises InputError before anything is written, and a rerun of a
-    finished run with the same options does nothing."""
+    """Train (or continue from the last snapshot), evaluate, report; bad input raises InputError before
+    anything is written, and a rerun of a finished run with the same options does nothing."""
     check_args(args)
     done = finished_report(args)
     if done is not None:
@@ -270,14 +326,9 @@ def main(args: Args) -> Report:
         args.task, args.num_envs, args.checkpoint, args.reward_predictor, args.data, args.context,
         args.observe_keypoints, args.horizon, args.device,
     ))
-    torch.manual_seed(args.seed)
-    venv.seed(args.seed)
-    agent = make_agent(args, venv)
-    print(f"training {args.algo.upper()} on {args.num_envs} imagined {args.task} episodes "
-          f"(model {models.checkpoint}, horizon {venv.unwrapped.horizon})")
-    agent.learn(total_timesteps=args.steps, callback=ProgressBar(args.steps))
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.task}-{args.algo}"
+    agent = train_agent(args, venv, models, args.out / f"{stem}.resume.pt")
+    args.out.mkdir(parents=True, exist_ok=True)
     agent_path = args.out / f"{stem}.zip"
     atomic_write_stream(agent_path, agent.save)
 

@@ -243,6 +243,20 @@ class NoiseStreams:
         self.position += 1
         return noise
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where every stream stands: its generator, and the unread rest of its block."""
+        return {
+            "generators": [generator.get_state() for generator in self.generators],
+            "buffer": self.buffer.cpu().clone(),
+            "position": torch.from_numpy(self.position.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        self.buffer = state["buffer"].to(self.device).clone()
+        self.position = state["position"].numpy().copy()
+
 
 class StepBatch(NamedTuple):
     observations: np.ndarray  # (N, D) float32, fresh
@@ -304,6 +318,39 @@ class ImaginationBatch:
         the convolutions (detection, decoding) use bf16 where the hardware runs it natively
         (``worldmodel.precision``)."""
         return torch.autocast(self.device.type, enabled=False)
+
+    # ---- state (to continue an interrupted run exactly) ------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the batch's next observations and rewards (the sub-envs' random
+        generators of contexts are their owners'): tensors and plain containers, on the CPU."""
+        return {
+            "num_envs": self.num_envs,
+            "carry": [part.detach().cpu().clone() for part in self.carry],
+            "reward_state": self.reward_state.detach().cpu().clone(),
+            "first_keypoints": self.first_keypoints.cpu().clone(),
+            "first_frames": None if self.first_frames is None else self.first_frames.cpu().clone(),
+            "noise": self.noise.state_dict(),
+            "steps": torch.from_numpy(self.steps.copy()),
+            "started": torch.from_numpy(self.started.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` of a batch of the same world model, task and number of sub-envs."""
+        shapes = [tuple(part.shape) for part in self.carry]
+        if state["num_envs"] != self.num_envs or [tuple(part.shape) for part in state["carry"]] != shapes:
+            raise ValueError(
+                f"the saved imagination state is of {state['num_envs']} sub-envs of another shape; this batch has "
+                f"{self.num_envs} sub-envs of {shapes}: continue with the same --num-envs and world model"
+            )
+        device = self.device
+        self.carry = type(self.carry)(*(part.to(device) for part in state["carry"]))
+        self.reward_state = state["reward_state"].to(device)
+        self.first_keypoints = state["first_keypoints"].to(device)
+        if self.first_frames is not None and state["first_frames"] is not None:
+            self.first_frames = state["first_frames"].to(device)
+        self.noise.load_state_dict(state["noise"])
+        self.steps = state["steps"].numpy().copy()
+        self.started = state["started"].numpy().copy()
 
     # ---- observations -------------------------------------------------------------------------------
     def current_keypoints(self) -> Tensor:

@@ -12,6 +12,7 @@ the same step, its last observation is in ``infos[i]["terminal_observation"]`` a
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -23,6 +24,13 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from envs.imagined import ImaginationBatch, build_batch, check_actions
 from worldmodel.errors import InputError
+
+
+def generator_from_state(state: dict[str, Any]) -> np.random.Generator:
+    """A numpy Generator continuing exactly from ``generator.bit_generator.state``."""
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
 
 
 class ImaginedSB3VecEnv(VecEnv):
@@ -99,6 +107,23 @@ class ImaginedSB3VecEnv(VecEnv):
 
     def close(self) -> None:
         """Nothing to release: models and context sources are shared per process."""
+
+    # ---- state, to continue an interrupted training run exactly (envs.sb3_snapshot) ----------------------
+    def get_state(self) -> dict[str, Any]:
+        """The batch's state, every sub-env's generator and the seeds waiting for the next ``reset()``: tensors
+        and plain containers (generator states as JSON: their 128-bit integers stay exact)."""
+        return {
+            "batch": self.batch.state_dict(),
+            "sub_env_rngs": [None if rng is None else json.dumps(rng.bit_generator.state) for rng in self._sub_env_rngs],
+            "seeds": list(self._seeds),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``get_state()`` was taken (same world model, task and number of sub-envs)."""
+        self.batch.load_state_dict(state["batch"])
+        self._sub_env_rngs = [None if saved is None else generator_from_state(json.loads(saved))
+                              for saved in state["sub_env_rngs"]]  # fmt: skip
+        self._seeds = list(state["seeds"])
 
     # ---- SB3's attribute plumbing: the sub-envs are one object, so attributes are the adapter's ----------
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:

@@ -3,7 +3,9 @@
 It runs ``python collect/dmcs.py`` once per test session (real dm_control rendering, both splits,
 2 train + 1 test episodes of 30 agent steps per task, seed 7, default action repeats) into a temporary
 folder and returns that folder's Path; read its files with ``worldmodel.data.WindowDataset`` or h5py.
-Tests must not modify it (copy it first).
+Tests must not modify it (copy it first). ``smoke_run`` is a smoke-profile world model trained on it, and
+``imagination_run`` a copy of that run with reward predictors for ``PREDICTOR_TASKS`` (what the imagination
+envs need).
 """
 
 from __future__ import annotations
@@ -46,4 +48,38 @@ def smoke_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> P
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if result.returncode != 0:
         pytest.fail(f"training the smoke world model failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return run
+
+
+PREDICTOR_TASKS = ("cheetah", "cartpole", "reacher")
+
+
+@pytest.fixture(scope="session")
+def imagination_run(smoke_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``smoke_run`` with reward predictors fit on its hidden states (a few windows, a few epochs)
+    for PREDICTOR_TASKS: a world model the imagination envs and downstream/rl.py can run. Do not modify it."""
+    import shutil
+
+    import torch
+
+    from worldmodel.checkpoint import load_world_model
+    from worldmodel.fingerprint import model_fingerprint
+    from worldmodel.hidden_states import extract_window_features
+    from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
+
+    run = tmp_path_factory.mktemp("imagination") / "run"
+    shutil.copytree(smoke_run, run)
+    model = load_world_model(run, "cpu").model
+    fingerprint = model_fingerprint(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same predictors whatever the session's thread count
+    try:
+        for task in PREDICTOR_TASKS:
+            features = extract_window_features(model, tiny_dataset, task, num_sequences=12, batch_size=12, seed=0)
+            fit = fit_reward_predictor(
+                features.hidden, features.rewards, features.episodes, RewardTrainConfig(epochs=2, batch_size=12)
+            )
+            save_reward_predictor(run / "reward_predictors" / f"{task}.pt", fit.predictor, task, fingerprint)
+    finally:
+        torch.set_num_threads(threads)
     return run

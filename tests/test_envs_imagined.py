@@ -30,19 +30,14 @@ from envs.imagined_vector import ImaginedVectorEnv
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
 from worldmodel.checkpoint import CheckpointError, load_world_model
-from worldmodel.fingerprint import model_fingerprint
-from worldmodel.hidden_states import extract_window_features
 from worldmodel.reward import (
     RewardPredictor,
     RewardPredictorMismatch,
-    RewardTrainConfig,
-    fit_reward_predictor,
     save_reward_predictor,
 )
 from worldmodel.tasks import TASK_NAMES, TASKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PREDICTOR_TASKS = ("cheetah", "cartpole", "reacher")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,20 +50,9 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(smoke_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the session's smoke-profile world model, with reward predictors fit on its hidden states
-    (a few windows, a few epochs) for PREDICTOR_TASKS."""
-    run = tmp_path_factory.mktemp("imagination") / "run"
-    shutil.copytree(smoke_run, run)
-    model = load_world_model(run, "cpu").model
-    fingerprint = model_fingerprint(model)
-    for task in PREDICTOR_TASKS:
-        features = extract_window_features(model, tiny_dataset, task, num_sequences=12, batch_size=12, seed=0)
-        fit = fit_reward_predictor(
-            features.hidden, features.rewards, features.episodes, RewardTrainConfig(epochs=2, batch_size=12)
-        )
-        save_reward_predictor(run / "reward_predictors" / f"{task}.pt", fit.predictor, task, fingerprint)
-    return run
+def run_dir(imagination_run: Path) -> Path:
+    """The session's smoke-profile world model with reward predictors for PREDICTOR_TASKS (conftest.py)."""
+    return imagination_run
 
 
 def make(run_dir: Path, task: str = "cheetah", **kwargs: object) -> ImaginedEnv:

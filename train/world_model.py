@@ -45,10 +45,12 @@ from worldmodel.atomic import atomic_write, atomic_write_text  # noqa: E402
 from worldmodel.checkpoint import (  # noqa: E402
     CHECKPOINT_FILE,
     CheckpointError,
+    capture_rng_state,
     find_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    seed_rng,
 )
 from worldmodel.errors import InputError, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
@@ -340,14 +342,25 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
             raise InputError(f"the weights in {checkpoint_path} do not fit its config; the checkpoint is damaged: "
                              "restore it, or start a new run in another --out") from None
         stage, start_step, extra = checkpoint["stage"], checkpoint["step"], checkpoint["extra"]
-        restore_rng_state(checkpoint["rng"])  # rank 0's: a single-process resume replays the same draws
-        if dist.rank > 0:  # other ranks' generators were not saved: a fresh, still seeded, stream each
-            torch.manual_seed(config.seed + 1_000_003 * dist.rank + checkpoint["global_step"])
+        # Every rank continues its own random draws (latent samples, scheduled-sampling coins) where the
+        # checkpoint caught them, so the resumed run is the uninterrupted one. With another number of
+        # processes than the run had, the batches split differently anyway: rank 0 continues its draws and the
+        # others start fresh, seeded streams (close to, not exactly, the uninterrupted run).
+        saved_ranks = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+        if len(saved_ranks) == dist.world_size:
+            restore_rng_state(saved_ranks[dist.rank])
+        else:
+            if dist.is_main:
+                print(f"warning: the run in {run_dir} used {len(saved_ranks)} process(es), this resume "
+                      f"{dist.world_size}: it continues, but not bit for bit", file=sys.stderr)  # fmt: skip
+            restore_rng_state(saved_ranks[0])
+            if dist.rank > 0:
+                torch.manual_seed(config.seed + 1_000_003 * dist.rank + checkpoint["global_step"])
     else:
         if config.vision_from is not None:
             take_vision(model, config.vision_from, dataset_record, run_dir if dist.is_main else None)
             stage = "keypoints"
-        torch.manual_seed(config.seed + 1_000_003 * dist.rank)  # each rank draws its own latent samples
+        seed_rng(config.seed + 1_000_003 * dist.rank)  # each rank draws its own latent samples
     stage_seconds: dict[str, float] = dict(extra.get("stage_seconds", {}))  # wall time per stage
     final_losses: dict[str, dict[str, float]] = dict(extra.get("final_losses", {}))
     last_eval: dict[str, Any] = dict(extra.get("last_eval", {}))
@@ -370,6 +383,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         stage_name: str, step: int, optimizer: torch.optim.Optimizer | None = None,
         scaler: torch.amp.GradScaler | None = None, complete: bool = False,
     ) -> None:  # fmt: skip
+        rng_ranks = distributed.gather_to_main(capture_rng_state())  # a collective: every rank gets here
         if not dist.is_main:
             return
         logger.flush()  # the log is durable up to the checkpoint it will be resumed from
@@ -385,6 +399,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
             global_step=global_step_of(stage_name, step),
             optimizer_state=None if optimizer is None else optimizer.state_dict(),
             complete=complete,
+            rng_ranks=rng_ranks,
             extra={
                 "scaler": None if scaler is None or not scaler.is_enabled() else scaler.state_dict(),
                 "stage_seconds": stage_seconds,

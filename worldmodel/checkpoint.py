@@ -13,7 +13,9 @@ with ``torch.load(weights_only=True)`` (no pickled classes):
     step         optimizer steps completed within that stage
     global_step  optimizer steps completed over all stages (the x axis of the logs)
     optimizer    the current stage's optimizer state dict (None when between stages)
-    rng          torch / numpy / python (/ cuda) generator states at the moment of saving
+    rng          rank 0's torch / numpy / python (/ cuda) generator states at the moment of saving
+    rng_ranks    the same for every process of the run, in rank order (one entry for a single process), so
+                 that a resume with as many processes continues every process's random draws exactly
     complete     True once training finished
     extra        anything else the trainer needs to continue (e.g. a GradScaler state)
 
@@ -76,6 +78,14 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_rng(seed: int) -> None:
+    """Seed the torch, numpy and python generators that ``capture_rng_state`` saves: a fresh run's generator
+    states are then a function of the seed, as the states a resume restores are."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     numpy_state = state["numpy"]
@@ -114,8 +124,11 @@ def save_checkpoint(
     optimizer_state: dict[str, Any] | None,
     complete: bool = False,
     extra: dict[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write a checkpoint atomically (see the module docstring for the layout)."""
+    """Write a checkpoint atomically (see the module docstring for the layout). ``rng_ranks``: every process's
+    ``capture_rng_state()`` in rank order; by default this process's own, now."""
+    rng_ranks = rng_ranks or [capture_rng_state()]
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": worldmodel.__version__,
@@ -127,7 +140,8 @@ def save_checkpoint(
         "step": int(step),
         "global_step": int(global_step),
         "optimizer": optimizer_state,
-        "rng": capture_rng_state(),
+        "rng": rng_ranks[0],
+        "rng_ranks": rng_ranks,
         "complete": bool(complete),
         "extra": extra or {},
     }

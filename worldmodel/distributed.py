@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -88,3 +88,13 @@ def mean_over_ranks(values: Tensor) -> Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's ``value`` (picklable), in rank order, on rank 0; None on the other ranks. A single process
+    gets ``[value]``. A collective: every rank must call it at the same point."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+    return [value]
