@@ -1,37 +1,14 @@
-"""Configuration of the world model (SPEC section 3, Table S1 of Minderer et al. 2019).
+"""Configuration of the world model (Minderer et al. 2019, section 3, S1.1 and Table S1).
 
 Every size and loss weight is a field, so that the trainer's profiles (``paper``, ``cpu``, ``smoke``) are
 nothing but ``ModelConfig`` instances. The field defaults are the ``paper`` profile: Table S1's DMCS column
-plus the architecture of S1.1. ``ModelConfig.paper()``, ``ModelConfig.cpu()`` and ``ModelConfig.smoke()``
-return the configurations recommended here for the three profiles (the trainer may override any field).
+plus the architecture of S1.1, with one change to the detector that keeps keypoints from collapsing on
+these videos: spatial softmax heatmaps (logits x 10) and Gaussian maps of fixed amplitude, with the L1
+sparsity penalty weighted by the amplitude mix (off while mu is not drawn). ``ModelConfig.paper_exact()`` is
+the paper's own detector; docs/VISION.md tells what collapsed with it and why this one is the default.
 
-Keypoint collapse (SPEC section 8) and what is done against it. Measured here (fits of the vision model
-with K 32 and 16 base filters on real frames of four tasks, 800 steps; and 100-step fits, K 16, over 4 seeds):
-
-- The paper's detector (softplus heatmaps, Gaussian maps scaled by mu, L1 sparsity from the first step,
-  ``ModelConfig.paper_exact()``) collapses: the reconstructor ignores the maps early on, so the detector's
-  last layer gets only noise from the image loss and a consistent push down from the sparsity penalty;
-  Adam normalises the step, so whatever lambda_sparse, mean mu fell to ~1e-4 within 100 steps and the
-  maps became invisible: reconstructions from x_t were no better than from x_1 (the keypoints carried no
-  information) after 800 steps. Without the sparsity penalty softplus heatmaps start too flat (every map
-  ~softplus(0)): the positions did not move across images (spread 0.003, no keypoint active).
-- Ramping the amplitude from fixed to mu (``amplitude_warmup``) helped only while the maps were fixed:
-  once mu took over, sparsity drove it to ~1e-4 again and the keypoints stopped carrying information.
-- What worked, the default for every profile (SPEC 8's prototype fix): D_k = spatial softmax of the logits
-  x 10 (``heatmap = "softmax"``, ``heatmap_logit_scale = 10``) and Gaussian maps of fixed amplitude 1
-  (``initial_amplitude_mix = 0``). The L1 sparsity penalty is weighted by the amplitude mix, so it is off
-  while mu is not drawn (there is nothing to prune; it only flattened the heatmaps). 100-step fits: image
-  loss 0.78-0.83 x its start, 12-14 of 16 keypoints active, spread ~0.2 on all 4 seeds; 800 steps:
-  reconstructions from x_t 7% better than from x_1. mu (S3) is still computed and fed to the dynamics.
-  Known drift: with nothing anchoring the logits' level, mu grew (~100 after 800 steps) and the spread
-  slowly shrank as the softmax sharpened; watch ``Diagnostics`` in long runs.
-- Also: the reconstructor's output conv is zero-initialised (training starts at "copy the first frame"
-  instead of a random image 15x worse); mu is not divided by its max over keypoints (one keypoint left,
-  SPEC 8); loss normalisations follow the original code (``worldmodel/losses.py``).
-
-Profiles: ``paper`` = the field defaults (Table S1 sizes and weights, the detector above); ``cpu`` = the
-same at reduced sizes (K 32, 16 base filters, z 32, GRU 256, best of 10); ``smoke`` = tiny, for tests;
-``paper_exact`` = the paper's own detector, for comparison.
+Profiles: ``paper`` = the field defaults; ``cpu`` = the same at reduced sizes (K 32, 16 base filters, z 32,
+GRU 256, best of 10); ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
 """
 
 from __future__ import annotations
@@ -72,7 +49,7 @@ class ModelConfig:
     heatmap_size: int = 16
     """Width of the keypoint heatmaps; image_size / heatmap_size must be a power of two."""
     heatmap: Heatmap = "softmax"
-    """How the detection weights D_k (S1) are made from the detector's last 1x1 conv (the logits): with 'softmax', D_k = spatial softmax(scale * logits) (default; SPEC 8: what avoided collapse); with 'softplus', D_k = R_k / sum R_k with R_k = softplus(scale * logits), the paper. In both cases the presence mu_k = mean softplus(logits) (S3)."""
+    """How the detection weights D_k (S1) are made from the detector's last 1x1 conv (the logits): with 'softmax', D_k = spatial softmax(scale * logits) (default: what avoided collapse, docs/VISION.md); with 'softplus', D_k = R_k / sum R_k with R_k = softplus(scale * logits), the paper. In both cases the presence mu_k = mean softplus(logits) (S3)."""
     heatmap_logit_scale: float = 10.0
     """``scale`` above: multiplies the logits before they become D_k (default 10, the prototype's; paper 1)."""
     initial_amplitude_mix: float = 0.0

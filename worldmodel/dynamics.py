@@ -1,6 +1,7 @@
 """The VRNN dynamics on flattened keypoints (S1.1.2), with best of many (eq. 8) and scheduled sampling (S1.3).
 
-One step for frame t (SPEC section 3's action ordering; Dreamer's RSSM orders it the same way):
+One step for frame t (the state that predicts frame t has seen a_{t-1}, the action that produced it; the paper's
+S1.1.2 feeds a_{t-1} one step later, which leaves the prior blind to it; Dreamer's RSSM orders it as here):
 
     h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}])          (S9, with the action that produced frame t)
     prior:     mean, std = phi_prior(h_t)                   (S6)
@@ -9,7 +10,7 @@ One step for frame t (SPEC section 3's action ordering; Dreamer's RSSM orders it
 
 The very first frame of a sequence has no predecessor: h_0 = 0 and no GRU step. Everything here works in a
 normalised keypoint space (``KeypointNormalizer``: per-feature mean and within-sequence std with a floor,
-SPEC 8) and in float32, also when called under autocast: the dynamics are small, precision matters more.
+so that task-dependent resting positions do not dominate) and in float32, also when called under autocast: the dynamics are small, precision matters more.
 The decoder's output is linear: normalised keypoints are unbounded, so tanh (the original code, for
 coordinates in [-1, 1] and mu in [0, 1]) does not fit.
 
@@ -86,7 +87,7 @@ class KeypointDecoder(nn.Module):
 
 
 class KeypointNormalizer(nn.Module):
-    """Per-feature affine normalisation of the flattened keypoints x_t (K*3) for the dynamics (SPEC 8).
+    """Per-feature affine normalisation of the flattened keypoints x_t (K*3) for the dynamics.
 
     Buffers (saved in checkpoints) default to the identity; ``fit`` sets the mean over all frames and the
     within-sequence std (root mean of each sequence's variance over time) with a floor, so that the
