@@ -89,6 +89,9 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     except CheckpointError as error:
         fail(str(error))
     model, info = loaded.model, loaded.info
+    if loaded.config.reads_states:
+        fail(f"{run} is a state-space bound (state-vrnn): this benchmark compares keypoint models; "
+             "its open-loop error on the test states is in its summary.json (dynamics_benchmark)")  # fmt: skip
     if not info.complete:
         fail(f"the run in {run} has not finished training: finish it with train/world_model.py --resume")
     cache = load_keypoint_cache(Path(info.path).parent / KEYPOINT_CACHE_FILE, vision_fingerprint(model))
