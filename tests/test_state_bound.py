@@ -108,6 +108,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(state_run: Path, tiny_da
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
+@pytest.mark.parametrize("core", ["srvp", "hvrnn"])
+def test_every_core_serves_as_the_bound(core: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    assert main(train_args(tiny_dataset, tmp_path / "run", "--dynamics", core)) == 0
+    loaded = load_world_model(tmp_path / "run")
+    assert (loaded.config.variant, loaded.config.dynamics) == ("state-vrnn", core)
+    features = extract_window_features(loaded.model, tiny_dataset, "cartpole", 4)
+    assert features.hidden.shape == (4, 20, loaded.model.dynamics.hidden_size) and torch.isfinite(features.hidden).all()
+
+
 def test_hidden_states_have_the_protocols_shapes(state_run: Path, tiny_dataset: Path) -> None:
     model = load_world_model(state_run).model
     features = extract_window_features(model, tiny_dataset, "cheetah", 8)
@@ -150,7 +159,7 @@ def test_the_prediction_of_frame_t_plus_1_reads_a_t_and_not_a_t_plus_1(state_run
     assert torch.equal(moved[:, :4], reference_hidden[:, :4]) and not torch.allclose(moved[:, 4:], reference_hidden[:, 4:])
 
 
-def test_pixel_uses_and_the_imagination_envs_refuse_it(state_run: Path) -> None:
+def test_pixel_uses_the_imagination_envs_and_the_keypoint_benchmark_refuse_it(state_run: Path) -> None:
     from envs.imagined import load_imagination_models
 
     model = load_world_model(state_run).model
@@ -158,6 +167,9 @@ def test_pixel_uses_and_the_imagination_envs_refuse_it(state_run: Path) -> None:
         model.detect(torch.zeros(1, 2, 64, 64, 3, dtype=torch.uint8))
     with pytest.raises(CheckpointError, match="state-space bound"):
         load_imagination_models("cheetah", checkpoint=state_run, device="cpu")
+    result = subprocess.run([sys.executable, "downstream/dynamics.py", "--run", str(state_run), "--out", "unused"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "state-space bound" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_trainer_refuses_joint_mode_with_one_line(tiny_dataset: Path, tmp_path: Path) -> None:

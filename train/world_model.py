@@ -487,8 +487,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         # ---- staged (2): detect keypoints once for the whole dataset, cache them in the run dir -------
         cache_path = run_dir / KEYPOINT_CACHE_FILE
         if reads_states:  # the state-space bound: the stored states, read afresh (no cache needed)
-            model_config = config.model_config
-            splits = {split: state_split(config.data, tasks, split, model_config) for split in storage.SPLITS}
+            splits = {split: state_split(config.data, tasks, split, config.model_config) for split in storage.SPLITS}
         else:
             splits = load_keypoint_cache(cache_path, vision_fingerprint(model))
         if splits is None:  # also on a resume whose cache was lost: detection is deterministic
