@@ -85,6 +85,9 @@ def task_states(root: Path, task: str, split: str, steps: KeypointSplit, task_id
 def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     loaded = load_world_model(run, device)  # absent, damaged or foreign: CheckpointError
     model, info = loaded.model, loaded.info
+    if loaded.config.reads_states:
+        raise InputError(f"{run} is a state-space bound (state-vrnn); this benchmark compares keypoint models, and "
+             "its open-loop error on the test states is in its summary.json (dynamics_benchmark)")  # fmt: skip
     if not info.complete:
         raise InputError(f"the run in {run} has not finished training; finish it with train/world_model.py --resume")
     cache = load_keypoint_cache(Path(info.path).parent / KEYPOINT_CACHE_FILE, vision_fingerprint(model))

@@ -1,14 +1,17 @@
 """The paper's reward experiment (Figure 8, S2.3; SPEC section 5): do the VRNN hidden states predict reward?
 
-    python downstream/reward.py --run runs/world_model --run runs/cnn_vrnn
+    python downstream/reward.py --run runs/world_model --run runs/cnn_vrnn --state-bound runs/state_vrnn
 
 For each task: hidden states of up to ``--sequences`` length-20 test windows (8 observed through the
 posterior, 12 predicted through the prior from the true actions), cached under ``--out``; a GRU reward
 predictor per task and input trained on 80% of the windows (split by episode) and tested on the rest,
 over several folds; MSE normalized by the null model's (the mean training reward at every step). Two controls: the true
-low-dimensional states (upper bound) and the actions alone. Writes results.json, results.md and
-figure8.png to ``--out``, and each run's fold-0 predictors to ``<run>/reward_predictors/<task>.pt``
-(tagged with the world model's fingerprint, which the imagination envs check).
+low-dimensional states (upper bound) and the actions alone; a third with ``--state-bound``: the hidden
+states of a dynamics core trained on the true states (``train/world_model.py --model state-vrnn``), the
+best a world model with perfect perception reaches through the same protocol. Writes results.json,
+results.md and figure8.png to ``--out``, and each run's fold-0 predictors to
+``<run>/reward_predictors/<task>.pt`` (tagged with the world model's fingerprint, which the imagination
+envs check; none for the state-space bound, which has no imagination env).
 
 The fits run as independent jobs in ``--workers`` processes, each writing its result under ``--out/cache``:
 an interrupted experiment continues where it stopped, and a rerun with the same settings fits nothing.
@@ -38,8 +41,18 @@ from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
 from worldmodel.machine import available_cores
 from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, run_fit_jobs
-from worldmodel.reward_report import Results, markdown_table, plot_figure8, summarize, write_json
-from worldmodel.storage import checked_dataset
+from worldmodel.reward_report import (
+    ACTIONS_ONLY,
+    STATE_BOUND,
+    TRUE_STATES,
+    Results,
+    markdown_table,
+    plot_figure8,
+    summarize,
+    write_json,
+)
+from worldmodel.state_bound import StateSizeMismatch, check_state_dim
+from worldmodel.storage import checked_dataset, dataset_path, read_info
 from worldmodel.tasks import parse_tasks
 
 PREDICTOR_DIR = "reward_predictors"
@@ -52,6 +65,8 @@ WINDOW_LENGTH = 20
 class Args:
     run: tyro.conf.UseAppendAction[tuple[Path, ...]] = ()
     """World-model run directory (or checkpoint file) of train/world_model.py; repeat the flag to compare several (--run A --run B). None given: runs/world_model."""
+    state_bound: Path | None = None
+    """Run directory of a state-space bound (train/world_model.py --model state-vrnn on the same tasks): its hidden states are reported as the control column 'state-space bound'."""
     data: Path = Path("data/dmcs")
     """Dataset directory of collect/dmcs.py; its test split is used."""
     out: Path = Path("runs/reward")
@@ -110,11 +125,26 @@ def main(args: Args) -> None:
         loaded = load_world_model(run_path, device)  # absent, damaged or foreign: CheckpointError
         for info in test_files.values():
             check_dataset_fits(loaded.info, loaded.config, info)
+        if loaded.config.reads_states:
+            raise InputError(f"{run_path} is a state-space bound (state-vrnn); pass it with --state-bound, not --run")
         label = loaded.config.variant
         if any(label == other[0] for other in runs):
             label = f"{label} ({Path(run_path).name})"
         run_dir = loaded.info.path.parent
         runs.append((label, loaded.model, model_fingerprint(loaded.model), run_dir))
+    bound = None  # (label, model, fingerprint, run dir) of the state-space bound, like the runs
+    if args.state_bound is not None:
+        loaded = load_world_model(args.state_bound, device)  # absent, damaged or foreign: CheckpointError
+        if not loaded.config.reads_states:
+            raise InputError(f"--state-bound {args.state_bound} is a {loaded.config.variant} run, not a state-space bound; "
+                             "train one with `python train/world_model.py --model state-vrnn`")  # fmt: skip
+        for task in tasks:  # before any hidden state is extracted: the bound must read these states
+            path = dataset_path(args.data, task, "test")
+            try:
+                check_state_dim(loaded.config, task, read_info(path).state_dim, path)
+            except StateSizeMismatch as error:
+                raise InputError(f"--state-bound {args.state_bound}: {error}") from None
+        bound = (STATE_BOUND, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent)
     train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
 
     # ---- per task: hidden states of every run (cached), then one fit job per input and fold
@@ -126,7 +156,7 @@ def main(args: Args) -> None:
     labels: dict[str, list[str]] = {}
     for task in tasks:
         caches = []
-        for _, model, fingerprint, _ in runs:
+        for _, model, fingerprint, _ in runs + ([bound] if bound is not None else []):
             cache = cache_dir / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
             if not cache.is_file():
                 extracted = extract_window_features(
@@ -141,9 +171,11 @@ def main(args: Args) -> None:
             (label, fingerprint[:16], cache, "hidden", SavedPredictor(run_dir / PREDICTOR_DIR / f"{task}.pt", fingerprint))
             for (label, _, fingerprint, run_dir), cache in zip(runs, caches)
         ]
+        if bound is not None:  # its own hidden states, of the same windows (no predictor: it has no env)
+            inputs.append((STATE_BOUND, bound[2][:16], caches[-1], "hidden", None))
         if args.controls:  # the same windows for every run: take them from the first run's cache
-            inputs += [("true states", "true-states", caches[0], "states", None),
-                       ("actions only", "actions-only", caches[0], "actions", None)]  # fmt: skip
+            inputs += [(TRUE_STATES, "true-states", caches[0], "states", None),
+                       (ACTIONS_ONLY, "actions-only", caches[0], "actions", None)]  # fmt: skip
         with np.load(caches[0]) as cached:
             episodes = cached["episodes"]
         folds = episode_folds(episodes, args.folds, args.seed)[: args.folds_run]
@@ -181,6 +213,9 @@ def main(args: Args) -> None:
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "runs": {label: {"dir": str(run_dir), "fingerprint": fp} for label, _, fp, run_dir in runs},
+        "state_bound": None if bound is None else {
+            "dir": str(bound[3]), "fingerprint": bound[2], "dynamics": bound[1].config.dynamics,
+        },
         "num_observed": NUM_OBSERVED,
         "length": WINDOW_LENGTH,
     }

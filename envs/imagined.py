@@ -135,6 +135,11 @@ def load_imagination_models(
             loaded.model.requires_grad_(False)
             _WORLD_MODELS[model_key] = (loaded, model_fingerprint(loaded.model))
         loaded, fingerprint = _WORLD_MODELS[model_key]
+    if loaded.config.reads_states:
+        raise CheckpointError(
+            f"the world model at {path} is a state-space bound (state-vrnn): it reads true states, not frames, "
+            "and has no imagination env; it is a control for downstream/reward.py --state-bound"
+        )
     dataset_info = loaded.info.dataset
     repeats = dataset_info.get("action_repeats") or {}
     if spec.name not in repeats:

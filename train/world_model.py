@@ -55,10 +55,12 @@ from worldmodel.checkpoint import (  # noqa: E402
 from worldmodel.errors import InputError, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
+from worldmodel.config import STATE_VARIANT  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
 from worldmodel.dynamics_benchmark import PREDICTIONS, REFERENCES, choose_window_starts, horizon_errors, keypoint_stability, open_loop  # noqa: E402
 from worldmodel.precision import announce, autocast, choose_compute  # noqa: E402
+from worldmodel.state_bound import dataset_state_dims, per_feature_points, state_model_config, state_split  # noqa: E402
 from worldmodel.training import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
     PROFILES,
@@ -246,6 +248,8 @@ def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConf
     except ValueError:
         return None
     result = open_loop(model, test, starts, config.num_observed, config.num_predicted, config.eval_samples, config.seed)
+    if model.config.reads_states:  # the state-space bound: per-feature error in normalised state units
+        result = per_feature_points(result, model.normalizer)
     errors = horizon_errors(result, config.num_observed)
     names = PREDICTIONS + REFERENCES
     return {
@@ -265,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)
-        validate(config)
         tasks = parse_tasks(config.tasks)
-    except ValueError as error:  # InputError, or a ModelConfig check run while parsing
+        if config.model == STATE_VARIANT:  # its input size is the data's: read the state sizes first
+            dims = dataset_state_dims(config.data, tasks)
+            config = dataclasses.replace(config, net=state_model_config(config.net, dims))
+        validate(config)
+    except (ValueError, OSError) as error:  # InputError, or a ModelConfig check run while parsing
         return report(error)
     try:
         dist = distributed.setup(config.device)
@@ -289,6 +296,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     run_dir = config.out
     checkpoint_path = run_dir / CHECKPOINT_FILE
     staged = config.mode == "staged"
+    reads_states = config.model_config.reads_states  # the state-space bound: no frame is ever read
 
     # ---- resume or start (nothing is written before every input has been checked) ------------------
     if run_dir.exists() and not run_dir.is_dir():
@@ -360,6 +368,8 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         if config.vision_from is not None:
             take_vision(model, config.vision_from, dataset_record, run_dir if dist.is_main else None)
             stage = "keypoints"
+        if reads_states:  # no vision stage: the stored states are its keypoints
+            stage = "keypoints"
         seed_rng(config.seed + 1_000_003 * dist.rank)  # each rank draws its own latent samples
     stage_seconds: dict[str, float] = dict(extra.get("stage_seconds", {}))  # wall time per stage
     final_losses: dict[str, dict[str, float]] = dict(extra.get("final_losses", {}))
@@ -369,11 +379,14 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         """Steps over all stages: the x axis of the logs."""
         if not staged:
             return config.steps if stage_name == "done" else step
-        offset = {"vision": 0, "keypoints": config.vision_steps, "dynamics": config.vision_steps}
-        return offset.get(stage_name, config.vision_steps + config.dynamics_steps) + step
+        vision = 0 if reads_states else config.vision_steps  # the state-space bound has no vision stage
+        offset = {"vision": 0, "keypoints": vision, "dynamics": vision}
+        return offset.get(stage_name, vision + config.dynamics_steps) + step
 
-    eval_set = (
-        load_eval_set(config.data, tasks, config.window, config.eval_windows, config.seed) if dist.is_main else None
+    eval_set = (  # frames: none for the state-space bound (its open-loop error is in the summary)
+        load_eval_set(config.data, tasks, config.window, config.eval_windows, config.seed)
+        if dist.is_main and not reads_states
+        else None
     )
     logger = RunLogger(run_dir, dist.is_main, checkpoint["global_step"] if checkpoint else None)
     if dist.is_main and checkpoint is None:
@@ -387,7 +400,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         if not dist.is_main:
             return
         logger.flush()  # the log is durable up to the checkpoint it will be resumed from
-        cache = str(run_dir / KEYPOINT_CACHE_FILE) if staged else None
+        cache = str(run_dir / KEYPOINT_CACHE_FILE) if staged and not reads_states else None
         save_checkpoint(
             checkpoint_path,
             model_state=model.state_dict(),
@@ -476,8 +489,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
             if progress is not None:
                 progress.update(1)
             pause_started = time.perf_counter()
-            if dist.is_main and (done % config.eval_every == 0 or done == total):
-                assert eval_set is not None
+            if eval_set is not None and (done % config.eval_every == 0 or done == total):
                 last_eval = run_evaluation(
                     model, eval_set, config, stage_name, done, global_done, run_dir, logger, device, precision,
                     final=done == total,
@@ -515,8 +527,10 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
 
         # ---- staged (2): detect keypoints once for the whole dataset, cache them in the run dir -------
         cache_path = run_dir / KEYPOINT_CACHE_FILE
-        fingerprint = vision_fingerprint(model)
-        splits = load_keypoint_cache(cache_path, fingerprint)
+        if reads_states:  # the state-space bound: the stored states, read afresh (no cache needed)
+            splits = {split: state_split(config.data, tasks, split, config.model_config) for split in storage.SPLITS}
+        else:
+            splits = load_keypoint_cache(cache_path, vision_fingerprint(model))
         if splits is None:  # also on a resume whose cache was lost: detection is deterministic
             started = time.perf_counter()
             model.eval()
@@ -525,7 +539,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
             seconds = time.perf_counter() - started
             stage_seconds["keypoints"] = stage_seconds.get("keypoints", 0.0) + seconds
             if dist.is_main:
-                save_keypoint_cache(cache_path, splits, fingerprint)
+                save_keypoint_cache(cache_path, splits, vision_fingerprint(model))
                 frames = sum(int(split.keypoints.shape[0]) for split in splits.values())
                 logger.log("stage", "keypoints", 0, global_step_of("keypoints", 0),
                            {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds})  # fmt: skip

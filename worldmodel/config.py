@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from worldmodel.tasks import IMAGE_SIZE, MAX_ACTION_DIM
+from worldmodel.tasks import IMAGE_SIZE, MAX_ACTION_DIM, TASK_NAMES
 
-Variant = Literal["struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn"]
-VARIANTS: tuple[Variant, ...] = ("struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn")
+Variant = Literal["struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn", "state-vrnn"]
+VARIANTS: tuple[Variant, ...] = ("struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn")  # world models on frames
+STATE_VARIANT: Variant = "state-vrnn"  # the state-space bound: a dynamics core on the true states (docs/DYNAMICS.md)
 Heatmap = Literal["softplus", "softmax"]
 Dynamics = Literal["vrnn", "srvp", "hvrnn"]
 DYNAMICS: tuple[Dynamics, ...] = ("vrnn", "srvp", "hvrnn")
@@ -31,7 +32,7 @@ class ModelConfig:
     """Hyperparameters of the Struct-VRNN world model and its baselines; defaults = ``paper`` profile."""
 
     variant: Variant = "struct-vrnn"
-    """``struct-vrnn`` (the model), ``struct-vrnn-nobom`` (1 sample, no best of many), ``struct-rnn`` (deterministic: no latent z, no KL) or ``cnn-vrnn`` (same dynamics on an unstructured CNN feature vector of size ``num_keypoints * 3``; no keypoints, no separation or sparsity loss)."""
+    """``struct-vrnn`` (the model), ``struct-vrnn-nobom`` (1 sample, no best of many), ``struct-rnn`` (deterministic: no latent z, no KL), ``cnn-vrnn`` (same dynamics on an unstructured CNN feature vector of size ``num_keypoints * 3``; no keypoints, no separation or sparsity loss) or ``state-vrnn`` (the state-space bound: no pixels at all, the dynamics read each frame's true low-dimensional state, zero-padded to ``num_keypoints * 3``; see ``state_dims``)."""
 
     # ---- images and actions -------------------------------------------------------------------------
     image_size: int = IMAGE_SIZE
@@ -96,6 +97,8 @@ class ModelConfig:
     """vrnn, hvrnn: best of many (``num_samples``) also on the imagined frames of training, as the paper. Off: one prior sample there, so L_future scores what a single sample predicts (best of many still applies on observed frames)."""
     keypoint_error: Literal["squared", "absolute"] = "squared"
     """Error of the dynamics' keypoint reconstruction (L_VRNN, L_future) and of the best-of-many choice, in the normalised space: 'squared' (a Gaussian decoder, the paper) or 'absolute' (a Laplace decoder, robust to the detector's occasional jumps of a keypoint between two places)."""
+    state_dims: tuple[int, ...] = ()
+    """state-vrnn (ignored otherwise), set by the trainer from the dataset: the size D of each task's true state, in ``worldmodel.tasks.TASK_NAMES`` order (0 for a task it was not trained on). The states are zero-padded to the largest D, rounded up to whole (K, 3) triples: ``num_keypoints = ceil(max D / 3)``. Hidden-state extraction refuses data whose states differ."""
     keypoint_std_floor: float = 0.05
     """Floor of the per-feature std used to normalise the dynamics' inputs and targets (``WorldModel.fit_keypoint_normalization``), in keypoint units ([-1, 1] coordinates)."""
 
@@ -112,8 +115,19 @@ class ModelConfig:
     """L2 weight on the conv kernels (S1.2); the trainer adds ``conv_weight_decay * model.conv_weight_l2()``."""
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}: choose from {', '.join(VARIANTS)}")
+        if self.variant not in (*VARIANTS, STATE_VARIANT):
+            raise ValueError(f"unknown variant {self.variant!r}: choose from {', '.join((*VARIANTS, STATE_VARIANT))}")
+        if self.reads_states:
+            if len(self.state_dims) != len(TASK_NAMES) or self.state_size < 1 or min(self.state_dims) < 0:
+                raise ValueError(
+                    f"state-vrnn needs state_dims, one state size per task ({', '.join(TASK_NAMES)}); "
+                    "train/world_model.py sets them from the dataset"
+                )
+            if self.num_keypoints != math.ceil(self.state_size / 3):
+                raise ValueError(
+                    f"state-vrnn: num_keypoints must be ceil(largest state size / 3) = "
+                    f"{math.ceil(self.state_size / 3)}, got {self.num_keypoints}"
+                )
         if self.heatmap not in ("softplus", "softmax"):
             raise ValueError(f"heatmap must be 'softplus' or 'softmax', got {self.heatmap!r}")
         ratio = self.image_size / self.heatmap_size
@@ -150,8 +164,18 @@ class ModelConfig:
     # ---- derived -------------------------------------------------------------------------------------
     @property
     def structured(self) -> bool:
-        """True for the keypoint models, False for the unstructured ``cnn-vrnn`` baseline."""
+        """True for the keypoint models (and the state-space bound), False for the unstructured ``cnn-vrnn`` baseline."""
         return self.variant != "cnn-vrnn"
+
+    @property
+    def reads_states(self) -> bool:
+        """True for ``state-vrnn``: no vision networks, the dynamics read the stored true states, never a frame."""
+        return self.variant == STATE_VARIANT
+
+    @property
+    def state_size(self) -> int:
+        """state-vrnn: the largest task state size D (the states are zero-padded to it, then to 3 * K); else 0."""
+        return max(self.state_dims, default=0)
 
     @property
     def stochastic(self) -> bool:
@@ -161,7 +185,7 @@ class ModelConfig:
     @property
     def best_of(self) -> int:
         """Samples drawn per step for best of many in training (1 for nobom and the deterministic RNN)."""
-        return self.num_samples if self.variant in ("struct-vrnn", "cnn-vrnn") else 1
+        return self.num_samples if self.variant in ("struct-vrnn", "cnn-vrnn", STATE_VARIANT) else 1
 
     @property
     def latent_dim(self) -> int:

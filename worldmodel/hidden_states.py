@@ -3,7 +3,9 @@
 Figure 8's protocol (SPEC section 5): of each length-L window, the first ``num_observed`` frames are
 filtered through the posterior; the rest are predicted open loop through the prior from the true
 actions. Only the observed frames are ever shown to the model, so frames after the context cannot
-change the predicted hidden states.
+change the predicted hidden states. The per-frame features are what the model perceives: keypoints
+detected in the frames, or for the state-space bound (``state-vrnn``) the stored true states, in which
+case no frame is read at all.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from worldmodel.atomic import atomic_write_stream
 from worldmodel.data import WindowDataset
 from worldmodel.model import inference_autocast
+from worldmodel.state_bound import check_state_dim
 
 
 class WindowFeatures(NamedTuple):
@@ -32,13 +35,17 @@ class WindowFeatures(NamedTuple):
 
 
 @torch.no_grad()
-def observe_then_imagine(model: torch.nn.Module, frames: Tensor, actions: Tensor, num_observed: int) -> Tensor:
+def observe_then_imagine(
+    model: torch.nn.Module, frames: Tensor, actions: Tensor, num_observed: int, states: Tensor | None = None
+) -> Tensor:
     """Hidden states (B, L, H) of windows: posterior over frames[:, :num_observed], prior after.
 
-    frames: (B, >= num_observed, 64, 64, 3) uint8; actions: (B, L, 6), actions[:, t] applied at frame t.
+    frames: (B, >= num_observed, 64, 64, 3) uint8 (unused by the state-space bound); actions: (B, L, 6),
+    actions[:, t] applied at frame t; states: (B, >= num_observed, D) true states (what the bound reads).
     """
     length = actions.shape[1]
-    keypoints = model.detect(frames[:, :num_observed])  # (B, n, K, 3); later frames are never read
+    observed_states = None if states is None else states[:, :num_observed]
+    keypoints = model.perceive(frames[:, :num_observed], observed_states)  # (B, n, K, 3); later frames are never read
     observed = model.observe(keypoints, actions[:, :num_observed])  # hidden (B, n, H)
     # The state after frame n-1 continues with a_{n-1}, ..., a_{L-2}: it predicts frames n .. L-1.
     predicted = model.imagine(observed.final, actions[:, num_observed - 1 : length - 1])
@@ -63,8 +70,13 @@ def extract_window_features(
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
 ) -> WindowFeatures:
-    """Hidden states, rewards, actions and true states of `num_sequences` test windows of one task."""
-    dataset = WindowDataset(data_root, [task], "test", length=length, states=True)
+    """Hidden states, rewards, actions and true states of `num_sequences` test windows of one task.
+
+    Raises ``StateSizeMismatch`` when the model is the state-space bound and the task's states differ from
+    those it was trained on."""
+    dataset = WindowDataset(data_root, [task], "test", length=length, states=True, frames=model.reads_frames)
+    if not model.reads_frames:
+        check_state_dim(model.config, task, dataset.state_dim, dataset.files[0].info.path)
     indices = choose_windows(len(dataset), num_sequences, seed)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=1
@@ -75,7 +87,9 @@ def extract_window_features(
     for window in tqdm(loader, desc=f"hidden states {task}", unit="batch", leave=False):
         with inference_autocast(device):
             hidden.append(
-                observe_then_imagine(model, window.frames.to(device), window.actions.to(device), num_observed).cpu()
+                observe_then_imagine(
+                    model, window.frames.to(device), window.actions.to(device), num_observed, window.states.to(device)
+                ).cpu()
             )
         rewards.append(window.rewards)
         actions.append(window.actions)

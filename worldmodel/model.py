@@ -140,6 +140,18 @@ def frames_to_images(frames: Tensor) -> Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
+def states_to_keypoints(states: Tensor, num_keypoints: int) -> Tensor:
+    """The state-space bound's "perception": true states (B, T, D) zero-padded to (B, T, K, 3), D <= 3K.
+
+    The triples are not points: the (K, 3) shape only lets the states travel the keypoints' path through
+    the normaliser and the dynamics core, which see the flat vector of 3K numbers."""
+    width = 3 * num_keypoints
+    if states.shape[-1] > width:
+        raise ValueError(f"states of size {states.shape[-1]} do not fit the model's {width} state features")
+    padded = torch.nn.functional.pad(states.float(), (0, width - states.shape[-1]))
+    return padded.view(*states.shape[:-1], num_keypoints, 3)
+
+
 def previous_actions(actions: Tensor) -> Tensor:
     """(B, T, A) with actions[:, t] applied at frame t -> row t = a_{t-1}, the action that produced frame t."""
     return torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)
@@ -151,27 +163,52 @@ class WorldModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        if config.structured:
-            self.detector: KeypointDetector | None = KeypointDetector(config)
-            self.encoder: FeatureEncoder | None = None
-            self.feature_maps: FeatureMaps | None = None
-        else:
-            self.detector = None
-            self.encoder = FeatureEncoder(config)
-            self.feature_maps = FeatureMaps(config)
-        self.appearance = ImageEncoder(config)  # phi_appearance: the detector's trunk, on v_1
-        self.reconstructor = Reconstructor(config)  # phi_rec (S5)
+        self.detector: KeypointDetector | None = None
+        self.encoder: FeatureEncoder | None = None
+        self.feature_maps: FeatureMaps | None = None
+        self.appearance: ImageEncoder | None = None
+        self.reconstructor: Reconstructor | None = None
+        if not config.reads_states:  # the state-space bound has no pixel side: its perception is the identity
+            if config.structured:
+                self.detector = KeypointDetector(config)
+            else:
+                self.encoder = FeatureEncoder(config)
+                self.feature_maps = FeatureMaps(config)
+            self.appearance = ImageEncoder(config)  # phi_appearance: the detector's trunk, on v_1
+            self.reconstructor = Reconstructor(config)  # phi_rec (S5)
         self.dynamics = make_dynamics(config)  # config.dynamics: vrnn, srvp or hvrnn
         self.normalizer = KeypointNormalizer(config.feature_size, config.keypoint_std_floor)
         self.amplitude_mix: Tensor
         self.register_buffer("amplitude_mix", torch.tensor(float(config.initial_amplitude_mix)))
 
     # ---- pixels <-> keypoints ---------------------------------------------------------------------------
+    @property
+    def reads_frames(self) -> bool:
+        """False for the state-space bound (``state-vrnn``), whose per-frame features are the true states."""
+        return not self.config.reads_states
+
+    def perceive(self, frames: Tensor, states: Tensor | None = None) -> Tensor:
+        """The dynamics' per-frame input (B, T, K, 3), no gradient: keypoints detected in uint8 frames
+        (B, T, 64, 64, 3), or for the state-space bound the true states (B, T, D) (frames are not read)."""
+        if not self.config.reads_states:
+            return self.detect(frames)
+        if states is None:
+            raise ValueError("the state-space bound (state-vrnn) reads the true states: pass states, not only frames")
+        return states_to_keypoints(states, self.config.num_keypoints)
+
+    def _require_pixels(self) -> None:
+        if self.config.reads_states:
+            raise ValueError(
+                "the state-space bound (state-vrnn) has no detector or decoder: it reads the true states "
+                "(WorldModel.perceive), so nothing here takes or makes frames"
+            )
+
     def encode(self, images: Tensor) -> Tensor:
         """images (N, 3, H, W) in [-0.5, 0.5] -> keypoints (N, K, 3) float32, with gradient.
 
         For cnn-vrnn the 'keypoints' are the feature vector reshaped to (K, 3).
         """
+        self._require_pixels()
         if self.detector is not None:
             cfg = self.config
             return maps_to_keypoints(self.detector(images), cfg.heatmap, cfg.heatmap_logit_scale)  # S1-S3
@@ -198,6 +235,8 @@ class WorldModel(nn.Module):
 
         keypoints (B, T, K, 3), first_images (B, 3, H, W) float, first_keypoints (B, K, 3) -> (B*T, 3, H, W).
         """
+        self._require_pixels()
+        assert self.appearance is not None and self.reconstructor is not None
         batch, steps = keypoints.shape[:2]
         appearance = self.appearance(first_images)  # (B, C, S', S')
         first_maps = self.keypoint_maps(first_keypoints, mix)  # (B, K, S', S')

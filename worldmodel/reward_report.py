@@ -22,6 +22,14 @@ import numpy as np
 
 from worldmodel.atomic import atomic_write, atomic_write_text
 
+# The controls beside the world models, in the order the report shows them: the state-space bound (a
+# dynamics core on the true states, through the same protocol), the true states themselves at every step
+# (no world model can reach that on predicted steps) and the actions alone.
+STATE_BOUND = "state-space bound"
+TRUE_STATES = "true states"
+ACTIONS_ONLY = "actions only"
+CONTROLS = (STATE_BOUND, TRUE_STATES, ACTIONS_ONLY)
+
 
 class InputResult(NamedTuple):
     normalized_mse: np.ndarray  # (folds, L) per-frame MSE / null-model MSE; NaN at frame 0 (and where null = 0)
@@ -104,7 +112,8 @@ def markdown_table(results: Results) -> str:
 
 
 def plot_figure8(path: Path, results: Results, num_observed: int) -> None:
-    """Normalized MSE over time, one panel per task, one line per input; the context boundary dashed."""
+    """Normalized MSE over time, one panel per task, one line per input (controls dashed); the context
+    boundary a dashed grey line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +127,8 @@ def plot_figure8(path: Path, results: Results, num_observed: int) -> None:
         for label, r in results[task].items():
             frames = np.arange(r.normalized_mse.shape[1])
             mean, spread = fold_mean_and_spread(r.normalized_mse)
-            line, = axis.plot(frames[1:], mean[1:], label=label)
+            style = "--" if label in CONTROLS else "-"
+            line, = axis.plot(frames[1:], mean[1:], style, label=label)
             axis.fill_between(frames[1:], (mean - spread)[1:], (mean + spread)[1:], color=line.get_color(), alpha=0.2)
         axis.axvline(num_observed - 0.5, color="gray", linestyle="--", linewidth=1)
         axis.axhline(1.0, color="black", linewidth=0.5)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from worldmodel.config import Dynamics, ModelConfig, Variant
+from worldmodel.config import STATE_VARIANT, Dynamics, ModelConfig, Variant
 from worldmodel.errors import InputError
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
 from worldmodel.precision import Precision, autocast
@@ -63,7 +63,7 @@ class TrainConfig:
     out: Path = Path("runs/world_model")
     """Run directory: checkpoint.pt, metrics.jsonl, tensorboard/, keypoint cache, pictures, summary.json."""
     model: Variant = "struct-vrnn"
-    """Model variant: struct-vrnn, struct-vrnn-nobom (one sample), struct-rnn (deterministic) or cnn-vrnn (unstructured features). It sets --net.variant, which is not to be given separately."""
+    """Model variant: struct-vrnn, struct-vrnn-nobom (one sample), struct-rnn (deterministic), cnn-vrnn (unstructured features) or state-vrnn (the state-space bound: the dynamics core on the true states, no pixels; staged mode, no vision stage; --net.num-keypoints and --net.state-dims come from the data). It sets --net.variant, which is not to be given separately."""
     dynamics: Dynamics = "vrnn"
     """Dynamics core: vrnn, srvp (stochastic residual state-space model) or hvrnn (hierarchical VRNN); any variant takes any core (docs/DYNAMICS.md). It sets --net.dynamics, which is not to be given separately."""
     tasks: str = "all"
@@ -307,6 +307,10 @@ def validate(config: TrainConfig) -> None:
         )
     if config.vision_from is not None and config.mode != "staged":
         raise InputError("--vision-from needs --mode staged (the dynamics train on the cached keypoints)")
+    if config.model == STATE_VARIANT and config.mode != "staged":
+        raise InputError("--model state-vrnn trains only a dynamics core, on the stored states: it needs --mode staged")
+    if config.model == STATE_VARIANT and config.vision_from is not None:
+        raise InputError("--model state-vrnn has no vision networks to take: leave out --vision-from")
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
 
 
