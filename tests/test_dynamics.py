@@ -79,8 +79,9 @@ class FirstFeatures(nn.Module):
         return latent[..., : self.features]
 
 
-def test_best_of_many_picks_the_closest_sample() -> None:
-    config = ModelConfig.smoke(num_keypoints=2, latent_size=8)  # F = 6 <= Z = 8
+@pytest.mark.parametrize("error", ["squared", "absolute"])
+def test_best_of_many_picks_the_closest_sample(error: str) -> None:
+    config = ModelConfig.smoke(num_keypoints=2, latent_size=8, keypoint_error=error)  # F = 6 <= Z = 8
     vrnn = VRNN(config)
     vrnn.decoder = FirstFeatures(config.feature_size)  # type: ignore[assignment]
     batch, n, z = 5, 64, config.latent_size
@@ -90,11 +91,13 @@ def test_best_of_many_picks_the_closest_sample() -> None:
     latent, x = vrnn.sample(belief, hidden, target, n, torch.Generator().manual_seed(3))
     # The same draws by hand: the sample whose first 6 entries are closest to the target.
     noise = torch.randn((n, batch, z), generator=torch.Generator().manual_seed(3))
-    distances = (noise[..., : config.feature_size] - target).square().sum(-1)  # (N, B)
+    difference = noise[..., : config.feature_size] - target
+    distances = (difference.square() if error == "squared" else difference.abs()).sum(-1)  # (N, B)
     best = noise[distances.argmin(0), torch.arange(batch)]
     torch.testing.assert_close(latent, best)
     torch.testing.assert_close(x, best[:, : config.feature_size])
-    assert ((x - target).square().sum(-1)[None] <= distances + 1e-6).all()
+    chosen = (x - target).square() if error == "squared" else (x - target).abs()
+    assert (chosen.sum(-1)[None] <= distances + 1e-6).all()
     # Without a target (imagination) a single sample is drawn.
     latent, _ = vrnn.sample(belief, hidden, None, n, torch.Generator().manual_seed(3))
     torch.testing.assert_close(latent, torch.randn((1, batch, z), generator=torch.Generator().manual_seed(3))[0])

@@ -52,6 +52,9 @@ def widen_states(path: Path) -> None:
         states = file["states"][...]
         del file["states"]
         file.create_dataset("states", data=np.concatenate([states, np.ones_like(states[..., :1])], -1))
+        # A consistent file of another kind: its attributes describe the extra dimension too.
+        file.attrs["state_sizes"] = np.append(file.attrs["state_sizes"], 1)
+        file.attrs["state_keys"] = np.append(file.attrs["state_keys"], "extra").astype(object)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +247,7 @@ def test_reward_refuses_data_whose_states_differ_from_the_bounds(
 def test_reward_refuses_a_run_in_the_wrong_place(smoke_run: Path, state_run: Path, reward_dataset: Path,
                                                  tmp_path: Path, flag: str) -> None:  # fmt: skip
     wrong = ["--run", str(state_run)] if flag == "--run" else ["--run", str(smoke_run), "--state-bound", str(smoke_run)]
-    result = run_reward(*wrong, "--data", str(reward_dataset), "--out", str(tmp_path / "out"), "--tasks", "cartpole")
+    result = run_reward(*wrong, "--data", str(reward_dataset), "--out", str(tmp_path / "out"), "--tasks", "cartpole",
+                        "--folds", "2")  # fmt: skip
     assert result.returncode == 2 and one_error_line(result.stderr)
     assert ("pass it with --state-bound" if flag == "--run" else "--model state-vrnn") in result.stderr

@@ -7,8 +7,8 @@ these videos: spatial softmax heatmaps (logits x 10) and Gaussian maps of fixed 
 sparsity penalty weighted by the amplitude mix (off while mu is not drawn). ``ModelConfig.paper_exact()`` is
 the paper's own detector; docs/VISION.md tells what collapsed with it and why this one is the default.
 
-Profiles: ``paper`` = the field defaults; ``cpu`` = the same at reduced sizes (K 32, 16 base filters, z 32,
-GRU 256, best of 10); ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
+Profiles: ``paper`` = the field defaults; ``cpu`` = reduced sizes (K 32, 16 base filters, z 32, GRU 256,
+best of 10) and the dynamics training of docs/DYNAMICS.md's diagnosis; ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
 """
 
 from __future__ import annotations
@@ -221,8 +221,12 @@ class ModelConfig:
 
     @classmethod
     def cpu(cls, **overrides: object) -> ModelConfig:
-        """Reduced sizes for 2 CPU cores, same detector as ``paper``."""
-        base = cls(num_keypoints=32, base_filters=16, latent_size=32, rnn_size=256, num_samples=10)
+        """Reduced sizes for 2 CPU cores, the same detector as ``paper``, and the dynamics training that the
+        diagnosis found to predict best (docs/DYNAMICS.md, "Diagnosis"): the detected keypoints fed on
+        observed frames, the prior trained by L_future with one sample on imagined frames, and a Laplace
+        (absolute) keypoint error."""
+        base = cls(num_keypoints=32, base_filters=16, latent_size=32, rnn_size=256, num_samples=10,
+                   feed_detected=True, prior_future_gradient=True, future_best_of=False, keypoint_error="absolute")
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     @classmethod
