@@ -48,6 +48,7 @@ from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError, MissingInputError
 from worldmodel.model import WorldModel, inference_autocast, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
+from worldmodel.windows import EpisodeWindows
 
 CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
 DETECT_CHUNK = 128  # frames per detector call (bounds the activations' memory)
@@ -151,8 +152,7 @@ class DatasetContexts:
         self.model = model
         self.device = next(model.parameters()).device
         self.length = length
-        self.starts_per_episode = self.info.episode_steps - length + 1  # frames s .. s+L-1 and their actions
-        self.num_windows = self.info.num_episodes * self.starts_per_episode
+        self.windows = EpisodeWindows(self.info.num_episodes, self.info.episode_steps, length)  # every start
         with h5py.File(self.path, "r") as file:  # small arrays once; frames are read per window, lazily
             self._actions = torch.from_numpy(pad_actions(file["actions"][...])).to(self.device)  # (E, T, 6)
         self.cached_keypoints = self._trainer_keypoints(keypoint_cache) if keypoint_cache else None  # (E, T, K, 3)
@@ -205,8 +205,7 @@ class DatasetContexts:
             return keypoints
 
     def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
-        window = int(rng.integers(self.num_windows))
-        episode, start = divmod(window, self.starts_per_episode)
+        episode, start = self.windows.locate(int(rng.integers(len(self.windows))))
         keypoints = self.window_keypoints(episode, start)
         actions = self._actions[episode, start : start + self.length]
         first_frame = None

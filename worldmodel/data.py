@@ -2,8 +2,8 @@
 
 ``WindowDataset(root, tasks, split, length)`` serves every window of ``length`` consecutive frames
 (with their actions and rewards) that lies inside one episode, from one or more tasks' files
-``<root>/<task>_<split>.h5``, written by ``collect/dmcs.py``. Starts run over 0, stride, 2*stride, ...
-up to T - length, so an episode of T steps gives ``floor((T - length) / stride) + 1`` windows.
+``<root>/<task>_<split>.h5``, written by ``collect/dmcs.py``. Windows are counted and numbered as
+``worldmodel.windows`` says: starts 0, stride, 2*stride, ... up to T - length in an episode of T steps.
 
 Choices written down here:
 
@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from worldmodel import storage
 from worldmodel.errors import InputError
 from worldmodel.tasks import MAX_ACTION_DIM, parse_tasks, task_id
+from worldmodel.windows import EpisodeWindows
 
 # Random windows rarely reuse a chunk, but a sequential sweep (stride 1) reads each chunk ~16 times:
 # a cache of a few chunks (196 kB each, uncompressed) per file serves that.
@@ -65,14 +66,14 @@ class FileWindows(NamedTuple):
 
     info: storage.DatasetInfo
     task_id: int
-    windows_per_episode: int
+    windows: EpisodeWindows
     actions: np.ndarray  # (E, T, 6) float32, zero-padded
     rewards: np.ndarray  # (E, T) float32
     states: np.ndarray | None  # (E, T+1, D_max) float32, zero-padded; None unless states=True
 
     @property
     def num_windows(self) -> int:
-        return self.info.num_episodes * self.windows_per_episode
+        return len(self.windows)
 
 
 class WindowDataset(Dataset[Window]):
@@ -125,7 +126,7 @@ class WindowDataset(Dataset[Window]):
         return FileWindows(
             info=info,
             task_id=task_id(info.task),
-            windows_per_episode=(info.episode_steps - self.length) // self.stride + 1,
+            windows=EpisodeWindows(info.num_episodes, info.episode_steps, self.length, self.stride),
             actions=actions,
             rewards=rewards,
             states=states,
@@ -140,15 +141,14 @@ class WindowDataset(Dataset[Window]):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         index %= len(self)
         file = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        episode, position = divmod(index - int(self._offsets[file]), self.files[file].windows_per_episode)
-        return WindowKey(file, episode, position * self.stride)
+        return WindowKey(file, *self.files[file].windows.locate(index - int(self._offsets[file])))
 
     def index(self) -> np.ndarray:
         """Every window's (file, episode, start) as an int64 array of shape (len(self), 3), in order."""
         parts = []
         for number, file in enumerate(self.files):
-            episodes, positions = np.divmod(np.arange(file.num_windows), file.windows_per_episode)
-            parts.append(np.stack([np.full_like(episodes, number), episodes, positions * self.stride], axis=1))
+            table = file.windows.table()  # (n, 2): episode, start
+            parts.append(np.concatenate([np.full_like(table[:, :1], number), table], axis=1))
         return np.concatenate(parts).astype(np.int64)
 
     def __getitem__(self, index: int) -> Window:
