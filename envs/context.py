@@ -46,6 +46,7 @@ from torch import Tensor
 from worldmodel import storage
 from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError, MissingInputError
+from worldmodel.keypoint_cache import detect_in_chunks, load_keypoint_cache, vision_fingerprint
 from worldmodel.model import WorldModel, inference_autocast, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
 from worldmodel.windows import EpisodeWindows
@@ -105,12 +106,7 @@ def pad_actions(actions: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def detect_frames(model: WorldModel, frames: Tensor, chunk: int = DETECT_CHUNK) -> Tensor:
     """uint8 frames (N, 64, 64, 3) on the model's device -> keypoints (N, K, 3) float32, in fixed chunks."""
-    device = frames.device
-    parts = []
-    with inference_autocast(device):
-        for begin in range(0, frames.shape[0], chunk):
-            parts.append(model.detect(frames[None, begin : begin + chunk])[0].float())
-    return torch.cat(parts)
+    return detect_in_chunks(model, frames, chunk, lambda: inference_autocast(frames.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,8 +160,6 @@ class DatasetContexts:
     def _trainer_keypoints(self, path: str | os.PathLike[str]) -> Tensor | None:
         """This task's split from a staged run's keypoint cache, if it was made by this model's detector on
         this dataset (same episodes, same lengths); None otherwise."""
-        from worldmodel.training import load_keypoint_cache, vision_fingerprint
-
         try:
             splits = load_keypoint_cache(Path(path), vision_fingerprint(self.model))
         except (OSError, RuntimeError, KeyError, TypeError):  # unreadable or another layout: detect instead

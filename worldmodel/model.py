@@ -421,3 +421,9 @@ class WorldModel(nn.Module):
             keypoints, hidden = observed.keypoints, observed.hidden
         images = self.decode(keypoints, frames[:, 0], detected[:, 0])
         return Prediction(images, keypoints, detected, hidden)
+
+
+def vision_modules(model: WorldModel) -> list[nn.Module]:
+    """The pixel side: detector (or CNN encoder + feature maps), appearance net, reconstructor."""
+    parts = [model.detector, model.encoder, model.feature_maps, model.appearance, model.reconstructor]
+    return [part for part in parts if part is not None]
