@@ -153,8 +153,7 @@ class DatasetContexts:
             self._actions = torch.from_numpy(pad_actions(file["actions"][...])).to(self.device)  # (E, T, 6)
         self.cached_keypoints = self._trainer_keypoints(keypoint_cache) if keypoint_cache else None  # (E, T, K, 3)
         self._windows: OrderedDict[tuple[int, int], Tensor] = OrderedDict()  # (episode, start) -> (L, K, 3)
-        self._file: h5py.File | None = None
-        self._file_pid = -1
+        self._frames = storage.ProcessLocalDataset(self.path, "frames")  # SubprocVecEnv workers open their own
         self._lock = threading.Lock()
 
     def _trainer_keypoints(self, path: str | os.PathLike[str]) -> Tensor | None:
@@ -174,13 +173,6 @@ class DatasetContexts:
         rows = cached.episode_starts[mine][:, None] + torch.arange(steps)  # (E, T)
         return cached.keypoints[rows].float().to(self.device)
 
-    def _frames(self) -> h5py.Dataset:
-        # h5py handles must not cross a fork: reopen in a new process (e.g. SB3's SubprocVecEnv workers).
-        if self._file is None or self._file_pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._file_pid = os.getpid()
-        return self._file["frames"]
-
     def window_keypoints(self, episode: int, start: int) -> Tensor:
         """(L, K, 3) keypoints of frames start .. start+L-1 of an episode."""
         if self.cached_keypoints is not None:
@@ -189,7 +181,7 @@ class DatasetContexts:
         with self._lock:
             keypoints = self._windows.get(key)
             if keypoints is None:
-                frames = torch.from_numpy(self._frames()[episode, start : start + self.length]).to(self.device)
+                frames = torch.from_numpy(self._frames.get()[episode, start : start + self.length]).to(self.device)
                 keypoints = detect_frames(self.model, frames)
                 self._windows[key] = keypoints
                 if len(self._windows) > WINDOW_CACHE_SIZE:
@@ -205,13 +197,11 @@ class DatasetContexts:
         first_frame = None
         if with_frame:
             with self._lock:
-                first_frame = torch.from_numpy(self._frames()[episode, start]).to(self.device)
+                first_frame = torch.from_numpy(self._frames.get()[episode, start]).to(self.device)
         return Context(keypoints, actions, first_frame, {"context_episode": episode, "context_start": start})
 
     def close(self) -> None:
-        if self._file is not None and self._file_pid == os.getpid():
-            self._file.close()
-        self._file = None
+        self._frames.close()
 
 
 class SimulatorContexts:

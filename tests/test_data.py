@@ -94,7 +94,7 @@ def test_without_frames_reads_no_frames(tiny_dataset: Path) -> None:
     a, b = with_frames[5], without[5]
     assert b.frames.shape == (20, 0, 0, 0) and b.frames.dtype == torch.uint8
     assert torch.equal(a.actions, b.actions) and torch.equal(a.rewards, b.rewards) and a.start == b.start
-    assert not without._handles  # no HDF5 file was opened for frames
+    assert not any(frames.is_open for frames in without._frames)  # no HDF5 file was opened for frames
 
 
 def test_dataloader_with_two_workers_sees_every_window_once(tiny_dataset: Path) -> None:

@@ -16,8 +16,8 @@ Choices written down here:
   single task that is its own size D).
 * ``frames=False`` skips reading frames (for reward and state experiments): frames is then an empty
   uint8 tensor of shape (L, 0, 0, 0).
-* HDF5 handles are opened lazily, per process: a DataLoader worker (forked or spawned) never uses a
-  handle opened by its parent, and pickling the dataset drops open handles.
+* HDF5 handles are opened lazily, per process (``storage.ProcessLocalDataset``): a DataLoader worker
+  (forked or spawned) never uses a handle opened by its parent, and pickling the dataset drops them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -102,8 +102,9 @@ class WindowDataset(Dataset[Window]):
         self.state_dim = max(info.state_dim for info in infos) if states else 0
         self.files: tuple[FileWindows, ...] = tuple(self._load(info) for info in infos)
         self._offsets = np.cumsum([0] + [file.num_windows for file in self.files])
-        self._handles: dict[int, h5py.Dataset] = {}  # this process's open frames datasets
-        self._handles_pid = os.getpid()
+        self._frames = [
+            storage.ProcessLocalDataset(file.info.path, "frames", rdcc_nbytes=CHUNK_CACHE_BYTES) for file in self.files
+        ]
 
     def _open_info(self, task: str) -> storage.DatasetInfo:
         info = storage.checked_dataset(self.root, task, self.split)  # absent, damaged, foreign: InputError
@@ -156,7 +157,7 @@ class WindowDataset(Dataset[Window]):
         file = self.files[number]
         steps = slice(start, start + self.length)
         if self.with_frames:
-            frames = torch.from_numpy(self._frames(number)[episode, steps])
+            frames = torch.from_numpy(self._frames[number].get()[episode, steps])
         else:
             frames = torch.empty((self.length, 0, 0, 0), dtype=torch.uint8)
         states = (
@@ -174,27 +175,7 @@ class WindowDataset(Dataset[Window]):
             start=torch.tensor(start, dtype=torch.int64),
         )
 
-    def _frames(self, number: int) -> h5py.Dataset:
-        """The frames dataset of file ``number``, opened on first use in this process."""
-        if self._handles_pid != os.getpid():  # a forked child: the parent's handles are not ours to use
-            self._handles = {}
-            self._handles_pid = os.getpid()
-        if number not in self._handles:  # the dataset object, not the file: saves a lookup per read
-            file = h5py.File(self.files[number].info.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-            self._handles[number] = file["frames"]
-        return self._handles[number]
-
     def close(self) -> None:
         """Close this process's HDF5 handles (they reopen on the next read)."""
-        for frames in self._handles.values():
-            frames.file.close()
-        self._handles = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = {}  # h5py handles cannot be pickled; the receiver opens its own
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._handles_pid = os.getpid()
+        for frames in self._frames:
+            frames.close()
