@@ -53,7 +53,7 @@ from envs.sb3 import ImaginedSB3VecEnv
 from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.errors import InputError, run_script
-from worldmodel.tasks import get_task
+from worldmodel.tasks import get_task, pad_actions
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,7 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
     while not (truncated or terminated):
         action, _ = agent.predict(observation, deterministic=True)
         observation, _, terminated, truncated, _ = env.step(action)
-        padded = torch.zeros(1, 6, device=models.device)
-        padded[0, : len(action)] = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32)
+        padded = torch.from_numpy(pad_actions(np.clip(action, -1, 1)[None])).to(models.device)
         noise = torch.randn((1, model.dynamics.noise_size), generator=generator).to(models.device)
         imagined = prior_step(model, imagined, padded, noise)
         keypoints = model.normalizer.denormalize(model.dynamics.keypoints(imagined)).view(1, -1, 3)

@@ -48,7 +48,7 @@ from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError, MissingInputError
 from worldmodel.keypoint_cache import detect_in_chunks, load_keypoint_cache, vision_fingerprint
 from worldmodel.model import WorldModel, inference_autocast, previous_actions
-from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
+from worldmodel.tasks import MAX_ACTION_DIM, get_task, pad_actions, task_id
 from worldmodel.windows import EpisodeWindows
 
 CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
@@ -94,13 +94,6 @@ def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def pad_actions(actions: np.ndarray) -> np.ndarray:
-    """(..., A) task actions -> (..., 6) float32, zero-padded (one model serves all tasks)."""
-    padded = np.zeros((*actions.shape[:-1], MAX_ACTION_DIM), np.float32)
-    padded[..., : actions.shape[-1]] = actions
-    return padded
 
 
 @torch.inference_mode()

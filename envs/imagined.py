@@ -42,7 +42,6 @@ from envs.context import (
     cpu_threads,
     detect_frames,
     filter_context,
-    pad_actions,
     posterior_noise,
     posterior_step,
 )
@@ -53,7 +52,7 @@ from worldmodel.errors import InputError, MissingInputError
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, inference_autocast
 from worldmodel.reward import RewardPredictor, RewardPredictorMismatch, load_reward_predictor
-from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, IMAGE_SIZE, get_task
+from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, IMAGE_SIZE, MAX_ACTION_DIM, get_task, pad_actions
 
 CHECKPOINT_ENV = "STRUCTVRNN_CHECKPOINT"
 DEFAULT_RUN_DIR = Path("runs/world_model")  # train/world_model.py's default --out
@@ -697,7 +696,7 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         if action is None:  # the episode's first frame: the reference for decoding (render, GIFs)
             self.first_frame, self.first_keypoints = np.array(frame), keypoints
         target = self.model.normalizer.normalize(keypoints.flatten(1))  # (1, F)
-        padded = torch.zeros(1, 6, device=device) if action is None else torch.from_numpy(
+        padded = torch.zeros(1, MAX_ACTION_DIM, device=device) if action is None else torch.from_numpy(
             pad_actions(np.asarray(action, np.float32)[None])
         ).to(device)
         noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from worldmodel import storage
 from worldmodel.errors import InputError
-from worldmodel.tasks import MAX_ACTION_DIM, parse_tasks, task_id
+from worldmodel.tasks import pad_actions, parse_tasks, task_id
 from worldmodel.windows import EpisodeWindows
 
 # Random windows rarely reuse a chunk, but a sequential sweep (stride 1) reads each chunk ~16 times:
@@ -117,8 +117,7 @@ class WindowDataset(Dataset[Window]):
 
     def _load(self, info: storage.DatasetInfo) -> FileWindows:
         with h5py.File(info.path, "r") as file:  # closed again: no handle may cross a fork
-            actions = np.zeros((info.num_episodes, info.episode_steps, MAX_ACTION_DIM), np.float32)
-            actions[..., : info.action_dim] = file["actions"][...]
+            actions = pad_actions(file["actions"][...])
             rewards = file["rewards"][...]
             states = None
             if self.with_states:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from worldmodel.errors import InputError
 
 CONTROL_STEPS_PER_EPISODE = 1000  # dm_control's time limit for all six tasks at their control timestep
@@ -74,3 +76,10 @@ def parse_tasks(text: str) -> list[str]:
     for name in names:
         get_task(name)
     return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def pad_actions(actions: np.ndarray) -> np.ndarray:
+    """(..., A) task actions -> (..., MAX_ACTION_DIM) float32, zero-padded (one model serves all tasks)."""
+    padded = np.zeros((*actions.shape[:-1], MAX_ACTION_DIM), np.float32)
+    padded[..., : actions.shape[-1]] = actions
+    return padded
