@@ -24,6 +24,18 @@ from worldmodel.tasks import IMAGE_SIZE, TaskSpec, get_task  # noqa: E402
 
 # Measured here (SPEC section 2): ~2.5x frames/s with a mean pixel difference <= 1/255.
 FAST_RENDER_SETTINGS = {"shadowsize": 1024, "offsamples": 0}
+CAMERA_ID = 0  # the tasks' default camera
+
+
+def render_settings(fast_render: bool, image_size: int = IMAGE_SIZE, camera_id: int = CAMERA_ID) -> dict[str, int | bool]:
+    """What frames are rendered with, stored with the data so datasets never mix settings (the collector
+    needs it before any Simulator exists)."""
+    return {
+        "fast_render": fast_render,
+        "image_size": image_size,
+        "camera_id": camera_id,
+        **(FAST_RENDER_SETTINGS if fast_render else {}),
+    }
 
 
 class Transition(NamedTuple):
@@ -41,7 +53,7 @@ class Simulator:
         action_repeat: int | None = None,
         fast_render: bool = True,
         image_size: int = IMAGE_SIZE,
-        camera_id: int = 0,
+        camera_id: int = CAMERA_ID,
     ) -> None:
         from dm_control import suite  # imported late: it is slow and needs MUJOCO_GL set
 
@@ -84,13 +96,8 @@ class Simulator:
         return self._env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
 
     def render_settings(self) -> dict[str, int | bool]:
-        """What was used to render, stored with the data so datasets never mix settings."""
-        return {
-            "fast_render": self.fast_render,
-            "image_size": self.image_size,
-            "camera_id": self.camera_id,
-            **(FAST_RENDER_SETTINGS if self.fast_render else {}),
-        }
+        """What this simulator renders with (``render_settings``)."""
+        return render_settings(self.fast_render, self.image_size, self.camera_id)
 
     def close(self) -> None:
         self._env.close()
