@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from envs.imagined import (
     ImaginationModels,
+    ImaginationOptions,
     RealTaskThroughModel,
     decode_frames,
     load_imagination_models,
@@ -175,12 +176,17 @@ def summarize(values: list[float]) -> Returns:
     return Returns(float(np.mean(values)), float(np.std(values)), [float(v) for v in values])
 
 
+def imagination_options(args: Args) -> dict[str, Any]:
+    """The imagined envs' keyword arguments (``envs.imagined.ImaginationOptions``) these options ask for."""
+    return asdict(ImaginationOptions(
+        checkpoint=args.checkpoint, reward_predictor=args.reward_predictor, data=args.data, context=args.context,
+        observe_keypoints=args.observe_keypoints, horizon=args.horizon, device=args.device,
+    ))
+
+
 def imagined_returns(agent: BaseAlgorithm, args: Args, episodes: int) -> Returns:
     """The agent's (deterministic) returns in imagination, one batch of ``episodes`` sub-envs."""
-    venv = ImaginedSB3VecEnv(
-        args.task, episodes, args.checkpoint, args.reward_predictor, args.data, args.context,
-        args.observe_keypoints, args.horizon, args.device,
-    )
+    venv = ImaginedSB3VecEnv(args.task, episodes, **imagination_options(args))
     venv.seed(args.seed + 10_000)  # other contexts than the training episodes' first ones
     observations = venv.reset()
     totals = np.zeros(episodes)
@@ -321,10 +327,7 @@ def main(args: Args) -> Report:
         print(f"{done.results_path} already holds the results of these options: nothing to do")
         return done
     models = load_imagination_models(args.task, args.checkpoint, args.reward_predictor, args.device)  # else InputError
-    venv = VecMonitor(ImaginedSB3VecEnv(
-        args.task, args.num_envs, args.checkpoint, args.reward_predictor, args.data, args.context,
-        args.observe_keypoints, args.horizon, args.device,
-    ))
+    venv = VecMonitor(ImaginedSB3VecEnv(args.task, args.num_envs, **imagination_options(args)))
     stem = f"{args.task}-{args.algo}"
     agent = train_agent(args, venv, models, args.out / f"{stem}.resume.pt")
     args.out.mkdir(parents=True, exist_ok=True)

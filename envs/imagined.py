@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -58,10 +59,12 @@ CHECKPOINT_ENV = "STRUCTVRNN_CHECKPOINT"
 DEFAULT_RUN_DIR = Path("runs/world_model")  # train/world_model.py's default --out
 REWARD_PREDICTOR_DIR = "reward_predictors"  # downstream/reward.py writes <run dir>/reward_predictors/<task>.pt
 NOISE_BLOCK = 64  # prior draws fetched per sub-env at a time: one Python call per sub-env every 64 steps
+RENDER_MODES = ("rgb_array",)
 __all__ = [
     "CHECKPOINT_ENV",
     "ImaginationBatch",
     "ImaginationModels",
+    "ImaginationOptions",
     "ImaginedEnv",
     "RealTaskThroughModel",
     "check_actions",
@@ -69,6 +72,38 @@ __all__ = [
     "load_imagination_models",
     "resolve_device",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The envs' options
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImaginationOptions:
+    """The keyword arguments every imagined env takes besides the task (``ImaginedEnv``'s table explains them)."""
+
+    checkpoint: str | os.PathLike[str] | None = None
+    reward_predictor: str | os.PathLike[str] | None = None
+    data: str | os.PathLike[str] | None = None
+    context: str = "dataset"
+    observe_keypoints: bool = False
+    horizon: int | None = None
+    device: str | torch.device = "auto"
+    threads: int | None = 1
+    render_mode: str | None = None
+
+    def check(self) -> None:
+        """InputError for values no env can run with (models and data are checked where they are loaded)."""
+        if self.render_mode is not None and self.render_mode not in RENDER_MODES:
+            raise InputError(f"render_mode must be None or 'rgb_array', got {self.render_mode!r}")
+        if self.horizon is not None and self.horizon < 1:
+            raise InputError(f"horizon must be >= 1, got {self.horizon}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be None or >= 1, got {self.threads}")
+
+    @property
+    def keep_frames(self) -> bool:
+        """Rendering decodes frames against the context's first frame, which is then kept."""
+        return self.render_mode == "rgb_array"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,25 +505,12 @@ def default_horizon(action_repeat: int) -> int:
     return CONTROL_STEPS_PER_EPISODE // action_repeat
 
 
-def build_batch(
-    task: str,
-    num_envs: int,
-    checkpoint: str | os.PathLike[str] | None,
-    reward_predictor: str | os.PathLike[str] | None,
-    data: str | os.PathLike[str] | None,
-    context: str,
-    observe_keypoints: bool,
-    horizon: int | None,
-    device: str | torch.device,
-    keep_frames: bool,
-    threads: int | None = 1,
-) -> ImaginationBatch:
-    """Load (or reuse) the models and the context source, and make the batch (shared by all env classes)."""
-    models = load_imagination_models(task, checkpoint, reward_predictor, device)
-    if horizon is not None and horizon < 1:
-        raise InputError(f"horizon must be >= 1, got {horizon}")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be None or >= 1, got {threads}")
+def build_batch(task: str, num_envs: int, options: ImaginationOptions) -> ImaginationBatch:
+    """Check the options, load (or reuse) the models and the context source, and make the batch (shared by
+    all env classes)."""
+    options.check()
+    models = load_imagination_models(task, options.checkpoint, options.reward_predictor, options.device)
+    data, context = options.data, options.context
     if data is None and context == "dataset":
         if models.dataset is None:
             raise InputError(f"the checkpoint {models.checkpoint} records no dataset; pass data=<dataset dir>")
@@ -503,10 +525,10 @@ def build_batch(
         models,
         source,
         num_envs,
-        default_horizon(models.action_repeat) if horizon is None else horizon,
-        observe_keypoints,
-        keep_frames,
-        threads,
+        default_horizon(models.action_repeat) if options.horizon is None else options.horizon,
+        options.observe_keypoints,
+        options.keep_frames,
+        options.threads,
     )
 
 
@@ -562,28 +584,13 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
     or ``context_seed`` (simulator). For many envs at once use ``gym.make_vec`` (one tensor batch).
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 30}
 
-    def __init__(
-        self,
-        task: str,
-        checkpoint: str | os.PathLike[str] | None = None,
-        reward_predictor: str | os.PathLike[str] | None = None,
-        data: str | os.PathLike[str] | None = None,
-        context: str = "dataset",
-        observe_keypoints: bool = False,
-        horizon: int | None = None,
-        device: str = "auto",
-        threads: int | None = 1,
-        render_mode: str | None = None,
-    ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.render_mode = render_mode
-        self.batch = build_batch(
-            task, 1, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
-            keep_frames=render_mode == "rgb_array", threads=threads,
-        )
+    def __init__(self, task: str, **options: Any) -> None:
+        """``options``: the fields of ``ImaginationOptions`` (the table above)."""
+        settings = ImaginationOptions(**options)
+        self.batch = build_batch(task, 1, settings)
+        self.render_mode = settings.render_mode
         self.task = self.batch.task
         self.horizon = self.batch.horizon
         self.action_repeat = self.batch.models.action_repeat
