@@ -12,7 +12,7 @@ from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.model import (
     Diagnostics,
     Losses,
-    Prediction,
+    GuidedPrediction,
     Schedule,
     WorldModel,
     frames_to_images,
@@ -87,8 +87,8 @@ def test_shapes(variant: str) -> None:
     decoded = model.decode(future.keypoints, frames[:, 0], keypoints[:, 0])
     assert decoded.shape == (B, T, 3, 64, 64) and decoded.dtype == torch.float32
     assert decoded.min() >= -0.5 and decoded.max() <= 0.5
-    prediction = model.predict(frames, actions, OBS)
-    assert isinstance(prediction, Prediction) and prediction.frames.shape == (B, T, 3, 64, 64)
+    prediction = model.predict_guided(frames, actions, OBS)
+    assert isinstance(prediction, GuidedPrediction) and prediction.frames.shape == (B, T, 3, 64, 64)
     assert prediction.keypoints.shape == (B, T, k, 3) and prediction.hidden.shape == (B, T, h)
 
 

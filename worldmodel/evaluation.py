@@ -133,8 +133,9 @@ def keypoint_errors(predicted: Tensor, detected: Tensor) -> tuple[Tensor, Tensor
 # ----------------------------------------------------------------------------------------------
 # Open-loop prediction with N samples
 # ----------------------------------------------------------------------------------------------
-class Prediction(NamedTuple):
-    """The result of conditioning on real frames and predicting the rest, best of N samples."""
+class BestOfNPrediction(NamedTuple):
+    """The result of conditioning on real frames and predicting the rest N times open loop, with the sample
+    nearest the true future chosen per sequence afterwards."""
 
     detected: Tensor  # (B, T, K, 3) keypoints detected on all real frames
     predicted: Tensor  # (B, T, K, 3) observed steps: posterior reconstruction; then best sample
@@ -158,14 +159,14 @@ def repeat_state(state: DynamicsState, times: int) -> DynamicsState:
 
 
 @torch.no_grad()
-def predict(
+def predict_best_of_n(
     model: WorldModel,
     frames: Tensor,
     actions: Tensor,
     num_observed: int,
     num_samples: int,
     generator: torch.Generator | None = None,
-) -> Prediction:
+) -> BestOfNPrediction:
     """Observe ``num_observed`` frames, imagine the rest of the window ``num_samples`` times.
 
     frames uint8 (B, T, 64, 64, 3), actions (B, T, 6) with actions[:, t] applied at frame t. Action
@@ -192,7 +193,7 @@ def predict(
     best = samples[best_index, torch.arange(batch, device=samples.device)]
     predicted = torch.cat([observed.keypoints, best], dim=1)
     first_frame, first_keypoints = frames[:, 0], detected[:, 0]
-    return Prediction(
+    return BestOfNPrediction(
         detected=detected,
         predicted=predicted,
         samples=samples,
@@ -228,8 +229,8 @@ def _finite_mean(values: Tensor) -> float:
     return float(values.clamp(max=100.0).mean())
 
 
-def score(prediction: Prediction, num_observed: int) -> EvalResult:
-    """Reduce a Prediction (one batch) to the averaged metrics."""
+def score(prediction: BestOfNPrediction, num_observed: int) -> EvalResult:
+    """Reduce a BestOfNPrediction (one batch) to the averaged metrics."""
     future = slice(num_observed, None)
     detected_future = prediction.detected[None, :, future]
     mse, distance = keypoint_errors(prediction.samples, detected_future)  # (N, B)
@@ -320,9 +321,9 @@ def evaluate(
     seed: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> tuple[EvalResult, Prediction]:
+) -> tuple[EvalResult, BestOfNPrediction]:
     """Best-of-N open-loop prediction on every eval window; returns the averages and the first batch's
-    Prediction (for pictures). The model is put in eval mode and restored afterwards."""
+    BestOfNPrediction (for pictures). The model is put in eval mode and restored afterwards."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -332,7 +333,7 @@ def evaluate(
             frames = eval_set.frames[start : start + batch_size].to(device)
             actions = eval_set.actions[start : start + batch_size].to(device)
             with autocast():
-                prediction = predict(model, frames, actions, num_observed, num_samples, generator)
+                prediction = predict_best_of_n(model, frames, actions, num_observed, num_samples, generator)
             results.append(score(prediction, num_observed))
             first = prediction if first is None else first
     finally:

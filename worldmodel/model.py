@@ -112,8 +112,9 @@ class Rollout(NamedTuple):
     final: DynamicsState
 
 
-class Prediction(NamedTuple):
-    """``WorldModel.predict``: observe the first frames, predict the rest, decode all."""
+class GuidedPrediction(NamedTuple):
+    """``WorldModel.predict_guided``: observe the first frames, predict the rest keeping at each step the prior
+    sample nearest the true future's keypoints, decode all."""
 
     frames: Tensor  # (B, T, 3, 64, 64) float in [-0.5, 0.5], decoded from `keypoints`
     keypoints: Tensor  # (B, T, K, 3) posterior (observed steps) then prior (predicted steps) keypoints
@@ -394,17 +395,18 @@ class WorldModel(nn.Module):
         return self._rollout(unroll)
 
     @torch.no_grad()
-    def predict(
+    def predict_guided(
         self,
         frames: Tensor,
         actions: Tensor,
         num_observed: int,
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> Prediction:
-        """Evaluation helper: observe frames[:, :num_observed] (posterior), predict the rest with the prior
-        (best of ``num_samples`` against the detected keypoints, the paper's best-of-N evaluation; 1 = a
-        plain sample), decode every frame. frames uint8 (B, T, 64, 64, 3), actions (B, T, 6)."""
+    ) -> GuidedPrediction:
+        """Observe frames[:, :num_observed] (posterior), predict the rest with the prior, each step keeping the
+        best of ``num_samples`` samples against the keypoints detected in the true frames (so it peeks at the
+        future: 1 = a plain sample), decode every frame. frames uint8 (B, T, 64, 64, 3), actions (B, T, 6).
+        The evaluation's best of N, which picks whole open-loop samples, is ``evaluation.predict_best_of_n``."""
         if not 1 <= num_observed <= frames.shape[1]:
             raise ValueError(f"num_observed must be in [1, T={frames.shape[1]}], got {num_observed}")
         detected = self.detect(frames)  # (B, T, K, 3)
@@ -420,7 +422,7 @@ class WorldModel(nn.Module):
         else:
             keypoints, hidden = observed.keypoints, observed.hidden
         images = self.decode(keypoints, frames[:, 0], detected[:, 0])
-        return Prediction(images, keypoints, detected, hidden)
+        return GuidedPrediction(images, keypoints, detected, hidden)
 
 
 def vision_modules(model: WorldModel) -> list[nn.Module]:
