@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
-from worldmodel.distributed import resolve_device
+from worldmodel.devices import resolve_device
 from worldmodel.errors import InputError, run_script
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features

@@ -47,7 +47,7 @@ from envs.context import (
     posterior_step,
 )
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
-from worldmodel.distributed import resolve_device
+from worldmodel.devices import resolve_device
 from worldmodel.dynamics_core import CoreCarry, DynamicsCore
 from worldmodel.errors import InputError, MissingInputError
 from worldmodel.fingerprint import model_fingerprint
