@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from envs.simulator import Simulator  # cheap: dm_control itself loads when a Simulator is made
 from worldmodel import storage
 from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError, MissingInputError
@@ -201,8 +202,6 @@ class SimulatorContexts:
     """Contexts from the real task: reset with a drawn episode seed, then uniform random actions."""
 
     def __init__(self, task: str, model: WorldModel, action_repeat: int, length: int = CONTEXT_LENGTH) -> None:
-        from envs.simulator import Simulator  # dm_control loads slowly: only when asked for
-
         self.task = get_task(task).name
         self.action_repeat = action_repeat
         self.model = model

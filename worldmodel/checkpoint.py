@@ -29,20 +29,18 @@ import os
 import random
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 import worldmodel
 from worldmodel.atomic import atomic_torch_save
+from worldmodel.config import ModelConfig
 from worldmodel.errors import InputError, detail
+from worldmodel.model import WorldModel
 from worldmodel.precision import inference_compute
-
-if TYPE_CHECKING:
-    from worldmodel.config import ModelConfig
-    from worldmodel.model import WorldModel
-    from worldmodel.storage import DatasetInfo
+from worldmodel.storage import FRAME_SHAPE, DatasetInfo
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -180,8 +178,6 @@ def load_checkpoint(
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig from its plain-dict form; unknown keys are an error (version skew)."""
-    from worldmodel.config import ModelConfig
-
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     if not isinstance(values, dict):
         raise CheckpointError(f"checkpoint model config is not a dict; the checkpoint is foreign: {TRAIN_HINT}")
@@ -227,8 +223,6 @@ def load_world_model(
     ``model, config, info = load_world_model("runs/world_model", "cpu")``; raises CheckpointError
     ("... train one with python train/world_model.py") when there is none.
     """
-    from worldmodel.model import WorldModel
-
     checkpoint = load_checkpoint(path_or_run_dir, map_location="cpu")
     try:
         config = model_config_from_dict(checkpoint["model_config"])
@@ -258,8 +252,6 @@ def load_world_model(
 def check_dataset_fits(info: CheckpointInfo, config: ModelConfig, dataset: DatasetInfo) -> None:
     """Refuse a dataset file the world model of a checkpoint was not trained on data like: another task, another
     action repeat (the model's steps would mean another duration) or another frame size."""
-    from worldmodel.storage import FRAME_SHAPE
-
     tasks = list(info.dataset.get("tasks", []))
     repeats = info.dataset.get("action_repeats") or {}
     if dataset.task not in repeats:

@@ -29,15 +29,15 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: the metrics above need no model
-    from worldmodel.model import DynamicsState, WorldModel
+from worldmodel.data import WindowDataset
+from worldmodel.model import DynamicsState, WorldModel
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -291,8 +291,6 @@ class EvalSet(NamedTuple):
 
 def load_eval_set(root: Path, tasks: Sequence[str], length: int, count: int, seed: int) -> EvalSet:
     """``count`` windows of ``length`` frames from the test split (fewer if the split is smaller)."""
-    from worldmodel.data import WindowDataset
-
     per_task: list[list[Any]] = []
     for number, task in enumerate(tasks):
         dataset = WindowDataset(root, [task], "test", length=length)
