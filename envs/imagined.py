@@ -28,7 +28,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -46,7 +46,13 @@ from envs.context import (
     posterior_noise,
     posterior_step,
 )
-from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
+from worldmodel.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    LoadedWorldModel,
+    find_checkpoint,
+    load_world_model,
+)
 from worldmodel.devices import resolve_device
 from worldmodel.dynamics_core import CoreCarry, DynamicsCore
 from worldmodel.errors import InputError, MissingInputError
@@ -58,6 +64,7 @@ from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, IMAGE_SIZE, MAX_ACTION_D
 CHECKPOINT_ENV = "STRUCTVRNN_CHECKPOINT"
 DEFAULT_RUN_DIR = Path("runs/world_model")  # train/world_model.py's default --out
 REWARD_PREDICTOR_DIR = "reward_predictors"  # downstream/reward.py writes <run dir>/reward_predictors/<task>.pt
+_Loaded = TypeVar("_Loaded")
 NOISE_BLOCK = 64  # prior draws fetched per sub-env at a time: one Python call per sub-env every 64 steps
 RENDER_MODES = ("rgb_array",)
 __all__ = [
@@ -143,9 +150,34 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> Path:
         ) from None
 
 
-_WORLD_MODELS: dict[tuple[str, int, str], tuple[Any, str]] = {}
-_REWARD_PREDICTORS: dict[tuple[str, int, str, str, str], RewardPredictor] = {}
+# Models loaded in this process, keyed by what they were loaded from (path, mtime, device, ...): every env of
+# the process shares them (they are never modified) and a file changed on disk is loaded again.
+_LOADED: dict[tuple[Any, ...], Any] = {}
 _LOAD_LOCK = threading.Lock()
+
+
+def _load_once(key: tuple[Any, ...], load: Callable[[], _Loaded]) -> _Loaded:
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = load()
+        return _LOADED[key]
+
+
+def _load_world_model(path: Path, device: torch.device) -> tuple[LoadedWorldModel, str]:
+    loaded = load_world_model(path, device)
+    loaded.model.requires_grad_(False)
+    return loaded, model_fingerprint(loaded.model)
+
+
+def _load_reward_predictor(
+    path: Path, task: str, fingerprint: str, hidden_size: int, device: torch.device
+) -> RewardPredictor:
+    predictor = load_reward_predictor(path, task, fingerprint, map_location=device)
+    if predictor.input_size != hidden_size:
+        raise RewardPredictorMismatch(
+            f"{path} reads {predictor.input_size} features, the world model's hidden state has {hidden_size}"
+        )
+    return predictor.to(device).requires_grad_(False)
 
 
 def load_imagination_models(
@@ -162,13 +194,8 @@ def load_imagination_models(
     spec = get_task(task)
     device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
-    model_key = (str(path), path.stat().st_mtime_ns, str(device))
-    with _LOAD_LOCK:
-        if model_key not in _WORLD_MODELS:
-            loaded = load_world_model(path, device)
-            loaded.model.requires_grad_(False)
-            _WORLD_MODELS[model_key] = (loaded, model_fingerprint(loaded.model))
-        loaded, fingerprint = _WORLD_MODELS[model_key]
+    model_key = ("world model", str(path), path.stat().st_mtime_ns, str(device))
+    loaded, fingerprint = _load_once(model_key, lambda: _load_world_model(path, device))
     dataset_info = loaded.info.dataset
     repeats = dataset_info.get("action_repeats") or {}
     if spec.name not in repeats:
@@ -191,17 +218,14 @@ def load_imagination_models(
             f"no reward predictor for {spec.name} at {predictor_path}; fit one for this world model with "
             f"`python downstream/reward.py --run {path.parent} --tasks {spec.name}` (or pass reward_predictor=)"
         )
-    predictor_key = (str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name, str(device))
-    with _LOAD_LOCK:
-        if predictor_key not in _REWARD_PREDICTORS:
-            predictor = load_reward_predictor(predictor_path, spec.name, fingerprint, map_location=device)
-            expected = loaded.model.dynamics.hidden_size
-            if predictor.input_size != expected:
-                raise RewardPredictorMismatch(
-                    f"{predictor_path} reads {predictor.input_size} features, the world model's hidden state has {expected}"
-                )
-            _REWARD_PREDICTORS[predictor_key] = predictor.to(device).requires_grad_(False)
-        predictor = _REWARD_PREDICTORS[predictor_key]
+    predictor_key = (
+        "reward predictor", str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name,
+        str(device),
+    )
+    hidden_size = loaded.model.dynamics.hidden_size
+    predictor = _load_once(
+        predictor_key, lambda: _load_reward_predictor(predictor_path, spec.name, fingerprint, hidden_size, device)
+    )
     recorded = dataset_info.get("path")
     cache = dataset_info.get("keypoint_cache")
     return ImaginationModels(
