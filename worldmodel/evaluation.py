@@ -26,7 +26,6 @@ channels per image.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -271,10 +270,6 @@ def combine(results: list[EvalResult]) -> EvalResult:
         if name not in ("num_windows", "num_samples")
     }
     return EvalResult(**averaged, num_windows=total, num_samples=results[0].num_samples)
-
-
-def is_finite_result(result: EvalResult) -> bool:
-    return all(math.isfinite(float(value)) for value in result)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,8 +53,6 @@ class Schedule(NamedTuple):
     """Amplitude of the Gaussian maps, ``mix * mu + (1 - mix)`` (0: fixed amplitude, 1: the paper's mu).
     None keeps the model's current value (``ModelConfig.initial_amplitude_mix`` until set); a value is
     remembered by the model (a buffer saved with it) so decoding after training uses the last one."""
-    sparsity_scale: float = 1.0
-    """Multiplies lambda_sparse (on top of the amplitude mix, which weights it too)."""
 
     @classmethod
     def at_step(cls, step: int, total_steps: int, config: ModelConfig) -> Schedule:
@@ -240,8 +238,7 @@ class WorldModel(nn.Module):
         else:
             separation = sparsity = zero
         # L_sparse acts on the maps' amplitudes: with fixed amplitude (mix 0) mu is not drawn, nothing to prune.
-        sparsity_scale = (1.0 if schedule is None else schedule.sparsity_scale) * mix
-        total = image + cfg.separation_weight * separation + cfg.sparsity_weight * sparsity_scale * sparsity
+        total = image + cfg.separation_weight * separation + cfg.sparsity_weight * mix * sparsity
         losses = Losses(total, image, separation, sparsity, zero, zero, zero, zero)
         return VisionOutput(keypoints, self.amplitude(keypoints, mix), losses)
 
@@ -340,11 +337,6 @@ class WorldModel(nn.Module):
         batch, steps = unroll.keypoints.shape[:2]
         points = self.normalizer.denormalize(unroll.keypoints).view(batch, steps, self.config.num_keypoints, 3)
         return Rollout(points, unroll.hidden, self._state(unroll.final))
-
-    def initial_state(self, batch_size: int) -> DynamicsState:
-        """The zero state; ``imagine`` from it is not the start of a sequence (use ``observe`` for that)."""
-        device = self.amplitude_mix.device
-        return self._state(self.dynamics.initial_carry(batch_size, device))
 
     def observe(
         self,
