@@ -1,4 +1,4 @@
-"""Collect the random-action 64x64 datasets of the six DeepMind Control tasks (SPEC sections 1-2).
+"""Collect the random-action 64x64 datasets of the six DeepMind Control tasks (docs/CONTRACTS.md).
 
 Usage (from the repository root)::
 

@@ -1,4 +1,4 @@
-"""The paper's reward experiment (Figure 8, S2.3; SPEC section 5): do the VRNN hidden states predict reward?
+"""The paper's reward experiment (Minderer et al. 2019, Figure 8 and S2.3): do the VRNN hidden states predict reward?
 
     python downstream/reward.py --run runs/world_model --run runs/cnn_vrnn
 

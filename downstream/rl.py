@@ -78,7 +78,7 @@ class Args:
     observe_keypoints: bool = False
     """Let the agent see the current keypoints beside the hidden state."""
     horizon: int | None = 12
-    """Imagined steps per training episode, each from a fresh real context. 12 = the open-loop length the reward predictor is fit and tested on (downstream/reward.py); over the task's full horizon (None) the agent learns to exploit the model's errors instead (cheetah, 300k PPO steps: full horizon, imagined return 90 but real 1.3 against random's 10.7; 12 steps, real 110)."""
+    """Imagined steps per training episode, each from a fresh real context. 12 = the open-loop length the reward predictor is fit and tested on (downstream/reward.py); over the task's full horizon (None) the agent learns to exploit the model's errors instead (docs/DECISIONS.md)."""
     eval_episodes: int = 5
     """Real episodes for the agent and for the random policy each (and imagined ones for the agent)."""
     gif: bool = False

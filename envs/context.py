@@ -13,9 +13,8 @@ chosen with the env's seeded ``np.random.Generator``.
 Choices written down here:
 
 * Dataset contexts: every window of the test split is equally likely (starts ``s <= T - 8``, the
-  windows ``worldmodel.data.WindowDataset`` serves). Detection is the cost of a reset (on 2 CPU cores
-  ~15 ms for 8 frames of the ``cpu`` model, against ~20-40 us per imagined sub-env step), so it is avoided:
-  a staged training run (``train/world_model.py --mode staged``) leaves every test frame's keypoints in
+  windows ``worldmodel.data.WindowDataset`` serves). Detection is the cost of a reset (docs/DECISIONS.md),
+  so it is avoided: a staged training run (``train/world_model.py --mode staged``) leaves every test frame's keypoints in
   ``<run dir>/keypoints.pt``, tagged with the detector weights' fingerprint; when that file matches the
   model and the dataset, contexts read their keypoints from it. Otherwise each window's 8 frames are
   detected in one call of fixed shape and kept in a per-process LRU cache, so a window gives
@@ -80,11 +79,9 @@ class ContextSource(Protocol):
 def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
     """Run torch's CPU ops with ``count`` threads (restored after); None or a CUDA device: leave it.
 
-    The envs' per-step tensors are small. Measured here (2 cores shared with other jobs, ``cpu``-profile
-    sizes): one thread steps 256 sub-envs at ~45k sub-env steps/s, two threads at ~2k, because OpenMP
-    threads spin-wait on each other while other processes hold the cores. On an idle machine with more
-    cores, more threads may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
-    Switching the count costs well under a microsecond.
+    The envs' per-step tensors are small, so one thread is the default: more threads spin-wait on each
+    other when other processes hold the cores (docs/DECISIONS.md). On an idle machine with more cores,
+    more may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
     """
     if count is None or device.type != "cpu" or torch.get_num_threads() == count:
         yield
@@ -213,7 +210,7 @@ class SimulatorContexts:
     def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
         episode_seed = int(rng.integers(2**31 - 1))
         action_dim = self.simulator.spec.action_dim
-        # The data's policy (SPEC section 2): uniform in [-1, 1], one draw per agent step.
+        # The data's policy (collect/dmcs.py): uniform in [-1, 1], one draw per agent step.
         actions = rng.uniform(-1.0, 1.0, (self.length - 1, action_dim)).astype(np.float32)
         with self._lock:
             frame, _ = self.simulator.reset(episode_seed)

@@ -372,9 +372,8 @@ class ImaginationBatch:
 
     def _fp32(self) -> torch.autocast:
         """The dynamics and the reward predictor run in float32, as the model runs its dynamics (also under a
-        caller's autocast). Measured: bf16 would step ~1.5x faster on CPU but moves the hidden state by ~1e-2;
-        the convolutions (detection, decoding) use bf16 where the hardware runs it natively
-        (``worldmodel.precision``)."""
+        caller's autocast; docs/DECISIONS.md); the convolutions (detection, decoding) use bf16 where the
+        hardware runs it natively (``worldmodel.precision``)."""
         return torch.autocast(self.device.type, enabled=False)
 
     # ---- state (to continue an interrupted run exactly) ------------------------------------------------

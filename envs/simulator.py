@@ -3,7 +3,7 @@
 Shared by the collector (``collect/dmcs.py``) and the real pixel envs (``StructVRNN-Real-<task>``) so
 both produce exactly the same frames, rewards and states for the same seed and actions.
 
-Conventions (SPEC section 2): one agent action is held for ``action_repeat`` control steps and the
+Conventions (those of the datasets, docs/CONTRACTS.md): one agent action is held for ``action_repeat`` control steps and the
 agent step's reward is the sum of their rewards; frames are ``physics.render(64, 64, camera_id=0)``;
 the low-dimensional state is the task's observation dict flattened in dm_control's key order
 (see ``state_layout``).
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from worldmodel.errors import InputError  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TaskSpec, get_task  # noqa: E402
 
-# Measured here (SPEC section 2): ~2.5x frames/s with a mean pixel difference <= 1/255.
+# Smaller shadow maps and no multisampling: ~2.5x the frames/s, mean pixel difference <= 1/255 (docs/DECISIONS.md).
 FAST_RENDER_SETTINGS = {"shadowsize": 1024, "offsamples": 0}
 CAMERA_ID = 0  # the tasks' default camera
 

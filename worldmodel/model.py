@@ -1,4 +1,5 @@
-"""The action-conditional Struct-VRNN world model (Minderer et al. 2019; SPEC sections 3-4, docs/CONTRACTS.md).
+"""The action-conditional Struct-VRNN world model (Minderer et al. 2019, "Unsupervised Learning of Object
+Structure and Dynamics from Videos", sections 3-4 and supplement S1; API in docs/CONTRACTS.md).
 
     frames --phi_det--> keypoints x_t --(stop gradient)--> VRNN(h, z, a) --> predicted keypoints
        |                    |                                                   |
@@ -56,7 +57,7 @@ class Schedule(NamedTuple):
 
     @classmethod
     def at_step(cls, step: int, total_steps: int, config: ModelConfig) -> Schedule:
-        """SPEC section 4's linear schedules at training step ``step`` of ``total_steps``: the KL scale
+        """The paper's linear schedules (section 4, S1.3) at training step ``step`` of ``total_steps``: the KL scale
         ramps 0 -> 1 over the first quarter (25k of the paper's 1e5 steps), 1 - p(teacher forcing) ramps
         0 -> 1 (observed) and 0 -> 0.5 (predicted) over training, and the amplitude mix ramps from
         ``config.initial_amplitude_mix`` to 1 over the first ``config.amplitude_warmup`` of training."""
@@ -83,7 +84,8 @@ class Losses(NamedTuple):
 
 
 class Diagnostics(NamedTuple):
-    """Floats for logging keypoint collapse (SPEC section 8), over the frames of one batch.
+    """Floats for logging keypoint collapse (keypoints that fade, mu -> 0, or stop moving), over the frames of
+    one batch.
 
     For ``cnn-vrnn`` mean_mu and active_keypoints are 0 and keypoint_spread is the mean std of the feature
     units across the batch.

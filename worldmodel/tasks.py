@@ -1,4 +1,4 @@
-"""The six DeepMind Control tasks of the paper (S2.3) and their data conventions (SPEC section 2).
+"""The six DeepMind Control tasks of the paper (Minderer et al. 2019, S2.3) and their data conventions.
 
 Every script names tasks by the short names below; ``all`` means the six. Action repeat defaults follow
 PlaNet (acrobot and walker-stand chosen here) and can be overridden; the value used is always stored
