@@ -18,9 +18,9 @@ paper's Figure 3 convention for stochastic models).
 * ``*_static``: the "nothing moves" reference, holding the last observed keypoints (or frame) for
   every predicted step; a model that predicts motion should beat it.
 
-SSIM is implemented here (Wang et al. 2004): Gaussian window 11x11 with sigma 1.5, K1 = 0.01,
+SSIM (Wang et al. 2004) comes from ``pytorch-msssim``: Gaussian window 11x11 with sigma 1.5, K1 = 0.01,
 K2 = 0.03, data range 1, "valid" filtering (no padding, as tf.image.ssim), the mean over pixels and
-channels per image.
+channels per image (``tests/test_evaluation.py`` checks it against the formula).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pytorch_msssim
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from worldmodel.data import WindowDataset
@@ -56,12 +56,6 @@ def psnr(prediction: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
-    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).float()
-
-
 def ssim(
     prediction: Tensor,
     target: Tensor,
@@ -71,37 +65,21 @@ def ssim(
 ) -> Tensor:
     """Structural similarity per image: inputs (..., C, H, W) with H, W >= window; returns shape (...).
 
-    Local statistics use a separable Gaussian window with valid filtering; the SSIM map is averaged
-    over pixels and channels of each image.
+    ``pytorch_msssim.ssim``: local statistics under a Gaussian window with valid filtering, the SSIM map
+    averaged over pixels and channels of each image (the module docstring gives the constants).
     """
     if prediction.shape != target.shape:
         raise ValueError(f"shape mismatch: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     batch_shape = prediction.shape[:-3]
     channels, height, width = prediction.shape[-3:]
+    if min(height, width) < window_size:  # the library would skip the filtering along that axis
+        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size} pixels, got {height}x{width}")
     x = prediction.float().reshape(-1, channels, height, width)
     y = target.float().reshape(-1, channels, height, width)
-    kernel = _gaussian_window(window_size, sigma, x.device)
-    # Depthwise separable filtering: rows then columns, one group per channel.
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, window_size)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, window_size, 1)
-
-    def blur(image: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(image, horizontal, groups=channels), vertical, groups=channels)
-
-    c1 = (SSIM_K1 * data_range) ** 2
-    c2 = (SSIM_K2 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    # Second moments of images centred on their global means: (co)variances do not change, and the
-    # E[x^2] - E[x]^2 cancellation of float32 stays small next to C2 (exact for flat images).
-    xc = x - x.mean((-2, -1), keepdim=True)
-    yc = y - y.mean((-2, -1), keepdim=True)
-    mu_xc, mu_yc = blur(xc), blur(yc)
-    var_x = blur(xc * xc) - mu_xc**2
-    var_y = blur(yc * yc) - mu_yc**2
-    cov_xy = blur(xc * yc) - mu_xc * mu_yc
-    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    contrast_structure = (2 * cov_xy + c2) / (var_x + var_y + c2)
-    return (luminance * contrast_structure).flatten(1).mean(1).reshape(batch_shape)
+    values = pytorch_msssim.ssim(
+        x, y, data_range=data_range, size_average=False, win_size=window_size, win_sigma=sigma, K=(SSIM_K1, SSIM_K2)
+    )
+    return values.reshape(batch_shape)
 
 
 def to_unit_range(frames: Tensor) -> Tensor:
