@@ -1,4 +1,4 @@
-"""The paper's reward experiment (Figure 8, S2.3; SPEC section 5): do the VRNN hidden states predict reward?
+"""The paper's reward experiment (Minderer et al. 2019, Figure 8 and S2.3): do the VRNN hidden states predict reward?
 
     python downstream/reward.py --run runs/world_model --run runs/cnn_vrnn --state-bound runs/state_vrnn
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
-from worldmodel.distributed import resolve_device
+from worldmodel.devices import resolve_device
 from worldmodel.errors import InputError, run_script
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from envs.imagined import (
     ImaginationModels,
+    ImaginationOptions,
     RealTaskThroughModel,
     decode_frames,
     load_imagination_models,
@@ -53,7 +54,7 @@ from envs.sb3 import ImaginedSB3VecEnv
 from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.errors import InputError, run_script
-from worldmodel.tasks import get_task
+from worldmodel.tasks import get_task, pad_actions
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Args:
     observe_keypoints: bool = False
     """Let the agent see the current keypoints beside the hidden state."""
     horizon: int | None = 12
-    """Imagined steps per training episode, each from a fresh real context. 12 = the open-loop length the reward predictor is fit and tested on (downstream/reward.py); over the task's full horizon (None) the agent learns to exploit the model's errors instead (cheetah, 300k PPO steps: full horizon, imagined return 90 but real 1.3 against random's 10.7; 12 steps, real 110)."""
+    """Imagined steps per training episode, each from a fresh real context. 12 = the open-loop length the reward predictor is fit and tested on (downstream/reward.py); over the task's full horizon (None) the agent learns to exploit the model's errors instead (docs/DECISIONS.md)."""
     eval_episodes: int = 5
     """Real episodes for the agent and for the random policy each (and imagined ones for the agent)."""
     gif: bool = False
@@ -175,12 +176,17 @@ def summarize(values: list[float]) -> Returns:
     return Returns(float(np.mean(values)), float(np.std(values)), [float(v) for v in values])
 
 
+def imagination_options(args: Args) -> dict[str, Any]:
+    """The imagined envs' keyword arguments (``envs.imagined.ImaginationOptions``) these options ask for."""
+    return asdict(ImaginationOptions(
+        checkpoint=args.checkpoint, reward_predictor=args.reward_predictor, data=args.data, context=args.context,
+        observe_keypoints=args.observe_keypoints, horizon=args.horizon, device=args.device,
+    ))
+
+
 def imagined_returns(agent: BaseAlgorithm, args: Args, episodes: int) -> Returns:
     """The agent's (deterministic) returns in imagination, one batch of ``episodes`` sub-envs."""
-    venv = ImaginedSB3VecEnv(
-        args.task, episodes, args.checkpoint, args.reward_predictor, args.data, args.context,
-        args.observe_keypoints, args.horizon, args.device,
-    )
+    venv = ImaginedSB3VecEnv(args.task, episodes, **imagination_options(args))
     venv.seed(args.seed + 10_000)  # other contexts than the training episodes' first ones
     observations = venv.reset()
     totals = np.zeros(episodes)
@@ -237,8 +243,7 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
     while not (truncated or terminated):
         action, _ = agent.predict(observation, deterministic=True)
         observation, _, terminated, truncated, _ = env.step(action)
-        padded = torch.zeros(1, 6, device=models.device)
-        padded[0, : len(action)] = torch.as_tensor(np.clip(action, -1, 1), dtype=torch.float32)
+        padded = torch.from_numpy(pad_actions(np.clip(action, -1, 1)[None])).to(models.device)
         noise = torch.randn((1, model.dynamics.noise_size), generator=generator).to(models.device)
         imagined = prior_step(model, imagined, padded, noise)
         keypoints = model.normalizer.denormalize(model.dynamics.keypoints(imagined)).view(1, -1, 3)
@@ -322,10 +327,7 @@ def main(args: Args) -> Report:
         print(f"{done.results_path} already holds the results of these options: nothing to do")
         return done
     models = load_imagination_models(args.task, args.checkpoint, args.reward_predictor, args.device)  # else InputError
-    venv = VecMonitor(ImaginedSB3VecEnv(
-        args.task, args.num_envs, args.checkpoint, args.reward_predictor, args.data, args.context,
-        args.observe_keypoints, args.horizon, args.device,
-    ))
+    venv = VecMonitor(ImaginedSB3VecEnv(args.task, args.num_envs, **imagination_options(args)))
     stem = f"{args.task}-{args.algo}"
     agent = train_agent(args, venv, models, args.out / f"{stem}.resume.pt")
     args.out.mkdir(parents=True, exist_ok=True)

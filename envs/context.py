@@ -13,9 +13,8 @@ chosen with the env's seeded ``np.random.Generator``.
 Choices written down here:
 
 * Dataset contexts: every window of the test split is equally likely (starts ``s <= T - 8``, the
-  windows ``worldmodel.data.WindowDataset`` serves). Detection is the cost of a reset (on 2 CPU cores
-  ~15 ms for 8 frames of the ``cpu`` model, against ~20-40 us per imagined sub-env step), so it is avoided:
-  a staged training run (``train/world_model.py --mode staged``) leaves every test frame's keypoints in
+  windows ``worldmodel.data.WindowDataset`` serves). Detection is the cost of a reset (docs/DECISIONS.md),
+  so it is avoided: a staged training run (``train/world_model.py --mode staged``) leaves every test frame's keypoints in
   ``<run dir>/keypoints.pt``, tagged with the detector weights' fingerprint; when that file matches the
   model and the dataset, contexts read their keypoints from it. Otherwise each window's 8 frames are
   detected in one call of fixed shape and kept in a per-process LRU cache, so a window gives
@@ -43,11 +42,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from envs.simulator import Simulator  # cheap: dm_control itself loads when a Simulator is made
 from worldmodel import storage
 from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError, MissingInputError
+from worldmodel.keypoint_cache import detect_in_chunks, load_keypoint_cache, vision_fingerprint
 from worldmodel.model import WorldModel, inference_autocast, previous_actions
-from worldmodel.tasks import MAX_ACTION_DIM, get_task, task_id
+from worldmodel.tasks import MAX_ACTION_DIM, get_task, pad_actions, task_id
+from worldmodel.windows import EpisodeWindows
 
 CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
 DETECT_CHUNK = 128  # frames per detector call (bounds the activations' memory)
@@ -77,11 +79,9 @@ class ContextSource(Protocol):
 def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
     """Run torch's CPU ops with ``count`` threads (restored after); None or a CUDA device: leave it.
 
-    The envs' per-step tensors are small. Measured here (2 cores shared with other jobs, ``cpu``-profile
-    sizes): one thread steps 256 sub-envs at ~45k sub-env steps/s, two threads at ~2k, because OpenMP
-    threads spin-wait on each other while other processes hold the cores. On an idle machine with more
-    cores, more threads may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
-    Switching the count costs well under a microsecond.
+    The envs' per-step tensors are small, so one thread is the default: more threads spin-wait on each
+    other when other processes hold the cores (docs/DECISIONS.md). On an idle machine with more cores,
+    more may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
     """
     if count is None or device.type != "cpu" or torch.get_num_threads() == count:
         yield
@@ -94,22 +94,10 @@ def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def pad_actions(actions: np.ndarray) -> np.ndarray:
-    """(..., A) task actions -> (..., 6) float32, zero-padded (one model serves all tasks)."""
-    padded = np.zeros((*actions.shape[:-1], MAX_ACTION_DIM), np.float32)
-    padded[..., : actions.shape[-1]] = actions
-    return padded
-
-
 @torch.inference_mode()
 def detect_frames(model: WorldModel, frames: Tensor, chunk: int = DETECT_CHUNK) -> Tensor:
     """uint8 frames (N, 64, 64, 3) on the model's device -> keypoints (N, K, 3) float32, in fixed chunks."""
-    device = frames.device
-    parts = []
-    with inference_autocast(device):
-        for begin in range(0, frames.shape[0], chunk):
-            parts.append(model.detect(frames[None, begin : begin + chunk])[0].float())
-    return torch.cat(parts)
+    return detect_in_chunks(model, frames, chunk, lambda: inference_autocast(frames.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,21 +139,17 @@ class DatasetContexts:
         self.model = model
         self.device = next(model.parameters()).device
         self.length = length
-        self.starts_per_episode = self.info.episode_steps - length + 1  # frames s .. s+L-1 and their actions
-        self.num_windows = self.info.num_episodes * self.starts_per_episode
+        self.windows = EpisodeWindows(self.info.num_episodes, self.info.episode_steps, length)  # every start
         with h5py.File(self.path, "r") as file:  # small arrays once; frames are read per window, lazily
             self._actions = torch.from_numpy(pad_actions(file["actions"][...])).to(self.device)  # (E, T, 6)
         self.cached_keypoints = self._trainer_keypoints(keypoint_cache) if keypoint_cache else None  # (E, T, K, 3)
         self._windows: OrderedDict[tuple[int, int], Tensor] = OrderedDict()  # (episode, start) -> (L, K, 3)
-        self._file: h5py.File | None = None
-        self._file_pid = -1
+        self._frames = storage.ProcessLocalDataset(self.path, "frames")  # SubprocVecEnv workers open their own
         self._lock = threading.Lock()
 
     def _trainer_keypoints(self, path: str | os.PathLike[str]) -> Tensor | None:
         """This task's split from a staged run's keypoint cache, if it was made by this model's detector on
         this dataset (same episodes, same lengths); None otherwise."""
-        from worldmodel.training import load_keypoint_cache, vision_fingerprint
-
         try:
             splits = load_keypoint_cache(Path(path), vision_fingerprint(self.model))
         except (OSError, RuntimeError, KeyError, TypeError):  # unreadable or another layout: detect instead
@@ -180,13 +164,6 @@ class DatasetContexts:
         rows = cached.episode_starts[mine][:, None] + torch.arange(steps)  # (E, T)
         return cached.keypoints[rows].float().to(self.device)
 
-    def _frames(self) -> h5py.Dataset:
-        # h5py handles must not cross a fork: reopen in a new process (e.g. SB3's SubprocVecEnv workers).
-        if self._file is None or self._file_pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._file_pid = os.getpid()
-        return self._file["frames"]
-
     def window_keypoints(self, episode: int, start: int) -> Tensor:
         """(L, K, 3) keypoints of frames start .. start+L-1 of an episode."""
         if self.cached_keypoints is not None:
@@ -195,7 +172,7 @@ class DatasetContexts:
         with self._lock:
             keypoints = self._windows.get(key)
             if keypoints is None:
-                frames = torch.from_numpy(self._frames()[episode, start : start + self.length]).to(self.device)
+                frames = torch.from_numpy(self._frames.get()[episode, start : start + self.length]).to(self.device)
                 keypoints = detect_frames(self.model, frames)
                 self._windows[key] = keypoints
                 if len(self._windows) > WINDOW_CACHE_SIZE:
@@ -205,28 +182,23 @@ class DatasetContexts:
             return keypoints
 
     def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
-        window = int(rng.integers(self.num_windows))
-        episode, start = divmod(window, self.starts_per_episode)
+        episode, start = self.windows.locate(int(rng.integers(len(self.windows))))
         keypoints = self.window_keypoints(episode, start)
         actions = self._actions[episode, start : start + self.length]
         first_frame = None
         if with_frame:
             with self._lock:
-                first_frame = torch.from_numpy(self._frames()[episode, start]).to(self.device)
+                first_frame = torch.from_numpy(self._frames.get()[episode, start]).to(self.device)
         return Context(keypoints, actions, first_frame, {"context_episode": episode, "context_start": start})
 
     def close(self) -> None:
-        if self._file is not None and self._file_pid == os.getpid():
-            self._file.close()
-        self._file = None
+        self._frames.close()
 
 
 class SimulatorContexts:
     """Contexts from the real task: reset with a drawn episode seed, then uniform random actions."""
 
     def __init__(self, task: str, model: WorldModel, action_repeat: int, length: int = CONTEXT_LENGTH) -> None:
-        from envs.simulator import Simulator  # dm_control loads slowly: only when asked for
-
         self.task = get_task(task).name
         self.action_repeat = action_repeat
         self.model = model
@@ -238,7 +210,7 @@ class SimulatorContexts:
     def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
         episode_seed = int(rng.integers(2**31 - 1))
         action_dim = self.simulator.spec.action_dim
-        # The data's policy (SPEC section 2): uniform in [-1, 1], one draw per agent step.
+        # The data's policy (collect/dmcs.py): uniform in [-1, 1], one draw per agent step.
         actions = rng.uniform(-1.0, 1.0, (self.length - 1, action_dim)).astype(np.float32)
         with self._lock:
             frame, _ = self.simulator.reset(episode_seed)

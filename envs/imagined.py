@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -42,27 +43,35 @@ from envs.context import (
     cpu_threads,
     detect_frames,
     filter_context,
-    pad_actions,
     posterior_noise,
     posterior_step,
 )
-from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_world_model
-from worldmodel.distributed import resolve_device
+from worldmodel.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    LoadedWorldModel,
+    find_checkpoint,
+    load_world_model,
+)
+from worldmodel.devices import resolve_device
 from worldmodel.dynamics_core import CoreCarry, DynamicsCore
 from worldmodel.errors import InputError, MissingInputError
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, inference_autocast
 from worldmodel.reward import RewardPredictor, RewardPredictorMismatch, load_reward_predictor
-from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, IMAGE_SIZE, get_task
+from worldmodel.tasks import CONTROL_STEPS_PER_EPISODE, IMAGE_SIZE, MAX_ACTION_DIM, get_task, pad_actions
 
 CHECKPOINT_ENV = "STRUCTVRNN_CHECKPOINT"
 DEFAULT_RUN_DIR = Path("runs/world_model")  # train/world_model.py's default --out
 REWARD_PREDICTOR_DIR = "reward_predictors"  # downstream/reward.py writes <run dir>/reward_predictors/<task>.pt
+_Loaded = TypeVar("_Loaded")
 NOISE_BLOCK = 64  # prior draws fetched per sub-env at a time: one Python call per sub-env every 64 steps
+RENDER_MODES = ("rgb_array",)
 __all__ = [
     "CHECKPOINT_ENV",
     "ImaginationBatch",
     "ImaginationModels",
+    "ImaginationOptions",
     "ImaginedEnv",
     "RealTaskThroughModel",
     "check_actions",
@@ -70,6 +79,38 @@ __all__ = [
     "load_imagination_models",
     "resolve_device",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The envs' options
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImaginationOptions:
+    """The keyword arguments every imagined env takes besides the task (``ImaginedEnv``'s table explains them)."""
+
+    checkpoint: str | os.PathLike[str] | None = None
+    reward_predictor: str | os.PathLike[str] | None = None
+    data: str | os.PathLike[str] | None = None
+    context: str = "dataset"
+    observe_keypoints: bool = False
+    horizon: int | None = None
+    device: str | torch.device = "auto"
+    threads: int | None = 1
+    render_mode: str | None = None
+
+    def check(self) -> None:
+        """InputError for values no env can run with (models and data are checked where they are loaded)."""
+        if self.render_mode is not None and self.render_mode not in RENDER_MODES:
+            raise InputError(f"render_mode must be None or 'rgb_array', got {self.render_mode!r}")
+        if self.horizon is not None and self.horizon < 1:
+            raise InputError(f"horizon must be >= 1, got {self.horizon}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be None or >= 1, got {self.threads}")
+
+    @property
+    def keep_frames(self) -> bool:
+        """Rendering decodes frames against the context's first frame, which is then kept."""
+        return self.render_mode == "rgb_array"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,9 +150,34 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> Path:
         ) from None
 
 
-_WORLD_MODELS: dict[tuple[str, int, str], tuple[Any, str]] = {}
-_REWARD_PREDICTORS: dict[tuple[str, int, str, str, str], RewardPredictor] = {}
+# Models loaded in this process, keyed by what they were loaded from (path, mtime, device, ...): every env of
+# the process shares them (they are never modified) and a file changed on disk is loaded again.
+_LOADED: dict[tuple[Any, ...], Any] = {}
 _LOAD_LOCK = threading.Lock()
+
+
+def _load_once(key: tuple[Any, ...], load: Callable[[], _Loaded]) -> _Loaded:
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = load()
+        return _LOADED[key]
+
+
+def _load_world_model(path: Path, device: torch.device) -> tuple[LoadedWorldModel, str]:
+    loaded = load_world_model(path, device)
+    loaded.model.requires_grad_(False)
+    return loaded, model_fingerprint(loaded.model)
+
+
+def _load_reward_predictor(
+    path: Path, task: str, fingerprint: str, hidden_size: int, device: torch.device
+) -> RewardPredictor:
+    predictor = load_reward_predictor(path, task, fingerprint, map_location=device)
+    if predictor.input_size != hidden_size:
+        raise RewardPredictorMismatch(
+            f"{path} reads {predictor.input_size} features, the world model's hidden state has {hidden_size}"
+        )
+    return predictor.to(device).requires_grad_(False)
 
 
 def load_imagination_models(
@@ -128,13 +194,8 @@ def load_imagination_models(
     spec = get_task(task)
     device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
-    model_key = (str(path), path.stat().st_mtime_ns, str(device))
-    with _LOAD_LOCK:
-        if model_key not in _WORLD_MODELS:
-            loaded = load_world_model(path, device)
-            loaded.model.requires_grad_(False)
-            _WORLD_MODELS[model_key] = (loaded, model_fingerprint(loaded.model))
-        loaded, fingerprint = _WORLD_MODELS[model_key]
+    model_key = ("world model", str(path), path.stat().st_mtime_ns, str(device))
+    loaded, fingerprint = _load_once(model_key, lambda: _load_world_model(path, device))
     if loaded.config.reads_states:
         raise CheckpointError(
             f"the world model at {path} is a state-space bound (state-vrnn): it reads true states, not frames, "
@@ -162,17 +223,14 @@ def load_imagination_models(
             f"no reward predictor for {spec.name} at {predictor_path}; fit one for this world model with "
             f"`python downstream/reward.py --run {path.parent} --tasks {spec.name}` (or pass reward_predictor=)"
         )
-    predictor_key = (str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name, str(device))
-    with _LOAD_LOCK:
-        if predictor_key not in _REWARD_PREDICTORS:
-            predictor = load_reward_predictor(predictor_path, spec.name, fingerprint, map_location=device)
-            expected = loaded.model.dynamics.hidden_size
-            if predictor.input_size != expected:
-                raise RewardPredictorMismatch(
-                    f"{predictor_path} reads {predictor.input_size} features, the world model's hidden state has {expected}"
-                )
-            _REWARD_PREDICTORS[predictor_key] = predictor.to(device).requires_grad_(False)
-        predictor = _REWARD_PREDICTORS[predictor_key]
+    predictor_key = (
+        "reward predictor", str(predictor_path.resolve()), predictor_path.stat().st_mtime_ns, fingerprint, spec.name,
+        str(device),
+    )
+    hidden_size = loaded.model.dynamics.hidden_size
+    predictor = _load_once(
+        predictor_key, lambda: _load_reward_predictor(predictor_path, spec.name, fingerprint, hidden_size, device)
+    )
     recorded = dataset_info.get("path")
     cache = dataset_info.get("keypoint_cache")
     return ImaginationModels(
@@ -319,9 +377,8 @@ class ImaginationBatch:
 
     def _fp32(self) -> torch.autocast:
         """The dynamics and the reward predictor run in float32, as the model runs its dynamics (also under a
-        caller's autocast). Measured: bf16 would step ~1.5x faster on CPU but moves the hidden state by ~1e-2;
-        the convolutions (detection, decoding) use bf16 where the hardware runs it natively
-        (``worldmodel.precision``)."""
+        caller's autocast; docs/DECISIONS.md); the convolutions (detection, decoding) use bf16 where the
+        hardware runs it natively (``worldmodel.precision``)."""
         return torch.autocast(self.device.type, enabled=False)
 
     # ---- state (to continue an interrupted run exactly) ------------------------------------------------
@@ -476,25 +533,12 @@ def default_horizon(action_repeat: int) -> int:
     return CONTROL_STEPS_PER_EPISODE // action_repeat
 
 
-def build_batch(
-    task: str,
-    num_envs: int,
-    checkpoint: str | os.PathLike[str] | None,
-    reward_predictor: str | os.PathLike[str] | None,
-    data: str | os.PathLike[str] | None,
-    context: str,
-    observe_keypoints: bool,
-    horizon: int | None,
-    device: str | torch.device,
-    keep_frames: bool,
-    threads: int | None = 1,
-) -> ImaginationBatch:
-    """Load (or reuse) the models and the context source, and make the batch (shared by all env classes)."""
-    models = load_imagination_models(task, checkpoint, reward_predictor, device)
-    if horizon is not None and horizon < 1:
-        raise InputError(f"horizon must be >= 1, got {horizon}")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be None or >= 1, got {threads}")
+def build_batch(task: str, num_envs: int, options: ImaginationOptions) -> ImaginationBatch:
+    """Check the options, load (or reuse) the models and the context source, and make the batch (shared by
+    all env classes)."""
+    options.check()
+    models = load_imagination_models(task, options.checkpoint, options.reward_predictor, options.device)
+    data, context = options.data, options.context
     if data is None and context == "dataset":
         if models.dataset is None:
             raise InputError(f"the checkpoint {models.checkpoint} records no dataset; pass data=<dataset dir>")
@@ -509,10 +553,10 @@ def build_batch(
         models,
         source,
         num_envs,
-        default_horizon(models.action_repeat) if horizon is None else horizon,
-        observe_keypoints,
-        keep_frames,
-        threads,
+        default_horizon(models.action_repeat) if options.horizon is None else options.horizon,
+        options.observe_keypoints,
+        options.keep_frames,
+        options.threads,
     )
 
 
@@ -568,28 +612,13 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
     or ``context_seed`` (simulator). For many envs at once use ``gym.make_vec`` (one tensor batch).
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 30}
 
-    def __init__(
-        self,
-        task: str,
-        checkpoint: str | os.PathLike[str] | None = None,
-        reward_predictor: str | os.PathLike[str] | None = None,
-        data: str | os.PathLike[str] | None = None,
-        context: str = "dataset",
-        observe_keypoints: bool = False,
-        horizon: int | None = None,
-        device: str = "auto",
-        threads: int | None = 1,
-        render_mode: str | None = None,
-    ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.render_mode = render_mode
-        self.batch = build_batch(
-            task, 1, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
-            keep_frames=render_mode == "rgb_array", threads=threads,
-        )
+    def __init__(self, task: str, **options: Any) -> None:
+        """``options``: the fields of ``ImaginationOptions`` (the table above)."""
+        settings = ImaginationOptions(**options)
+        self.batch = build_batch(task, 1, settings)
+        self.render_mode = settings.render_mode
         self.task = self.batch.task
         self.horizon = self.batch.horizon
         self.action_repeat = self.batch.models.action_repeat
@@ -702,7 +731,7 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         if action is None:  # the episode's first frame: the reference for decoding (render, GIFs)
             self.first_frame, self.first_keypoints = np.array(frame), keypoints
         target = self.model.normalizer.normalize(keypoints.flatten(1))  # (1, F)
-        padded = torch.zeros(1, 6, device=device) if action is None else torch.from_numpy(
+        padded = torch.zeros(1, MAX_ACTION_DIM, device=device) if action is None else torch.from_numpy(
             pad_actions(np.asarray(action, np.float32)[None])
         ).to(device)
         noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)

@@ -6,7 +6,6 @@ actions -> same observations and rewards), but all of them step as one batch on 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,7 +15,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.imagined import ImaginationBatch, build_batch, check_actions
+from envs.imagined import RENDER_MODES, ImaginationBatch, ImaginationOptions, build_batch, check_actions
 from worldmodel.errors import InputError
 
 
@@ -52,37 +51,27 @@ class ImaginedVectorEnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
     ``render()`` returns a tuple of the sub-envs' imagined 64x64 frames (``render_mode="rgb_array"``).
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 30, "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 30, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(
         self,
         task: str,
         num_envs: int = 1,
-        checkpoint: str | os.PathLike[str] | None = None,
-        reward_predictor: str | os.PathLike[str] | None = None,
-        data: str | os.PathLike[str] | None = None,
-        context: str = "dataset",
-        observe_keypoints: bool = False,
-        horizon: int | None = None,
-        device: str = "auto",
-        threads: int | None = 1,
-        render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        **options: Any,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        """``options``: the fields of ``ImaginationOptions`` (``ImaginedEnv``'s table)."""
+        settings = ImaginationOptions(**options)
+        settings.check()  # cheap checks before anything is loaded
         try:
             mode = AutoresetMode(autoreset_mode)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in AutoresetMode)
             raise InputError(f"autoreset_mode must be one of {choices}, got {autoreset_mode!r}") from None
-        self.render_mode = render_mode
+        self.render_mode = settings.render_mode
         self.autoreset_mode = mode
         self.metadata = {**self.metadata, "autoreset_mode": mode}
-        self.batch: ImaginationBatch = build_batch(
-            task, num_envs, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
-            keep_frames=render_mode == "rgb_array", threads=threads,
-        )
+        self.batch: ImaginationBatch = build_batch(task, num_envs, settings)
         self.task = self.batch.task
         self.horizon = self.batch.horizon
         self.num_envs = num_envs

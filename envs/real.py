@@ -45,7 +45,7 @@ class RealPixelEnv(gym.Env[np.ndarray, np.ndarray]):
     | | |
     |---|---|
     | ``task`` | short task name: ``acrobot``, ``cartpole``, ``cheetah``, ``reacher``, ``walker-stand``, ``walker-walk`` |
-    | ``action_repeat`` | control steps per agent step; default: the task's (SPEC section 2) |
+    | ``action_repeat`` | control steps per agent step; default: the task's (``worldmodel.tasks``, after PlaNet) |
     | ``fast_render`` | cheaper shadows and no multisampling (~2.5x faster, <= 1/255 mean pixel difference); default on |
     | ``render_mode`` | ``"rgb_array"`` returns the current 64x64 frame |
 

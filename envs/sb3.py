@@ -13,7 +13,6 @@ the same step, its last observation is in ``infos[i]["terminal_observation"]`` a
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -22,8 +21,7 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
-from envs.imagined import ImaginationBatch, build_batch, check_actions
-from worldmodel.errors import InputError
+from envs.imagined import ImaginationBatch, ImaginationOptions, build_batch, check_actions
 
 
 def generator_from_state(state: dict[str, Any]) -> np.random.Generator:
@@ -40,27 +38,11 @@ class ImaginedSB3VecEnv(VecEnv):
     rewards for the same actions), across automatic resets too.
     """
 
-    def __init__(
-        self,
-        task: str,
-        num_envs: int = 1,
-        checkpoint: str | os.PathLike[str] | None = None,
-        reward_predictor: str | os.PathLike[str] | None = None,
-        data: str | os.PathLike[str] | None = None,
-        context: str = "dataset",
-        observe_keypoints: bool = False,
-        horizon: int | None = None,
-        device: str = "auto",
-        threads: int | None = 1,
-        render_mode: str | None = None,
-    ) -> None:
-        if render_mode is not None and render_mode != "rgb_array":
-            raise InputError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.render_mode = render_mode  # read by VecEnv.__init__ through get_attr
-        self.batch: ImaginationBatch = build_batch(
-            task, num_envs, checkpoint, reward_predictor, data, context, observe_keypoints, horizon, device,
-            keep_frames=render_mode == "rgb_array", threads=threads,
-        )
+    def __init__(self, task: str, num_envs: int = 1, **options: Any) -> None:
+        """``options``: the fields of ``envs.imagined.ImaginationOptions``."""
+        settings = ImaginationOptions(**options)
+        self.batch: ImaginationBatch = build_batch(task, num_envs, settings)
+        self.render_mode = settings.render_mode  # read by VecEnv.__init__ through get_attr
         self.task = self.batch.task
         self.horizon = self.batch.horizon
         action_space = spaces.Box(-1.0, 1.0, (self.batch.action_dim,), np.float32)

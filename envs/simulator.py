@@ -3,7 +3,7 @@
 Shared by the collector (``collect/dmcs.py``) and the real pixel envs (``StructVRNN-Real-<task>``) so
 both produce exactly the same frames, rewards and states for the same seed and actions.
 
-Conventions (SPEC section 2): one agent action is held for ``action_repeat`` control steps and the
+Conventions (those of the datasets, docs/CONTRACTS.md): one agent action is held for ``action_repeat`` control steps and the
 agent step's reward is the sum of their rewards; frames are ``physics.render(64, 64, camera_id=0)``;
 the low-dimensional state is the task's observation dict flattened in dm_control's key order
 (see ``state_layout``).
@@ -22,8 +22,20 @@ import numpy as np  # noqa: E402
 from worldmodel.errors import InputError  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TaskSpec, get_task  # noqa: E402
 
-# Measured here (SPEC section 2): ~2.5x frames/s with a mean pixel difference <= 1/255.
+# Smaller shadow maps and no multisampling: ~2.5x the frames/s, mean pixel difference <= 1/255 (docs/DECISIONS.md).
 FAST_RENDER_SETTINGS = {"shadowsize": 1024, "offsamples": 0}
+CAMERA_ID = 0  # the tasks' default camera
+
+
+def render_settings(fast_render: bool, image_size: int = IMAGE_SIZE, camera_id: int = CAMERA_ID) -> dict[str, int | bool]:
+    """What frames are rendered with, stored with the data so datasets never mix settings (the collector
+    needs it before any Simulator exists)."""
+    return {
+        "fast_render": fast_render,
+        "image_size": image_size,
+        "camera_id": camera_id,
+        **(FAST_RENDER_SETTINGS if fast_render else {}),
+    }
 
 
 class Transition(NamedTuple):
@@ -41,7 +53,7 @@ class Simulator:
         action_repeat: int | None = None,
         fast_render: bool = True,
         image_size: int = IMAGE_SIZE,
-        camera_id: int = 0,
+        camera_id: int = CAMERA_ID,
     ) -> None:
         from dm_control import suite  # imported late: it is slow and needs MUJOCO_GL set
 
@@ -84,13 +96,8 @@ class Simulator:
         return self._env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
 
     def render_settings(self) -> dict[str, int | bool]:
-        """What was used to render, stored with the data so datasets never mix settings."""
-        return {
-            "fast_render": self.fast_render,
-            "image_size": self.image_size,
-            "camera_id": self.camera_id,
-            **(FAST_RENDER_SETTINGS if self.fast_render else {}),
-        }
+        """What this simulator renders with (``render_settings``)."""
+        return render_settings(self.fast_render, self.image_size, self.camera_id)
 
     def close(self) -> None:
         self._env.close()

@@ -65,7 +65,7 @@ def test_checkpoint_loads_weights_only_and_restores_the_same_outputs(tmp_path: P
 
     raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no pickled classes inside
     assert raw["dataset"]["action_repeats"] == {"cheetah": 4} and raw["version"]
-    assert set(raw["rng"]) >= {"torch", "numpy", "python"}
+    assert set(raw["rng"]) == {"torch"}  # the only generator (on the CPU) that training draws from
 
     loaded, loaded_config, info = load_world_model(tmp_path, "cpu")  # a run directory works
     assert loaded_config == config and not loaded.training

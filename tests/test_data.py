@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from worldmodel import storage
 from worldmodel.data import Window, WindowDataset
 from worldmodel.tasks import MAX_ACTION_DIM, TASK_NAMES, TASKS, task_id
+from worldmodel.windows import EpisodeWindows, flat_window_starts
 
 STEPS = 30  # episode length of the tiny dataset (tests/conftest.py)
 EPISODES = {"train": 2, "test": 1}
@@ -93,7 +94,7 @@ def test_without_frames_reads_no_frames(tiny_dataset: Path) -> None:
     a, b = with_frames[5], without[5]
     assert b.frames.shape == (20, 0, 0, 0) and b.frames.dtype == torch.uint8
     assert torch.equal(a.actions, b.actions) and torch.equal(a.rewards, b.rewards) and a.start == b.start
-    assert not without._handles  # no HDF5 file was opened for frames
+    assert not any(frames.is_open for frames in without._frames)  # no HDF5 file was opened for frames
 
 
 def test_dataloader_with_two_workers_sees_every_window_once(tiny_dataset: Path) -> None:
@@ -199,3 +200,17 @@ def test_validation_names_the_problem(tmp_path: Path, tiny_dataset: Path) -> Non
     path.write_text("not hdf5")
     with pytest.raises(storage.InvalidDatasetError, match="not a readable HDF5"):
         storage.validate_dataset(path)
+
+
+def test_flat_window_starts_follow_the_episode_windows() -> None:
+    """Episodes concatenated along one axis give the same windows, shifted by each episode's first row."""
+    lengths, length, stride = [30, 12, 5, 16], 8, 3
+    firsts = np.cumsum([0] + lengths[:-1])
+    expected = [
+        first + start
+        for first, steps in zip(firsts, lengths)
+        for _, start in EpisodeWindows(1, steps, length, stride).table().tolist()
+    ]
+    assert flat_window_starts(firsts.tolist(), lengths, length, stride).tolist() == expected
+    assert expected[:8] == [0, 3, 6, 9, 12, 15, 18, 21] and 30 + 3 in expected and 42 not in expected  # 5 < 8: none
+    assert EpisodeWindows(2, 30, 8, 3).locate(8) == (1, 0) and len(EpisodeWindows(2, 30, 8, 3)) == 16

@@ -103,15 +103,40 @@ def test_best_of_many_picks_the_closest_sample(error: str) -> None:
     torch.testing.assert_close(latent, torch.randn((1, batch, z), generator=torch.Generator().manual_seed(3))[0])
 
 
-def test_best_of_many_gradient_reaches_belief_through_the_chosen_sample() -> None:
+def test_best_of_many_gradient_is_the_chosen_samples_own() -> None:
+    """The loss of the best of N samples has exactly the gradient of a plain reparameterised sample drawn with
+    the chosen noise (eq. 8: the other candidates and the choice itself carry no gradient)."""
+    torch.manual_seed(0)
     config = ModelConfig.smoke()
     vrnn = VRNN(config)
-    mean = torch.zeros(3, config.latent_size, requires_grad=True)
-    std = torch.ones(3, config.latent_size, requires_grad=True)
-    target = torch.randn(3, config.feature_size)
-    _, x = vrnn.sample(Gaussian(mean, std), torch.zeros(3, config.rnn_size), target, 10, None)
-    (x - target).square().sum().backward()
-    assert mean.grad is not None and mean.grad.abs().sum() > 0 and std.grad is not None
+    batch, n = 3, 10
+    generator = torch.Generator().manual_seed(5)
+    mean0 = torch.randn(batch, config.latent_size, generator=generator)
+    std0 = torch.rand(batch, config.latent_size, generator=generator) + 0.5
+    hidden = torch.randn(batch, config.rnn_size, generator=generator)
+    target = torch.randn(batch, config.feature_size, generator=generator)
+    noise = torch.randn(n, batch, config.latent_size, generator=generator)
+
+    def gradients(chosen: Tensor | None) -> tuple[Tensor, ...]:
+        """d loss / d (mean, std, decoder weights): through vrnn.sample (None), or one given noise (B, Z)."""
+        mean, std = mean0.clone().requires_grad_(), std0.clone().requires_grad_()
+        if chosen is None:
+            _, x = vrnn.sample(Gaussian(mean, std), hidden, target, n, None, noise=noise)
+        else:
+            x = vrnn.decoder(mean + std * chosen, hidden)
+        loss = (x - target).square().sum()
+        return torch.autograd.grad(loss, [mean, std, *vrnn.decoder.parameters()])
+
+    with torch.no_grad():
+        candidates = vrnn.decoder(mean0 + std0 * noise, hidden)  # (N, B, F)
+        best = (candidates - target).square().sum(-1).argmin(0)  # (B,)
+    assert (best != 0).any()  # not the first sample, which a choice ignoring the target would keep
+    through_sample = gradients(None)
+    for got, expected in zip(through_sample, gradients(noise[best, torch.arange(batch)]), strict=True):
+        torch.testing.assert_close(got, expected)
+    # Another sample's gradient differs: the comparison above can fail.
+    other = noise[(best + 1) % n, torch.arange(batch)]
+    assert not torch.allclose(through_sample[0], gradients(other)[0])
 
 
 def unroll_model(variant: str = "struct-vrnn") -> WorldModel:

@@ -9,6 +9,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from worldmodel.config import ModelConfig
 from worldmodel.evaluation import (
@@ -59,6 +60,36 @@ def test_ssim_matches_the_formula_with_a_gaussian_window() -> None:
     expected = (2 * mx * my + C1) * (2 * cxy + C2) / ((mx**2 + my**2 + C1) * (vx + vy + C2))
     value = float(ssim(torch.tensor(x)[None, None], torch.tensor(y)[None, None])[0])
     assert value == pytest.approx(expected, rel=1e-4)
+
+
+def formula_ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM written out (float64): separable Gaussian window, valid filtering, map averaged per image."""
+    channels = x.shape[1]
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    rows, columns = g.view(1, 1, 1, -1).expand(channels, 1, 1, -1), g.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+
+    def blur(image: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(image, rows, groups=channels), columns, groups=channels)
+
+    x, y = x.double(), y.double()
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    value = (2 * mx * my + C1) * (2 * cxy + C2) / ((mx**2 + my**2 + C1) * (vx + vy + C2))
+    return value.flatten(1).mean(1)
+
+
+def test_ssim_matches_the_formula_on_frames() -> None:
+    """The library's SSIM equals the formula on 64x64 RGB frames, similar and unrelated ones."""
+    generator = torch.Generator().manual_seed(4)
+    real = torch.rand(4, 3, 64, 64, generator=generator)
+    predicted = torch.cat([(real[:2] + 0.1 * torch.randn(2, 3, 64, 64, generator=generator)).clamp(0, 1),
+                           torch.rand(2, 3, 64, 64, generator=generator)])  # fmt: skip
+    expected = formula_ssim(predicted, real)
+    assert expected[:2].min() > 0.5 > expected[2:].max()  # the two kinds of pairs score apart
+    torch.testing.assert_close(ssim(predicted, real).double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(real[..., :8, :8], real[..., :8, :8])
 
 
 def test_ssim_falls_with_noise_and_keeps_batch_shape() -> None:

@@ -12,7 +12,7 @@ from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.model import (
     Diagnostics,
     Losses,
-    Prediction,
+    GuidedPrediction,
     Schedule,
     WorldModel,
     frames_to_images,
@@ -87,8 +87,8 @@ def test_shapes(variant: str) -> None:
     decoded = model.decode(future.keypoints, frames[:, 0], keypoints[:, 0])
     assert decoded.shape == (B, T, 3, 64, 64) and decoded.dtype == torch.float32
     assert decoded.min() >= -0.5 and decoded.max() <= 0.5
-    prediction = model.predict(frames, actions, OBS)
-    assert isinstance(prediction, Prediction) and prediction.frames.shape == (B, T, 3, 64, 64)
+    prediction = model.predict_guided(frames, actions, OBS)
+    assert isinstance(prediction, GuidedPrediction) and prediction.frames.shape == (B, T, 3, 64, 64)
     assert prediction.keypoints.shape == (B, T, k, 3) and prediction.hidden.shape == (B, T, h)
 
 
@@ -186,13 +186,27 @@ def test_conv_weight_l2() -> None:
 
 
 def test_fit_keypoint_normalization_is_used() -> None:
+    """``observe`` runs the dynamics on normalised keypoints and de-normalises what they give back."""
     model = make()
     k = model.config.num_keypoints
-    keypoints = torch.rand(4, 6, k, 3)
+    keypoints = torch.rand(4, 6, k, 3) * torch.tensor([0.2, 0.5, 1.0]) + torch.tensor([0.3, -0.4, 0.1])
+    actions = torch.rand(2, 6, 6)
+    identity = model.observe(keypoints[:2], actions, generator=torch.Generator().manual_seed(7))
     model.fit_keypoint_normalization(keypoints)
-    assert model.normalizer.std.min() >= model.config.keypoint_std_floor
-    rollout = model.observe(keypoints[:2], torch.zeros(2, 6, 6))
-    assert rollout.keypoints.shape == (2, 6, k, 3)
+    normalizer = model.normalizer
+    assert normalizer.std.min() >= model.config.keypoint_std_floor
+    assert not torch.allclose(normalizer.mean, torch.zeros_like(normalizer.mean))
+    rollout = model.observe(keypoints[:2], actions, generator=torch.Generator().manual_seed(7))
+    # The same recurrence by hand, on (x - mean) / std, its outputs mapped back with x * std + mean.
+    targets = (keypoints[:2].flatten(2) - normalizer.mean) / normalizer.std
+    unroll = model.dynamics.unroll(
+        previous_actions(actions), targets, num_observed=6, num_samples=model.dynamics.best_of,
+        generator=torch.Generator().manual_seed(7),
+    )
+    expected = (unroll.keypoints * normalizer.std + normalizer.mean).view(2, 6, k, 3)
+    torch.testing.assert_close(rollout.keypoints, expected)
+    torch.testing.assert_close(rollout.hidden, unroll.hidden)
+    assert not torch.allclose(rollout.hidden, identity.hidden)  # the fitted normaliser changed what the core saw
 
 
 def render_real_frames(windows: int = 6, length: int = 4) -> torch.Tensor:

@@ -13,7 +13,8 @@ with ``torch.load(weights_only=True)`` (no pickled classes):
     step         optimizer steps completed within that stage
     global_step  optimizer steps completed over all stages (the x axis of the logs)
     optimizer    the current stage's optimizer state dict (None when between stages)
-    rng          rank 0's torch / numpy / python (/ cuda) generator states at the moment of saving
+    rng          rank 0's torch (/ cuda) generator states at the moment of saving (older checkpoints also
+                 hold numpy's and python's, which training never draws from; restoring them is harmless)
     rng_ranks    the same for every process of the run, in rank order (one entry for a single process), so
                  that a resume with as many processes continues every process's random draws exactly
     complete     True once training finished
@@ -29,20 +30,18 @@ import os
 import random
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 import worldmodel
 from worldmodel.atomic import atomic_torch_save
+from worldmodel.config import ModelConfig
 from worldmodel.errors import InputError, detail
+from worldmodel.model import WorldModel
 from worldmodel.precision import inference_compute
-
-if TYPE_CHECKING:
-    from worldmodel.config import ModelConfig
-    from worldmodel.model import WorldModel
-    from worldmodel.storage import DatasetInfo
+from worldmodel.storage import FRAME_SHAPE, DatasetInfo
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -59,12 +58,26 @@ class CheckpointError(InputError, RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # RNG states in a weights_only-loadable form
 # ----------------------------------------------------------------------------------------------
+# World-model training draws only from torch's generators (the window order and the evaluation windows come
+# from their own seeded numpy generators), so its checkpoints keep only those.
+TRAINING_GENERATORS = ("torch", "cuda")
+
+
+def capture_torch_rng_state() -> dict[str, Any]:
+    """torch's CPU (and initialised CUDA) generator states, as tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 def capture_rng_state() -> dict[str, Any]:
-    """All generator states a training step can touch, as tensors and plain containers."""
+    """torch's, numpy's global and python's generator states, as tensors and plain containers (for RL
+    snapshots: stable-baselines3 draws minibatches from numpy's global generator)."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     version, python_internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
+        **capture_torch_rng_state(),
         "numpy": {
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "position": int(position),
@@ -73,35 +86,32 @@ def capture_rng_state() -> dict[str, Any]:
         },
         "python": {"version": version, "internal": list(python_internal), "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def seed_rng(seed: int) -> None:
-    """Seed the torch, numpy and python generators that ``capture_rng_state`` saves: a fresh run's generator
+    """Seed the generators a training checkpoint saves (``TRAINING_GENERATORS``): a fresh run's generator
     states are then a function of the seed, as the states a resume restores are."""
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back the generators of ``capture_rng_state`` or ``capture_torch_rng_state`` (those present)."""
     torch.set_rng_state(state["torch"].cpu())
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
+    if "numpy" in state:
+        numpy_state = state["numpy"]
+        np.random.set_state(
+            (
+                "MT19937",
+                numpy_state["keys"].numpy().astype(np.uint32),
+                numpy_state["position"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
         )
-    )
-    python_state = state["python"]
-    random.setstate(
-        (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
-    )
+    if "python" in state:
+        python_state = state["python"]
+        random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
@@ -127,8 +137,12 @@ def save_checkpoint(
     rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write a checkpoint atomically (see the module docstring for the layout). ``rng_ranks``: every process's
-    ``capture_rng_state()`` in rank order; by default this process's own, now."""
-    rng_ranks = rng_ranks or [capture_rng_state()]
+    ``capture_torch_rng_state()`` in rank order (other generators given are left out); by default this
+    process's own, now."""
+    rng_ranks = [
+        {name: value for name, value in state.items() if name in TRAINING_GENERATORS}
+        for state in rng_ranks or [capture_torch_rng_state()]
+    ]
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": worldmodel.__version__,
@@ -180,8 +194,6 @@ def load_checkpoint(
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig from its plain-dict form; unknown keys are an error (version skew)."""
-    from worldmodel.config import ModelConfig
-
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     if not isinstance(values, dict):
         raise CheckpointError(f"checkpoint model config is not a dict; the checkpoint is foreign: {TRAIN_HINT}")
@@ -227,8 +239,6 @@ def load_world_model(
     ``model, config, info = load_world_model("runs/world_model", "cpu")``; raises CheckpointError
     ("... train one with python train/world_model.py") when there is none.
     """
-    from worldmodel.model import WorldModel
-
     checkpoint = load_checkpoint(path_or_run_dir, map_location="cpu")
     try:
         config = model_config_from_dict(checkpoint["model_config"])
@@ -258,8 +268,6 @@ def load_world_model(
 def check_dataset_fits(info: CheckpointInfo, config: ModelConfig, dataset: DatasetInfo) -> None:
     """Refuse a dataset file the world model of a checkpoint was not trained on data like: another task, another
     action repeat (the model's steps would mean another duration) or another frame size."""
-    from worldmodel.storage import FRAME_SHAPE
-
     tasks = list(info.dataset.get("tasks", []))
     repeats = info.dataset.get("action_repeats") or {}
     if dataset.task not in repeats:

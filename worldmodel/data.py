@@ -2,8 +2,8 @@
 
 ``WindowDataset(root, tasks, split, length)`` serves every window of ``length`` consecutive frames
 (with their actions and rewards) that lies inside one episode, from one or more tasks' files
-``<root>/<task>_<split>.h5``, written by ``collect/dmcs.py``. Starts run over 0, stride, 2*stride, ...
-up to T - length, so an episode of T steps gives ``floor((T - length) / stride) + 1`` windows.
+``<root>/<task>_<split>.h5``, written by ``collect/dmcs.py``. Windows are counted and numbered as
+``worldmodel.windows`` says: starts 0, stride, 2*stride, ... up to T - length in an episode of T steps.
 
 Choices written down here:
 
@@ -16,8 +16,8 @@ Choices written down here:
   single task that is its own size D).
 * ``frames=False`` skips reading frames (for reward and state experiments): frames is then an empty
   uint8 tensor of shape (L, 0, 0, 0).
-* HDF5 handles are opened lazily, per process: a DataLoader worker (forked or spawned) never uses a
-  handle opened by its parent, and pickling the dataset drops open handles.
+* HDF5 handles are opened lazily, per process (``storage.ProcessLocalDataset``): a DataLoader worker
+  (forked or spawned) never uses a handle opened by its parent, and pickling the dataset drops them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 
 from worldmodel import storage
 from worldmodel.errors import InputError
-from worldmodel.tasks import MAX_ACTION_DIM, parse_tasks, task_id
+from worldmodel.tasks import pad_actions, parse_tasks, task_id
+from worldmodel.windows import EpisodeWindows
 
 # Random windows rarely reuse a chunk, but a sequential sweep (stride 1) reads each chunk ~16 times:
 # a cache of a few chunks (196 kB each, uncompressed) per file serves that.
@@ -65,14 +66,14 @@ class FileWindows(NamedTuple):
 
     info: storage.DatasetInfo
     task_id: int
-    windows_per_episode: int
+    windows: EpisodeWindows
     actions: np.ndarray  # (E, T, 6) float32, zero-padded
     rewards: np.ndarray  # (E, T) float32
     states: np.ndarray | None  # (E, T+1, D_max) float32, zero-padded; None unless states=True
 
     @property
     def num_windows(self) -> int:
-        return self.info.num_episodes * self.windows_per_episode
+        return len(self.windows)
 
 
 class WindowDataset(Dataset[Window]):
@@ -101,8 +102,9 @@ class WindowDataset(Dataset[Window]):
         self.state_dim = max(info.state_dim for info in infos) if states else 0
         self.files: tuple[FileWindows, ...] = tuple(self._load(info) for info in infos)
         self._offsets = np.cumsum([0] + [file.num_windows for file in self.files])
-        self._handles: dict[int, h5py.Dataset] = {}  # this process's open frames datasets
-        self._handles_pid = os.getpid()
+        self._frames = [
+            storage.ProcessLocalDataset(file.info.path, "frames", rdcc_nbytes=CHUNK_CACHE_BYTES) for file in self.files
+        ]
 
     def _open_info(self, task: str) -> storage.DatasetInfo:
         info = storage.checked_dataset(self.root, task, self.split)  # absent, damaged, foreign: InputError
@@ -115,8 +117,7 @@ class WindowDataset(Dataset[Window]):
 
     def _load(self, info: storage.DatasetInfo) -> FileWindows:
         with h5py.File(info.path, "r") as file:  # closed again: no handle may cross a fork
-            actions = np.zeros((info.num_episodes, info.episode_steps, MAX_ACTION_DIM), np.float32)
-            actions[..., : info.action_dim] = file["actions"][...]
+            actions = pad_actions(file["actions"][...])
             rewards = file["rewards"][...]
             states = None
             if self.with_states:
@@ -125,7 +126,7 @@ class WindowDataset(Dataset[Window]):
         return FileWindows(
             info=info,
             task_id=task_id(info.task),
-            windows_per_episode=(info.episode_steps - self.length) // self.stride + 1,
+            windows=EpisodeWindows(info.num_episodes, info.episode_steps, self.length, self.stride),
             actions=actions,
             rewards=rewards,
             states=states,
@@ -140,15 +141,14 @@ class WindowDataset(Dataset[Window]):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         index %= len(self)
         file = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        episode, position = divmod(index - int(self._offsets[file]), self.files[file].windows_per_episode)
-        return WindowKey(file, episode, position * self.stride)
+        return WindowKey(file, *self.files[file].windows.locate(index - int(self._offsets[file])))
 
     def index(self) -> np.ndarray:
         """Every window's (file, episode, start) as an int64 array of shape (len(self), 3), in order."""
         parts = []
         for number, file in enumerate(self.files):
-            episodes, positions = np.divmod(np.arange(file.num_windows), file.windows_per_episode)
-            parts.append(np.stack([np.full_like(episodes, number), episodes, positions * self.stride], axis=1))
+            table = file.windows.table()  # (n, 2): episode, start
+            parts.append(np.concatenate([np.full_like(table[:, :1], number), table], axis=1))
         return np.concatenate(parts).astype(np.int64)
 
     def __getitem__(self, index: int) -> Window:
@@ -156,7 +156,7 @@ class WindowDataset(Dataset[Window]):
         file = self.files[number]
         steps = slice(start, start + self.length)
         if self.with_frames:
-            frames = torch.from_numpy(self._frames(number)[episode, steps])
+            frames = torch.from_numpy(self._frames[number].get()[episode, steps])
         else:
             frames = torch.empty((self.length, 0, 0, 0), dtype=torch.uint8)
         states = (
@@ -174,27 +174,7 @@ class WindowDataset(Dataset[Window]):
             start=torch.tensor(start, dtype=torch.int64),
         )
 
-    def _frames(self, number: int) -> h5py.Dataset:
-        """The frames dataset of file ``number``, opened on first use in this process."""
-        if self._handles_pid != os.getpid():  # a forked child: the parent's handles are not ours to use
-            self._handles = {}
-            self._handles_pid = os.getpid()
-        if number not in self._handles:  # the dataset object, not the file: saves a lookup per read
-            file = h5py.File(self.files[number].info.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-            self._handles[number] = file["frames"]
-        return self._handles[number]
-
     def close(self) -> None:
         """Close this process's HDF5 handles (they reopen on the next read)."""
-        for frames in self._handles.values():
-            frames.file.close()
-        self._handles = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = {}  # h5py handles cannot be pickled; the receiver opens its own
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._handles_pid = os.getpid()
+        for frames in self._frames:
+            frames.close()

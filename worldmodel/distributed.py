@@ -15,8 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from worldmodel.errors import InputError
+from worldmodel.devices import resolve_device
 from worldmodel.machine import available_cores
+
+# resolve_device lives in worldmodel.devices; re-exported for callers that import it from here.
+__all__ = ["DistInfo", "barrier", "cleanup", "gather_to_main", "mean_over_ranks", "resolve_device", "setup"]
 
 
 class DistInfo(NamedTuple):
@@ -34,23 +37,6 @@ class DistInfo(NamedTuple):
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` gets the process's local rank as index; a
-    ``torch.device`` is checked the same way."""
-    if isinstance(name, str) and name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu (or auto)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def setup(device_name: str) -> DistInfo:

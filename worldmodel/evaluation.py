@@ -18,26 +18,25 @@ paper's Figure 3 convention for stochastic models).
 * ``*_static``: the "nothing moves" reference, holding the last observed keypoints (or frame) for
   every predicted step; a model that predicts motion should beat it.
 
-SSIM is implemented here (Wang et al. 2004): Gaussian window 11x11 with sigma 1.5, K1 = 0.01,
+SSIM (Wang et al. 2004) comes from ``pytorch-msssim``: Gaussian window 11x11 with sigma 1.5, K1 = 0.01,
 K2 = 0.03, data range 1, "valid" filtering (no padding, as tf.image.ssim), the mean over pixels and
-channels per image.
+channels per image (``tests/test_evaluation.py`` checks it against the formula).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import pytorch_msssim
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: the metrics above need no model
-    from worldmodel.model import DynamicsState, WorldModel
+from worldmodel.data import WindowDataset
+from worldmodel.model import DynamicsState, WorldModel
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -57,12 +56,6 @@ def psnr(prediction: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
-    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).float()
-
-
 def ssim(
     prediction: Tensor,
     target: Tensor,
@@ -72,37 +65,21 @@ def ssim(
 ) -> Tensor:
     """Structural similarity per image: inputs (..., C, H, W) with H, W >= window; returns shape (...).
 
-    Local statistics use a separable Gaussian window with valid filtering; the SSIM map is averaged
-    over pixels and channels of each image.
+    ``pytorch_msssim.ssim``: local statistics under a Gaussian window with valid filtering, the SSIM map
+    averaged over pixels and channels of each image (the module docstring gives the constants).
     """
     if prediction.shape != target.shape:
         raise ValueError(f"shape mismatch: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     batch_shape = prediction.shape[:-3]
     channels, height, width = prediction.shape[-3:]
+    if min(height, width) < window_size:  # the library would skip the filtering along that axis
+        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size} pixels, got {height}x{width}")
     x = prediction.float().reshape(-1, channels, height, width)
     y = target.float().reshape(-1, channels, height, width)
-    kernel = _gaussian_window(window_size, sigma, x.device)
-    # Depthwise separable filtering: rows then columns, one group per channel.
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, window_size)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, window_size, 1)
-
-    def blur(image: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(image, horizontal, groups=channels), vertical, groups=channels)
-
-    c1 = (SSIM_K1 * data_range) ** 2
-    c2 = (SSIM_K2 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    # Second moments of images centred on their global means: (co)variances do not change, and the
-    # E[x^2] - E[x]^2 cancellation of float32 stays small next to C2 (exact for flat images).
-    xc = x - x.mean((-2, -1), keepdim=True)
-    yc = y - y.mean((-2, -1), keepdim=True)
-    mu_xc, mu_yc = blur(xc), blur(yc)
-    var_x = blur(xc * xc) - mu_xc**2
-    var_y = blur(yc * yc) - mu_yc**2
-    cov_xy = blur(xc * yc) - mu_xc * mu_yc
-    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    contrast_structure = (2 * cov_xy + c2) / (var_x + var_y + c2)
-    return (luminance * contrast_structure).flatten(1).mean(1).reshape(batch_shape)
+    values = pytorch_msssim.ssim(
+        x, y, data_range=data_range, size_average=False, win_size=window_size, win_sigma=sigma, K=(SSIM_K1, SSIM_K2)
+    )
+    return values.reshape(batch_shape)
 
 
 def to_unit_range(frames: Tensor) -> Tensor:
@@ -133,8 +110,9 @@ def keypoint_errors(predicted: Tensor, detected: Tensor) -> tuple[Tensor, Tensor
 # ----------------------------------------------------------------------------------------------
 # Open-loop prediction with N samples
 # ----------------------------------------------------------------------------------------------
-class Prediction(NamedTuple):
-    """The result of conditioning on real frames and predicting the rest, best of N samples."""
+class BestOfNPrediction(NamedTuple):
+    """The result of conditioning on real frames and predicting the rest N times open loop, with the sample
+    nearest the true future chosen per sequence afterwards."""
 
     detected: Tensor  # (B, T, K, 3) keypoints detected on all real frames
     predicted: Tensor  # (B, T, K, 3) observed steps: posterior reconstruction; then best sample
@@ -158,14 +136,14 @@ def repeat_state(state: DynamicsState, times: int) -> DynamicsState:
 
 
 @torch.no_grad()
-def predict(
+def predict_best_of_n(
     model: WorldModel,
     frames: Tensor,
     actions: Tensor,
     num_observed: int,
     num_samples: int,
     generator: torch.Generator | None = None,
-) -> Prediction:
+) -> BestOfNPrediction:
     """Observe ``num_observed`` frames, imagine the rest of the window ``num_samples`` times.
 
     frames uint8 (B, T, 64, 64, 3), actions (B, T, 6) with actions[:, t] applied at frame t. Action
@@ -192,7 +170,7 @@ def predict(
     best = samples[best_index, torch.arange(batch, device=samples.device)]
     predicted = torch.cat([observed.keypoints, best], dim=1)
     first_frame, first_keypoints = frames[:, 0], detected[:, 0]
-    return Prediction(
+    return BestOfNPrediction(
         detected=detected,
         predicted=predicted,
         samples=samples,
@@ -228,8 +206,8 @@ def _finite_mean(values: Tensor) -> float:
     return float(values.clamp(max=100.0).mean())
 
 
-def score(prediction: Prediction, num_observed: int) -> EvalResult:
-    """Reduce a Prediction (one batch) to the averaged metrics."""
+def score(prediction: BestOfNPrediction, num_observed: int) -> EvalResult:
+    """Reduce a BestOfNPrediction (one batch) to the averaged metrics."""
     future = slice(num_observed, None)
     detected_future = prediction.detected[None, :, future]
     mse, distance = keypoint_errors(prediction.samples, detected_future)  # (N, B)
@@ -272,10 +250,6 @@ def combine(results: list[EvalResult]) -> EvalResult:
     return EvalResult(**averaged, num_windows=total, num_samples=results[0].num_samples)
 
 
-def is_finite_result(result: EvalResult) -> bool:
-    return all(math.isfinite(float(value)) for value in result)
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluation set and the evaluation passes
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +264,6 @@ class EvalSet(NamedTuple):
 
 def load_eval_set(root: Path, tasks: Sequence[str], length: int, count: int, seed: int) -> EvalSet:
     """``count`` windows of ``length`` frames from the test split (fewer if the split is smaller)."""
-    from worldmodel.data import WindowDataset
-
     per_task: list[list[Any]] = []
     for number, task in enumerate(tasks):
         dataset = WindowDataset(root, [task], "test", length=length)
@@ -320,9 +292,9 @@ def evaluate(
     seed: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> tuple[EvalResult, Prediction]:
+) -> tuple[EvalResult, BestOfNPrediction]:
     """Best-of-N open-loop prediction on every eval window; returns the averages and the first batch's
-    Prediction (for pictures). The model is put in eval mode and restored afterwards."""
+    BestOfNPrediction (for pictures). The model is put in eval mode and restored afterwards."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -332,7 +304,7 @@ def evaluate(
             frames = eval_set.frames[start : start + batch_size].to(device)
             actions = eval_set.actions[start : start + batch_size].to(device)
             with autocast():
-                prediction = predict(model, frames, actions, num_observed, num_samples, generator)
+                prediction = predict_best_of_n(model, frames, actions, num_observed, num_samples, generator)
             results.append(score(prediction, num_observed))
             first = prediction if first is None else first
     finally:

@@ -1,6 +1,6 @@
 """RNN hidden states of a world model over real windows: the representation the reward experiment probes.
 
-Figure 8's protocol (SPEC section 5): of each length-L window, the first ``num_observed`` frames are
+The protocol of the paper's Figure 8 (Minderer et al. 2019, S2.3): of each length-L window, the first ``num_observed`` frames are
 filtered through the posterior; the rest are predicted open loop through the prior from the true
 actions. Only the observed frames are ever shown to the model, so frames after the context cannot
 change the predicted hidden states. The per-frame features are what the model perceives: keypoints

@@ -1,4 +1,5 @@
-"""The action-conditional Struct-VRNN world model (Minderer et al. 2019; SPEC sections 3-4, docs/CONTRACTS.md).
+"""The action-conditional Struct-VRNN world model (Minderer et al. 2019, "Unsupervised Learning of Object
+Structure and Dynamics from Videos", sections 3-4 and supplement S1; API in docs/CONTRACTS.md).
 
     frames --phi_det--> keypoints x_t --(stop gradient)--> VRNN(h, z, a) --> predicted keypoints
        |                    |                                                   |
@@ -53,12 +54,10 @@ class Schedule(NamedTuple):
     """Amplitude of the Gaussian maps, ``mix * mu + (1 - mix)`` (0: fixed amplitude, 1: the paper's mu).
     None keeps the model's current value (``ModelConfig.initial_amplitude_mix`` until set); a value is
     remembered by the model (a buffer saved with it) so decoding after training uses the last one."""
-    sparsity_scale: float = 1.0
-    """Multiplies lambda_sparse (on top of the amplitude mix, which weights it too)."""
 
     @classmethod
     def at_step(cls, step: int, total_steps: int, config: ModelConfig) -> Schedule:
-        """SPEC section 4's linear schedules at training step ``step`` of ``total_steps``: the KL scale
+        """The paper's linear schedules (section 4, S1.3) at training step ``step`` of ``total_steps``: the KL scale
         ramps 0 -> 1 over the first quarter (25k of the paper's 1e5 steps), 1 - p(teacher forcing) ramps
         0 -> 1 (observed) and 0 -> 0.5 (predicted) over training, and the amplitude mix ramps from
         ``config.initial_amplitude_mix`` to 1 over the first ``config.amplitude_warmup`` of training."""
@@ -85,7 +84,8 @@ class Losses(NamedTuple):
 
 
 class Diagnostics(NamedTuple):
-    """Floats for logging keypoint collapse (SPEC section 8), over the frames of one batch.
+    """Floats for logging keypoint collapse (keypoints that fade, mu -> 0, or stop moving), over the frames of
+    one batch.
 
     For ``cnn-vrnn`` mean_mu and active_keypoints are 0 and keypoint_spread is the mean std of the feature
     units across the batch.
@@ -112,8 +112,9 @@ class Rollout(NamedTuple):
     final: DynamicsState
 
 
-class Prediction(NamedTuple):
-    """``WorldModel.predict``: observe the first frames, predict the rest, decode all."""
+class GuidedPrediction(NamedTuple):
+    """``WorldModel.predict_guided``: observe the first frames, predict the rest keeping at each step the prior
+    sample nearest the true future's keypoints, decode all."""
 
     frames: Tensor  # (B, T, 3, 64, 64) float in [-0.5, 0.5], decoded from `keypoints`
     keypoints: Tensor  # (B, T, K, 3) posterior (observed steps) then prior (predicted steps) keypoints
@@ -278,8 +279,7 @@ class WorldModel(nn.Module):
         else:
             separation = sparsity = zero
         # L_sparse acts on the maps' amplitudes: with fixed amplitude (mix 0) mu is not drawn, nothing to prune.
-        sparsity_scale = (1.0 if schedule is None else schedule.sparsity_scale) * mix
-        total = image + cfg.separation_weight * separation + cfg.sparsity_weight * sparsity_scale * sparsity
+        total = image + cfg.separation_weight * separation + cfg.sparsity_weight * mix * sparsity
         losses = Losses(total, image, separation, sparsity, zero, zero, zero, zero)
         return VisionOutput(keypoints, self.amplitude(keypoints, mix), losses)
 
@@ -379,11 +379,6 @@ class WorldModel(nn.Module):
         points = self.normalizer.denormalize(unroll.keypoints).view(batch, steps, self.config.num_keypoints, 3)
         return Rollout(points, unroll.hidden, self._state(unroll.final))
 
-    def initial_state(self, batch_size: int) -> DynamicsState:
-        """The zero state; ``imagine`` from it is not the start of a sequence (use ``observe`` for that)."""
-        device = self.amplitude_mix.device
-        return self._state(self.dynamics.initial_carry(batch_size, device))
-
     def observe(
         self,
         keypoints: Tensor,
@@ -433,17 +428,18 @@ class WorldModel(nn.Module):
         return self._rollout(unroll)
 
     @torch.no_grad()
-    def predict(
+    def predict_guided(
         self,
         frames: Tensor,
         actions: Tensor,
         num_observed: int,
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> Prediction:
-        """Evaluation helper: observe frames[:, :num_observed] (posterior), predict the rest with the prior
-        (best of ``num_samples`` against the detected keypoints, the paper's best-of-N evaluation; 1 = a
-        plain sample), decode every frame. frames uint8 (B, T, 64, 64, 3), actions (B, T, 6)."""
+    ) -> GuidedPrediction:
+        """Observe frames[:, :num_observed] (posterior), predict the rest with the prior, each step keeping the
+        best of ``num_samples`` samples against the keypoints detected in the true frames (so it peeks at the
+        future: 1 = a plain sample), decode every frame. frames uint8 (B, T, 64, 64, 3), actions (B, T, 6).
+        The evaluation's best of N, which picks whole open-loop samples, is ``evaluation.predict_best_of_n``."""
         if not 1 <= num_observed <= frames.shape[1]:
             raise ValueError(f"num_observed must be in [1, T={frames.shape[1]}], got {num_observed}")
         detected = self.detect(frames)  # (B, T, K, 3)
@@ -459,4 +455,10 @@ class WorldModel(nn.Module):
         else:
             keypoints, hidden = observed.keypoints, observed.hidden
         images = self.decode(keypoints, frames[:, 0], detected[:, 0])
-        return Prediction(images, keypoints, detected, hidden)
+        return GuidedPrediction(images, keypoints, detected, hidden)
+
+
+def vision_modules(model: WorldModel) -> list[nn.Module]:
+    """The pixel side: detector (or CNN encoder + feature maps), appearance net, reconstructor."""
+    parts = [model.detector, model.encoder, model.feature_maps, model.appearance, model.reconstructor]
+    return [part for part in parts if part is not None]

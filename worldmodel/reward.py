@@ -1,12 +1,12 @@
-"""Per-task GRU reward predictors on world-model hidden states (S2.3, Figure 8; SPEC section 5).
+"""Per-task GRU reward predictors on world-model hidden states (Minderer et al. 2019, S2.3 and Figure 8).
 
 The predictor reads a sequence of per-frame feature vectors (the VRNN hidden states, or a control such
 as the true low-dimensional states or the actions) and outputs one reward per frame.
 
 Timing: ``rewards[t]`` is earned by the step from frame t to frame t+1 and depends on the state that
 step leads to, so it is the target of the output at frame t+1 (``align_rewards``). Frame 0 of a window
-has no target. The hidden state that predicts frame t+1 has already seen the action a_t (SPEC
-section 3), so a causal predictor can know it.
+has no target. The hidden state that predicts frame t+1 has already seen the action a_t (the action order
+of docs/CONTRACTS.md), so a causal predictor can know it.
 """
 
 from __future__ import annotations

@@ -271,6 +271,41 @@ def open_dataset(path: str | os.PathLike[str]) -> h5py.File:
         raise InvalidDatasetError(f"{path}: not a readable HDF5 file ({detail(error)})") from None
 
 
+class ProcessLocalDataset:
+    """One dataset (e.g. ``frames``) of an HDF5 file, opened on first use in each process.
+
+    An h5py handle must not cross a fork: a DataLoader worker or a SubprocVecEnv worker (forked or spawned)
+    opens its own on first use instead of the parent's, and pickling drops the handle. ``options`` go to
+    ``h5py.File`` (e.g. ``rdcc_nbytes``, the chunk cache).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str, **options: Any) -> None:
+        self.path, self.name, self.options = Path(path), name, options
+        self._dataset: h5py.Dataset | None = None  # the dataset object, not the file: saves a lookup per read
+        self._pid = -1
+
+    def get(self) -> h5py.Dataset:
+        if self._dataset is None or self._pid != os.getpid():  # a forked child: the parent's is not ours
+            self._dataset = h5py.File(self.path, "r", **self.options)[self.name]
+            self._pid = os.getpid()
+        return self._dataset
+
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds an open handle."""
+        return self._dataset is not None and self._pid == os.getpid()
+
+    def close(self) -> None:
+        """Close this process's handle (it reopens on the next ``get``)."""
+        if self.is_open:
+            assert self._dataset is not None
+            self._dataset.file.close()
+        self._dataset = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_dataset": None, "_pid": -1}  # h5py handles cannot be pickled
+
+
 def read_info(path: str | os.PathLike[str]) -> DatasetInfo:
     """Shapes and attrs of a dataset file, without reading its arrays."""
     with open_dataset(path) as file:

@@ -1,4 +1,4 @@
-"""The six DeepMind Control tasks of the paper (S2.3) and their data conventions (SPEC section 2).
+"""The six DeepMind Control tasks of the paper (Minderer et al. 2019, S2.3) and their data conventions.
 
 Every script names tasks by the short names below; ``all`` means the six. Action repeat defaults follow
 PlaNet (acrobot and walker-stand chosen here) and can be overridden; the value used is always stored
@@ -8,6 +8,8 @@ with the data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from worldmodel.errors import InputError
 
@@ -74,3 +76,10 @@ def parse_tasks(text: str) -> list[str]:
     for name in names:
         get_task(name)
     return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def pad_actions(actions: np.ndarray) -> np.ndarray:
+    """(..., A) task actions -> (..., MAX_ACTION_DIM) float32, zero-padded (one model serves all tasks)."""
+    padded = np.zeros((*actions.shape[:-1], MAX_ACTION_DIM), np.float32)
+    padded[..., : actions.shape[-1]] = actions
+    return padded

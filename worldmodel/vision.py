@@ -4,7 +4,7 @@ Conventions. Images are float (N, 3, H, W) in [-0.5, 0.5], best in channels_last
 are (N, K, 3) triplets (x, y, mu): x in [-1, 1] from left to right, y in [-1, 1] from bottom to top (y
 points up), mu >= 0 the keypoint's presence. Pixel (row i, column j) of an S x S map has its centre at
 x = -1 + 2 j / (S - 1), y = 1 - 2 i / (S - 1) (the original code's grid), so one heatmap pixel is
-2 / (S - 1) coordinate units; sigma of the Gaussian maps is given in heatmap pixels (S4, SPEC section 3).
+2 / (S - 1) coordinate units; sigma of the Gaussian maps is given in heatmap pixels (supplement S4 of Minderer et al. 2019).
 
 Keypoint arithmetic (S1-S4) always runs in float32, also under autocast: the convs may run in bf16.
 """
@@ -210,7 +210,7 @@ class FeatureEncoder(nn.Module):
     """CNN-VRNN's encoder: images (N, 3, S, S) -> unstructured features (N, K*3), LayerNorm bottleneck.
 
     The detector's trunk, a 1x1 conv to K channels, flatten, linear to K*3, LayerNorm without affine
-    parameters (SPEC 8: a tanh bottleneck saturated; the LayerNorm one did not).
+    parameters (a tanh bottleneck saturated in training; the LayerNorm one did not).
     """
 
     def __init__(self, config: ModelConfig) -> None:
