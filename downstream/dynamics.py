@@ -29,7 +29,7 @@ import tyro
 
 from worldmodel.atomic import atomic_write, atomic_write_text
 from worldmodel.checkpoint import load_world_model
-from worldmodel.distributed import resolve_device
+from worldmodel.devices import resolve_device
 from worldmodel.dynamics_benchmark import (
     JUMP,
     PREDICTIONS,
@@ -43,7 +43,7 @@ from worldmodel.dynamics_benchmark import (
 )
 from worldmodel.errors import InputError, one_line, run_script
 from worldmodel.storage import dataset_path
-from worldmodel.training import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
+from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 
 DEFAULT_RUNS = (Path("runs/world_model"),)
 

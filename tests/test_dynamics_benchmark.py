@@ -23,7 +23,7 @@ from worldmodel.dynamics_benchmark import (
     r_squared,
 )
 from worldmodel.errors import InputError
-from worldmodel.training import KeypointSplit
+from worldmodel.keypoint_cache import KeypointSplit
 
 
 def moving_keypoints(batch: int, length: int, keypoints: int, speed: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from worldmodel.evaluation import repeat_state
 from worldmodel.model import WorldModel
-from worldmodel.training import KeypointSplit
+from worldmodel.keypoint_cache import KeypointSplit
 
 REFERENCES = ("hold_last", "constant_velocity")
 JUMP = 0.2  # a one-frame move longer than this (a tenth of the [-1, 1] image width) counts as a jump

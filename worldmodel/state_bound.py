@@ -35,7 +35,7 @@ from worldmodel.dynamics_benchmark import OpenLoop
 from worldmodel.errors import InputError
 from worldmodel.model import states_to_keypoints
 from worldmodel.tasks import MAX_ACTION_DIM, TASK_NAMES, task_id
-from worldmodel.training import KeypointSplit
+from worldmodel.keypoint_cache import KeypointSplit
 
 
 class StateSizeMismatch(InputError):
