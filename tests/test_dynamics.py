@@ -139,9 +139,9 @@ def test_best_of_many_gradient_is_the_chosen_samples_own() -> None:
     assert not torch.allclose(through_sample[0], gradients(other)[0])
 
 
-def unroll_model(variant: str = "struct-vrnn") -> WorldModel:
+def unroll_model(variant: str = "struct-vrnn", **overrides: object) -> WorldModel:
     torch.manual_seed(0)
-    return WorldModel(ModelConfig.smoke(variant=variant))
+    return WorldModel(ModelConfig.smoke(variant=variant, **overrides))
 
 
 def test_prediction_of_next_frame_depends_on_current_action() -> None:
@@ -185,8 +185,9 @@ def test_teacher_forcing_feeds_the_targets() -> None:
     assert forced.kl.shape == (2, 2)
 
 
-def test_prior_is_trained_by_kl_only() -> None:
-    model = unroll_model()
+def test_prior_is_trained_by_kl_only_without_prior_future_gradient() -> None:
+    """The paper's code (``prior_future_gradient=False``); the other case: tests/test_dynamics_cores.py."""
+    model = unroll_model(prior_future_gradient=False)
     f = model.config.feature_size
     out = model.dynamics.unroll(torch.zeros(2, 5, 6), torch.randn(2, 5, f), num_observed=2, num_samples=4)
     future_error = out.keypoints[:, 2:].square().sum()

@@ -148,7 +148,7 @@ def test_single_steps_reproduce_unroll_exactly(dynamics: str) -> None:
             step = core.imagine_step(carry, inputs[:, t], targets[:, t], samples, generator)
         carry = step.carry
         p = forcing[0] if t < observed else forcing[1]
-        if core.scheduled_sampling:
+        if core.scheduled_sampling and not (t < observed and core.config.feed_detected):  # observed: fed already
             coin = torch.rand((3, 1), generator=generator)
             carry = core.feed(carry, torch.where(coin < p, targets[:, t], step.prediction))
         predictions.append(step.prediction)
