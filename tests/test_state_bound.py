@@ -218,13 +218,15 @@ def test_reward_report_has_the_state_space_bound_column(
         assert list(by_input) == ["struct-vrnn", "state-space bound", "true states", "actions only"]
         bound = by_input["state-space bound"]
         assert np.isfinite(bound["observed"]) and np.isfinite(bound["predicted"]) and len(bound["per_frame_mean"]) == 20
-        assert bound != by_input["struct-vrnn"]  # its own hidden states, not a copy of the run's
     assert report["meta"]["state_bound"]["dir"] == str(state_run.resolve())
     table = (out / "results.md").read_text()
     assert "state-space bound obs. | state-space bound pred." in table
     assert not (state_run / "reward_predictors").exists()  # nothing to imagine with: no predictor saved
-    caches = {path.parent.name for path in (out / "cache").rglob("*.npz")}
+    caches = sorted({path.parent for path in (out / "cache").rglob("*.npz")})
     assert len(caches) == 2  # the run's hidden states and the bound's, each cached
+    # The bound's are its own hidden states (of its own size), not a copy of the run's.
+    hidden = [np.load(folder / "cartpole.npz")["hidden"] for folder in caches]
+    assert hidden[0].shape[:2] == hidden[1].shape[:2] and not np.array_equal(hidden[0], hidden[1])
 
 
 def test_reward_refuses_data_whose_states_differ_from_the_bounds(
@@ -234,7 +236,8 @@ def test_reward_refuses_data_whose_states_differ_from_the_bounds(
     widen_states(data / "cartpole_test.h5")  # 6 numbers per cartpole state instead of 5
     out = tmp_path / "report"
     result = run_reward("--run", str(smoke_run), "--state-bound", str(state_run), "--data", str(data),
-                        "--out", str(out), "--tasks", "cartpole,cheetah", "--device", "cpu")  # fmt: skip
+                        "--out", str(out), "--tasks", "cartpole,cheetah", "--device", "cpu", "--folds", "3",
+                        "--folds-run", "2")  # fmt: skip
     assert result.returncode == 2 and one_error_line(result.stderr)
     assert "size 6" in result.stderr and "trained on size 5" in result.stderr
     assert not out.exists()  # refused before anything was computed
@@ -248,6 +251,6 @@ def test_reward_refuses_a_run_in_the_wrong_place(smoke_run: Path, state_run: Pat
                                                  tmp_path: Path, flag: str) -> None:  # fmt: skip
     wrong = ["--run", str(state_run)] if flag == "--run" else ["--run", str(smoke_run), "--state-bound", str(smoke_run)]
     result = run_reward(*wrong, "--data", str(reward_dataset), "--out", str(tmp_path / "out"), "--tasks", "cartpole",
-                        "--folds", "2")  # fmt: skip
+                        "--folds", "2", "--folds-run", "2")  # fmt: skip
     assert result.returncode == 2 and one_error_line(result.stderr)
     assert ("pass it with --state-bound" if flag == "--run" else "--model state-vrnn") in result.stderr
