@@ -25,6 +25,7 @@ gradient clipping to global norm 10 (the original code).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,14 @@ from torch import Tensor, nn
 from worldmodel.config import Dynamics, ModelConfig, Variant
 from worldmodel.errors import InputError
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
-from worldmodel.precision import Precision, autocast
+from worldmodel.precision import Compute, Precision, autocast
 
 Profile = Literal["paper", "cpu", "quick", "smoke"]
 PROFILES: tuple[Profile, ...] = ("paper", "cpu", "quick", "smoke")
 Mode = Literal["joint", "staged"]
-Stage = Literal["joint", "vision", "keypoints", "dynamics", "done"]
+
+RESUME_FREE = {"resume_free": True}
+"""Field metadata of the options a --resume may change: they do not change what is computed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,9 +61,9 @@ class TrainConfig:
 
     profile: Profile = "paper"
     """Defaults: 'paper' (Table S1 sizes, 1e5 joint steps, for a GPU), 'cpu' (staged training that gives a useful model on 2 CPU cores in under an hour with native bf16, a few hours in fp32), 'quick' (the cpu model with fewer steps: a first look in minutes on any CPU) or 'smoke' (seconds, for tests)."""
-    data: Path = Path("data/dmcs")
+    data: Path = field(default=Path("data/dmcs"), metadata=RESUME_FREE)
     """Dataset folder written by collect/dmcs.py (<task>_<split>.h5 files)."""
-    out: Path = Path("runs/world_model")
+    out: Path = field(default=Path("runs/world_model"), metadata=RESUME_FREE)
     """Run directory: checkpoint.pt, metrics.jsonl, tensorboard/, keypoint cache, pictures, summary.json."""
     model: Variant = "struct-vrnn"
     """Model variant: struct-vrnn, struct-vrnn-nobom (one sample), struct-rnn (deterministic) or cnn-vrnn (unstructured features). It sets --net.variant, which is not to be given separately."""
@@ -70,13 +73,13 @@ class TrainConfig:
     """Comma-separated tasks to train on, or 'all' (the six)."""
     seed: int = 1
     """Seed of every random choice: initialisation, window order, latent samples, evaluation windows."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=RESUME_FREE)
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Precision = "auto"
     """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
     channels_last: bool = True
     """Keep conv weights and activations in channels_last memory format (faster convs on every CPU measured, in fp32 and bf16, and on GPUs)."""
-    resume: bool = False
+    resume: bool = field(default=False, metadata=RESUME_FREE)
     """Continue the run in --out from its checkpoint (same config required)."""
     mode: Mode = "joint"
     """'joint': detector, reconstructor and dynamics train together, as the paper. 'staged': (1) detector + reconstructor on frames, (2) keypoints detected once for the whole dataset and cached in the run directory, (3) the dynamics on cached keypoints. No gradient crosses from the dynamics to the detector in either mode, so both optimise the same losses."""
@@ -114,7 +117,7 @@ class TrainConfig:
     """Final probability of feeding the RNN its own keypoints on predicted steps."""
     normalize_keypoints: bool = True
     """Staged mode: fit the dynamics' per-feature keypoint normalisation on the cached training keypoints (SPEC 8). Joint mode never does (the detector moves; the paper has no normalisation)."""
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata=RESUME_FREE)
     """DataLoader worker processes per training process (frames are read and decompressed there)."""
     log_every: int = 10
     """Log losses and collapse diagnostics every this many steps."""
@@ -128,11 +131,11 @@ class TrainConfig:
     """Windows per evaluation batch."""
     checkpoint_every: int = 1_000
     """Write the checkpoint every this many steps of a stage (and at every stage's end)."""
-    progress: bool = True
+    progress: bool = field(default=True, metadata=RESUME_FREE)
     """Show a tqdm progress bar (rank 0)."""
     vision_from: Path | None = None
     """Staged mode: take the detector, appearance net and reconstructor (and the keypoint cache) of this finished run on the same data, skip the vision stage and train only the dynamics: the way to compare dynamics cores on the same keypoints."""
-    halt_after: int | None = None
+    halt_after: int | None = field(default=None, metadata=RESUME_FREE)
     """Stop after this many optimizer steps in this invocation, writing a checkpoint; continue later with --resume (time-sliced or preemptible jobs). None trains to the end."""
     net: ModelConfig = field(default_factory=ModelConfig)
     """Model hyperparameters (worldmodel.config.ModelConfig)."""
@@ -243,8 +246,6 @@ def smoke_profile() -> TrainConfig:
     )
 
 
-# Options that may differ between a run and its --resume without changing what is computed.
-RESUME_FREE_FIELDS = frozenset({"resume", "device", "num_workers", "progress", "data", "out", "halt_after"})
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -263,12 +264,13 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Names of the options whose values differ from a checkpoint's, ignoring RESUME_FREE_FIELDS. Options a
+    """Names of the options whose values differ from a checkpoint's, ignoring the RESUME_FREE ones. Options a
     checkpoint predates (added later, with defaults that keep the old behaviour) count as their defaults."""
     now = config_to_dict(current)
     defaults = config_to_dict(TrainConfig())
     saved = {**defaults, **saved, "net": {**defaults["net"], **saved.get("net", {})}}
-    names = (set(saved) | set(now)) - RESUME_FREE_FIELDS
+    resume_free = {option.name for option in dataclasses.fields(TrainConfig) if option.metadata == RESUME_FREE}
+    names = (set(saved) | set(now)) - resume_free
     return sorted(name for name in names if saved.get(name) != now.get(name))
 
 
@@ -308,6 +310,112 @@ def validate(config: TrainConfig) -> None:
     if config.vision_from is not None and config.mode != "staged":
         raise InputError("--vision-from needs --mode staged (the dynamics train on the cached keypoints)")
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages and the training state
+# ----------------------------------------------------------------------------------------------
+class Stage(enum.StrEnum):
+    """A part of a run. Joint mode (the paper) has one stage that trains everything together. Staged mode
+    trains (1) the detector and reconstructor on frames, (2) detects the keypoints of the whole dataset once
+    and caches them (no optimizer steps), (3) the dynamics on the cached keypoints. No gradient crosses
+    from the dynamics to the detector in either mode, so both optimise the same losses. DONE: finished."""
+
+    JOINT = "joint"
+    VISION = "vision"
+    KEYPOINTS = "keypoints"
+    DYNAMICS = "dynamics"
+    DONE = "done"
+
+    @staticmethod
+    def order(config: TrainConfig) -> tuple[Stage, ...]:
+        """The stages of the run's mode, in the order they run."""
+        if config.mode == "staged":
+            return (Stage.VISION, Stage.KEYPOINTS, Stage.DYNAMICS, Stage.DONE)
+        return (Stage.JOINT, Stage.DONE)
+
+    def steps(self, config: TrainConfig) -> int:
+        """Optimizer steps of this stage (none for the keypoint detection and the end)."""
+        return {Stage.JOINT: config.steps, Stage.VISION: config.vision_steps, Stage.DYNAMICS: config.dynamics_steps}.get(self, 0)  # fmt: skip
+
+    def offset(self, config: TrainConfig) -> int:
+        """Optimizer steps of the stages before this one: a stage's step s is global step offset + s."""
+        order = Stage.order(config)
+        return sum(stage.steps(config) for stage in order[: order.index(self)])
+
+    def following(self, config: TrainConfig) -> Stage:
+        order = Stage.order(config)
+        return order[order.index(self) + 1]
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what its checkpoint holds beside the weights, the optimizer and the generators."""
+
+    stage: Stage
+    step: int = 0
+    """Optimizer steps done in ``stage``."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage so far, evaluations and checkpoints included."""
+    final_losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The last logged losses of every stage."""
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    """The metrics of the latest evaluation."""
+
+    @staticmethod
+    def first(config: TrainConfig) -> TrainState:
+        """A new run's state: at its first stage, or at the keypoint stage with --vision-from."""
+        stage = Stage.KEYPOINTS if config.vision_from is not None else Stage.order(config)[0]
+        return TrainState(stage)
+
+    def global_step(self, config: TrainConfig) -> int:
+        """Optimizer steps over all stages: the x axis of the logs."""
+        return self.stage.offset(config) + self.step
+
+    def advance(self, config: TrainConfig) -> None:
+        """On to step 0 of the next stage."""
+        self.stage, self.step = self.stage.following(config), 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers, which ``torch.load(weights_only=True)`` reads back."""
+        return {
+            "stage": self.stage.value,
+            "step": int(self.step),
+            "stage_seconds": dict(self.stage_seconds),
+            "final_losses": {stage: dict(losses) for stage, losses in self.final_losses.items()},
+            "last_eval": dict(self.last_eval),
+        }
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> TrainState:
+        """The inverse of ``to_dict``; bookkeeping a state lacks (written before any stage finished) is empty."""
+        return TrainState(
+            stage=Stage(values["stage"]),
+            step=int(values["step"]),
+            stage_seconds=dict(values.get("stage_seconds", {})),
+            final_losses={stage: dict(losses) for stage, losses in values.get("final_losses", {}).items()},
+            last_eval=dict(values.get("last_eval", {})),
+        )
+
+    # The checkpoint file keeps its layout (worldmodel/checkpoint.py, format 1): the stage, step, global step
+    # and completeness at the top, where every reader looks, and the rest under "extra", beside the gradient
+    # scaler's state. Checkpoints of every earlier version of this trainer load the same way.
+    def checkpoint_fields(self, config: TrainConfig, optimizer: StageOptimizer | None) -> dict[str, Any]:
+        """The training-state arguments of ``save_checkpoint``: this state and the stage's optimizer (None
+        between stages)."""
+        values = self.to_dict()
+        return {
+            "stage": values.pop("stage"),
+            "step": values.pop("step"),
+            "global_step": self.global_step(config),
+            "complete": self.stage is Stage.DONE,
+            "optimizer_state": None if optimizer is None else optimizer.optimizer.state_dict(),
+            "extra": {**values, "scaler": None if optimizer is None else optimizer.scaler_state()},
+        }
+
+    @staticmethod
+    def from_checkpoint(checkpoint: dict[str, Any]) -> TrainState:
+        return TrainState.from_dict({**checkpoint["extra"], "stage": checkpoint["stage"], "step": checkpoint["step"]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,21 +461,17 @@ def amplitude_mix_at(step: int, total_steps: int, config: TrainConfig) -> float:
 def schedule_at(step: int, total_steps: int, config: TrainConfig, stage: Stage) -> Schedule:
     """The model's Schedule at ``step`` of a stage of ``total_steps`` steps.
 
-    'joint' schedules everything over the joint steps (the same as ``Schedule.at_step`` with the default
-    fractions); 'vision' only the amplitude mix (no dynamics run); 'dynamics' only the dynamics fields
-    (the amplitude mix stays where the vision stage left it, in the model's buffer).
+    The joint stage schedules everything over the joint steps; the vision stage only the amplitude mix
+    (no dynamics run); the dynamics stage only the dynamics fields (the amplitude mix stays where the
+    vision stage left it, in the model's buffer).
     """
-    if stage == "vision":
+    if stage == Stage.VISION:
         return Schedule(kl_scale=0.0, teacher_forcing_observed=1.0, teacher_forcing_predicted=1.0,
                         amplitude_mix=amplitude_mix_at(step, total_steps, config))  # fmt: skip
     observed, predicted = teacher_forcing_at(step, total_steps, config)
     kl = kl_scale_at(step, total_steps, config)
-    mix = amplitude_mix_at(step, total_steps, config) if stage == "joint" else None
+    mix = amplitude_mix_at(step, total_steps, config) if stage == Stage.JOINT else None
     return Schedule(kl, observed, predicted, amplitude_mix=mix)
-
-
-def stage_steps(config: TrainConfig, stage: Stage) -> int:
-    return {"joint": config.steps, "vision": config.vision_steps, "dynamics": config.dynamics_steps}[stage]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,9 +485,9 @@ def vision_modules(model: WorldModel) -> list[nn.Module]:
 
 def stage_parameters(model: WorldModel, stage: Stage) -> list[nn.Parameter]:
     """The parameters a stage trains: vision, dynamics, or all (joint)."""
-    if stage == "vision":
+    if stage == Stage.VISION:
         return [p for module in vision_modules(model) for p in module.parameters()]
-    if stage == "dynamics":
+    if stage == Stage.DYNAMICS:
         return list(model.dynamics.parameters())
     return list(model.parameters())
 
@@ -405,41 +509,82 @@ def make_optimizer(parameters: Sequence[nn.Parameter], config: TrainConfig, devi
     )
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+class StageOptimizer(NamedTuple):
+    """What updates a stage's parameters: Adam, the gradient scaler (active with fp16 only) and the clipping."""
+
+    optimizer: torch.optim.Adam
+    scaler: torch.amp.GradScaler
+    parameters: list[nn.Parameter]
+    clip_norm: float  # clip the gradient to this global L2 norm; <= 0: no clipping
+
+    @staticmethod
+    def for_stage(model: WorldModel, stage: Stage, config: TrainConfig, compute: Compute) -> StageOptimizer:
+        """A fresh optimizer for the stage's parameters, which alone keep requires_grad."""
+        parameters = freeze_for_stage(model, stage)
+        device = torch.device(compute.device_type)
+        scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
+        return StageOptimizer(make_optimizer(parameters, config, device), scaler, parameters, config.grad_clip_norm)
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss: Tensor) -> Tensor:
+        """Backward (after ``zero_grad`` and the forward), unscale, clip, update; returns the global gradient
+        norm before clipping."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm.detach()
+
+    def scaler_state(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a checkpoint of this stage (the layout of ``TrainState.checkpoint_fields``)."""
+        if checkpoint["optimizer"] is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint["extra"].get("scaler"):
+                self.scaler.load_state_dict(checkpoint["extra"]["scaler"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Training steps
 # ----------------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+    inputs: Tensor  # frames uint8 (B, L, 64, 64, 3) (joint, vision) or keypoints (B, L, K, 3) (dynamics)
+    actions: Tensor  # (B, L, 6); the vision stage ignores them
+
+
 class Objective(nn.Module):
     """The losses of one stage as a module's forward, so DistributedDataParallel can wrap it.
 
-    forward(stage, batch, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
+    forward(inputs, actions, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
     L2 term (zero in the dynamics stage, which trains no conv).
     """
 
-    def __init__(self, model: WorldModel, num_observed: int) -> None:
+    def __init__(self, model: WorldModel, stage: Stage, num_observed: int) -> None:
         super().__init__()
-        self.model = model
-        self.num_observed = num_observed
+        self.model, self.stage, self.num_observed = model, stage, num_observed
 
-    def forward(
-        self, stage: str, frames: Tensor | None, keypoints: Tensor | None, actions: Tensor | None, schedule: Schedule
-    ) -> tuple[Losses, Diagnostics | None, Tensor]:
+    def forward(self, inputs: Tensor, actions: Tensor, schedule: Schedule) -> tuple[Losses, Diagnostics | None, Tensor]:
         model = self.model
-        if stage == "dynamics":
-            assert keypoints is not None and actions is not None
-            losses = model.dynamics_losses(keypoints, actions, self.num_observed, schedule)
+        if self.stage == Stage.DYNAMICS:
+            losses = model.dynamics_losses(inputs, actions, self.num_observed, schedule)
             return losses, None, losses.total.new_zeros(())
-        assert frames is not None
-        if stage == "vision":
-            observed = min(self.num_observed, frames.shape[1])
-            losses, diagnostics = model.vision_losses(frames, schedule, observed)
+        if self.stage == Stage.VISION:
+            observed = min(self.num_observed, inputs.shape[1])
+            losses, diagnostics = model.vision_losses(inputs, schedule, observed)
         else:
-            assert actions is not None
-            losses, diagnostics = model.joint_losses(frames, actions, self.num_observed, schedule)
+            losses, diagnostics = model.joint_losses(inputs, actions, self.num_observed, schedule)
         penalty = model.config.conv_weight_decay * model.conv_weight_l2()
         return losses, diagnostics, penalty
 
@@ -452,37 +597,16 @@ class StepOutput(NamedTuple):
 
 
 def train_step(
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    parameters: Sequence[nn.Parameter],
-    stage: Stage,
-    schedule: Schedule,
-    config: TrainConfig,
-    precision: str,
-    device: torch.device,
-    frames: Tensor | None = None,
-    keypoints: Tensor | None = None,
-    actions: Tensor | None = None,
+    objective: nn.Module, optimizer: StageOptimizer, batch: Batch, schedule: Schedule, compute: Compute
 ) -> StepOutput:
-    """One optimizer step: forward under autocast, backward, unscale, clip, step.
-
-    ``objective`` is an Objective or a DistributedDataParallel around one.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, precision):
-        losses, diagnostics, penalty = objective(stage, frames, keypoints, actions, schedule)
-    loss = losses.total.float() + penalty.float()
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    if config.grad_clip_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    scaler.step(optimizer)
-    scaler.update()
+    """One optimizer step: forward under the run's autocast, then ``StageOptimizer.step``. ``objective`` is
+    an Objective or a DistributedDataParallel around one."""
+    optimizer.zero_grad()
+    with compute.autocast():
+        losses, diagnostics, penalty = objective(batch.inputs, batch.actions, schedule)
+    grad_norm = optimizer.step(losses.total.float() + penalty.float())
     detached = Losses(*(term.detach() for term in losses))
-    return StepOutput(detached, diagnostics, grad_norm.detach(), penalty.detach())
+    return StepOutput(detached, diagnostics, grad_norm, penalty.detach())
 
 
 # ----------------------------------------------------------------------------------------------
