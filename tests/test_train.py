@@ -26,6 +26,7 @@ from worldmodel.training import (
     Stage,
     StageOptimizer,
     TrainConfig,
+    TrainState,
     kl_scale_at,
     learning_rate_at,
     paper_profile,
@@ -75,6 +76,29 @@ def test_schedules_scale_with_short_runs() -> None:
 def test_joint_schedule_agrees_with_the_models_reference(step: int) -> None:
     config = paper_profile()
     assert schedule_at(step, config.steps, config, Stage.JOINT) == Schedule.at_step(step, config.steps, config.model_config)
+
+
+# ---- stages and the training state -------------------------------------------------------------------
+def test_stages_know_their_steps_and_global_offsets() -> None:
+    staged = TrainConfig(mode="staged", vision_steps=30, dynamics_steps=50)
+    assert Stage.order(staged) == (Stage.VISION, Stage.KEYPOINTS, Stage.DYNAMICS, Stage.DONE)
+    assert [stage.steps(staged) for stage in Stage.order(staged)] == [30, 0, 50, 0]
+    assert [stage.offset(staged) for stage in Stage.order(staged)] == [0, 30, 30, 80]
+    joint = TrainConfig(mode="joint", steps=70)
+    assert [(stage.steps(joint), stage.offset(joint)) for stage in Stage.order(joint)] == [(70, 0), (0, 70)]
+    assert Stage.JOINT.following(joint) == Stage.DONE and Stage.VISION.following(staged) == Stage.KEYPOINTS
+    assert TrainState.first(dataclasses.replace(staged, vision_from=Path("run"))).stage == Stage.KEYPOINTS
+
+
+def test_training_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
+    config = TrainConfig(mode="staged", vision_steps=30, dynamics_steps=50)
+    state = TrainState(Stage.DYNAMICS, step=7, stage_seconds={"vision": 12.5, "keypoints": 1.0},
+                       final_losses={"vision": {"total": 0.5}}, last_eval={"psnr": 20.0, "seconds": 0.1})  # fmt: skip
+    assert state.global_step(config) == 37
+    torch.save(state.to_dict(), tmp_path / "state.pt")
+    assert TrainState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)) == state
+    state.advance(config)
+    assert (state.stage, state.step, state.global_step(config)) == (Stage.DONE, 0, 80)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
