@@ -70,12 +70,7 @@ def test_schedules_scale_with_short_runs() -> None:
     warmup = TrainConfig(net=ModelConfig.cpu(initial_amplitude_mix=0.0, amplitude_warmup=0.1))
     assert [schedule_at(step, 1_000, warmup, Stage.VISION).amplitude_mix for step in (0, 50, 100, 900)] == [0.0, 0.5, 1.0, 1.0]
     assert schedule_at(10, 1_000, warmup, Stage.DYNAMICS).amplitude_mix is None  # left where the vision stage put it
-
-
-@pytest.mark.parametrize("step", [0, 10_000, 25_000, 50_000, 99_999])
-def test_joint_schedule_agrees_with_the_models_reference(step: int) -> None:
-    config = paper_profile()
-    assert schedule_at(step, config.steps, config, Stage.JOINT) == Schedule.at_step(step, config.steps, config.model_config)
+    assert schedule_at(50, 1_000, warmup, Stage.JOINT) == Schedule(0.2, 0.95, 0.975, amplitude_mix=0.5)
 
 
 # ---- stages and the training state -------------------------------------------------------------------
