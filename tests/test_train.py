@@ -74,6 +74,12 @@ def test_schedules_scale_with_short_runs() -> None:
 
 
 # ---- stages and the training state -------------------------------------------------------------------
+def test_observed_steps_of_each_stage() -> None:
+    config = TrainConfig(num_observed=8, num_predicted=4, vision_window=6)
+    assert [config.observed_steps(stage) for stage in (Stage.JOINT, Stage.VISION, Stage.DYNAMICS)] == [8, 6, 8]
+    assert config.window == 12
+
+
 def test_stages_know_their_steps_and_global_offsets() -> None:
     staged = TrainConfig(mode="staged", vision_steps=30, dynamics_steps=50)
     assert Stage.order(staged) == (Stage.VISION, Stage.KEYPOINTS, Stage.DYNAMICS, Stage.DONE)
@@ -121,7 +127,7 @@ def real_batch(tiny_dataset: Path, length: int = 16, count: int = 4) -> tuple[to
 
 def optimise(model: WorldModel, stage: Stage, steps: int, config: TrainConfig, batch: Batch) -> list[Losses]:
     optimizer = StageOptimizer.for_stage(model, stage, config, BF16_CPU)
-    objective = Objective(model, stage, config.num_observed)
+    objective = Objective(model, stage, config.observed_steps(stage))
     history = []
     for step in range(steps):
         out = train_step(objective, optimizer, batch, schedule_at(step, steps, config, stage), BF16_CPU)
@@ -150,7 +156,8 @@ def test_no_gradient_from_the_dynamics_reaches_the_detector(tiny_dataset: Path) 
     frames, actions = real_batch(tiny_dataset, count=2)
     torch.manual_seed(0)
     model = WorldModel(ModelConfig.smoke())
-    losses, _ = model.joint_losses(frames, actions, 8, schedule_at(0, 10, TrainConfig(), Stage.JOINT))
+    config = TrainConfig()
+    losses, _ = model.joint_losses(frames, actions, config.observed_steps(Stage.JOINT), schedule_at(0, 10, config, Stage.JOINT))
     dynamics_loss = losses.keypoint + losses.kl + losses.future
     detector = list(model.detector.parameters())  # type: ignore[union-attr]
     gradients = torch.autograd.grad(dynamics_loss, detector, allow_unused=True)

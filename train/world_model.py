@@ -189,12 +189,13 @@ def run_evaluation(run: Run, state: TrainState, final: bool) -> dict[str, Any]:
         real, drawn, detected, predicted = shown.real_frames, shown.reconstructed_frames, shown.detected, shown.detected
     else:
         result, shown = evaluate(
-            model, eval_set, config.num_observed, config.eval_samples, config.eval_batch_size,
+            model, eval_set, config.observed_steps(stage), config.eval_samples, config.eval_batch_size,
             config.seed, device, run.compute.autocast,
         )  # fmt: skip
         metrics = result._asdict()
         real, drawn, detected, predicted = shown.real_frames, shown.predicted_frames, shown.detected, shown.predicted
-    num_observed = config.num_observed if stage != Stage.VISION else real.shape[1]
+    # The vision stage's pictures show reconstructions of every frame, each from its own detected keypoints.
+    num_observed = config.observed_steps(stage) if stage != Stage.VISION else real.shape[1]
     # Draw each keypoint as strong as the reconstructor sees it: its Gaussian map's amplitude.
     detected, predicted = (
         torch.cat([points[..., :2], model.amplitude(points)[..., None]], dim=-1) for points in (detected, predicted)
@@ -241,9 +242,8 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
 def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConfig) -> dict[str, Any] | None:
     """Open-loop keypoint distance per horizon on the cached test keypoints, beside hold-last and constant
     velocity (worldmodel/dynamics_benchmark.py; downstream/dynamics.py compares runs)."""
-    length = config.num_observed + config.num_predicted
     try:
-        starts = choose_window_starts(test, length, config.eval_windows * 8, config.seed)
+        starts = choose_window_starts(test, config.window, config.eval_windows * 8, config.seed)
     except ValueError:
         return None
     result = open_loop(model, test, starts, config.num_observed, config.num_predicted, config.eval_samples, config.seed)
@@ -372,7 +372,7 @@ def optimise_stage(
     which writes a checkpoint; returns the steps taken. Logs, evaluates and checkpoints on the way."""
     config, dist, logger = run.config, run.dist, run.logger
     stage, total, offset = state.stage, state.stage.steps(config), state.stage.offset(config)
-    objective: nn.Module = Objective(run.model, stage, config.num_observed)
+    objective: nn.Module = Objective(run.model, stage, config.observed_steps(stage))
     if dist.is_distributed:
         objective = DistributedDataParallel(objective, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     # frames (joint, vision) or keypoint frames (dynamics) per step, for the log's frames/s

@@ -145,6 +145,12 @@ class TrainConfig:
         """Frames per training window of the joint and dynamics training."""
         return self.num_observed + self.num_predicted
 
+    def observed_steps(self, stage: Stage) -> int:
+        """The observed (posterior) steps at the start of a stage's windows, what the losses and evaluation
+        split on: --num-observed, of at most the vision stage's --vision-window frames there (its separation
+        loss reads the first ones)."""
+        return min(self.num_observed, self.vision_window) if stage == Stage.VISION else self.num_observed
+
     @property
     def vision_span(self) -> int:
         """Consecutive frames read per vision-stage sequence (subsampled to vision_window frames)."""
@@ -568,7 +574,8 @@ class Objective(nn.Module):
     """The losses of one stage as a module's forward, so DistributedDataParallel can wrap it.
 
     forward(inputs, actions, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
-    L2 term (zero in the dynamics stage, which trains no conv).
+    L2 term (zero in the dynamics stage, which trains no conv). ``num_observed``: the config's
+    ``observed_steps(stage)``.
     """
 
     def __init__(self, model: WorldModel, stage: Stage, num_observed: int) -> None:
@@ -581,8 +588,7 @@ class Objective(nn.Module):
             losses = model.dynamics_losses(inputs, actions, self.num_observed, schedule)
             return losses, None, losses.total.new_zeros(())
         if self.stage == Stage.VISION:
-            observed = min(self.num_observed, inputs.shape[1])
-            losses, diagnostics = model.vision_losses(inputs, schedule, observed)
+            losses, diagnostics = model.vision_losses(inputs, schedule, self.num_observed)
         else:
             losses, diagnostics = model.joint_losses(inputs, actions, self.num_observed, schedule)
         penalty = model.config.conv_weight_decay * model.conv_weight_l2()

@@ -75,7 +75,7 @@ def build(config: TrainConfig, stage: Stage, precision: str, channels_last: bool
     compute = choose_compute(CPU, precision, channels_last)  # type: ignore[arg-type]
     model = compute.prepare(WorldModel(config.model_config))
     optimizer = StageOptimizer.for_stage(model, stage, config, compute)
-    objective = Objective(model, stage, config.num_observed)
+    objective = Objective(model, stage, config.observed_steps(stage))
     schedule = schedule_at(config.steps // 2, config.steps, config, stage)
 
     def step(inputs: torch.Tensor, actions: torch.Tensor | None = None) -> None:
