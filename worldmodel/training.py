@@ -1,11 +1,11 @@
-"""Training of the world model (SPEC section 4): run config and profiles, schedules, optimizer, step
-functions, resumable sampling and the keypoint cache of staged training.
+"""Training of the world model: run config and profiles, the stages and the training state, schedules,
+the optimizer and the training step, resumable sampling and the keypoint cache of staged training.
 
 ``train/world_model.py`` is the script; this module holds what it is built from, so tests and the
 benchmark can use the same pieces.
 
-Schedules (S1.2, S1.3), all expressed as fractions of a stage's steps so that short runs keep the
-paper's shape (the paper's 25k / 30k of 1e5 steps):
+Schedules (Minderer et al. 2019, supplementary S1.2-S1.3), all expressed as fractions of a stage's steps
+so that short runs keep the paper's shape (the paper's 25k / 30k of 1e5 steps):
 
 * KL scale: 0 -> 1 linearly over the first ``kl_warmup_fraction`` (0.25) of the dynamics' steps.
 * Scheduled sampling: the probability of feeding the RNN the *model's* keypoints instead of the detected
@@ -78,7 +78,7 @@ class TrainConfig:
     precision: Precision = "auto"
     """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
     channels_last: bool = True
-    """Keep conv weights and activations in channels_last memory format (faster convs on every CPU measured, in fp32 and bf16, and on GPUs)."""
+    """Keep conv weights and activations in channels_last memory format (faster convs in fp32 and bf16: docs/PERFORMANCE.md)."""
     resume: bool = field(default=False, metadata=RESUME_FREE)
     """Continue the run in --out from its checkpoint (same config required)."""
     mode: Mode = "joint"
@@ -116,7 +116,7 @@ class TrainConfig:
     sampling_final_predicted: float = 0.5
     """Final probability of feeding the RNN its own keypoints on predicted steps."""
     normalize_keypoints: bool = True
-    """Staged mode: fit the dynamics' per-feature keypoint normalisation on the cached training keypoints (SPEC 8). Joint mode never does (the detector moves; the paper has no normalisation)."""
+    """Staged mode: fit the dynamics' per-feature keypoint normalisation on the cached training keypoints (within-episode statistics, so that the tasks' different keypoint offsets do not dominate). Joint mode never does (the detector moves; the paper has no normalisation)."""
     num_workers: int = field(default=1, metadata=RESUME_FREE)
     """DataLoader worker processes per training process (frames are read and decompressed there)."""
     log_every: int = 10
@@ -171,35 +171,23 @@ def profile_config(profile: Profile) -> TrainConfig:
 
 
 def paper_profile() -> TrainConfig:
-    """Table S1 (DMCS column) and S1.2: K 64, 32-64-128 filters with 1 extra conv per scale, z 128, GRU 512,
+    """Minderer et al. 2019, Table S1 (DMCS column) and S1.2: K 64, 32-64-128 filters with 1 extra conv per scale, z 128, GRU 512,
     prior 16, posterior 128, best of 50, beta 3e-3; 1e5 joint steps of batch 32 (8 + 8 steps), as the
     paper trained it (~12 h on a P100). Meant for a GPU."""
     return TrainConfig(profile="paper", mode="joint", steps=100_000, num_workers=4, net=ModelConfig.paper())
 
 
 def cpu_profile() -> TrainConfig:
-    """A useful model on 2 CPU cores in well under an hour, architecture intact, trained in stages.
+    """A useful model on 2 CPU cores, architecture intact, trained in stages.
 
-    Reduced, and why: K 32 (not 64), 16-32-64 filters (not 32-64-128): ~4x less conv work, and the
-    vision stage is ~all of the cost on CPU; z 32 (not 128), GRU 256 (not 512), best of 10 (not 50)
-    (ModelConfig.cpu). Vision stage: 3000 steps of 16 sequences x 8 frames (a 128-frame batch, a
-    quarter of the paper's 512); dynamics stage: 6000 steps of the paper's 32 windows of 8 + 8 steps
-    (it runs at ~25 steps/s on cached keypoints, so it is cheap).
-
-    Detector: the spatial softmax on logits x10 (the prototype's fix, SPEC 8) with (almost) fixed
-    Gaussian amplitude for the whole run: ``initial_amplitude_mix=0.01, amplitude_warmup=0``, i.e. maps
-    drawn with amplitude 0.99 + 0.01 mu. Measured here on data/quick: (a) ModelConfig.cpu()'s softplus
-    heatmaps with the 10% amplitude warm-up collapsed (mean mu 2.6e-4 at step 400 of 800, faint
-    keypoints, reconstruction = the first frame); (b) softmax x10 with exactly fixed amplitude put the
-    keypoints on the limbs by step 350, but with mix 0 the sparsity loss (weighted by the mix) is off,
-    the logits grew without bound (mean mu 44 at step 1000), the softmax turned one-hot and the
-    keypoints froze in one constellation shared by all tasks. The 1% mu share keeps a small L1 on mu,
-    which bounds the peak logits (mu is dominated by them), while the maps stay effectively fixed.
-
-    Vision sequences take every 4th frame of a 29-step window (``vision_frame_stride``): the frames
-    differ more from the reference frame, so copying it pays less and the reconstructor learns to use
-    the keypoints sooner. Everything else (losses and weights, schedule shapes scaled to each stage,
-    Adam, L2, clipping, 8 + 8 windows) is the paper's.
+    Reduced where a CPU spends its time (the vision stage is nearly all of it): K 32, 16-32-64 filters
+    (~4x less conv work), z 32, GRU 256, best of 10 (ModelConfig.cpu); vision stage 3,000 steps of 16
+    sequences x 8 frames, every 4th frame of a 29-step window (``vision_frame_stride``: frames further from
+    the reference frame make copying it pay less, so the reconstructor uses the keypoints sooner); dynamics
+    stage 6,000 steps of the paper's 32 windows of 8 + 8 steps, cheap on cached keypoints. The detector: a
+    spatial softmax on logits x10 with Gaussian maps of amplitude 0.99 + 0.01 mu for the whole run (the
+    small L1 on mu bounds the logits; docs/PERFORMANCE.md says what the alternatives did). Everything else
+    (losses and weights, schedule shapes scaled to each stage, Adam, L2, clipping) is the paper's.
     """
     return TrainConfig(
         profile="cpu",
@@ -220,9 +208,8 @@ def cpu_profile() -> TrainConfig:
 def quick_profile() -> TrainConfig:
     """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
     model and losses; the vision stage 450 steps of 8 sequences (a thirteenth of the cpu profile's frames),
-    the dynamics 1,500 steps, one evaluation per stage. On a 2-core AVX2-only CPU (fp32) that is ~5 min of
-    vision and ~1.5 min of dynamics (docs/PERFORMANCE.md). Enough to see the pipeline end to end; train
-    ``cpu`` (or ``paper`` on a GPU) for results."""
+    the dynamics 1,500 steps, one evaluation per stage (its time: docs/PERFORMANCE.md). Enough to see the
+    pipeline end to end; train ``cpu`` (or ``paper`` on a GPU) for results."""
     return dataclasses.replace(
         cpu_profile(), profile="quick", vision_steps=450, vision_batch_size=8, dynamics_steps=1_500,
         eval_every=100_000, eval_windows=32, checkpoint_every=200,
