@@ -222,7 +222,7 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
         checkpoint = load_checkpoint(source)
     except CheckpointError as error:
         raise InputError(f"--vision-from: {error}") from None
-    if checkpoint["stage"] in ("vision", "joint") and not checkpoint["complete"]:
+    if checkpoint["stage"] in (Stage.VISION, Stage.JOINT) and not checkpoint["complete"]:
         raise InputError(f"--vision-from {source}: its vision stage has not finished (resume that run first)")
     theirs = checkpoint["dataset"]
     if (theirs.get("path"), list(theirs.get("tasks", []))) != (dataset_record["path"], dataset_record["tasks"]):
