@@ -16,6 +16,7 @@ from worldmodel.dynamics_core import DynamicsCore
 from worldmodel.hvrnn import HierarchicalVRNN, LevelHead
 from worldmodel.model import Schedule, WorldModel, frames_to_images, previous_actions
 from worldmodel.srvp import SRVP, SRVPCarry
+from worldmodel.training import Stage, TrainConfig, schedule_at
 
 CORES = list(DYNAMICS)
 SPEED = 0.3  # keypoint units per frame per unit of action (synthetic motion)
@@ -337,7 +338,7 @@ def test_learns_action_driven_constant_velocity_better_than_hold_last(dynamics: 
     total, observed, length = TRAINING_STEPS[dynamics], 8, 16
     for step in range(total):
         keypoints, actions = constant_velocity(32, length, 4, data)
-        schedule = Schedule.at_step(step, total, config)
+        schedule = schedule_at(step, total, TrainConfig(net=config), Stage.JOINT)
         optimizer.zero_grad(set_to_none=True)
         model.dynamics_losses(keypoints, actions, observed, schedule).total.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -18,6 +18,7 @@ from worldmodel.model import (
     frames_to_images,
     previous_actions,
 )
+from worldmodel.training import Stage, TrainConfig, schedule_at
 
 B, T, OBS = 2, 5, 3
 
@@ -127,7 +128,7 @@ def test_one_optimizer_step_bf16_channels_last(variant: str) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     frames, actions = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses, diagnostics = model.joint_losses(frames, actions, OBS, Schedule.at_step(10, 100, model.config))
+        losses, diagnostics = model.joint_losses(frames, actions, OBS, schedule_at(10, 100, TrainConfig(net=model.config), Stage.JOINT))
         total = losses.total + model.config.conv_weight_decay * model.conv_weight_l2()
     assert total.dtype == torch.float32 and torch.isfinite(total)
     optimizer.zero_grad()
@@ -243,7 +244,7 @@ def test_short_fit_on_real_frames_lowers_image_loss_without_collapse() -> None:
     for step in range(steps):
         index = torch.randint(0, len(frames), (8,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses, diagnostics = model.vision_losses(frames[index], Schedule.at_step(step, 20 * steps, config))
+            losses, diagnostics = model.vision_losses(frames[index], schedule_at(step, 20 * steps, TrainConfig(net=config), Stage.JOINT))
             total = losses.total + config.conv_weight_decay * model.conv_weight_l2()
         optimizer.zero_grad()
         total.backward()

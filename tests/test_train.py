@@ -18,14 +18,17 @@ from worldmodel.checkpoint import load_checkpoint, load_world_model
 from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.data import WindowDataset
 from worldmodel.model import Losses, Schedule, WorldModel
+from worldmodel.precision import Compute
 from worldmodel.training import (
+    Batch,
     Objective,
     ResumableBatchSampler,
+    Stage,
+    StageOptimizer,
     TrainConfig,
-    freeze_for_stage,
+    TrainState,
     kl_scale_at,
     learning_rate_at,
-    make_optimizer,
     paper_profile,
     schedule_at,
     teacher_forcing_at,
@@ -35,6 +38,7 @@ from worldmodel.training import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train" / "world_model.py"
 CPU = torch.device("cpu")
+BF16_CPU = Compute("cpu", "bf16", channels_last=True, reason="the tests' choice")
 # Values that legitimately differ between otherwise identical runs.
 TIMING_FIELDS = {"time", "steps_per_s", "frames_per_s", "seconds"}
 
@@ -49,7 +53,7 @@ def test_paper_schedules_known_answers() -> None:
     assert teacher_forcing_at(total, total, config) == pytest.approx((0.0, 0.5))
     rates = [learning_rate_at(step, total, config) for step in (0, 29_999, 30_000, 60_000, 90_000, 99_999)]
     assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4, 1.25e-4])
-    schedule = schedule_at(50_000, total, config, "joint")
+    schedule = schedule_at(50_000, total, config, Stage.JOINT)
     assert (schedule.kl_scale, schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted) == pytest.approx(
         (1.0, 0.5, 0.75)
     )
@@ -64,14 +68,38 @@ def test_schedules_scale_with_short_runs() -> None:
     assert teacher_forcing_at(500, 1_000, config) == pytest.approx((0.5, 0.75))
     # Amplitude warm-up against keypoint collapse: fixed amplitude -> mu-scaled maps over the first 10%.
     warmup = TrainConfig(net=ModelConfig.cpu(initial_amplitude_mix=0.0, amplitude_warmup=0.1))
-    assert [schedule_at(step, 1_000, warmup, "vision").amplitude_mix for step in (0, 50, 100, 900)] == [0.0, 0.5, 1.0, 1.0]
-    assert schedule_at(10, 1_000, warmup, "dynamics").amplitude_mix is None  # left where the vision stage put it
+    assert [schedule_at(step, 1_000, warmup, Stage.VISION).amplitude_mix for step in (0, 50, 100, 900)] == [0.0, 0.5, 1.0, 1.0]
+    assert schedule_at(10, 1_000, warmup, Stage.DYNAMICS).amplitude_mix is None  # left where the vision stage put it
+    assert schedule_at(50, 1_000, warmup, Stage.JOINT) == Schedule(0.2, 0.95, 0.975, amplitude_mix=0.5)
 
 
-@pytest.mark.parametrize("step", [0, 10_000, 25_000, 50_000, 99_999])
-def test_joint_schedule_agrees_with_the_models_reference(step: int) -> None:
-    config = paper_profile()
-    assert schedule_at(step, config.steps, config, "joint") == Schedule.at_step(step, config.steps, config.model_config)
+# ---- stages and the training state -------------------------------------------------------------------
+def test_observed_steps_of_each_stage() -> None:
+    config = TrainConfig(num_observed=8, num_predicted=4, vision_window=6)
+    assert [config.observed_steps(stage) for stage in (Stage.JOINT, Stage.VISION, Stage.DYNAMICS)] == [8, 6, 8]
+    assert config.window == 12
+
+
+def test_stages_know_their_steps_and_global_offsets() -> None:
+    staged = TrainConfig(mode="staged", vision_steps=30, dynamics_steps=50)
+    assert Stage.order(staged) == (Stage.VISION, Stage.KEYPOINTS, Stage.DYNAMICS, Stage.DONE)
+    assert [stage.steps(staged) for stage in Stage.order(staged)] == [30, 0, 50, 0]
+    assert [stage.offset(staged) for stage in Stage.order(staged)] == [0, 30, 30, 80]
+    joint = TrainConfig(mode="joint", steps=70)
+    assert [(stage.steps(joint), stage.offset(joint)) for stage in Stage.order(joint)] == [(70, 0), (0, 70)]
+    assert Stage.JOINT.following(joint) == Stage.DONE and Stage.VISION.following(staged) == Stage.KEYPOINTS
+    assert TrainState.first(dataclasses.replace(staged, vision_from=Path("run"))).stage == Stage.KEYPOINTS
+
+
+def test_training_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
+    config = TrainConfig(mode="staged", vision_steps=30, dynamics_steps=50)
+    state = TrainState(Stage.DYNAMICS, step=7, stage_seconds={"vision": 12.5, "keypoints": 1.0},
+                       final_losses={"vision": {"total": 0.5}}, last_eval={"psnr": 20.0, "seconds": 0.1})  # fmt: skip
+    assert state.global_step(config) == 37
+    torch.save(state.to_dict(), tmp_path / "state.pt")
+    assert TrainState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)) == state
+    state.advance(config)
+    assert (state.stage, state.step, state.global_step(config)) == (Stage.DONE, 0, 80)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -97,15 +125,12 @@ def real_batch(tiny_dataset: Path, length: int = 16, count: int = 4) -> tuple[to
     return torch.stack([w.frames for w in windows]), torch.stack([w.actions for w in windows])
 
 
-def optimise(model: WorldModel, stage: str, steps: int, config: TrainConfig, **batch: Any) -> list[Losses]:
-    parameters = freeze_for_stage(model, stage)  # type: ignore[arg-type]
-    optimizer = make_optimizer(parameters, config, CPU)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    objective = Objective(model, config.num_observed)
+def optimise(model: WorldModel, stage: Stage, steps: int, config: TrainConfig, batch: Batch) -> list[Losses]:
+    optimizer = StageOptimizer.for_stage(model, stage, config, BF16_CPU)
+    objective = Objective(model, stage, config.observed_steps(stage))
     history = []
     for step in range(steps):
-        schedule = schedule_at(step, steps, config, stage)  # type: ignore[arg-type]
-        out = train_step(objective, optimizer, scaler, parameters, stage, schedule, config, "bf16", CPU, **batch)  # type: ignore[arg-type]
+        out = train_step(objective, optimizer, batch, schedule_at(step, steps, config, stage), BF16_CPU)
         history.append(out.losses)
     return history
 
@@ -115,7 +140,7 @@ def test_training_lowers_image_and_keypoint_losses(tiny_dataset: Path) -> None:
     config = TrainConfig(net=ModelConfig.smoke())
     torch.manual_seed(0)
     model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
-    history = optimise(model, "joint", 40, config, frames=frames, actions=actions)
+    history = optimise(model, Stage.JOINT, 40, config, Batch(frames, actions))
 
     def mean(name: str, part: slice) -> float:
         return sum(float(getattr(losses, name)) for losses in history[part]) / len(history[part])
@@ -131,7 +156,8 @@ def test_no_gradient_from_the_dynamics_reaches_the_detector(tiny_dataset: Path) 
     frames, actions = real_batch(tiny_dataset, count=2)
     torch.manual_seed(0)
     model = WorldModel(ModelConfig.smoke())
-    losses, _ = model.joint_losses(frames, actions, 8, schedule_at(0, 10, TrainConfig(), "joint"))
+    config = TrainConfig()
+    losses, _ = model.joint_losses(frames, actions, config.observed_steps(Stage.JOINT), schedule_at(0, 10, config, Stage.JOINT))
     dynamics_loss = losses.keypoint + losses.kl + losses.future
     detector = list(model.detector.parameters())  # type: ignore[union-attr]
     gradients = torch.autograd.grad(dynamics_loss, detector, allow_unused=True)
@@ -148,9 +174,9 @@ def test_every_variant_trains_through_the_training_code(variant: str, tiny_datas
     torch.manual_seed(0)
     model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    joint = optimise(model, "joint", 1, config, frames=frames, actions=actions)[0]
+    joint = optimise(model, Stage.JOINT, 1, config, Batch(frames, actions))[0]
     keypoints = model.detect(frames)
-    dynamics = optimise(model, "dynamics", 1, config, keypoints=keypoints, actions=actions)[0]
+    dynamics = optimise(model, Stage.DYNAMICS, 1, config, Batch(keypoints, actions))[0]
     assert torch.isfinite(joint.total) and torch.isfinite(dynamics.total)
     assert (float(joint.kl) > 0) == (variant != "struct-rnn")  # struct-rnn has no latent, hence no KL
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
@@ -314,3 +340,38 @@ def test_a_checkpoint_from_before_new_options_still_resumes(reference_run: Path,
     config = dataclasses.replace(profile_config("smoke"), data=tiny_dataset, out=reference_run, log_every=1, eval_every=100)
     assert config_differences(saved, config) == []
     assert config_differences(saved, dataclasses.replace(config, dynamics="srvp")) == ["dynamics"]
+
+
+@pytest.mark.parametrize("halt_after", [3, 8])  # mid vision stage (no evaluation yet); mid dynamics stage
+def test_a_checkpoint_in_the_layout_of_earlier_versions_resumes(
+    halt_after: int, reference_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The checkpoint layout every earlier version of the trainer wrote (format 1: the training state's stage,
+    step, global step and completeness at the top, its timings, last losses and evaluation under "extra"
+    beside the gradient scaler's state), built here key by key: a run saved so continues exactly."""
+    out = tmp_path / "run"
+    assert main(smoke_args(tiny_dataset, out, "--halt-after", str(halt_after))) == 0
+    saved = load_checkpoint(out)
+    earlier = {
+        "format": 1, "version": "0.1.0", "model": saved["model"], "model_config": saved["model_config"],
+        "train_config": saved["train_config"], "dataset": saved["dataset"], "stage": saved["stage"],
+        "step": saved["step"], "global_step": saved["global_step"], "optimizer": saved["optimizer"],
+        "rng": saved["rng_ranks"][0], "rng_ranks": saved["rng_ranks"], "complete": False,
+        "extra": {"scaler": None, "stage_seconds": dict(saved["extra"]["stage_seconds"]),
+                  "final_losses": dict(saved["extra"]["final_losses"]), "last_eval": dict(saved["extra"]["last_eval"])},
+    }  # fmt: skip
+    assert (earlier["stage"], earlier["step"]) == (("vision", 3) if halt_after == 3 else ("dynamics", 2))
+    assert bool(earlier["extra"]["last_eval"]) == (halt_after == 8)  # the vision stage's final evaluation
+    torch.save(earlier, out / "checkpoint.pt")
+    assert main(smoke_args(tiny_dataset, out, "--resume")) == 0
+    assert records(out, "train") == records(reference_run, "train")
+    assert records(out, "eval") == records(reference_run, "eval")
+    assert_same_weights(load_checkpoint(out)["model"], load_checkpoint(reference_run)["model"])
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (out, reference_run)]
+    assert summaries[0]["final_losses"] == summaries[1]["final_losses"]
+    assert set(summaries[0]["stage_seconds"]) == {"vision", "keypoints", "dynamics"}
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)

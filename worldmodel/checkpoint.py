@@ -18,7 +18,8 @@ with ``torch.load(weights_only=True)`` (no pickled classes):
     rng_ranks    the same for every process of the run, in rank order (one entry for a single process), so
                  that a resume with as many processes continues every process's random draws exactly
     complete     True once training finished
-    extra        anything else the trainer needs to continue (e.g. a GradScaler state)
+    extra        the rest of the trainer's state (worldmodel.training.TrainState: stage_seconds, final_losses,
+                 last_eval) and the GradScaler's state (None unless fp16)
 
 Checkpoints are written atomically (``worldmodel.atomic``), so a kill never leaves a half-written one.
 """

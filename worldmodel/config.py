@@ -56,7 +56,7 @@ class ModelConfig:
     initial_amplitude_mix: float = 0.0
     """Amplitude of the Gaussian maps (S4) at the start of training: ``mix * mu_k + (1 - mix) * 1``; 1 is the paper (maps scaled by mu), 0 fixed amplitude. The model keeps the current mix in a buffer (saved in checkpoints) that starts here and follows ``Schedule.amplitude_mix`` when the trainer sets it. L_sparse is weighted by the mix too."""
     amplitude_warmup: float = 0.0
-    """Fraction of training over which ``Schedule.at_step`` ramps the amplitude mix linearly from ``initial_amplitude_mix`` to 1 (the paper's maps); 0 keeps the initial mix for the whole run."""
+    """Fraction of training over which the trainer (``training.schedule_at``) ramps the amplitude mix linearly from ``initial_amplitude_mix`` to 1 (the paper's maps); 0 keeps the initial mix for the whole run."""
     keypoint_sigma: float = 1.5
     """sigma_k.p. of the Gaussian maps (S4), in pixels of the heatmap (Table S1: 1.5)."""
 

@@ -42,7 +42,7 @@ from worldmodel.vision import (
 
 
 class Schedule(NamedTuple):
-    """Per-step training schedule, set by the trainer (section 4, S1.3)."""
+    """Per-step training schedule, set by the trainer (``worldmodel.training.schedule_at``)."""
 
     kl_scale: float = 1.0
     """Multiplies beta; the trainer anneals it 0 -> 1."""
@@ -54,20 +54,6 @@ class Schedule(NamedTuple):
     """Amplitude of the Gaussian maps, ``mix * mu + (1 - mix)`` (0: fixed amplitude, 1: the paper's mu).
     None keeps the model's current value (``ModelConfig.initial_amplitude_mix`` until set); a value is
     remembered by the model (a buffer saved with it) so decoding after training uses the last one."""
-
-    @classmethod
-    def at_step(cls, step: int, total_steps: int, config: ModelConfig) -> Schedule:
-        """The paper's linear schedules (section 4, S1.3) at training step ``step`` of ``total_steps``: the KL scale
-        ramps 0 -> 1 over the first quarter (25k of the paper's 1e5 steps), 1 - p(teacher forcing) ramps
-        0 -> 1 (observed) and 0 -> 0.5 (predicted) over training, and the amplitude mix ramps from
-        ``config.initial_amplitude_mix`` to 1 over the first ``config.amplitude_warmup`` of training."""
-        progress = min(1.0, step / max(1, total_steps))
-        kl_scale = min(1.0, step / max(1.0, 0.25 * total_steps))
-        mix = config.initial_amplitude_mix
-        if config.amplitude_warmup > 0:
-            ramp = min(1.0, step / max(1.0, config.amplitude_warmup * total_steps))
-            mix = mix + (1.0 - mix) * ramp
-        return cls(kl_scale, 1.0 - progress, 1.0 - 0.5 * progress, mix)
 
 
 class Losses(NamedTuple):

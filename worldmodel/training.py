@@ -1,11 +1,11 @@
-"""Training of the world model (SPEC section 4): run config and profiles, schedules, optimizer, step
-functions, resumable sampling and the keypoint cache of staged training.
+"""Training of the world model: run config and profiles, the stages and the training state, schedules,
+the optimizer and the training step, resumable sampling and the keypoint cache of staged training.
 
 ``train/world_model.py`` is the script; this module holds what it is built from, so tests and the
 benchmark can use the same pieces.
 
-Schedules (S1.2, S1.3), all expressed as fractions of a stage's steps so that short runs keep the
-paper's shape (the paper's 25k / 30k of 1e5 steps):
+Schedules (Minderer et al. 2019, supplementary S1.2-S1.3), all expressed as fractions of a stage's steps
+so that short runs keep the paper's shape (the paper's 25k / 30k of 1e5 steps):
 
 * KL scale: 0 -> 1 linearly over the first ``kl_warmup_fraction`` (0.25) of the dynamics' steps.
 * Scheduled sampling: the probability of feeding the RNN the *model's* keypoints instead of the detected
@@ -25,6 +25,7 @@ gradient clipping to global norm 10 (the original code).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +35,27 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from worldmodel import storage
 from worldmodel.config import STATE_VARIANT, Dynamics, ModelConfig, Variant
+from worldmodel.data import WindowDataset
 from worldmodel.errors import InputError
-from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel
-from worldmodel.precision import Precision, autocast
+from worldmodel.keypoint_cache import (  # the trainer's keypoint cache lives there (the envs read it too)
+    KEYPOINT_CACHE_FILE,
+    KeypointSplit,
+    detect_in_chunks,
+    load_keypoint_cache,
+    save_keypoint_cache,
+    vision_fingerprint,
+)
+from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel, vision_modules
+from worldmodel.precision import Compute, Precision, autocast
 
 Profile = Literal["paper", "cpu", "quick", "smoke"]
 PROFILES: tuple[Profile, ...] = ("paper", "cpu", "quick", "smoke")
 Mode = Literal["joint", "staged"]
-Stage = Literal["joint", "vision", "keypoints", "dynamics", "done"]
+
+RESUME_FREE = {"resume_free": True}
+"""Field metadata of the options a --resume may change: they do not change what is computed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,9 +71,9 @@ class TrainConfig:
 
     profile: Profile = "paper"
     """Defaults: 'paper' (Table S1 sizes, 1e5 joint steps, for a GPU), 'cpu' (staged training that gives a useful model on 2 CPU cores in under an hour with native bf16, a few hours in fp32), 'quick' (the cpu model with fewer steps: a first look in minutes on any CPU) or 'smoke' (seconds, for tests)."""
-    data: Path = Path("data/dmcs")
+    data: Path = field(default=Path("data/dmcs"), metadata=RESUME_FREE)
     """Dataset folder written by collect/dmcs.py (<task>_<split>.h5 files)."""
-    out: Path = Path("runs/world_model")
+    out: Path = field(default=Path("runs/world_model"), metadata=RESUME_FREE)
     """Run directory: checkpoint.pt, metrics.jsonl, tensorboard/, keypoint cache, pictures, summary.json."""
     model: Variant = "struct-vrnn"
     """Model variant: struct-vrnn, struct-vrnn-nobom (one sample), struct-rnn (deterministic), cnn-vrnn (unstructured features) or state-vrnn (the state-space bound: the dynamics core on the true states, no pixels; staged mode, no vision stage; --net.num-keypoints and --net.state-dims come from the data). It sets --net.variant, which is not to be given separately."""
@@ -70,13 +83,13 @@ class TrainConfig:
     """Comma-separated tasks to train on, or 'all' (the six)."""
     seed: int = 1
     """Seed of every random choice: initialisation, window order, latent samples, evaluation windows."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=RESUME_FREE)
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Precision = "auto"
     """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
     channels_last: bool = True
-    """Keep conv weights and activations in channels_last memory format (faster convs on every CPU measured, in fp32 and bf16, and on GPUs)."""
-    resume: bool = False
+    """Keep conv weights and activations in channels_last memory format (faster convs in fp32 and bf16: docs/PERFORMANCE.md)."""
+    resume: bool = field(default=False, metadata=RESUME_FREE)
     """Continue the run in --out from its checkpoint (same config required)."""
     mode: Mode = "joint"
     """'joint': detector, reconstructor and dynamics train together, as the paper. 'staged': (1) detector + reconstructor on frames, (2) keypoints detected once for the whole dataset and cached in the run directory, (3) the dynamics on cached keypoints. No gradient crosses from the dynamics to the detector in either mode, so both optimise the same losses."""
@@ -113,8 +126,8 @@ class TrainConfig:
     sampling_final_predicted: float = 0.5
     """Final probability of feeding the RNN its own keypoints on predicted steps."""
     normalize_keypoints: bool = True
-    """Staged mode: fit the dynamics' per-feature keypoint normalisation on the cached training keypoints (SPEC 8). Joint mode never does (the detector moves; the paper has no normalisation)."""
-    num_workers: int = 1
+    """Staged mode: fit the dynamics' per-feature keypoint normalisation on the cached training keypoints (within-episode statistics, so that the tasks' different keypoint offsets do not dominate). Joint mode never does (the detector moves; the paper has no normalisation)."""
+    num_workers: int = field(default=1, metadata=RESUME_FREE)
     """DataLoader worker processes per training process (frames are read and decompressed there)."""
     log_every: int = 10
     """Log losses and collapse diagnostics every this many steps."""
@@ -128,11 +141,11 @@ class TrainConfig:
     """Windows per evaluation batch."""
     checkpoint_every: int = 1_000
     """Write the checkpoint every this many steps of a stage (and at every stage's end)."""
-    progress: bool = True
+    progress: bool = field(default=True, metadata=RESUME_FREE)
     """Show a tqdm progress bar (rank 0)."""
     vision_from: Path | None = None
     """Staged mode: take the detector, appearance net and reconstructor (and the keypoint cache) of this finished run on the same data, skip the vision stage and train only the dynamics: the way to compare dynamics cores on the same keypoints."""
-    halt_after: int | None = None
+    halt_after: int | None = field(default=None, metadata=RESUME_FREE)
     """Stop after this many optimizer steps in this invocation, writing a checkpoint; continue later with --resume (time-sliced or preemptible jobs). None trains to the end."""
     net: ModelConfig = field(default_factory=ModelConfig)
     """Model hyperparameters (worldmodel.config.ModelConfig)."""
@@ -141,6 +154,12 @@ class TrainConfig:
     def window(self) -> int:
         """Frames per training window of the joint and dynamics training."""
         return self.num_observed + self.num_predicted
+
+    def observed_steps(self, stage: Stage) -> int:
+        """The observed (posterior) steps at the start of a stage's windows, what the losses and evaluation
+        split on: --num-observed, of at most the vision stage's --vision-window frames there (its separation
+        loss reads the first ones)."""
+        return min(self.num_observed, self.vision_window) if stage == Stage.VISION else self.num_observed
 
     @property
     def vision_span(self) -> int:
@@ -162,35 +181,23 @@ def profile_config(profile: Profile) -> TrainConfig:
 
 
 def paper_profile() -> TrainConfig:
-    """Table S1 (DMCS column) and S1.2: K 64, 32-64-128 filters with 1 extra conv per scale, z 128, GRU 512,
+    """Minderer et al. 2019, Table S1 (DMCS column) and S1.2: K 64, 32-64-128 filters with 1 extra conv per scale, z 128, GRU 512,
     prior 16, posterior 128, best of 50, beta 3e-3; 1e5 joint steps of batch 32 (8 + 8 steps), as the
     paper trained it (~12 h on a P100). Meant for a GPU."""
     return TrainConfig(profile="paper", mode="joint", steps=100_000, num_workers=4, net=ModelConfig.paper())
 
 
 def cpu_profile() -> TrainConfig:
-    """A useful model on 2 CPU cores in well under an hour, architecture intact, trained in stages.
+    """A useful model on 2 CPU cores, architecture intact, trained in stages.
 
-    Reduced, and why: K 32 (not 64), 16-32-64 filters (not 32-64-128): ~4x less conv work, and the
-    vision stage is ~all of the cost on CPU; z 32 (not 128), GRU 256 (not 512), best of 10 (not 50)
-    (ModelConfig.cpu). Vision stage: 3000 steps of 16 sequences x 8 frames (a 128-frame batch, a
-    quarter of the paper's 512); dynamics stage: 6000 steps of the paper's 32 windows of 8 + 8 steps
-    (it runs at ~25 steps/s on cached keypoints, so it is cheap).
-
-    Detector: the spatial softmax on logits x10 (the prototype's fix, SPEC 8) with (almost) fixed
-    Gaussian amplitude for the whole run: ``initial_amplitude_mix=0.01, amplitude_warmup=0``, i.e. maps
-    drawn with amplitude 0.99 + 0.01 mu. Measured here on data/quick: (a) ModelConfig.cpu()'s softplus
-    heatmaps with the 10% amplitude warm-up collapsed (mean mu 2.6e-4 at step 400 of 800, faint
-    keypoints, reconstruction = the first frame); (b) softmax x10 with exactly fixed amplitude put the
-    keypoints on the limbs by step 350, but with mix 0 the sparsity loss (weighted by the mix) is off,
-    the logits grew without bound (mean mu 44 at step 1000), the softmax turned one-hot and the
-    keypoints froze in one constellation shared by all tasks. The 1% mu share keeps a small L1 on mu,
-    which bounds the peak logits (mu is dominated by them), while the maps stay effectively fixed.
-
-    Vision sequences take every 4th frame of a 29-step window (``vision_frame_stride``): the frames
-    differ more from the reference frame, so copying it pays less and the reconstructor learns to use
-    the keypoints sooner. Everything else (losses and weights, schedule shapes scaled to each stage,
-    Adam, L2, clipping, 8 + 8 windows) is the paper's.
+    Reduced where a CPU spends its time (the vision stage is nearly all of it): K 32, 16-32-64 filters
+    (~4x less conv work), z 32, GRU 256, best of 10 (ModelConfig.cpu); vision stage 3,000 steps of 16
+    sequences x 8 frames, every 4th frame of a 29-step window (``vision_frame_stride``: frames further from
+    the reference frame make copying it pay less, so the reconstructor uses the keypoints sooner); dynamics
+    stage 6,000 steps of the paper's 32 windows of 8 + 8 steps, cheap on cached keypoints. The detector: a
+    spatial softmax on logits x10 with Gaussian maps of amplitude 0.99 + 0.01 mu for the whole run (the
+    small L1 on mu bounds the logits; docs/PERFORMANCE.md says what the alternatives did). Everything else
+    (losses and weights, schedule shapes scaled to each stage, Adam, L2, clipping) is the paper's.
     """
     return TrainConfig(
         profile="cpu",
@@ -211,9 +218,8 @@ def cpu_profile() -> TrainConfig:
 def quick_profile() -> TrainConfig:
     """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
     model and losses; the vision stage 450 steps of 8 sequences (a thirteenth of the cpu profile's frames),
-    the dynamics 1,500 steps, one evaluation per stage. On a 2-core AVX2-only CPU (fp32) that is ~5 min of
-    vision and ~1.5 min of dynamics (docs/PERFORMANCE.md). Enough to see the pipeline end to end; train
-    ``cpu`` (or ``paper`` on a GPU) for results."""
+    the dynamics 1,500 steps, one evaluation per stage (its time: docs/PERFORMANCE.md). Enough to see the
+    pipeline end to end; train ``cpu`` (or ``paper`` on a GPU) for results."""
     return dataclasses.replace(
         cpu_profile(), profile="quick", vision_steps=450, vision_batch_size=8, dynamics_steps=1_500,
         eval_every=100_000, eval_windows=32, checkpoint_every=200,
@@ -243,8 +249,6 @@ def smoke_profile() -> TrainConfig:
     )
 
 
-# Options that may differ between a run and its --resume without changing what is computed.
-RESUME_FREE_FIELDS = frozenset({"resume", "device", "num_workers", "progress", "data", "out", "halt_after"})
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -263,12 +267,13 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Names of the options whose values differ from a checkpoint's, ignoring RESUME_FREE_FIELDS. Options a
+    """Names of the options whose values differ from a checkpoint's, ignoring the RESUME_FREE ones. Options a
     checkpoint predates (added later, with defaults that keep the old behaviour) count as their defaults."""
     now = config_to_dict(current)
     defaults = config_to_dict(TrainConfig())
     saved = {**defaults, **saved, "net": {**defaults["net"], **saved.get("net", {})}}
-    names = (set(saved) | set(now)) - RESUME_FREE_FIELDS
+    resume_free = {option.name for option in dataclasses.fields(TrainConfig) if option.metadata == RESUME_FREE}
+    names = (set(saved) | set(now)) - resume_free
     return sorted(name for name in names if saved.get(name) != now.get(name))
 
 
@@ -315,6 +320,114 @@ def validate(config: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Stages and the training state
+# ----------------------------------------------------------------------------------------------
+class Stage(enum.StrEnum):
+    """A part of a run. Joint mode (the paper) has one stage that trains everything together. Staged mode
+    trains (1) the detector and reconstructor on frames, (2) detects the keypoints of the whole dataset once
+    and caches them (no optimizer steps), (3) the dynamics on the cached keypoints. No gradient crosses
+    from the dynamics to the detector in either mode, so both optimise the same losses. DONE: finished."""
+
+    JOINT = "joint"
+    VISION = "vision"
+    KEYPOINTS = "keypoints"
+    DYNAMICS = "dynamics"
+    DONE = "done"
+
+    @staticmethod
+    def order(config: TrainConfig) -> tuple[Stage, ...]:
+        """The stages of the run's mode, in the order they run."""
+        if config.model == STATE_VARIANT:  # the state-space bound: the stored states are its keypoints
+            return (Stage.KEYPOINTS, Stage.DYNAMICS, Stage.DONE)
+        if config.mode == "staged":
+            return (Stage.VISION, Stage.KEYPOINTS, Stage.DYNAMICS, Stage.DONE)
+        return (Stage.JOINT, Stage.DONE)
+
+    def steps(self, config: TrainConfig) -> int:
+        """Optimizer steps of this stage (none for the keypoint detection and the end)."""
+        return {Stage.JOINT: config.steps, Stage.VISION: config.vision_steps, Stage.DYNAMICS: config.dynamics_steps}.get(self, 0)  # fmt: skip
+
+    def offset(self, config: TrainConfig) -> int:
+        """Optimizer steps of the stages before this one: a stage's step s is global step offset + s."""
+        order = Stage.order(config)
+        return sum(stage.steps(config) for stage in order[: order.index(self)])
+
+    def following(self, config: TrainConfig) -> Stage:
+        order = Stage.order(config)
+        return order[order.index(self) + 1]
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what its checkpoint holds beside the weights, the optimizer and the generators."""
+
+    stage: Stage
+    step: int = 0
+    """Optimizer steps done in ``stage``."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage so far, evaluations and checkpoints included."""
+    final_losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The last logged losses of every stage."""
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    """The metrics of the latest evaluation."""
+
+    @staticmethod
+    def first(config: TrainConfig) -> TrainState:
+        """A new run's state: at its first stage, or at the keypoint stage with --vision-from."""
+        stage = Stage.KEYPOINTS if config.vision_from is not None else Stage.order(config)[0]
+        return TrainState(stage)
+
+    def global_step(self, config: TrainConfig) -> int:
+        """Optimizer steps over all stages: the x axis of the logs."""
+        return self.stage.offset(config) + self.step
+
+    def advance(self, config: TrainConfig) -> None:
+        """On to step 0 of the next stage."""
+        self.stage, self.step = self.stage.following(config), 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers, which ``torch.load(weights_only=True)`` reads back."""
+        return {
+            "stage": self.stage.value,
+            "step": int(self.step),
+            "stage_seconds": dict(self.stage_seconds),
+            "final_losses": {stage: dict(losses) for stage, losses in self.final_losses.items()},
+            "last_eval": dict(self.last_eval),
+        }
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> TrainState:
+        """The inverse of ``to_dict``; bookkeeping a state lacks (written before any stage finished) is empty."""
+        return TrainState(
+            stage=Stage(values["stage"]),
+            step=int(values["step"]),
+            stage_seconds=dict(values.get("stage_seconds", {})),
+            final_losses={stage: dict(losses) for stage, losses in values.get("final_losses", {}).items()},
+            last_eval=dict(values.get("last_eval", {})),
+        )
+
+    # The checkpoint file keeps its layout (worldmodel/checkpoint.py, format 1): the stage, step, global step
+    # and completeness at the top, where every reader looks, and the rest under "extra", beside the gradient
+    # scaler's state. Checkpoints of every earlier version of this trainer load the same way.
+    def checkpoint_fields(self, config: TrainConfig, optimizer: StageOptimizer | None) -> dict[str, Any]:
+        """The training-state arguments of ``save_checkpoint``: this state and the stage's optimizer (None
+        between stages)."""
+        values = self.to_dict()
+        return {
+            "stage": values.pop("stage"),
+            "step": values.pop("step"),
+            "global_step": self.global_step(config),
+            "complete": self.stage is Stage.DONE,
+            "optimizer_state": None if optimizer is None else optimizer.optimizer.state_dict(),
+            "extra": {**values, "scaler": None if optimizer is None else optimizer.scaler_state()},
+        }
+
+    @staticmethod
+    def from_checkpoint(checkpoint: dict[str, Any]) -> TrainState:
+        return TrainState.from_dict({**checkpoint["extra"], "stage": checkpoint["stage"], "step": checkpoint["step"]})
+
+
+# ----------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------
 def ramp(step: int, start: float, end: float) -> float:
@@ -357,37 +470,27 @@ def amplitude_mix_at(step: int, total_steps: int, config: TrainConfig) -> float:
 def schedule_at(step: int, total_steps: int, config: TrainConfig, stage: Stage) -> Schedule:
     """The model's Schedule at ``step`` of a stage of ``total_steps`` steps.
 
-    'joint' schedules everything over the joint steps (the same as ``Schedule.at_step`` with the default
-    fractions); 'vision' only the amplitude mix (no dynamics run); 'dynamics' only the dynamics fields
-    (the amplitude mix stays where the vision stage left it, in the model's buffer).
+    The joint stage schedules everything over the joint steps; the vision stage only the amplitude mix
+    (no dynamics run); the dynamics stage only the dynamics fields (the amplitude mix stays where the
+    vision stage left it, in the model's buffer).
     """
-    if stage == "vision":
+    if stage == Stage.VISION:
         return Schedule(kl_scale=0.0, teacher_forcing_observed=1.0, teacher_forcing_predicted=1.0,
                         amplitude_mix=amplitude_mix_at(step, total_steps, config))  # fmt: skip
     observed, predicted = teacher_forcing_at(step, total_steps, config)
     kl = kl_scale_at(step, total_steps, config)
-    mix = amplitude_mix_at(step, total_steps, config) if stage == "joint" else None
+    mix = amplitude_mix_at(step, total_steps, config) if stage == Stage.JOINT else None
     return Schedule(kl, observed, predicted, amplitude_mix=mix)
-
-
-def stage_steps(config: TrainConfig, stage: Stage) -> int:
-    return {"joint": config.steps, "vision": config.vision_steps, "dynamics": config.dynamics_steps}[stage]
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameters, optimizer, precision
 # ----------------------------------------------------------------------------------------------
-def vision_modules(model: WorldModel) -> list[nn.Module]:
-    """The pixel side: detector (or CNN encoder + feature maps), appearance net, reconstructor."""
-    parts = [model.detector, model.encoder, model.feature_maps, model.appearance, model.reconstructor]
-    return [part for part in parts if part is not None]
-
-
 def stage_parameters(model: WorldModel, stage: Stage) -> list[nn.Parameter]:
     """The parameters a stage trains: vision, dynamics, or all (joint)."""
-    if stage == "vision":
+    if stage == Stage.VISION:
         return [p for module in vision_modules(model) for p in module.parameters()]
-    if stage == "dynamics":
+    if stage == Stage.DYNAMICS:
         return list(model.dynamics.parameters())
     return list(model.parameters())
 
@@ -409,41 +512,82 @@ def make_optimizer(parameters: Sequence[nn.Parameter], config: TrainConfig, devi
     )
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+class StageOptimizer(NamedTuple):
+    """What updates a stage's parameters: Adam, the gradient scaler (active with fp16 only) and the clipping."""
+
+    optimizer: torch.optim.Adam
+    scaler: torch.amp.GradScaler
+    parameters: list[nn.Parameter]
+    clip_norm: float  # clip the gradient to this global L2 norm; <= 0: no clipping
+
+    @staticmethod
+    def for_stage(model: WorldModel, stage: Stage, config: TrainConfig, compute: Compute) -> StageOptimizer:
+        """A fresh optimizer for the stage's parameters, which alone keep requires_grad."""
+        parameters = freeze_for_stage(model, stage)
+        device = torch.device(compute.device_type)
+        scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
+        return StageOptimizer(make_optimizer(parameters, config, device), scaler, parameters, config.grad_clip_norm)
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss: Tensor) -> Tensor:
+        """Backward (after ``zero_grad`` and the forward), unscale, clip, update; returns the global gradient
+        norm before clipping."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm.detach()
+
+    def scaler_state(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a checkpoint of this stage (the layout of ``TrainState.checkpoint_fields``)."""
+        if checkpoint["optimizer"] is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint["extra"].get("scaler"):
+                self.scaler.load_state_dict(checkpoint["extra"]["scaler"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Training steps
 # ----------------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+    inputs: Tensor  # frames uint8 (B, L, 64, 64, 3) (joint, vision) or keypoints (B, L, K, 3) (dynamics)
+    actions: Tensor  # (B, L, 6); the vision stage ignores them
+
+
 class Objective(nn.Module):
     """The losses of one stage as a module's forward, so DistributedDataParallel can wrap it.
 
-    forward(stage, batch, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
-    L2 term (zero in the dynamics stage, which trains no conv).
+    forward(inputs, actions, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
+    L2 term (zero in the dynamics stage, which trains no conv). ``num_observed``: the config's
+    ``observed_steps(stage)``.
     """
 
-    def __init__(self, model: WorldModel, num_observed: int) -> None:
+    def __init__(self, model: WorldModel, stage: Stage, num_observed: int) -> None:
         super().__init__()
-        self.model = model
-        self.num_observed = num_observed
+        self.model, self.stage, self.num_observed = model, stage, num_observed
 
-    def forward(
-        self, stage: str, frames: Tensor | None, keypoints: Tensor | None, actions: Tensor | None, schedule: Schedule
-    ) -> tuple[Losses, Diagnostics | None, Tensor]:
+    def forward(self, inputs: Tensor, actions: Tensor, schedule: Schedule) -> tuple[Losses, Diagnostics | None, Tensor]:
         model = self.model
-        if stage == "dynamics":
-            assert keypoints is not None and actions is not None
-            losses = model.dynamics_losses(keypoints, actions, self.num_observed, schedule)
+        if self.stage == Stage.DYNAMICS:
+            losses = model.dynamics_losses(inputs, actions, self.num_observed, schedule)
             return losses, None, losses.total.new_zeros(())
-        assert frames is not None
-        if stage == "vision":
-            observed = min(self.num_observed, frames.shape[1])
-            losses, diagnostics = model.vision_losses(frames, schedule, observed)
+        if self.stage == Stage.VISION:
+            losses, diagnostics = model.vision_losses(inputs, schedule, self.num_observed)
         else:
-            assert actions is not None
-            losses, diagnostics = model.joint_losses(frames, actions, self.num_observed, schedule)
+            losses, diagnostics = model.joint_losses(inputs, actions, self.num_observed, schedule)
         penalty = model.config.conv_weight_decay * model.conv_weight_l2()
         return losses, diagnostics, penalty
 
@@ -456,37 +600,16 @@ class StepOutput(NamedTuple):
 
 
 def train_step(
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    parameters: Sequence[nn.Parameter],
-    stage: Stage,
-    schedule: Schedule,
-    config: TrainConfig,
-    precision: str,
-    device: torch.device,
-    frames: Tensor | None = None,
-    keypoints: Tensor | None = None,
-    actions: Tensor | None = None,
+    objective: nn.Module, optimizer: StageOptimizer, batch: Batch, schedule: Schedule, compute: Compute
 ) -> StepOutput:
-    """One optimizer step: forward under autocast, backward, unscale, clip, step.
-
-    ``objective`` is an Objective or a DistributedDataParallel around one.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, precision):
-        losses, diagnostics, penalty = objective(stage, frames, keypoints, actions, schedule)
-    loss = losses.total.float() + penalty.float()
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    if config.grad_clip_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    scaler.step(optimizer)
-    scaler.update()
+    """One optimizer step: forward under the run's autocast, then ``StageOptimizer.step``. ``objective`` is
+    an Objective or a DistributedDataParallel around one."""
+    optimizer.zero_grad()
+    with compute.autocast():
+        losses, diagnostics, penalty = objective(batch.inputs, batch.actions, schedule)
+    grad_norm = optimizer.step(losses.total.float() + penalty.float())
     detached = Losses(*(term.detach() for term in losses))
-    return StepOutput(detached, diagnostics, grad_norm.detach(), penalty.detach())
+    return StepOutput(detached, diagnostics, grad_norm, penalty.detach())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,43 +682,6 @@ def seeded_loader(
 # ----------------------------------------------------------------------------------------------
 # Keypoint cache (staged training)
 # ----------------------------------------------------------------------------------------------
-KEYPOINT_CACHE_FILE = "keypoints.pt"
-
-
-class KeypointSplit(NamedTuple):
-    """Detected keypoints of every frame of one split, episodes concatenated along the first axis."""
-
-    keypoints: Tensor  # (N, K, 3) float32
-    actions: Tensor  # (N, 6) float32, actions[i] applied at frame i
-    episode_starts: Tensor  # (E,) int64, first row of each episode
-    episode_lengths: Tensor  # (E,) int64, frames per episode (T: the final frame, which no window uses, is left out)
-    task_ids: Tensor  # (E,) int64
-
-    def window_starts(self, length: int) -> Tensor:
-        """Flat row of the first frame of every window of ``length`` frames inside one episode."""
-        starts = [
-            torch.arange(int(first), int(first) + int(size) - length + 1)
-            for first, size in zip(self.episode_starts, self.episode_lengths)
-            if size >= length
-        ]
-        return torch.cat(starts) if starts else torch.zeros(0, dtype=torch.int64)
-
-    def windows(self, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Gather windows: starts (B,) -> keypoints (B, L, K, 3), actions (B, L, 6)."""
-        rows = starts[:, None] + torch.arange(length)
-        return self.keypoints[rows], self.actions[rows]
-
-    def sequences(self, length: int) -> Tensor:
-        """Non-overlapping chunks of ``length`` frames of every episode: (N, length, K, 3), for the
-        dynamics' normalisation (within-sequence statistics)."""
-        chunks = [
-            self.keypoints[int(first) + offset : int(first) + offset + length]
-            for first, size in zip(self.episode_starts, self.episode_lengths)
-            for offset in range(0, int(size) - length + 1, length)
-        ]
-        return torch.stack(chunks)
-
-
 @torch.no_grad()
 def detect_split(
     model: WorldModel,
@@ -607,9 +693,6 @@ def detect_split(
     chunk_frames: int = 256,
 ) -> KeypointSplit:
     """Run the detector over every episode of a split (frames 0..T-1; windows never need frame T)."""
-    from worldmodel import storage
-    from worldmodel.data import WindowDataset
-
     keypoints, actions, lengths, task_ids = [], [], [], []
     for task in tasks:
         steps = storage.read_info(storage.dataset_path(root, task, split)).episode_steps
@@ -617,11 +700,7 @@ def detect_split(
         for index in range(len(episodes)):
             window = episodes[index]
             frames = window.frames.to(device)
-            parts = []
-            for first in range(0, steps, chunk_frames):
-                with autocast(device, precision):
-                    parts.append(model.detect(frames[None, first : first + chunk_frames])[0].float())
-            keypoints.append(torch.cat(parts).cpu())
+            keypoints.append(detect_in_chunks(model, frames, chunk_frames, lambda: autocast(device, precision)).cpu())
             actions.append(window.actions)
             lengths.append(steps)
             task_ids.append(int(window.task_id))
@@ -634,28 +713,3 @@ def detect_split(
         episode_lengths=lengths_tensor,
         task_ids=torch.tensor(task_ids, dtype=torch.int64),
     )
-
-
-def save_keypoint_cache(path: Path, splits: dict[str, KeypointSplit], vision_fingerprint: str) -> None:
-    from worldmodel.atomic import atomic_torch_save
-
-    payload = {"vision_fingerprint": vision_fingerprint}
-    payload.update({name: split._asdict() for name, split in splits.items()})
-    atomic_torch_save(payload, path)
-
-
-def load_keypoint_cache(path: Path, vision_fingerprint: str) -> dict[str, KeypointSplit] | None:
-    """The cache if it exists and was made by these vision weights, else None."""
-    if not path.is_file():
-        return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("vision_fingerprint") != vision_fingerprint:
-        return None
-    return {name: KeypointSplit(**payload[name]) for name in ("train", "test") if name in payload}
-
-
-def vision_fingerprint(model: WorldModel) -> str:
-    """Hash of the vision weights: ties a keypoint cache to the detector that made it."""
-    from worldmodel.fingerprint import model_fingerprint
-
-    return model_fingerprint(nn.ModuleList(vision_modules(model)))

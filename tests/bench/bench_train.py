@@ -40,11 +40,12 @@ import torch  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.precision import choose_compute, cpu_info  # noqa: E402
 from worldmodel.training import (  # noqa: E402
+    Batch,
     Objective,
     ResumableBatchSampler,
+    Stage,
+    StageOptimizer,
     TrainConfig,
-    freeze_for_stage,
-    make_optimizer,
     profile_config,
     schedule_at,
     seeded_loader,
@@ -69,17 +70,18 @@ def real_or_random_batch(data: Path, config: TrainConfig, batch: int, length: in
         return frames, torch.rand(batch, length, 6, generator=generator) * 2 - 1, f"random frames ({error})"
 
 
-def build(config: TrainConfig, stage: str, precision: str, channels_last: bool):  # noqa: ANN201
+def build(config: TrainConfig, stage: Stage, precision: str, channels_last: bool):  # noqa: ANN201
     torch.manual_seed(0)
-    model = choose_compute(CPU, precision, channels_last).prepare(WorldModel(config.model_config))  # type: ignore[arg-type]
-    parameters = freeze_for_stage(model, stage)  # type: ignore[arg-type]
-    optimizer = make_optimizer(parameters, config, CPU)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    objective = Objective(model, config.num_observed)
-    schedule = schedule_at(config.steps // 2, config.steps, config, stage)  # type: ignore[arg-type]
+    compute = choose_compute(CPU, precision, channels_last)  # type: ignore[arg-type]
+    model = compute.prepare(WorldModel(config.model_config))
+    optimizer = StageOptimizer.for_stage(model, stage, config, compute)
+    objective = Objective(model, stage, config.observed_steps(stage))
+    schedule = schedule_at(config.steps // 2, config.steps, config, stage)
 
-    def step(**batch: torch.Tensor) -> None:
-        train_step(objective, optimizer, scaler, parameters, stage, schedule, config, precision, CPU, **batch)  # type: ignore[arg-type]
+    def step(inputs: torch.Tensor, actions: torch.Tensor | None = None) -> None:
+        if actions is None:  # the vision stage reads none
+            actions = torch.zeros(*inputs.shape[:2], 6)
+        train_step(objective, optimizer, Batch(inputs, actions), schedule, compute)
 
     return model, step
 
@@ -161,12 +163,12 @@ def main() -> None:
     # 1. the candidates side by side, joint step; 2. the automatic path with the vision losses only
     candidates = {"fp32 NCHW": ("fp32", False), "fp32 channels_last": ("fp32", True),
                   "bf16 channels_last": ("bf16", True), auto_name: (auto.precision, auto.channels_last)}  # fmt: skip
-    steps = {name: build(config, "joint", *choice)[1] for name, choice in candidates.items()}
-    _, vision_step = build(config, "vision", auto.precision, auto.channels_last)
+    steps = {name: build(config, Stage.JOINT, *choice)[1] for name, choice in candidates.items()}
+    _, vision_step = build(config, Stage.VISION, auto.precision, auto.channels_last)
     timed: dict[str, Callable[[], None]] = {
-        f"joint, {name}": lambda step=step: step(frames=frames, actions=actions) for name, step in steps.items()
+        f"joint, {name}": lambda step=step: step(frames, actions) for name, step in steps.items()
     }
-    timed["vision losses only, auto"] = lambda: vision_step(frames=frames, actions=actions)
+    timed["vision losses only, auto"] = lambda: vision_step(frames, actions)
     seconds = interleaved_seconds(timed, args.steps)
     joint = {name: seconds[f"joint, {name}"] for name in candidates}
     fastest = min(joint.values())
@@ -195,18 +197,18 @@ def main() -> None:
     if config.mode == "staged":
         vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
         vision_choices = {"auto": (auto.precision, auto.channels_last), "fp32 channels_last": ("fp32", True)}
-        vision_steps = {name: build(config, "vision", *choice)[1] for name, choice in vision_choices.items()}
+        vision_steps = {name: build(config, Stage.VISION, *choice)[1] for name, choice in vision_choices.items()}
         seconds = interleaved_seconds(
-            {name: lambda step=step: step(frames=vision_frames) for name, step in vision_steps.items()}, args.steps
+            {name: lambda step=step: step(vision_frames) for name, step in vision_steps.items()}, args.steps
         )
         count = config.vision_batch_size * config.vision_window
         for name, value in seconds.items():
             print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}), {name}: "
                   f"{1 / value:.2f} steps/s, {count / value:.0f} frames/s")  # fmt: skip
-        model, dynamics_step = build(config, "dynamics", auto.precision, auto.channels_last)
+        model, dynamics_step = build(config, Stage.DYNAMICS, auto.precision, auto.channels_last)
         keypoints = model.detect(frames)
         seconds = interleaved_seconds(
-            {"staged dynamics step": lambda: dynamics_step(keypoints=keypoints, actions=actions)}, 3 * args.steps
+            {"staged dynamics step": lambda: dynamics_step(keypoints, actions)}, 3 * args.steps
         )["staged dynamics step"]
         print(f"staged dynamics step ({config.batch_size} x {window}, cached keypoints): {1 / seconds:.1f} steps/s")
         model.eval()
