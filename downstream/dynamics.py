@@ -29,6 +29,7 @@ import tyro
 
 from worldmodel.atomic import atomic_write, atomic_write_text
 from worldmodel.checkpoint import load_world_model
+from worldmodel.config import OBSERVED_STEPS
 from worldmodel.devices import resolve_device
 from worldmodel.dynamics_benchmark import (
     JUMP,
@@ -54,7 +55,7 @@ class Args:
     """Staged run directory of train/world_model.py; repeat the flag to compare several (--run A --run B). None given: runs/world_model."""
     out: Path = Path("runs/dynamics")
     """Where results.json, results.md and horizons.png go."""
-    observed: int = 8
+    observed: int = OBSERVED_STEPS
     """Frames observed through the posterior before the open-loop part."""
     horizon: int = 8
     """Open-loop frames imagined from the prior."""

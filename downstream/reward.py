@@ -54,10 +54,11 @@ from worldmodel.reward_report import (
 from worldmodel.state_bound import StateSizeMismatch, check_state_dim
 from worldmodel.storage import checked_dataset, dataset_path, read_info
 from worldmodel.tasks import parse_tasks
+from worldmodel.config import OBSERVED_STEPS
 
 PREDICTOR_DIR = "reward_predictors"
 DEFAULT_RUNS = (Path("runs/world_model"),)
-NUM_OBSERVED = 8  # of the 20 frames of a window: through the posterior; the rest open loop (Figure 8)
+NUM_OBSERVED = OBSERVED_STEPS  # of the 20 frames of a window: through the posterior; the rest open loop (Figure 8)
 WINDOW_LENGTH = 20
 
 

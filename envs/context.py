@@ -44,6 +44,7 @@ from torch import Tensor
 
 from envs.simulator import Simulator  # cheap: dm_control itself loads when a Simulator is made
 from worldmodel import storage
+from worldmodel.config import OBSERVED_STEPS
 from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError, MissingInputError
 from worldmodel.keypoint_cache import detect_in_chunks, load_keypoint_cache, vision_fingerprint
@@ -51,7 +52,7 @@ from worldmodel.model import WorldModel, inference_autocast, previous_actions
 from worldmodel.tasks import MAX_ACTION_DIM, get_task, pad_actions, task_id
 from worldmodel.windows import EpisodeWindows
 
-CONTEXT_LENGTH = 8  # real frames filtered before imagination starts (Figure 8: 8 observed steps)
+CONTEXT_LENGTH = OBSERVED_STEPS  # real frames filtered before imagination starts (Figure 8)
 DETECT_CHUNK = 128  # frames per detector call (bounds the activations' memory)
 WINDOW_CACHE_SIZE = 4096  # detected windows kept per context source (8 x K x 3 floats each: ~25 MB at K = 64)
 CONTEXT_SOURCES = ("dataset", "simulator")

@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_stream
+from worldmodel.config import OBSERVED_STEPS
 from worldmodel.data import WindowDataset
 from worldmodel.model import inference_autocast
 from worldmodel.state_bound import check_state_dim
@@ -65,7 +66,7 @@ def extract_window_features(
     task: str,
     num_sequences: int,
     length: int = 20,
-    num_observed: int = 8,
+    num_observed: int = OBSERVED_STEPS,
     batch_size: int = 256,
     seed: int = 0,
     device: torch.device = torch.device("cpu"),

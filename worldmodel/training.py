@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel import storage
-from worldmodel.config import STATE_VARIANT, Dynamics, ModelConfig, Variant
+from worldmodel.config import OBSERVED_STEPS, STATE_VARIANT, Dynamics, ModelConfig, Variant
 from worldmodel.data import WindowDataset
 from worldmodel.errors import InputError
 from worldmodel.keypoint_cache import (  # the trainer's keypoint cache lives there (the envs read it too)
@@ -107,7 +107,7 @@ class TrainConfig:
     """Frames per sequence in the vision stage (the separation loss uses the first --num-observed)."""
     vision_frame_stride: int = 1
     """Vision stage: take every this-th frame of a window of (vision_window - 1) * stride + 1 consecutive frames. Frames further from the reference frame (the first) move more, so copying the reference stops paying and the reconstructor must use the keypoints."""
-    num_observed: int = 8
+    num_observed: int = OBSERVED_STEPS
     """Observed steps per training window (posterior)."""
     num_predicted: int = 8
     """Predicted steps per training window (prior, open loop)."""
