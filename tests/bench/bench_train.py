@@ -179,7 +179,7 @@ def main() -> None:
     default = joint[auto_name]
     print(f"automatic choice: {default / fastest:.2f}x the fastest's time (target <= 1.10)")
 
-    share = conv_share(lambda: steps[auto_name](frames=frames, actions=actions))
+    share = conv_share(lambda: steps[auto_name](frames, actions))
     wait = data_wait(args.data, config, window, default, 2 * args.steps)
     vision_only = seconds["vision losses only, auto"]
     dynamics = max(0.0, default - vision_only)
