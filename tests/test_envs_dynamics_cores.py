@@ -19,8 +19,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401  (registers the ids)
 from envs.context import filter_context, posterior_noise
-from envs.imagined import NOISE_BLOCK, ImaginedEnv, RealTaskThroughModel, load_imagination_models, prior_step
+from envs.imagined import ImaginedEnv, RealTaskThroughModel, load_imagination_models, prior_step
 from envs.real import RealPixelEnv
+from tests.env_relations import assert_step_is_the_cores_prior_step
 from worldmodel.checkpoint import load_checkpoint, model_config_from_dict, save_checkpoint
 from worldmodel.config import DYNAMICS
 from worldmodel.fingerprint import model_fingerprint
@@ -130,21 +131,7 @@ def test_vector_env_equals_single_envs_with_every_core(core_run: Path) -> None:
     # A step is the core's prior step from the reset state under the action and the sub-env's first draw,
     # so opposite actions give different observations.
     env = make(core_run)
-    model = env.batch.model
-    observations = []
-    for sign in (1.0, -1.0):
-        env.reset(seed=0)
-        stream = torch.Generator()
-        stream.set_state(env.batch.noise.generators[0].get_state())  # where the episode's prior draws start
-        first_draw = torch.randn((NOISE_BLOCK, model.dynamics.noise_size), generator=stream)[:1]
-        action = np.full(6, sign, np.float32)
-        with torch.inference_mode():
-            carry = prior_step(model, env.batch.carry, torch.from_numpy(action)[None], first_draw)
-            expected = model.dynamics.hidden_state(carry)[0].numpy()
-        observation, *_ = env.step(action)
-        np.testing.assert_allclose(observation, expected, rtol=0, atol=1e-6)
-        observations.append(observation)
-    assert not np.allclose(*observations)
+    assert_step_is_the_cores_prior_step(env)
 
 
 def test_real_task_through_model_with_every_core(core_run: Path) -> None:

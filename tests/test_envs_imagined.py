@@ -21,7 +21,6 @@ import envs  # noqa: F401  (registers the ids)
 from envs.context import filter_context, posterior_noise
 from envs.imagined import (
     CHECKPOINT_ENV,
-    NOISE_BLOCK,
     ImaginedEnv,
     RealTaskThroughModel,
     load_imagination_models,
@@ -30,6 +29,7 @@ from envs.imagined import (
 from envs.imagined_vector import ImaginedVectorEnv
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
+from tests.env_relations import assert_step_is_the_cores_prior_step
 from worldmodel.checkpoint import CheckpointError, load_world_model
 from worldmodel.reward import (
     RewardPredictor,
@@ -298,21 +298,7 @@ def test_next_frame_is_the_cores_imagine_step_under_the_action(run_dir: Path) ->
     """A step's observation is the hidden state of one prior step of the core from the reset state, under the
     agent's action and the sub-env's first prior draw; so opposite actions give different observations."""
     env = make(run_dir)
-    model = env.batch.model
-    observations = []
-    for sign in (1.0, -1.0):
-        env.reset(seed=0)
-        stream = torch.Generator()
-        stream.set_state(env.batch.noise.generators[0].get_state())  # where the episode's prior draws start
-        first_draw = torch.randn((NOISE_BLOCK, model.dynamics.noise_size), generator=stream)[:1]
-        action = np.full(6, sign, np.float32)
-        with torch.inference_mode():
-            carry = prior_step(model, env.batch.carry, torch.from_numpy(action)[None], first_draw)
-            expected = model.dynamics.hidden_state(carry)[0].numpy()
-        observation, *_ = env.step(action)
-        np.testing.assert_allclose(observation, expected, rtol=0, atol=1e-6)
-        observations.append(observation)
-    assert not np.allclose(*observations)
+    assert_step_is_the_cores_prior_step(env)
 
 
 # ----------------------------------------------------------------------------------------------
