@@ -15,7 +15,7 @@ Layout: a ``torch.save`` dict loadable with ``weights_only=True``::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +38,20 @@ class KeypointSplit(NamedTuple):
     episode_starts: Tensor  # (E,) int64, first row of each episode
     episode_lengths: Tensor  # (E,) int64, frames per episode (T: the final frame, which no window uses, is left out)
     task_ids: Tensor  # (E,) int64
+
+    @classmethod
+    def from_episodes(
+        cls, keypoints: Sequence[Tensor], actions: Sequence[Tensor], lengths: Sequence[int], task_ids: Sequence[int]
+    ) -> KeypointSplit:
+        """Concatenate per-part rows (each (n, K, 3) and (n, 6)) of episodes of the given lengths and tasks."""
+        lengths_tensor = torch.tensor(list(lengths), dtype=torch.int64)
+        return cls(
+            keypoints=torch.cat(list(keypoints)),
+            actions=torch.cat(list(actions)),
+            episode_starts=torch.cumsum(lengths_tensor, 0) - lengths_tensor,
+            episode_lengths=lengths_tensor,
+            task_ids=torch.tensor(list(task_ids), dtype=torch.int64),
+        )
 
     def window_starts(self, length: int) -> Tensor:
         """Flat row of the first frame of every window of ``length`` frames inside one episode."""

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
 from worldmodel import storage
@@ -34,7 +33,7 @@ from worldmodel.dynamics import KeypointNormalizer
 from worldmodel.dynamics_benchmark import OpenLoop
 from worldmodel.errors import InputError
 from worldmodel.model import states_to_keypoints
-from worldmodel.tasks import MAX_ACTION_DIM, TASK_NAMES, task_id
+from worldmodel.tasks import TASK_NAMES, pad_actions, task_id
 from worldmodel.keypoint_cache import KeypointSplit
 
 
@@ -94,20 +93,12 @@ def state_split(root: Path, tasks: Sequence[str], split: str, config: ModelConfi
         steps = info.episode_steps
         with h5py.File(path, "r") as file:
             task_states = torch.from_numpy(file["states"][:, :steps])  # (E, T, D): frame T starts no window
-            task_actions = np.zeros((info.num_episodes, steps, MAX_ACTION_DIM), np.float32)
-            task_actions[..., : info.action_dim] = file["actions"][...]
+            task_actions = pad_actions(file["actions"][...])  # (E, T, 6)
         states.append(states_to_keypoints(task_states, config.num_keypoints).flatten(0, 1))
         actions.append(torch.from_numpy(task_actions).flatten(0, 1))
         lengths += [steps] * info.num_episodes
         task_ids += [task_id(task)] * info.num_episodes
-    lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
-    return KeypointSplit(
-        keypoints=torch.cat(states),
-        actions=torch.cat(actions),
-        episode_starts=torch.cumsum(lengths_tensor, 0) - lengths_tensor,
-        episode_lengths=lengths_tensor,
-        task_ids=torch.tensor(task_ids, dtype=torch.int64),
-    )
+    return KeypointSplit.from_episodes(states, actions, lengths, task_ids)
 
 
 def per_feature_points(result: OpenLoop, normalizer: KeypointNormalizer) -> OpenLoop:

@@ -705,11 +705,4 @@ def detect_split(
             lengths.append(steps)
             task_ids.append(int(window.task_id))
         episodes.close()
-    lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
-    return KeypointSplit(
-        keypoints=torch.cat(keypoints),
-        actions=torch.cat(actions),
-        episode_starts=torch.cumsum(lengths_tensor, 0) - lengths_tensor,
-        episode_lengths=lengths_tensor,
-        task_ids=torch.tensor(task_ids, dtype=torch.int64),
-    )
+    return KeypointSplit.from_episodes(keypoints, actions, lengths, task_ids)
