@@ -35,7 +35,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecMonitor
 
 from envs.sb3 import ImaginedSB3VecEnv, generator_from_state
-from worldmodel.atomic import atomic_torch_save
+from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
 from worldmodel.checkpoint import capture_rng_state, restore_rng_state
 from worldmodel.errors import InputError
 
@@ -78,8 +78,8 @@ def save_snapshot(path: Path, agent: PPO, settings: dict[str, Any]) -> None:
 def read_snapshot(path: Path) -> dict[str, Any]:
     """The snapshot's contents (tensors and plain containers only); SnapshotError if it is not one."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign
+        payload = load_torch_file(path)
+    except UnreadableTorchFile as error:
         raise SnapshotError(f"cannot read the training snapshot {path} ({error}): delete it to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
         raise SnapshotError(f"{path} is not a training snapshot of this version: delete it to start over")

@@ -79,3 +79,19 @@ def test_torch_save_round_trips(tmp_path: Path) -> None:
     atomic_torch_save({"weights": torch.arange(3)}, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=True)
     assert torch.equal(loaded["weights"], torch.arange(3))
+
+
+def test_load_torch_file_reads_what_atomic_torch_save_wrote_and_refuses_damage(tmp_path: Path) -> None:
+    from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
+    from worldmodel.keypoint_cache import load_keypoint_cache
+
+    path = tmp_path / "payload.pt"
+    atomic_torch_save({"vision_fingerprint": "abc", "x": torch.arange(3)}, path)
+    assert torch.equal(load_torch_file(path)["x"], torch.arange(3))
+    path.write_bytes(path.read_bytes()[:-40])  # a killed copy
+    with pytest.raises(UnreadableTorchFile, match="truncated"):
+        load_torch_file(path)
+    assert load_keypoint_cache(path, "abc") is None  # a damaged cache counts as none: detected again
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(UnreadableTorchFile):
+        load_torch_file(tmp_path / "text.pt")

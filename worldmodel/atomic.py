@@ -79,3 +79,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     import torch  # here, so that the collector (no torch needed) can import this module cheaply
 
     atomic_write(path, lambda temp: torch.save(obj, temp))
+
+
+class UnreadableTorchFile(ValueError):
+    """A file ``torch.load`` cannot read: truncated (a killed copy), or not a torch file at all."""
+
+
+def load_torch_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a file such as ``atomic_torch_save`` writes; UnreadableTorchFile,
+    whose message is the one-line reason, where it cannot be read."""
+    import zipfile
+
+    import torch
+
+    from worldmodel.errors import detail
+
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
+        raise UnreadableTorchFile("truncated, or not a torch file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a foreign file
+        raise UnreadableTorchFile(detail(error)) from None

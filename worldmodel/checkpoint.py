@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 import worldmodel
-from worldmodel.atomic import atomic_torch_save
+from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
 from worldmodel.config import ModelConfig
 from worldmodel.errors import InputError, detail
 from worldmodel.model import WorldModel
@@ -179,12 +178,10 @@ def load_checkpoint(
     """The raw checkpoint dict, loaded with ``weights_only=True``."""
     path = find_checkpoint(path_or_run_dir)
     damaged = f"it is damaged or not a checkpoint of train/world_model.py: restore it, or {TRAIN_HINT}"
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, or not a torch file); {damaged}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a foreign file
-        raise CheckpointError(f"cannot read checkpoint {path} ({detail(error)}); {damaged}") from None
+        checkpoint = load_torch_file(path, map_location)
+    except UnreadableTorchFile as error:
+        raise CheckpointError(f"cannot read checkpoint {path} ({error}); {damaged}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a world-model checkpoint (format {CHECKPOINT_FORMAT}); {damaged}")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]

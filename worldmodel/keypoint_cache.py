@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from worldmodel.atomic import atomic_torch_save
+from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, vision_modules
 from worldmodel.windows import flat_window_starts
@@ -85,8 +85,11 @@ def load_keypoint_cache(path: Path, fingerprint: str) -> dict[str, KeypointSplit
     """The cache if it exists and was made by the vision weights of ``fingerprint``, else None."""
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("vision_fingerprint") != fingerprint:
+    try:
+        payload = load_torch_file(path)
+    except UnreadableTorchFile:  # damaged: detected again, like a missing cache
+        return None
+    if not isinstance(payload, dict) or payload.get("vision_fingerprint") != fingerprint:
         return None
     return {name: KeypointSplit(**payload[name]) for name in ("train", "test") if name in payload}
 

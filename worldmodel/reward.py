@@ -12,7 +12,6 @@ of docs/CONTRACTS.md), so a causal predictor can know it.
 from __future__ import annotations
 
 import copy
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodel.atomic import atomic_torch_save
+from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
 from worldmodel.errors import InputError, MissingInputError, detail
 
 
@@ -243,12 +242,10 @@ def load_reward_predictor(
     refit = "fit it again with python downstream/reward.py --run <run dir>"
     if not path.is_file():
         raise MissingInputError(f"no reward predictor at {path}; {refit}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
-        raise RewardPredictorMismatch(f"cannot read reward predictor {path} (truncated, or not a torch file); {refit}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a foreign file
-        raise RewardPredictorMismatch(f"cannot read reward predictor {path} ({detail(error)}); {refit}") from None
+        payload = load_torch_file(path, map_location)
+    except UnreadableTorchFile as error:
+        raise RewardPredictorMismatch(f"cannot read reward predictor {path} ({error}); {refit}") from None
     keys = ("task", "world_model_fingerprint", "input_size", "units", "state_dict")
     if not isinstance(payload, dict) or any(key not in payload for key in keys):
         raise RewardPredictorMismatch(f"{path} is not a reward predictor of downstream/reward.py; {refit}")
