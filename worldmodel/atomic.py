@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from worldmodel.errors import detail
 
 TEMP_MARKER = ".tmp"  # every temporary name ends with this (older versions put the final suffix after it)
 
@@ -88,11 +91,7 @@ class UnreadableTorchFile(ValueError):
 def load_torch_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of a file such as ``atomic_torch_save`` writes; UnreadableTorchFile,
     whose message is the one-line reason, where it cannot be read."""
-    import zipfile
-
-    import torch
-
-    from worldmodel.errors import detail
+    import torch  # here, as in atomic_torch_save
 
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one lacks its directory
         raise UnreadableTorchFile("truncated, or not a torch file")
