@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             dims = dataset_state_dims(config.data, tasks)
             config = dataclasses.replace(config, net=state_model_config(config.net, dims))
         validate(config)
-    except (ValueError, OSError) as error:  # InputError, or a ModelConfig check run while parsing
+    except ValueError as error:  # InputError, or a ModelConfig check run while parsing
         return report(error)
     try:
         dist = distributed.setup(config.device)

@@ -45,12 +45,7 @@ def dataset_state_dims(root: Path, tasks: Sequence[str]) -> dict[str, int]:
     """Each task's state size D, read from the files' shapes; both splits must agree."""
     dims: dict[str, int] = {}
     for task in tasks:
-        sizes = set()
-        for split in storage.SPLITS:
-            path = storage.dataset_path(root, task, split)
-            if not path.is_file():
-                raise storage.missing_dataset_error(root, task, split)
-            sizes.add(storage.read_info(path).state_dim)
+        sizes = {storage.checked_dataset(root, task, split).state_dim for split in storage.SPLITS}  # else InputError
         if len(sizes) != 1:
             raise StateSizeMismatch(f"{task}: the train and test files of {root} hold states of sizes {sorted(sizes)}")
         dims[task] = sizes.pop()
