@@ -161,6 +161,11 @@ def test_torchrun_training_killed_and_resumed_matches_the_uninterrupted_run(tiny
     assert_same_tensors(final["model"], expected["model"], "model")
     assert_same_tensors(final["rng_ranks"], expected["rng_ranks"], "rng_ranks")
     assert records(resumed, "train", "eval") == records(reference, "train", "eval")
+    # the batch size is global, so frames/s counts each of the two processes' half once (not twice)
+    window = 8 + 8
+    for record in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()):
+        if record["kind"] == "train":
+            assert record["frames_per_s"] == pytest.approx(record["steps_per_s"] * 4 * window, rel=1e-6)
 
 
 # ---- the reward experiment ---------------------------------------------------------------------------

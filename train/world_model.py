@@ -380,7 +380,8 @@ def optimise_stage(
     objective: nn.Module = Objective(run.model, stage, config.observed_steps(stage))
     if dist.is_distributed:
         objective = DistributedDataParallel(objective, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    # frames (joint, vision) or keypoint frames (dynamics) per step, for the log's frames/s
+    # frames (joint, vision) or keypoint frames (dynamics) per step over all processes (the batch sizes are
+    # global), for the log's frames/s
     items_per_step = config.vision_batch_size * config.vision_window if stage == Stage.VISION else config.batch_size * config.window
     progress = None
     if dist.is_main and config.progress:
@@ -409,7 +410,7 @@ def optimise_stage(
                 teacher_forcing_observed=schedule.teacher_forcing_observed,
                 teacher_forcing_predicted=schedule.teacher_forcing_predicted,
                 steps_per_s=since_log / seconds,
-                frames_per_s=since_log * items_per_step * dist.world_size / seconds,
+                frames_per_s=since_log * items_per_step / seconds,
             )
             if out.diagnostics is not None:  # keypoint collapse shows here first
                 record.update(out.diagnostics._asdict())

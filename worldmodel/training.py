@@ -249,8 +249,6 @@ def smoke_profile() -> TrainConfig:
     )
 
 
-
-
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """Plain-dict form of a TrainConfig (paths as strings, tuples as lists): JSON- and weights_only-safe."""
 
