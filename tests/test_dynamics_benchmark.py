@@ -164,3 +164,6 @@ def test_jump_free_ratios_leave_out_jumping_tracks() -> None:
     assert ratios["mean_of_n"] == pytest.approx(0.5)  # half way: errors 0.05 and 0.1 against 0.1 and 0.2
     assert ratios["best_of_n"] == pytest.approx(0.0)
     assert ratios["tracks_kept"] == pytest.approx(0.5)
+    # hold-last's summed distance: keypoint 0 0.1 + 0.2, keypoint 1 (the jump) 0.5 + 0.5; exact on the steady
+    # track and holding the jumping one still leaves 1.0 of 1.3
+    assert ratios["jump_floor"] == pytest.approx(1.0 / 1.3)

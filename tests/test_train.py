@@ -250,6 +250,8 @@ def test_script_end_to_end_writes_a_loadable_model(tiny_dataset: Path, tmp_path:
     benchmark = summary["dynamics_benchmark"]  # open loop on the cached test keypoints
     assert set(benchmark["ratio_to_hold_last"]) == {"single", "mean_of_n", "best_of_n", "hold_last", "constant_velocity"}
     assert benchmark["ratio_to_hold_last"]["hold_last"] == 1.0 and len(benchmark["per_horizon"]["single"]) == 8
+    assert set(benchmark["jump_free_ratio_to_hold_last"]) == {"single", "mean_of_n", "best_of_n", "tracks_kept", "jump_floor"}
+    assert 0.0 <= benchmark["jump_free_ratio_to_hold_last"]["jump_floor"] <= 1.0
     assert "->" in summary["compute"]
     evals = records(out, "eval")
     assert [(r["stage"], r["step"]) for r in evals] == [("vision", 4), ("vision", 6), ("dynamics", 4), ("dynamics", 6)]

@@ -55,7 +55,15 @@ from worldmodel.checkpoint import (  # noqa: E402
     save_checkpoint,
     seed_rng,
 )
-from worldmodel.dynamics_benchmark import PREDICTIONS, REFERENCES, choose_window_starts, horizon_errors, keypoint_stability, open_loop  # noqa: E402
+from worldmodel.dynamics_benchmark import (  # noqa: E402
+    PREDICTIONS,
+    REFERENCES,
+    choose_window_starts,
+    horizon_errors,
+    jump_free_ratios,
+    keypoint_stability,
+    open_loop,
+)
 from worldmodel.errors import InputError, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
 from worldmodel.config import STATE_VARIANT  # noqa: E402
@@ -260,6 +268,7 @@ def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConf
         "num_windows": errors.num_windows,
         "num_samples": errors.num_samples,
         "stability": None if model.config.reads_states else keypoint_stability(test)._asdict(),
+        "jump_free_ratio_to_hold_last": None if model.config.reads_states else jump_free_ratios(result, config.num_observed),
     }
 
 

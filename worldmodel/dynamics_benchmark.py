@@ -154,7 +154,9 @@ def jump_free_ratios(result: OpenLoop, num_observed: int, jump: float = JUMP) ->
     """The open-loop ratios to hold-last restricted to keypoint tracks without a jump: the (window,
     keypoint) pairs whose detected track moves at most ``jump`` per frame from the last observed frame to
     the end of the horizon. What a core predicts of the motion that physics explains, apart from the
-    detector's jumps. Keys: PREDICTIONS and the share of tracks kept."""
+    detector's jumps. Keys: PREDICTIONS, the share of tracks kept, and ``jump_floor``: the ratio to hold-last
+    over all tracks of a predictor exact on the steady tracks that holds the jumping ones still, i.e. about
+    the lowest ratio a core can reach on this detector's keypoints unless it foresees jumps."""
     detected = result.detected[:, num_observed - 1 :, :, :2]  # (B, 1 + H, K, 2)
     steady = (detected[:, 1:] - detected[:, :-1]).norm(dim=-1).amax(1) <= jump  # (B, K)
     target = detected[:, 1:]  # (B, H, K, 2)
@@ -174,7 +176,9 @@ def jump_free_ratios(result: OpenLoop, num_observed: int, jump: float = JUMP) ->
         "mean_of_n": mean_distance(samples.mean(0)) / hold,
         "best_of_n": mean_distance(best) / hold,
     }
-    return ratios | {"tracks_kept": float(steady.double().mean())}
+    hold_distance = (detected[:, :1].expand_as(target) - target).norm(dim=-1).double()  # (B, H, K)
+    floor = float((hold_distance * (1.0 - weight)).sum() / hold_distance.sum().clamp_min(1e-12))
+    return ratios | {"tracks_kept": float(steady.double().mean()), "jump_floor": floor}
 
 
 # ----------------------------------------------------------------------------------------------
