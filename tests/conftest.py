@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,18 @@ if str(REPO_ROOT) not in sys.path:  # the packages are importable without `pip i
     sys.path.insert(0, str(REPO_ROOT))
 
 TINY_DATASET_OPTIONS = ("--train-episodes", "2", "--test-episodes", "1", "--episode-steps", "30", "--seed", "7")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a test of tiny tensors: small-batch CPU work was up to ~25x slower with 2 OpenMP
+    threads on a busy 2-core machine (a short fit: 6 s with 1 thread, 160 s with 2, while other jobs ran)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

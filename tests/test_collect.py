@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -23,6 +22,7 @@ from collect.dmcs import episode_seeds
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator
 from worldmodel import storage
 from worldmodel.tasks import TASK_NAMES, TASKS
+from tests.process_tree import start, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLLECTOR = REPO_ROOT / "collect" / "dmcs.py"
@@ -195,18 +195,6 @@ def test_preset_and_explicit_options(tmp_path: Path) -> None:
 # Resume after SIGKILL
 
 
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float = 120) -> bool:
-    """Poll until ``condition()``; False if the process ended first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.02)
-    raise TimeoutError("collector made no progress")
-
-
 def live_members(process_group: int) -> list[int]:
     """Processes of ``process_group`` that are still running (zombies have released their files)."""
     members = []
@@ -257,9 +245,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_dataset(tmp_path: Path) ->
     kill_points = [lambda: len(partial_episodes(resumed)) >= 2, lambda: len(final_files(resumed)) >= 1]
     kills = 0
     for kill_point in kill_points:
-        process = subprocess.Popen(collector_command(resumed, *options), cwd=REPO_ROOT, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its own process group
-        if wait_for(kill_point, process):
+        process = start(collector_command(resumed, *options), REPO_ROOT)  # its own process group
+        if wait_for(kill_point, process, timeout=120) and process.poll() is None:
             kill_process_tree(process)
             kills += 1
         process.wait(timeout=60)

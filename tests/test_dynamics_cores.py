@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,12 +21,7 @@ CORES = list(DYNAMICS)
 SPEED = 0.3  # keypoint units per frame per unit of action (synthetic motion)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def smoke_model(dynamics: str, seed: int = 0, **overrides: object) -> WorldModel:

@@ -169,8 +169,6 @@ def test_simulator_contexts(run_dir: Path) -> None:
 
 
 def test_trainer_keypoint_cache_stands_in_for_detection(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
-    import shutil
-
     with_cache = make(run_dir)  # the staged smoke run left keypoints.pt for its own dataset
     assert with_cache.batch.source.cached_keypoints is not None
     copy = tmp_path / "dmcs"

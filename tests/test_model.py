@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,14 +22,7 @@ from worldmodel.training import Stage, TrainConfig, schedule_at
 B, T, OBS = 2, 5, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small-batch CPU work is up to ~25x slower with 2 OpenMP threads on a busy 2-core machine (measured:
-    the short fit took 6 s with 1 thread, 160 s with 2, while other jobs ran); one thread keeps it predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(variant: str = "struct-vrnn", **overrides: object) -> WorldModel:

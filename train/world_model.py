@@ -72,11 +72,16 @@ from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.precision import Compute, announce, choose_compute  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
 from worldmodel.state_bound import dataset_state_dims, per_feature_points, state_model_config, state_split  # noqa: E402
-from worldmodel.training import (  # noqa: E402
+from worldmodel.keypoint_cache import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
+    KeypointSplit,
+    load_keypoint_cache,
+    save_keypoint_cache,
+    vision_fingerprint,
+)
+from worldmodel.training import (  # noqa: E402
     PROFILES,
     Batch,
-    KeypointSplit,
     Objective,
     ResumableBatchSampler,
     Stage,
@@ -87,14 +92,11 @@ from worldmodel.training import (  # noqa: E402
     config_to_dict,
     detect_split,
     learning_rate_at,
-    load_keypoint_cache,
     profile_config,
-    save_keypoint_cache,
     schedule_at,
     seeded_loader,
     train_step,
     validate,
-    vision_fingerprint,
 )
 from worldmodel.visualize import save_keypoint_png, save_prediction_gif  # noqa: E402
 

@@ -39,14 +39,7 @@ from worldmodel import storage
 from worldmodel.config import OBSERVED_STEPS, STATE_VARIANT, Dynamics, ModelConfig, Variant
 from worldmodel.data import WindowDataset
 from worldmodel.errors import InputError
-from worldmodel.keypoint_cache import (  # the trainer's keypoint cache lives there (the envs read it too)
-    KEYPOINT_CACHE_FILE,
-    KeypointSplit,
-    detect_in_chunks,
-    load_keypoint_cache,
-    save_keypoint_cache,
-    vision_fingerprint,
-)
+from worldmodel.keypoint_cache import KeypointSplit, detect_in_chunks
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel, vision_modules
 from worldmodel.precision import Compute, Precision, autocast
 
