@@ -126,7 +126,37 @@ class Carry(NamedTuple):
     latent: Tensor  # (B, Z) z_t (Z = 0 for struct-rnn)
 
 
-class VRNN(DynamicsCore):
+class RecurrentKeypointCore(DynamicsCore):
+    """What the VRNN and the hierarchical VRNN share: a GRU state h_t over [x_{t-1}, z_{t-1}, a_{t-1}], and
+    a ``Carry`` of h_t, the keypoints fed in and the latent sample (all levels of it, concatenated).
+    Subclasses set ``rnn`` and ``noise_size`` (the latent's width)."""
+
+    rnn: nn.GRUCell
+    noise_size: int
+
+    def initial_carry(self, batch_size: int, device: torch.device) -> Carry:
+        """The zero state before any frame (only its hidden part is used; see ``unroll``)."""
+        cfg = self.config
+        zeros = lambda size: torch.zeros(batch_size, size, device=device)  # noqa: E731
+        return Carry(zeros(cfg.rnn_size), zeros(cfg.feature_size), zeros(self.noise_size))
+
+    def hidden_state(self, carry: Carry) -> Tensor:  # type: ignore[override]
+        return carry.hidden
+
+    def keypoints(self, carry: Carry) -> Tensor:  # type: ignore[override]
+        return carry.keypoints
+
+    def feed(self, carry: Carry, keypoints: Tensor) -> Carry:  # type: ignore[override]
+        return carry._replace(keypoints=keypoints)
+
+    def transition(self, carry: Carry | None, action: Tensor) -> Tensor:
+        """h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}]); h = 0 and no GRU step at a sequence start."""
+        if carry is None:
+            return action.new_zeros(action.shape[0], self.config.rnn_size)
+        return self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
+
+
+class VRNN(RecurrentKeypointCore):
     """The dynamics core shared by all four variants."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -144,21 +174,6 @@ class VRNN(DynamicsCore):
         self.scheduled_sampling = True
         self.kl_names = ("z",)
         self.regulariser_weight = 0.0
-
-    def initial_carry(self, batch_size: int, device: torch.device) -> Carry:
-        """The zero state before any frame (only its hidden part is used; see ``unroll``)."""
-        cfg = self.config
-        zeros = lambda size: torch.zeros(batch_size, size, device=device)  # noqa: E731
-        return Carry(zeros(cfg.rnn_size), zeros(cfg.feature_size), zeros(cfg.latent_dim))
-
-    def hidden_state(self, carry: Carry) -> Tensor:  # type: ignore[override]
-        return carry.hidden
-
-    def keypoints(self, carry: Carry) -> Tensor:  # type: ignore[override]
-        return carry.keypoints
-
-    def feed(self, carry: Carry, keypoints: Tensor) -> Carry:  # type: ignore[override]
-        return carry._replace(keypoints=keypoints)
 
     def sample(
         self,
@@ -201,12 +216,6 @@ class VRNN(DynamicsCore):
         latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
         return latent, self.decoder(latent, hidden) + offset
 
-    def _transition(self, carry: Carry | None, action: Tensor) -> Tensor:
-        """h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}]) (S9); h = 0 and no GRU step at a sequence start."""
-        if carry is None:
-            return action.new_zeros(action.shape[0], self.config.rnn_size)
-        return self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
-
     def observe_step(  # type: ignore[override]
         self,
         carry: Carry | None,
@@ -216,7 +225,7 @@ class VRNN(DynamicsCore):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Step:
-        hidden = self._transition(carry, action)
+        hidden = self.transition(carry, action)
         belief = None
         kl = hidden.new_zeros(hidden.shape[0], 1)
         if self.prior is not None and self.posterior is not None:
@@ -236,7 +245,7 @@ class VRNN(DynamicsCore):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Step:
-        hidden = self._transition(carry, action)
+        hidden = self.transition(carry, action)
         # As the original code, the prior is trained by the KL only, not by L_future, unless
         # prior_future_gradient asks L_future to shape its spread too.
         belief = self.prior(hidden) if self.prior is not None else None

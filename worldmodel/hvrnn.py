@@ -21,24 +21,14 @@ the KL only (detached on imagined frames).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
-from worldmodel.dynamics import STD_OFFSET, Gaussian, KeypointDecoder, dense
-from worldmodel.dynamics_core import DynamicsCore, Step, draw_noise
+from worldmodel.dynamics import STD_OFFSET, Carry, Gaussian, KeypointDecoder, RecurrentKeypointCore, dense
+from worldmodel.dynamics_core import Step, draw_noise
 from worldmodel.losses import gaussian_kl, keypoint_error
-
-
-class HVRNNCarry(NamedTuple):
-    """What the hierarchical VRNN carries after a frame (normalised keypoints)."""
-
-    hidden: Tensor  # (B, H) h_t
-    keypoints: Tensor  # (B, F) x_t as fed to the next GRU step
-    latent: Tensor  # (B, L*Z) z_t^1..z_t^L concatenated
 
 
 class LevelHead(nn.Module):
@@ -63,7 +53,7 @@ class LevelHead(nn.Module):
         return Gaussian(mean, F.softplus(std) + STD_OFFSET)
 
 
-class HierarchicalVRNN(DynamicsCore):
+class HierarchicalVRNN(RecurrentKeypointCore):
     """L levels of latents with top-down, densely connected prior and posterior."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -86,21 +76,6 @@ class HierarchicalVRNN(DynamicsCore):
         self.scheduled_sampling = True
         self.kl_names = tuple(f"z{l + 1}" for l in range(levels))
         self.regulariser_weight = 0.0
-
-    def initial_carry(self, batch_size: int, device: torch.device) -> HVRNNCarry:
-        """The zero state (a sequence starts with ``carry=None``: h = 0 and no GRU step, as the VRNN)."""
-        cfg = self.config
-        zeros = lambda size: torch.zeros(batch_size, size, device=device)  # noqa: E731
-        return HVRNNCarry(zeros(cfg.rnn_size), zeros(cfg.feature_size), zeros(self.noise_size))
-
-    def hidden_state(self, carry: HVRNNCarry) -> Tensor:  # type: ignore[override]
-        return carry.hidden
-
-    def keypoints(self, carry: HVRNNCarry) -> Tensor:  # type: ignore[override]
-        return carry.keypoints
-
-    def feed(self, carry: HVRNNCarry, keypoints: Tensor) -> HVRNNCarry:  # type: ignore[override]
-        return carry._replace(keypoints=keypoints)
 
     def top_down(
         self, prior_parts: list[Tensor], posterior_parts: list[Tensor] | None, noise: Tensor, with_kl: bool
@@ -128,7 +103,7 @@ class HierarchicalVRNN(DynamicsCore):
 
     def _step(
         self,
-        carry: HVRNNCarry | None,
+        carry: Carry | None,
         action: Tensor,
         target: Tensor | None,
         observed: bool,
@@ -137,10 +112,7 @@ class HierarchicalVRNN(DynamicsCore):
         noise: Tensor | None,
     ) -> Step:
         batch = action.shape[0]
-        if carry is None:
-            hidden = action.new_zeros(batch, self.config.rnn_size)  # sequence start: h = 0, no GRU step
-        else:
-            hidden = self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
+        hidden = self.transition(carry, action)  # (B, H)
         # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
         base = self.residual_base(carry)
         offset: Tensor | float = 0.0 if base is None else base
@@ -165,11 +137,11 @@ class HierarchicalVRNN(DynamicsCore):
         zero = hidden.new_zeros(batch)
         kl = hidden.new_zeros(batch, self.levels) if kl is None else kl
         fed = target if observed and target is not None and self.config.feed_detected else prediction
-        return Step(HVRNNCarry(hidden, fed, latent), prediction, hidden, kl, zero)
+        return Step(Carry(hidden, fed, latent), prediction, hidden, kl, zero)
 
     def observe_step(  # type: ignore[override]
         self,
-        carry: HVRNNCarry | None,
+        carry: Carry | None,
         action: Tensor,
         target: Tensor,
         num_samples: int = 1,
@@ -180,7 +152,7 @@ class HierarchicalVRNN(DynamicsCore):
 
     def imagine_step(  # type: ignore[override]
         self,
-        carry: HVRNNCarry | None,
+        carry: Carry | None,
         action: Tensor,
         target: Tensor | None = None,
         num_samples: int = 1,
