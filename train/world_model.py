@@ -118,7 +118,8 @@ def check_dataset(config: TrainConfig, tasks: list[str]) -> dict[str, Any]:
     action_repeats = {}
     length = max(config.window, config.vision_span) if config.mode == "staged" else config.window
     for task in tasks:
-        infos = [storage.checked_dataset(config.data, task, split) for split in storage.SPLITS]  # else InputError
+        infos = [storage.checked_dataset_files(config.data, task, split)[0] for split in storage.SPLITS]  # else InputError
+        # ([0]: the main file; its parts were checked to share its episode length and action repeat)
         for info in infos:
             if info.episode_steps < length:
                 raise InputError(
