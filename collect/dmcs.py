@@ -129,8 +129,9 @@ class Args:
     """'quick': 8 train + 5 test episodes per task of at most 200 steps (~1 min on 2 cores; 5 test
     episodes make the reward experiment's 5 folds). Options given explicitly override the preset."""
     policy: Path | None = None
-    """A stable-baselines3 agent (.zip of downstream/rl.py) to act the episodes instead of random actions;
-    needs one task in --domains and --checkpoint. With it, --train-episodes or --test-episodes may be 0."""
+    """A stable-baselines3 agent (.zip of downstream/rl.py) to act the episodes instead of random actions, in
+    the single task of --domains, seen through the world model of --checkpoint (collect/agent.py). With it,
+    --train-episodes or --test-episodes may be 0."""
     checkpoint: Path | None = None
     """With --policy: the world model (run directory or checkpoint file) the agent was trained in; its reward
     predictor of the task must exist. Default $STRUCTVRNN_CHECKPOINT, else runs/world_model."""

@@ -276,3 +276,22 @@ def test_random_collection_does_not_load_torch(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [path.name for path in sorted((tmp_path / "data").glob("*.h5"))] == ["cartpole_test.h5", "cartpole_train.h5"]
+
+
+def test_keypoint_cache_of_other_files_is_not_used(reference: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """A cache detected before a part was added (or taken from another run with --vision-from) is stale."""
+    import torch
+
+    from worldmodel.keypoint_cache import KeypointSplit, data_layout, load_keypoint_cache, save_keypoint_cache
+
+    split = KeypointSplit.from_episodes([torch.zeros(STEPS, 2, 3)], [torch.zeros(STEPS, 6)], [STEPS], [1])
+    with_part, without = data_layout(reference, [TASK]), data_layout(tiny_dataset, [TASK])
+    assert [name for name, *_ in with_part["train"]] == [f"{TASK}_train.h5", f"{TASK}_train.{PART}.h5"]
+    assert with_part["train"][1][1:] == [EPISODES, STEPS] and with_part["test"] == without["test"]
+    path = tmp_path / "keypoints.pt"
+    save_keypoint_cache(path, {"train": split}, "vision", without)
+    assert load_keypoint_cache(path, "vision", without) is not None
+    assert load_keypoint_cache(path, "vision", with_part) is None
+    save_keypoint_cache(path, {"train": split}, "vision")  # as older versions wrote it: no layout
+    assert load_keypoint_cache(path, "vision", without) is not None and load_keypoint_cache(path, "vision") is not None
+    assert load_keypoint_cache(path, "vision", with_part) is None

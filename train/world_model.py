@@ -77,6 +77,7 @@ from worldmodel.training import (  # noqa: E402
     TrainState,
     config_differences,
     config_to_dict,
+    data_layout,
     detect_split,
     learning_rate_at,
     load_keypoint_cache,
@@ -441,7 +442,8 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
         return {split: state_split(config.data, run.tasks, split, model.config) for split in storage.SPLITS}
     cache_path = config.out / KEYPOINT_CACHE_FILE
     fingerprint = vision_fingerprint(model)
-    splits = load_keypoint_cache(cache_path, fingerprint)
+    layout = data_layout(config.data, run.tasks)  # a cache of other files (e.g. before a part was added) is redone
+    splits = load_keypoint_cache(cache_path, fingerprint, layout)
     if splits is not None:
         return splits
     started = time.perf_counter()
@@ -452,7 +454,7 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
     seconds = time.perf_counter() - started
     state.stage_seconds[Stage.KEYPOINTS.value] = state.stage_seconds.get(Stage.KEYPOINTS.value, 0.0) + seconds
     if run.dist.is_main:
-        save_keypoint_cache(cache_path, splits, fingerprint)
+        save_keypoint_cache(cache_path, splits, fingerprint, layout)
         frames = sum(int(split.keypoints.shape[0]) for split in splits.values())
         run.logger.log("stage", Stage.KEYPOINTS.value, 0, Stage.KEYPOINTS.offset(config),
                        {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds})  # fmt: skip

@@ -42,6 +42,7 @@ from worldmodel.errors import InputError
 from worldmodel.keypoint_cache import (  # the trainer's keypoint cache lives there (the envs read it too)
     KEYPOINT_CACHE_FILE,
     KeypointSplit,
+    data_layout,
     detect_in_chunks,
     load_keypoint_cache,
     save_keypoint_cache,
