@@ -272,10 +272,12 @@ def make_groups(args: Args) -> list[Group]:
         repeats = parse_action_repeats(args.action_repeat, tasks)
     except ValueError as error:  # an unknown task name in the overrides
         raise InputError(f"--action-repeat: {error}") from None
-    episode_counts = (("--train-episodes", args.train_episodes), ("--test-episodes", args.test_episodes))
-    for option, value in (*episode_counts, ("--workers", args.workers), ("--episode-steps", args.episode_steps)):
-        if value is not None and value < (0 if args.policy is not None and option in dict(episode_counts) else 1):
+    for option, value in (("--train-episodes", args.train_episodes), ("--test-episodes", args.test_episodes)):
+        if value < (0 if args.policy is not None else 1):  # an agent collection may skip a split
             raise InputError(f"{option} must be {'>= 0' if args.policy is not None else 'positive'}, got {value}")
+    for option, value in (("--workers", args.workers), ("--episode-steps", args.episode_steps)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} must be positive, got {value}")
     if args.policy is None and (args.part or args.noise or args.checkpoint is not None):
         raise InputError("--part, --noise and --checkpoint go with --policy (episodes acted by an agent)")
     if args.seed < 0:

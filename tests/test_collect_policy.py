@@ -240,6 +240,8 @@ def test_other_settings_are_refused_in_one_line(reference: Path, agent: Path, im
     assert_refused(run_collector(folder, *options[:-2], "--part", "bad.name"), "part name 'bad.name'")
     assert_refused(run_collector(tmp_path / "empty", *options), "does not exist", "collect the main files first")
     assert_refused(run_collector(folder, "--domains", TASK, "--noise", "0.3"), "go with --policy")
+    assert_refused(run_collector(folder, *options, "--test-episodes", "-1"), "--test-episodes must be >= 0")
+    assert_refused(run_collector(folder, *options, "--domains", "all"), "--policy acts in one task")
     assert snapshot(folder) == before
     # A rerun with the same settings has nothing to do; a new part name is fine (checked in the resume test).
     assert run_collector(folder, *options).returncode == 0
