@@ -1,4 +1,5 @@
-"""Collect the random-action 64x64 datasets of the six DeepMind Control tasks (docs/CONTRACTS.md).
+"""Collect the random-action 64x64 datasets of the six DeepMind Control tasks (docs/CONTRACTS.md), or
+episodes acted by a trained agent as a named part of such a dataset.
 
 Usage (from the repository root)::
 
@@ -6,6 +7,17 @@ Usage (from the repository root)::
                                                            # ~1.1 GB, ~30 min on 2 free cores)
     python collect/dmcs.py --preset quick --out data/quick  # a few short episodes per task, ~1 min
     python collect/dmcs.py --help                           # every option, documented
+    python collect/dmcs.py --domains cheetah --policy runs/rl/cheetah-ppo.zip --checkpoint runs/world_model \
+        --noise 0.3 --part agent-r01 --train-episodes 20 --test-episodes 0   # 20 agent episodes, one new part
+
+With ``--policy`` (one task), a stable-baselines3 agent of ``downstream/rl.py`` acts on the real task seen
+through the world model of ``--checkpoint`` (7 random warm-up steps, then its deterministic action plus
+Gaussian noise of std ``--noise``, clipped to [-1, 1]; ``collect/agent.py`` tells the details and the seeds).
+With ``--part NAME`` the episodes go to ``<out>/<task>_<split>.NAME.h5`` beside the random main file they
+extend (which must exist and share their action repeat, episode length and render settings); readers take
+the main file's episodes, then each part's. Without ``--part`` they make the main files of a new folder. The
+agent's path and sha256, the noise and the world model's checkpoint and fingerprint are in the attrs; a
+rerun with another agent, noise or model is refused like one with another seed.
 
 Output: one HDF5 file per task and split, ``<out>/<task>_<split>.h5`` (split: train or test), openable
 with plain h5py (docs/CONTRACTS.md). E episodes of T agent steps each (T = 1000 / action_repeat, or
@@ -24,7 +36,7 @@ with plain h5py (docs/CONTRACTS.md). E episodes of T agent steps each (T = 1000 
            when fast), package_version, format_version, created_by, and collection_settings (JSON of
            everything that determines the file's contents, used to refuse mixing datasets).
 
-Randomness: everything flows from ``--seed``. Episode e of task k (its index in the task table, so a
+Randomness: everything flows from ``--seed``. Random episode e of task k (its index in the task table, so a
 subset of tasks gets the same episodes as ``all``) in split s draws from
 ``np.random.SeedSequence(seed, spawn_key=(k, s, e))``: one child gives the environment seed (its lowest
 bit is the split, so train and test seeds are disjoint), the other the uniform random actions, one draw
@@ -37,6 +49,8 @@ chunks) and renames it into place, then deletes the partials. So a file under a 
 complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
 giving the same dataset as an uninterrupted run. Each partial folder keeps a settings.json; a rerun with
 other settings (seed, counts, action repeat, episode steps, render settings) is refused.
+
+Agent episodes derive theirs from another spawn key, which includes the part's name (collect/agent.py).
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 1 a worker failed; 130 interrupted.
 """
@@ -77,6 +91,7 @@ from worldmodel.atomic import TEMP_MARKER, atomic_write_text, stale_temporaries 
 from worldmodel.errors import InputError, detail, report  # noqa: E402
 from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
+from collect.agent import WARMUP_STEPS, PolicySettings, identify_policy, policy_episode  # noqa: E402  (torch: lazily)
 
 PROGRAM = "collect/dmcs.py"
 EXIT_FAILED = 1
@@ -113,6 +128,18 @@ class Args:
     preset: Literal["full", "quick"] = "full"
     """'quick': 8 train + 5 test episodes per task of at most 200 steps (~1 min on 2 cores; 5 test
     episodes make the reward experiment's 5 folds). Options given explicitly override the preset."""
+    policy: Path | None = None
+    """A stable-baselines3 agent (.zip of downstream/rl.py) to act the episodes instead of random actions, in
+    the single task of --domains, seen through the world model of --checkpoint (collect/agent.py). With it,
+    --train-episodes or --test-episodes may be 0."""
+    checkpoint: Path | None = None
+    """With --policy: the world model (run directory or checkpoint file) the agent was trained in; its reward
+    predictor of the task must exist. Default $STRUCTVRNN_CHECKPOINT, else runs/world_model."""
+    noise: float = 0.0
+    """With --policy: std of the Gaussian noise added to the agent's deterministic action (then clipped to [-1, 1])."""
+    part: str = ""
+    """With --policy: write <out>/<task>_<split>.<part>.h5, a named part beside the existing main file (letters,
+    digits, '-', '_', e.g. agent-r01); empty: write the main files of a new folder."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -137,30 +164,43 @@ class GroupSettings(NamedTuple):
     def record(self) -> dict[str, Any]:
         return self._asdict()
 
+    @property
+    def name(self) -> str:
+        return f"{self.task}_{self.split}"
+
+    def env_seed(self, episode: int) -> int:
+        return episode_seeds(self.seed, self.task, self.split, episode)[0]
+
+    def extra_attrs(self) -> dict[str, Any]:
+        return {}  # random episodes: nothing beside the attrs every dataset file has
+
+
+Settings = GroupSettings | PolicySettings
+
 
 class Group(NamedTuple):
-    """One output file: a task and split, with where its final and partial files live."""
+    """One output file: a task and split (and part), with where its final and partial files live."""
 
-    settings: GroupSettings
-    path: Path  # the final <task>_<split>.h5
-    partial_dir: Path  # <out>/.partial/<task>_<split>
+    settings: Settings
+    path: Path  # the final <task>_<split>.h5 (or <task>_<split>.<part>.h5)
+    partial_dir: Path  # <out>/.partial/<name>
 
     @property
     def name(self) -> str:
-        return f"{self.settings.task}_{self.settings.split}"
+        return self.settings.name
 
     def episode_path(self, index: int) -> Path:
         return self.partial_dir / f"episode_{index:05d}.h5"
 
 
 class EpisodeJob(NamedTuple):
-    settings: GroupSettings
+    settings: Settings
     index: int
     path: str  # the episode file to write
 
 
 class AssemblyJob(NamedTuple):
-    settings: GroupSettings
+    settings: Settings
     episode_paths: tuple[str, ...]
     path: str  # the final dataset file
     partial_dir: str
@@ -168,7 +208,7 @@ class AssemblyJob(NamedTuple):
 
 
 class EpisodeResult(NamedTuple):
-    group: str  # <task>_<split>
+    group: str  # <task>_<split>[.<part>]
     index: int
     frames: int
 
@@ -232,10 +272,14 @@ def make_groups(args: Args) -> list[Group]:
         repeats = parse_action_repeats(args.action_repeat, tasks)
     except ValueError as error:  # an unknown task name in the overrides
         raise InputError(f"--action-repeat: {error}") from None
-    for option, value in (("--train-episodes", args.train_episodes), ("--test-episodes", args.test_episodes),
-                          ("--workers", args.workers), ("--episode-steps", args.episode_steps)):
+    for option, value in (("--train-episodes", args.train_episodes), ("--test-episodes", args.test_episodes)):
+        if value < (0 if args.policy is not None else 1):  # an agent collection may skip a split
+            raise InputError(f"{option} must be {'>= 0' if args.policy is not None else 'positive'}, got {value}")
+    for option, value in (("--workers", args.workers), ("--episode-steps", args.episode_steps)):
         if value is not None and value < 1:
             raise InputError(f"{option} must be positive, got {value}")
+    if args.policy is None and (args.part or args.noise or args.checkpoint is not None):
+        raise InputError("--part, --noise and --checkpoint go with --policy (episodes acted by an agent)")
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
     for task, repeat in repeats.items():
@@ -243,11 +287,40 @@ def make_groups(args: Args) -> list[Group]:
             raise InputError(f"--action-repeat {task}={repeat} leaves no agent step in 1000 control steps")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file, not a folder; choose another --out")
+    if args.policy is not None:
+        return [make_group(args.out, s) for s in policy_group_settings(args, tasks, repeats)]
     settings = [
         group_settings(args, task, split, repeats[task]) for task in tasks for split in storage.SPLITS
     ]
     settings.sort(key=lambda s: -s.episode_steps)  # stable: task order kept among equal lengths
     return [make_group(args.out, s) for s in settings]
+
+
+def policy_group_settings(args: Args, tasks: Sequence[str], repeats: dict[str, int]) -> list[PolicySettings]:
+    """The files of an agent collection (splits with episodes); loads the agent and the world model to check
+    and identify them."""
+    assert args.policy is not None
+    if len(tasks) != 1:
+        raise InputError(f"--policy acts in one task; pass --domains with one of {', '.join(TASK_NAMES)}")
+    if args.part:
+        storage.check_part_name(args.part)
+    if not (args.noise >= 0 and np.isfinite(args.noise)):
+        raise InputError(f"--noise must be a finite std >= 0, got {args.noise}")
+    if args.train_episodes + args.test_episodes < 1:
+        raise InputError("--train-episodes and --test-episodes are both 0: nothing to collect")
+    task = tasks[0]
+    random_settings = group_settings(args, task, "train", repeats[task])
+    if random_settings.episode_steps <= WARMUP_STEPS:
+        raise InputError(f"--episode-steps must exceed the {WARMUP_STEPS} warm-up steps of the world model's filter")
+    identity = identify_policy(args.policy, args.checkpoint, task, repeats[task])  # else InputError
+    settings = []
+    for split in storage.SPLITS:
+        episodes = args.train_episodes if split == "train" else args.test_episodes
+        if episodes > 0:
+            base = group_settings(args, task, split, repeats[task])._asdict()
+            settings.append(PolicySettings(**{**base, "episodes": episodes}, part=args.part, noise=float(args.noise),
+                                           warmup_steps=WARMUP_STEPS, **identity._asdict()))  # fmt: skip
+    return settings
 
 
 def group_settings(args: Args, task: str, split: str, action_repeat: int) -> GroupSettings:
@@ -265,9 +338,10 @@ def group_settings(args: Args, task: str, split: str, action_repeat: int) -> Gro
     )
 
 
-def make_group(out: Path, settings: GroupSettings) -> Group:
-    name = f"{settings.task}_{settings.split}"
-    return Group(settings, storage.dataset_path(out, settings.task, settings.split), out / PARTIAL_FOLDER / name)
+def make_group(out: Path, settings: Settings) -> Group:
+    part = settings.part if isinstance(settings, PolicySettings) else ""
+    path = storage.dataset_path(out, settings.task, settings.split, part)
+    return Group(settings, path, out / PARTIAL_FOLDER / settings.name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,8 +358,7 @@ def episode_seeds(seed: int, task: str, split: str, episode: int) -> tuple[int, 
     split_index = storage.SPLITS.index(split)
     episode_sequence = np.random.SeedSequence(seed, spawn_key=(task_id(task), split_index, episode))
     env_sequence, action_sequence = episode_sequence.spawn(2)
-    word = int(env_sequence.generate_state(1, np.uint32)[0])  # dm_control seeds are 32-bit
-    return (word & ~1) | split_index, action_sequence
+    return storage.episode_env_seed(env_sequence, split), action_sequence  # 32-bit, lowest bit the split
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,12 +372,13 @@ class GroupState(NamedTuple):
 
 
 def existing_settings(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """The settings record of every final file and partial folder under ``out`` (read-only)."""
+    """The settings record of every final file (main files and parts) and partial folder under ``out`` (read-only)."""
     if not out.is_dir():
         return
     known = {f"{task}_{split}" for task in TASK_NAMES for split in storage.SPLITS}
     for path in sorted(out.glob("*.h5")):
-        if path.stem not in known:
+        main, _, part = path.stem.partition(".")
+        if main not in known or (part and not storage.PART_NAME.fullmatch(part)):
             continue
         redo = "delete it (a rerun collects it again), or use another --out"
         try:
@@ -324,13 +398,17 @@ def existing_settings(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 
 
 def check_existing(out: Path, groups: Sequence[Group], args: Args) -> None:
-    """Refuse to mix: every existing file must match this run's settings (all of them for the tasks
-    collected now, the folder-wide ones for the other tasks)."""
+    """Refuse to mix: every existing file must match this run's settings (all of them for the files written
+    now, the folder-wide ones for the other tasks' main files; a part is checked against its main file
+    instead, by check_parts)."""
     requested = {group.name: group.settings.record() for group in groups}
+    writes_parts = any(isinstance(group.settings, PolicySettings) and group.settings.part for group in groups)
     for path, record in existing_settings(out):
-        name = f"{record.get('task')}_{record.get('split')}"
+        name = f"{record.get('task')}_{record.get('split')}" + (f".{record['part']}" if record.get("part") else "")
         if name in requested:
             expected, keys = requested[name], list(requested[name])
+        elif record.get("part") or writes_parts:
+            continue  # another part, or a main file this part joins: parts are made to differ from it
         else:
             if record.get("task") not in TASK_NAMES or record.get("split") not in storage.SPLITS:
                 raise InputError(f"{path} has unknown settings {record}; delete it, or use another --out")
@@ -343,6 +421,28 @@ def check_existing(out: Path, groups: Sequence[Group], args: Args) -> None:
             raise InputError(
                 f"{path} was collected with {found}, this run asks {asked}: refusing to mix datasets; "
                 f"rerun with the original settings, use another --out, or delete {out} to recollect"
+            )
+
+
+def check_parts(out: Path, groups: Sequence[Group]) -> None:
+    """A part joins an existing main file and must agree with it (``storage.part_differences``), else its
+    episodes could not be read with the main file's: refuse before collecting anything."""
+    for group in groups:
+        settings = group.settings
+        if not (isinstance(settings, PolicySettings) and settings.part):
+            continue
+        main = storage.dataset_path(out, settings.task, settings.split)
+        if not main.is_file():
+            raise InputError(
+                f"--part {settings.part} extends {main}, which does not exist: collect the main files first "
+                f"(collect/dmcs.py --domains {settings.task} --out {out}), or leave out --part to start a new folder"
+            )
+        differences = storage.part_differences(storage.checked_dataset(out, settings.task, settings.split).attrs,
+                                               dataset_attrs(settings))  # fmt: skip
+        if differences:
+            raise InputError(
+                f"part {group.path.name} would differ from {main.name} in {'; '.join(differences)}: refusing to mix "
+                "them; collect with the main file's settings"
             )
 
 
@@ -423,10 +523,27 @@ def _simulator(settings: GroupSettings) -> Simulator:
 
 
 def collect_episode(job: EpisodeJob) -> EpisodeResult:
-    """Run one random-action episode and write it, compressed, to its partial file."""
+    """Run one episode (random actions, or an agent's) and write it, compressed, to its partial file."""
     settings = job.settings
+    if isinstance(settings, GroupSettings):
+        episode, state_layout = random_episode(settings, job.index)
+    else:
+        episode, state_layout = policy_episode(settings, job.index)  # loads torch and the models in this worker
+    keys, sizes = zip(*state_layout)
+    attrs = {
+        "episode_index": job.index,
+        "state_keys": list(keys),
+        "state_sizes": list(sizes),
+        "collection_settings": json.dumps(settings.record(), sort_keys=True),
+    }
+    storage.write_episode(job.path, episode, attrs)
+    return EpisodeResult(settings.name, job.index, len(episode.frames))
+
+
+def random_episode(settings: GroupSettings, index: int) -> tuple[storage.Episode, list[tuple[str, int]]]:
+    """One uniform-random-action episode and the simulator's state layout."""
     simulator = _simulator(settings)
-    env_seed, action_sequence = episode_seeds(settings.seed, settings.task, settings.split, job.index)
+    env_seed, action_sequence = episode_seeds(settings.seed, settings.task, settings.split, index)
     steps = settings.episode_steps
     # One uniform draw per agent step; float32 so the stored action is exactly the applied one.
     actions = np.random.default_rng(action_sequence).uniform(
@@ -439,15 +556,7 @@ def collect_episode(job: EpisodeJob) -> EpisodeResult:
     for t in range(steps):
         transition = simulator.step(actions[t])
         frames[t + 1], rewards[t], states[t + 1] = transition.frame, transition.reward, transition.state
-    keys, sizes = zip(*simulator.state_layout)
-    attrs = {
-        "episode_index": job.index,
-        "state_keys": list(keys),
-        "state_sizes": list(sizes),
-        "collection_settings": json.dumps(settings.record(), sort_keys=True),
-    }
-    storage.write_episode(job.path, storage.Episode(frames, actions, rewards, states, env_seed), attrs)
-    return EpisodeResult(f"{settings.task}_{settings.split}", job.index, steps + 1)
+    return storage.Episode(frames, actions, rewards, states, env_seed), simulator.state_layout
 
 
 def assemble_group(job: AssemblyJob) -> AssemblyResult:
@@ -461,7 +570,7 @@ def assemble_group(job: AssemblyJob) -> AssemblyResult:
             raise storage.InvalidDatasetError(
                 f"{path} is damaged ({detail(error)}); delete it and rerun the same command to collect it again"
             ) from None
-        seed, _ = episode_seeds(job.settings.seed, job.settings.task, job.settings.split, index)
+        seed = job.settings.env_seed(index)
         found = (attrs.get("collection_settings"), attrs.get("episode_index"), attrs.get("episode_seed"))
         if found != (expected_settings, index, seed):
             raise storage.InvalidDatasetError(
@@ -481,7 +590,7 @@ def assemble_group(job: AssemblyJob) -> AssemblyResult:
 # Main side
 
 
-def dataset_attrs(settings: GroupSettings) -> dict[str, Any]:
+def dataset_attrs(settings: Settings) -> dict[str, Any]:
     """Attrs of a final file (the assembler adds the state layout, known from the episodes)."""
     spec = get_task(settings.task)
     return {
@@ -500,6 +609,7 @@ def dataset_attrs(settings: GroupSettings) -> dict[str, Any]:
         "format_version": settings.format_version,
         "created_by": PROGRAM,
         "collection_settings": json.dumps(settings.record(), sort_keys=True),
+        **settings.extra_attrs(),  # an agent's provenance
     }
 
 
@@ -609,6 +719,7 @@ def collect(args: Args) -> list[Summary]:
     """Validate, then produce every requested file that does not exist yet; returns the summary rows.
     Raises InputError on bad input before writing anything."""
     groups = make_groups(args)
+    check_parts(args.out, groups)
     check_existing(args.out, groups, args)
     leftovers = (args.out / PARTIAL_FOLDER).exists()  # of a killed run, even if all files are done now
     if leftovers or not all(state.complete for state in scan(groups)):
@@ -623,6 +734,29 @@ def collect(args: Args) -> list[Summary]:
             run_jobs(states, args.workers)
             remove_empty_partial_folder(args.out)
     return summarize(groups)
+
+
+def collect_with_policy(
+    policy: Path,
+    checkpoint: Path | None,
+    task: str,
+    out: Path,
+    part: str = "",
+    noise: float = 0.0,
+    train_episodes: int = 0,
+    test_episodes: int = 0,
+    episode_steps: int | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    fast_render: bool = True,
+) -> list[Summary]:
+    """The Python form of ``collect/dmcs.py --policy``: collect episodes acted by ``policy`` in the world model
+    of ``checkpoint`` into ``out`` (as part ``part`` of its dataset, or as the main files of a new folder);
+    resumes an interrupted call with the same arguments. Raises InputError on bad input, before writing."""
+    args = Args(domains=task, out=out, train_episodes=train_episodes, test_episodes=test_episodes,
+                episode_steps=episode_steps, seed=seed, workers=workers, fast_render=fast_render, policy=policy,
+                checkpoint=checkpoint, noise=noise, part=part)  # fmt: skip
+    return collect(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from worldmodel.dynamics_benchmark import (
     probe_task,
 )
 from worldmodel.errors import InputError, one_line, run_script
-from worldmodel.storage import dataset_path
+from worldmodel.storage import checked_dataset_files
 from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 
 DEFAULT_RUNS = (Path("runs/world_model"),)
@@ -74,13 +74,18 @@ class Args:
 
 
 def task_states(root: Path, task: str, split: str, steps: KeypointSplit, task_id: int) -> torch.Tensor:
-    """True states of every cached frame of the task, in cache order (episodes, then frames)."""
+    """True states of every cached frame of the task, in cache order (episodes of the main file, then of each
+    part, then frames)."""
     lengths = steps.episode_lengths[steps.task_ids == task_id]
-    with h5py.File(dataset_path(root, task, split), "r") as file:
-        states = file["states"]
-        if states.shape[0] != len(lengths):
-            raise ValueError(f"{task} {split}: {states.shape[0]} episodes in the data, {len(lengths)} in the keypoint cache")
-        return torch.cat([torch.from_numpy(states[index, : int(size)]) for index, size in enumerate(lengths)])
+    files = checked_dataset_files(root, task, split)  # the cache's episode order (training.detect_split)
+    if sum(info.num_episodes for info in files) != len(lengths):
+        episodes = sum(info.num_episodes for info in files)
+        raise ValueError(f"{task} {split}: {episodes} episodes in the data, {len(lengths)} in the keypoint cache")
+    per_episode = []
+    for info in files:
+        with h5py.File(info.path, "r") as file:
+            per_episode += list(file["states"][...])
+    return torch.cat([torch.from_numpy(states[: int(size)]) for states, size in zip(per_episode, lengths)])
 
 
 def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:

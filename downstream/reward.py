@@ -52,7 +52,7 @@ from worldmodel.reward_report import (
     write_json,
 )
 from worldmodel.state_bound import StateSizeMismatch, check_state_dim
-from worldmodel.storage import checked_dataset, dataset_path, read_info
+from worldmodel.storage import checked_dataset_files
 from worldmodel.tasks import parse_tasks
 from worldmodel.config import OBSERVED_STEPS
 
@@ -106,11 +106,13 @@ def main(args: Args) -> None:
     tasks = parse_tasks(args.tasks)
     for run_path in args.run or DEFAULT_RUNS:
         find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, below)
-    test_files = {task: checked_dataset(args.data, task, "test") for task in tasks}  # absent, damaged: InputError
-    for info in test_files.values():  # enough test data for the folds and the windows
-        if info.num_episodes < args.folds:  # folds split the test windows by episode
+    # Each task's test files: the main file, then its parts (absent, damaged, mismatched parts: InputError).
+    test_files = {task: checked_dataset_files(args.data, task, "test") for task in tasks}
+    for files in test_files.values():  # enough test data for the folds and the windows
+        info, episodes = files[0], sum(part.num_episodes for part in files)
+        if episodes < args.folds:  # folds split the test windows by episode
             raise InputError(
-                f"{info.path} holds {info.num_episodes} test episodes, fewer than --folds {args.folds}; collect more "
+                f"{info.path} holds {episodes} test episodes, fewer than --folds {args.folds}; collect more "
                 f"test episodes (collect/dmcs.py --test-episodes) or lower --folds"
             )
         if info.episode_steps < WINDOW_LENGTH:
@@ -124,8 +126,9 @@ def main(args: Args) -> None:
     runs = []
     for run_path in args.run or DEFAULT_RUNS:
         loaded = load_world_model(run_path, device)  # absent, damaged or foreign: CheckpointError
-        for info in test_files.values():
-            check_dataset_fits(loaded.info, loaded.config, info)
+        for files in test_files.values():
+            for info in files:
+                check_dataset_fits(loaded.info, loaded.config, info)
         if loaded.config.reads_states:
             raise InputError(f"{run_path} is a state-space bound (state-vrnn); pass it with --state-bound, not --run")
         label = loaded.config.variant
@@ -140,9 +143,9 @@ def main(args: Args) -> None:
             raise InputError(f"--state-bound {args.state_bound} is a {loaded.config.variant} run, not a state-space bound; "
                              "train one with `python train/world_model.py --model state-vrnn`")  # fmt: skip
         for task in tasks:  # before any hidden state is extracted: the bound must read these states
-            path = dataset_path(args.data, task, "test")
+            main = test_files[task][0]  # its parts share its state layout
             try:
-                check_state_dim(loaded.config, task, read_info(path).state_dim, path)
+                check_state_dim(loaded.config, task, main.state_dim, main.path)
             except StateSizeMismatch as error:
                 raise InputError(f"--state-bound {args.state_bound}: {error}") from None
         bound = (STATE_BOUND, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent)

@@ -13,7 +13,8 @@ chosen with the env's seeded ``np.random.Generator``.
 Choices written down here:
 
 * Dataset contexts: every window of the test split is equally likely (starts ``s <= T - 8``, the
-  windows ``worldmodel.data.WindowDataset`` serves). Detection is the cost of a reset (docs/DECISIONS.md),
+  windows ``worldmodel.data.WindowDataset`` serves), over the episodes of the main file and of its named
+  parts (``storage.dataset_files``), numbered like ``WindowDataset`` and the keypoint cache number them. Detection is the cost of a reset (docs/DECISIONS.md),
   so it is avoided: a staged training run (``train/world_model.py --mode staged``) leaves every test frame's keypoints in
   ``<run dir>/keypoints.pt``, tagged with the detector weights' fingerprint; when that file matches the
   model and the dataset, contexts read their keypoints from it. Otherwise each window's 8 frames are
@@ -105,8 +106,8 @@ def detect_frames(model: WorldModel, frames: Tensor, chunk: int = DETECT_CHUNK) 
 # Context sources
 # ----------------------------------------------------------------------------------------------
 class DatasetContexts:
-    """Contexts from a dataset split (``<root>/<task>_<split>.h5``): uniformly drawn windows of ``length``
-    frames with their actions; keypoints from the trainer's cache when given, else detected per window."""
+    """Contexts from a dataset split (``<root>/<task>_<split>.h5`` and its parts): uniformly drawn windows of
+    ``length`` frames with their actions; keypoints from the trainer's cache when given, else detected per window."""
 
     def __init__(
         self,
@@ -125,7 +126,11 @@ class DatasetContexts:
         if not self.path.is_file():
             error = storage.missing_dataset_error(self.root, self.task, split)
             raise MissingInputError(f"{error} (or pass data=<dataset dir>, or context='simulator')")
-        self.info = storage.checked_dataset(self.root, self.task, split)  # damaged or foreign: InputError
+        self.infos = storage.checked_dataset_files(self.root, self.task, split)  # damaged or foreign: InputError
+        self.info = self.infos[0]  # the main file; its parts share its action repeat and episode length
+        self.num_episodes = sum(info.num_episodes for info in self.infos)
+        # Episode e of the split lies in file file_of[e] at row e - first_episode[file_of[e]].
+        self._first_episode = np.cumsum([0] + [info.num_episodes for info in self.infos])
         if self.info.action_repeat != action_repeat:
             raise InputError(
                 f"{self.path} was collected with action repeat {self.info.action_repeat}, but the world model "
@@ -140,12 +145,16 @@ class DatasetContexts:
         self.model = model
         self.device = next(model.parameters()).device
         self.length = length
-        self.windows = EpisodeWindows(self.info.num_episodes, self.info.episode_steps, length)  # every start
-        with h5py.File(self.path, "r") as file:  # small arrays once; frames are read per window, lazily
-            self._actions = torch.from_numpy(pad_actions(file["actions"][...])).to(self.device)  # (E, T, 6)
+        self.windows = EpisodeWindows(self.num_episodes, self.info.episode_steps, length)  # every start
+        actions = []
+        for info in self.infos:  # small arrays once; frames are read per window, lazily
+            with h5py.File(info.path, "r") as file:
+                actions.append(pad_actions(file["actions"][...]))
+        self._actions = torch.from_numpy(np.concatenate(actions)).to(self.device)  # (E, T, 6)
         self.cached_keypoints = self._trainer_keypoints(keypoint_cache) if keypoint_cache else None  # (E, T, K, 3)
         self._windows: OrderedDict[tuple[int, int], Tensor] = OrderedDict()  # (episode, start) -> (L, K, 3)
-        self._frames = storage.ProcessLocalDataset(self.path, "frames")  # SubprocVecEnv workers open their own
+        # SubprocVecEnv workers open their own
+        self._frames = [storage.ProcessLocalDataset(info.path, "frames") for info in self.infos]
         self._lock = threading.Lock()
 
     def _trainer_keypoints(self, path: str | os.PathLike[str]) -> Tensor | None:
@@ -160,7 +169,7 @@ class DatasetContexts:
         cached = splits[self.split]
         mine = torch.nonzero(cached.task_ids == task_id(self.task)).flatten()
         steps = self.info.episode_steps
-        if len(mine) != self.info.num_episodes or bool((cached.episode_lengths[mine] != steps).any()):
+        if len(mine) != self.num_episodes or bool((cached.episode_lengths[mine] != steps).any()):
             return None
         rows = cached.episode_starts[mine][:, None] + torch.arange(steps)  # (E, T)
         return cached.keypoints[rows].float().to(self.device)
@@ -173,7 +182,7 @@ class DatasetContexts:
         with self._lock:
             keypoints = self._windows.get(key)
             if keypoints is None:
-                frames = torch.from_numpy(self._frames.get()[episode, start : start + self.length]).to(self.device)
+                frames = torch.from_numpy(self._episode_frames(episode, slice(start, start + self.length))).to(self.device)
                 keypoints = detect_frames(self.model, frames)
                 self._windows[key] = keypoints
                 if len(self._windows) > WINDOW_CACHE_SIZE:
@@ -189,11 +198,17 @@ class DatasetContexts:
         first_frame = None
         if with_frame:
             with self._lock:
-                first_frame = torch.from_numpy(self._frames.get()[episode, start]).to(self.device)
+                first_frame = torch.from_numpy(self._episode_frames(episode, start)).to(self.device)
         return Context(keypoints, actions, first_frame, {"context_episode": episode, "context_start": start})
 
+    def _episode_frames(self, episode: int, steps: slice | int) -> np.ndarray:
+        """Frames ``steps`` of episode ``episode`` of the split (numbered across the main file and its parts)."""
+        file = int(np.searchsorted(self._first_episode, episode, side="right")) - 1
+        return self._frames[file].get()[episode - int(self._first_episode[file]), steps]
+
     def close(self) -> None:
-        self._frames.close()
+        for frames in self._frames:
+            frames.close()
 
 
 class SimulatorContexts:

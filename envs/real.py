@@ -50,6 +50,11 @@ class RealPixelEnv(gym.Env[np.ndarray, np.ndarray]):
     | ``render_mode`` | ``"rgb_array"`` returns the current 64x64 frame |
 
     ``info`` holds ``state``: the flattened low-dimensional dm_control observation (not for the agent).
+
+    ## Starting state
+    ``reset`` draws the episode's dm_control seed from the env's ``np_random`` (``info["episode_seed"]``);
+    ``options={"episode_seed": s}`` starts from seed ``s`` instead (the collector's own seeds), with
+    ``np_random`` advanced exactly as without it.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
@@ -77,6 +82,8 @@ class RealPixelEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         episode_seed = int(self.np_random.integers(2**31 - 1))  # the episode's initial state
+        if options is not None and "episode_seed" in options:  # drawn above all the same: np_random stays in step
+            episode_seed = int(options["episode_seed"])
         frame, state = self.simulator.reset(episode_seed)
         self._frame, self._steps = frame, 0
         return frame.copy(), {"state": state, "episode_seed": episode_seed}

@@ -75,6 +75,7 @@ from worldmodel.state_bound import dataset_state_dims, per_feature_points, state
 from worldmodel.keypoint_cache import (  # noqa: E402
     KEYPOINT_CACHE_FILE,
     KeypointSplit,
+    data_layout,
     load_keypoint_cache,
     save_keypoint_cache,
     vision_fingerprint,
@@ -128,7 +129,8 @@ def check_dataset(config: TrainConfig, tasks: list[str]) -> dict[str, Any]:
     action_repeats = {}
     length = max(config.window, config.vision_span) if config.mode == "staged" else config.window
     for task in tasks:
-        infos = [storage.checked_dataset(config.data, task, split) for split in storage.SPLITS]  # else InputError
+        infos = [storage.checked_dataset_files(config.data, task, split)[0] for split in storage.SPLITS]  # else InputError
+        # ([0]: the main file; its parts were checked to share its episode length and action repeat)
         for info in infos:
             if info.episode_steps < length:
                 raise InputError(
@@ -452,7 +454,8 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
         return {split: state_split(config.data, run.tasks, split, model.config) for split in storage.SPLITS}
     cache_path = config.out / KEYPOINT_CACHE_FILE
     fingerprint = vision_fingerprint(model)
-    splits = load_keypoint_cache(cache_path, fingerprint)
+    layout = data_layout(config.data, run.tasks)  # a cache of other files (e.g. before a part was added) is redone
+    splits = load_keypoint_cache(cache_path, fingerprint, layout)
     if splits is not None:
         return splits
     started = time.perf_counter()
@@ -463,7 +466,7 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
     seconds = time.perf_counter() - started
     state.stage_seconds[Stage.KEYPOINTS.value] = state.stage_seconds.get(Stage.KEYPOINTS.value, 0.0) + seconds
     if run.dist.is_main:
-        save_keypoint_cache(cache_path, splits, fingerprint)
+        save_keypoint_cache(cache_path, splits, fingerprint, layout)
         frames = sum(int(split.keypoints.shape[0]) for split in splits.values())
         run.logger.log("stage", Stage.KEYPOINTS.value, 0, Stage.KEYPOINTS.offset(config),
                        {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds})  # fmt: skip

@@ -2,11 +2,14 @@
 
 ``WindowDataset(root, tasks, split, length)`` serves every window of ``length`` consecutive frames
 (with their actions and rewards) that lies inside one episode, from one or more tasks' files
-``<root>/<task>_<split>.h5``, written by ``collect/dmcs.py``. Windows are counted and numbered as
+``<root>/<task>_<split>.h5`` and their named parts ``<task>_<split>.<part>.h5`` (``storage.dataset_files``),
+written by ``collect/dmcs.py``. Windows are counted and numbered as
 ``worldmodel.windows`` says: starts 0, stride, 2*stride, ... up to T - length in an episode of T steps.
 
 Choices written down here:
 
+* Episodes of a task are numbered across its files: the main file's first, then each part's, in name order
+  (``Window.episode``); the keypoint cache and the envs' dataset contexts number them the same way.
 * The window index is arithmetic over (file, episode, start), computed from the files' shapes alone:
   no frames are read and no per-window table is stored (``index()`` materializes it when wanted).
 * Actions, rewards (and states when asked) are small and loaded into memory once; each item reads
@@ -49,12 +52,12 @@ class Window(NamedTuple):
     rewards: Tensor  # (L,) float32; rewards[i] earned by frames[i] -> frames[i+1]
     states: Tensor  # (L, D) float32, or (L, 0) unless requested
     task_id: Tensor  # () int64, worldmodel.tasks.task_id(task)
-    episode: Tensor  # () int64, episode index in its file
+    episode: Tensor  # () int64, episode index within its task's split (main file first, then the parts)
     start: Tensor  # () int64, index of frames[0] within the episode
 
 
 class WindowKey(NamedTuple):
-    """Where a window lies: its file (index into ``WindowDataset.files``), episode and first step."""
+    """Where a window lies: its file (index into ``WindowDataset.files``), episode in that file and first step."""
 
     file: int
     episode: int
@@ -66,6 +69,7 @@ class FileWindows(NamedTuple):
 
     info: storage.DatasetInfo
     task_id: int
+    first_episode: int  # index of its first episode within its task's split (episodes of earlier files of the task)
     windows: EpisodeWindows
     actions: np.ndarray  # (E, T, 6) float32, zero-padded
     rewards: np.ndarray  # (E, T) float32
@@ -98,24 +102,29 @@ class WindowDataset(Dataset[Window]):
         self.stride = stride
         self.with_states = states
         self.with_frames = frames
-        infos = [self._open_info(task) for task in self.tasks]
-        self.state_dim = max(info.state_dim for info in infos) if states else 0
-        self.files: tuple[FileWindows, ...] = tuple(self._load(info) for info in infos)
+        infos = [self._open_infos(task) for task in self.tasks]
+        self.state_dim = max(info.state_dim for task_infos in infos for info in task_infos) if states else 0
+        self.files: tuple[FileWindows, ...] = tuple(
+            self._load(info, first_episode)
+            for task_infos in infos
+            for info, first_episode in zip(task_infos, np.cumsum([0] + [info.num_episodes for info in task_infos]))
+        )
         self._offsets = np.cumsum([0] + [file.num_windows for file in self.files])
         self._frames = [
             storage.ProcessLocalDataset(file.info.path, "frames", rdcc_nbytes=CHUNK_CACHE_BYTES) for file in self.files
         ]
 
-    def _open_info(self, task: str) -> storage.DatasetInfo:
-        info = storage.checked_dataset(self.root, task, self.split)  # absent, damaged, foreign: InputError
+    def _open_infos(self, task: str) -> tuple[storage.DatasetInfo, ...]:
+        infos = storage.checked_dataset_files(self.root, task, self.split)  # absent, damaged, foreign: InputError
+        info = infos[0]  # the parts have its episode length
         if info.episode_steps < self.length:
             raise InputError(
                 f"window length {self.length} exceeds the {info.episode_steps} steps per episode of {info.path}; "
                 "collect longer episodes (collect/dmcs.py --episode-steps) or use shorter windows"
             )
-        return info
+        return infos
 
-    def _load(self, info: storage.DatasetInfo) -> FileWindows:
+    def _load(self, info: storage.DatasetInfo, first_episode: int) -> FileWindows:
         with h5py.File(info.path, "r") as file:  # closed again: no handle may cross a fork
             actions = pad_actions(file["actions"][...])
             rewards = file["rewards"][...]
@@ -126,6 +135,7 @@ class WindowDataset(Dataset[Window]):
         return FileWindows(
             info=info,
             task_id=task_id(info.task),
+            first_episode=int(first_episode),
             windows=EpisodeWindows(info.num_episodes, info.episode_steps, self.length, self.stride),
             actions=actions,
             rewards=rewards,
@@ -170,7 +180,7 @@ class WindowDataset(Dataset[Window]):
             rewards=torch.from_numpy(file.rewards[episode, steps].copy()),
             states=states,
             task_id=torch.tensor(file.task_id, dtype=torch.int64),
-            episode=torch.tensor(episode, dtype=torch.int64),
+            episode=torch.tensor(file.first_episode + episode, dtype=torch.int64),
             start=torch.tensor(start, dtype=torch.int64),
         )
 

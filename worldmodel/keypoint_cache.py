@@ -9,7 +9,12 @@ cache only when that fingerprint is their model's.
 Layout: a ``torch.save`` dict loadable with ``weights_only=True``::
 
     vision_fingerprint   str, ``vision_fingerprint(model)``
+    data_layout          ``data_layout(root, tasks)``: per split, the files detected ([name, episodes, steps],
+                         main files and their named parts in episode order); absent in caches of older versions
     train, test          ``KeypointSplit._asdict()`` of each split
+
+A cache is used only for the data it was detected on: the trainer passes the data's layout, so a part added
+to the dataset since (or a run that took another run's cache with ``--vision-from``) detects again.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from worldmodel import storage
 from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, vision_modules
@@ -74,15 +80,34 @@ def vision_fingerprint(model: WorldModel) -> str:
     return model_fingerprint(torch.nn.ModuleList(vision_modules(model)))
 
 
-def save_keypoint_cache(path: Path, splits: dict[str, KeypointSplit], fingerprint: str) -> None:
-    """Write the cache atomically; ``fingerprint`` is ``vision_fingerprint`` of the detecting model."""
+def data_layout(root: Path, tasks: Sequence[str]) -> dict[str, list[list[Any]]]:
+    """Per split, [file name, episodes, steps] of every file the keypoints are detected in, in the cache's
+    episode order (per task: the main file, then its parts; ``storage.dataset_files``)."""
+    return {
+        split: [[info.path.name, info.num_episodes, info.episode_steps]
+                for task in tasks for info in storage.checked_dataset_files(root, task, split)]  # fmt: skip
+        for split in storage.SPLITS
+    }
+
+
+def save_keypoint_cache(
+    path: Path, splits: dict[str, KeypointSplit], fingerprint: str, layout: dict[str, list[list[Any]]] | None = None
+) -> None:
+    """Write the cache atomically; ``fingerprint`` is ``vision_fingerprint`` of the detecting model, ``layout``
+    the ``data_layout`` of the data it was detected on."""
     payload: dict[str, Any] = {"vision_fingerprint": fingerprint}
+    if layout is not None:
+        payload["data_layout"] = layout
     payload.update({name: split._asdict() for name, split in splits.items()})
     atomic_torch_save(payload, path)
 
 
-def load_keypoint_cache(path: Path, fingerprint: str) -> dict[str, KeypointSplit] | None:
-    """The cache if it exists and was made by the vision weights of ``fingerprint``, else None."""
+def load_keypoint_cache(
+    path: Path, fingerprint: str, layout: dict[str, list[list[Any]]] | None = None
+) -> dict[str, KeypointSplit] | None:
+    """The cache if it exists and was made by the vision weights of ``fingerprint`` (and, given ``layout``, on
+    data of that ``data_layout``), else None. An older cache without a layout counts as one of the main files
+    alone."""
     if not path.is_file():
         return None
     try:
@@ -91,6 +116,13 @@ def load_keypoint_cache(path: Path, fingerprint: str) -> dict[str, KeypointSplit
         return None
     if not isinstance(payload, dict) or payload.get("vision_fingerprint") != fingerprint:
         return None
+    if layout is not None:
+        stored = payload.get("data_layout")
+        if stored is None:  # made before parts existed: valid while the data has no part
+            if any(name.count(".") > 1 for files in layout.values() for name, *_ in files):
+                return None
+        elif stored != layout:
+            return None
     return {name: KeypointSplit(**payload[name]) for name in ("train", "test") if name in payload}
 
 

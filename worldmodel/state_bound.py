@@ -45,7 +45,7 @@ def dataset_state_dims(root: Path, tasks: Sequence[str]) -> dict[str, int]:
     """Each task's state size D, read from the files' shapes; both splits must agree."""
     dims: dict[str, int] = {}
     for task in tasks:
-        sizes = {storage.checked_dataset(root, task, split).state_dim for split in storage.SPLITS}  # else InputError
+        sizes = {info.state_dim for split in storage.SPLITS for info in storage.checked_dataset_files(root, task, split)}
         if len(sizes) != 1:
             raise StateSizeMismatch(f"{task}: the train and test files of {root} hold states of sizes {sorted(sizes)}")
         dims[task] = sizes.pop()
@@ -78,21 +78,21 @@ def check_state_dim(config: ModelConfig, task: str, state_dim: int, where: objec
 
 
 def state_split(root: Path, tasks: Sequence[str], split: str, config: ModelConfig) -> KeypointSplit:
-    """The true states of every episode of a split in the keypoint cache's layout (frames 0..T-1, as
-    ``training.detect_split``): states zero-padded to (K, 3) per frame, actions to 6. Frames are not read."""
+    """The true states of every episode of a split in the keypoint cache's layout (frames 0..T-1, episodes in
+    the order of ``training.detect_split``): states zero-padded to (K, 3) per frame, actions to 6. Frames are
+    not read."""
     states, actions, lengths, task_ids = [], [], [], []
     for task in tasks:
-        path = storage.dataset_path(root, task, split)
-        info = storage.read_info(path)
-        check_state_dim(config, task, info.state_dim, path)
-        steps = info.episode_steps
-        with h5py.File(path, "r") as file:
-            task_states = torch.from_numpy(file["states"][:, :steps])  # (E, T, D): frame T starts no window
-            task_actions = pad_actions(file["actions"][...])  # (E, T, 6)
-        states.append(states_to_keypoints(task_states, config.num_keypoints).flatten(0, 1))
-        actions.append(torch.from_numpy(task_actions).flatten(0, 1))
-        lengths += [steps] * info.num_episodes
-        task_ids += [task_id(task)] * info.num_episodes
+        for info in storage.checked_dataset_files(root, task, split):  # the main file, then its parts
+            check_state_dim(config, task, info.state_dim, info.path)
+            steps = info.episode_steps
+            with h5py.File(info.path, "r") as file:
+                task_states = torch.from_numpy(file["states"][:, :steps])  # (E, T, D): frame T starts no window
+                task_actions = pad_actions(file["actions"][...])  # (E, T, 6)
+            states.append(states_to_keypoints(task_states, config.num_keypoints).flatten(0, 1))
+            actions.append(torch.from_numpy(task_actions).flatten(0, 1))
+            lengths += [steps] * info.num_episodes
+            task_ids += [task_id(task)] * info.num_episodes
     return KeypointSplit.from_episodes(states, actions, lengths, task_ids)
 
 

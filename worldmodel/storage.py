@@ -10,7 +10,8 @@ Two kinds of files, both plain HDF5 readable with h5py alone:
       states   float32 (T+1, D)
       attrs    episode_seed, plus whatever the writer passes (task, state layout, ...)
 
-* A **dataset file** ``<root>/<task>_<split>.h5`` holds the E episodes of one task and split::
+* A **dataset file** ``<root>/<task>_<split>.h5`` (the *main file*) or ``<root>/<task>_<split>.<part>.h5`` (a
+  named *part*, e.g. episodes collected later by an agent) holds E episodes of one task and split::
 
       frames        uint8   (E, T+1, 64, 64, 3)  chunks (1, 16, 64, 64, 3), gzip
       actions       float32 (E, T, A)            actions[e, t] is applied at frames[e, t]
@@ -23,6 +24,10 @@ Two kinds of files, both plain HDF5 readable with h5py alone:
   (``read_direct_chunk``/``write_direct_chunk``): an episode chunk of 16 frames and a dataset chunk of
   (1, 16) frames hold the same bytes, so nothing is decompressed or compressed twice.
 
+The episodes of a task and split are those of its main file followed by those of its parts, sorted by part
+name (``dataset_files`` lists them, ``checked_dataset_files`` validates them); a part must agree with its
+main file on everything that makes frames and steps comparable (``PART_AGREES_ON`` and the render settings).
+
 Every file is written under a temporary name in its final folder, flushed to disk and renamed with
 ``os.replace``: a file under its final name is always complete, whenever the writer is killed.
 """
@@ -30,6 +35,7 @@ Every file is written under a temporary name in its final folder, flushed to dis
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -66,6 +72,13 @@ REQUIRED_ATTRS: tuple[str, ...] = (
     "format_version",
 )
 RENDER_ATTR_PREFIX = "render_"  # render settings are stored one attr each: render_image_size, ...
+# A part's name: what sits between "<task>_<split>." and ".h5". No dots, so a name maps to one file only.
+PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
+# What a part must share with its main file (besides task, split and every render_* attr) for its frames,
+# actions and states to mean the same: episodes of other settings in one stream would mix data silently.
+PART_AGREES_ON: tuple[str, ...] = (
+    "domain", "dm_task", "action_repeat", "episode_steps", "action_dim", "state_keys", "state_sizes", "format_version"
+)
 
 
 class Episode(NamedTuple):
@@ -96,11 +109,47 @@ class InvalidDatasetError(InputError):
     """A file does not follow the dataset layout above (damaged, truncated or foreign)."""
 
 
-def dataset_path(root: str | os.PathLike[str], task: str, split: str) -> Path:
-    """Where the dataset file of one task and split lives under ``root``."""
+def dataset_path(root: str | os.PathLike[str], task: str, split: str, part: str = "") -> Path:
+    """Where the main dataset file of one task and split lives under ``root`` (or its part named ``part``)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    if part:
+        return Path(root) / f"{task}_{split}.{check_part_name(part)}.h5"
     return Path(root) / f"{task}_{split}.h5"
+
+
+def check_part_name(part: str) -> str:
+    """``part`` if it is a valid part name, else an InputError saying what one looks like."""
+    if not PART_NAME.fullmatch(part):
+        raise InputError(
+            f"part name {part!r}: use 1-48 letters, digits, '-' or '_', starting with a letter or digit (e.g. agent-r01)"
+        )
+    return part
+
+
+def dataset_files(root: str | os.PathLike[str], task: str, split: str) -> tuple[Path, ...]:
+    """The files holding the episodes of one task and split, in episode order: the main file (if it exists),
+    then the parts sorted by name. Every reader of episodes goes through this listing (or
+    ``checked_dataset_files``), so episode indices agree everywhere. A file named like a part but with an
+    invalid part name is an InputError (it would otherwise be skipped silently)."""
+    main = dataset_path(root, task, split)
+    parts = []
+    for path in Path(root).glob(f"{task}_{split}.*.h5"):
+        part = path.name[len(f"{task}_{split}.") : -len(".h5")]
+        if not PART_NAME.fullmatch(part):
+            raise InputError(f"{path} is not a valid part name of {main.name}; rename it to {task}_{split}.<part>.h5 "
+                             "(letters, digits, '-', '_') or move it out of the folder")  # fmt: skip
+        parts.append((part, path))
+    return ((main,) if main.is_file() else ()) + tuple(path for _, path in sorted(parts))
+
+
+def part_differences(main: Mapping[str, Any], part: Mapping[str, Any]) -> list[str]:
+    """The settings in which the attrs of a part differ from its main file's, as 'key=part value (main file:
+    value)'. Render settings count when either side has them; the others when both do (a part about to be
+    collected does not know its state layout yet)."""
+    render_keys = sorted(key for key in {*main, *part} if key.startswith(RENDER_ATTR_PREFIX))
+    keys = [key for key in PART_AGREES_ON if key in main and key in part] + render_keys
+    return [f"{key}={part.get(key)!r} (main file: {main.get(key)!r})" for key in keys if part.get(key) != main.get(key)]
 
 
 def missing_dataset_error(root: str | os.PathLike[str], task: str, split: str) -> MissingInputError:
@@ -133,6 +182,37 @@ def checked_dataset(root: str | os.PathLike[str], task: str, split: str) -> Data
     if info.num_episodes < 1:
         raise InvalidDatasetError(f"{path} holds no episode; {recollect}")
     return info
+
+
+def checked_dataset_files(root: str | os.PathLike[str], task: str, split: str) -> tuple[DatasetInfo, ...]:
+    """``checked_dataset`` of the main file, then every part of it (``dataset_files``), each validated and
+    agreeing with the main file on the settings that make episodes comparable; else one InputError that
+    names the part and the differing setting."""
+    main = checked_dataset(root, task, split)
+    infos = [main]
+    for path in dataset_files(root, task, split)[1:]:
+        try:
+            info = validate_dataset(path)
+        except InvalidDatasetError as error:
+            raise InvalidDatasetError(f"{error}; delete the part {path.name}, or collect it again") from None
+        differences = part_differences(main.attrs, info.attrs)
+        if (info.task, info.split) != (task, split):
+            differences.insert(0, f"task/split={info.task}/{info.split}")
+        if differences:
+            raise InvalidDatasetError(
+                f"part {path} differs from {main.path.name} in {'; '.join(differences)}: refusing to mix them; "
+                "collect the part with the main file's settings, or move it out of the folder"
+            )
+        infos.append(info)
+    return tuple(infos)
+
+
+def episode_env_seed(sequence: np.random.SeedSequence, split: str) -> int:
+    """An episode's 32-bit environment seed (dm_control's RandomState) from its seed sequence, with the split's
+    index as the lowest bit: train and test episodes never start from the same state."""
+    split_index = SPLITS.index(split)
+    word = int(sequence.generate_state(1, np.uint32)[0])
+    return (word & ~1) | split_index
 
 
 def frame_chunk_steps(num_frames: int) -> int:

@@ -683,10 +683,11 @@ def detect_split(
     precision: str,
     chunk_frames: int = 256,
 ) -> KeypointSplit:
-    """Run the detector over every episode of a split (frames 0..T-1; windows never need frame T)."""
+    """Run the detector over every episode of a split (frames 0..T-1; windows never need frame T), in the
+    episode order of ``WindowDataset`` (per task: the main file's episodes, then each part's)."""
     keypoints, actions, lengths, task_ids = [], [], [], []
     for task in tasks:
-        steps = storage.read_info(storage.dataset_path(root, task, split)).episode_steps
+        steps = storage.checked_dataset_files(root, task, split)[0].episode_steps  # the parts have the same
         episodes = WindowDataset(root, [task], split, length=steps, stride=steps)  # one window per episode
         for index in range(len(episodes)):
             window = episodes[index]
