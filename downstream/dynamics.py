@@ -44,6 +44,7 @@ from worldmodel.dynamics_benchmark import (
 )
 from worldmodel.errors import InputError, one_line, run_script
 from worldmodel.storage import checked_dataset_files
+from worldmodel.tasks import task_id
 from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 
 DEFAULT_RUNS = (Path("runs/world_model"),)
@@ -118,14 +119,15 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     if args.probe:
         root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
         probes = {}
-        for task_id, task in enumerate(tasks):
+        for task in tasks:
+            number = task_id(task)  # the cache's task ids are the global ones (worldmodel.tasks), not positions in the run
             try:
-                train_states = task_states(root, task, "train", train, task_id)
-                test_states = task_states(root, task, "test", test, task_id)
+                train_states = task_states(root, task, "train", train, number)
+                test_states = task_states(root, task, "test", test, number)
             except (OSError, KeyError, ValueError) as error:
                 raise InputError(f"true states for the probe ({task}): {one_line(str(error))}; pass --no-probe to skip it") from None
             predicted = result if args.split == "test" else None  # the probe is always scored on test
-            probe = probe_task(train, test, task_id, train_states, test_states, predicted, args.observed)
+            probe = probe_task(train, test, number, train_states, test_states, predicted, args.observed)
             probes[task] = probe._asdict()
         record["probe_r2"] = probes
     return record

@@ -124,6 +124,26 @@ def test_script_on_a_smoke_run(smoke_run: Path, tmp_path: Path) -> None:
     assert again[0]["horizon_errors"] == records[0]["horizon_errors"]  # seeded
 
 
+def test_probe_of_a_run_on_a_subset_of_the_tasks(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The cache's task ids are the global ones: a run on cartpole and walker-walk alone probes each task
+    on its own frames (positions 0 and 1 in the run's task list would name acrobot and cartpole)."""
+    import os
+    import subprocess
+    import sys
+
+    from downstream.dynamics import Args, main
+
+    run = tmp_path / "run"
+    command = [sys.executable, "train/world_model.py", "--profile", "smoke", "--data", str(tiny_dataset), "--out", str(run),
+               "--device", "cpu", "--tasks", "cartpole,walker-walk"]  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = main(Args(run=(run,), out=tmp_path / "out", observed=4, horizon=4, samples=2, windows=8, device="cpu"))
+    assert set(records[0]["probe_r2"]) == {"cartpole", "walker-walk"}
+    assert all(np.isfinite(probe["detected_r2"]) for probe in records[0]["probe_r2"].values())
+
+
 def test_script_refuses_a_run_without_a_keypoint_cache(smoke_run: Path, tmp_path: Path) -> None:
     from downstream.dynamics import Args, main
 
