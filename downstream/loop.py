@@ -391,7 +391,8 @@ def write_reports(args: Args, state: LoopState) -> None:
 
 
 def plot_returns(path: Path, results: list[dict[str, Any]], task: str) -> None:
-    """Real return (mean ± std) of each round's agent against real environment steps; random and imagined beside."""
+    """Real return (mean ± std) of each round's agent against real environment steps, random actions' as a
+    reference. (The imagined return is left out: its episodes are --horizon steps long, the real ones the task's.)"""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,7 +402,6 @@ def plot_returns(path: Path, results: list[dict[str, Any]], task: str) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.errorbar(steps, [r["real_return_mean"] for r in results], yerr=[r["real_return_std"] for r in results],
                   marker="o", capsize=3, label="agent, real")  # fmt: skip
-    axes.plot(steps, [r["imagined_return_mean"] for r in results], "s--", alpha=0.6, label="agent, imagined")
     random_mean, random_std = results[0]["random_return_mean"], results[0]["random_return_std"]
     axes.axhline(random_mean, color="gray", linestyle=":", label="random actions, real")
     axes.axhspan(random_mean - random_std, random_mean + random_std, color="gray", alpha=0.15)
@@ -445,7 +445,8 @@ def main(args: Args) -> list[dict[str, Any]]:
     data = args.out / DATA_DIR
     link_source_data(data, files)
     copy_start_model(source, args.out)
-    state.save(args.out)
+    if not (args.out / STATE_FILE).is_file():
+        state.save(args.out)  # the settings, before any phase: a rerun with others is refused from now on
 
     todo = [(index, phase) for index in range(args.rounds + 1) for phase in phases_of(index)
             if phase not in state.done.get(index, [])]  # fmt: skip
