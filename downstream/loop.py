@@ -156,11 +156,10 @@ def check_args(args: Args) -> None:
         get_task(args.task)
     except InputError as error:
         raise InputError(f"--task: {error}") from None
-    for name in ("rounds", "train_episodes", "test_episodes", "reward_epochs"):
-        if getattr(args, name) < 0 or (name == "reward_epochs" and args.reward_epochs < 1):
-            raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name == 'reward_epochs' else '>= 0'}, "
-                             f"got {getattr(args, name)}")  # fmt: skip
-    for name in ("refine_steps", "reward_windows", "rl_steps", "num_envs", "eval_episodes", "workers"):
+    for name in ("rounds", "train_episodes", "test_episodes"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("refine_steps", "reward_windows", "reward_epochs", "rl_steps", "num_envs", "eval_episodes", "workers"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.train_episodes < 1 and args.rounds > 0:
@@ -200,11 +199,13 @@ class LoopState:
         atomic_write_text(out / STATE_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def loop_settings(args: Args, source: Path, data: Path) -> dict[str, Any]:
-    """What decides the loop's results: the options (less RESUME_FREE_OPTIONS) and the resolved inputs."""
+def loop_settings(args: Args, source: Path, data: Path, files: list[storage.DatasetInfo]) -> dict[str, Any]:
+    """What decides the loop's results: the options (less RESUME_FREE_OPTIONS), the resolved inputs and the
+    random dataset's files of the task (a file added there later would enter the refinement unasked)."""
     options = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
     kept = {key: options[key] for key in sorted(options) if key not in RESUME_FREE_OPTIONS}
-    return {**kept, "checkpoint": str(source), "data": str(data)}
+    layout = [[info.path.name, info.num_episodes, info.episode_steps] for info in files]
+    return {**kept, "checkpoint": str(source), "data": str(data), "random_files": layout}
 
 
 def load_state(args: Args, settings: dict[str, Any]) -> LoopState:
@@ -260,15 +261,15 @@ def agent_path(args: Args, index: int) -> Path:
 # The loop's data folder: links to the random files, and the parts the loop collects
 
 
-def source_files(source_data: Path, task: str) -> list[Path]:
+def source_files(source_data: Path, task: str) -> list[storage.DatasetInfo]:
     """The task's files of the random dataset (main files and any parts), validated."""
-    return [info.path for split in storage.SPLITS for info in storage.checked_dataset_files(source_data, task, split)]
+    return [info for split in storage.SPLITS for info in storage.checked_dataset_files(source_data, task, split)]
 
 
-def link_source_data(data: Path, files: list[Path]) -> None:
+def link_source_data(data: Path, files: list[storage.DatasetInfo]) -> None:
     """Link the random dataset's files into the loop's folder (once; a link already there must point to its file)."""
     data.mkdir(parents=True, exist_ok=True)
-    for file in files:
+    for file in (info.path for info in files):
         link = data / file.name
         if link.is_symlink() and link.resolve() == file.resolve():
             continue
@@ -277,10 +278,10 @@ def link_source_data(data: Path, files: list[Path]) -> None:
         os.symlink(file.resolve(), link)
 
 
-def check_loop_data(data: Path, task: str, files: list[Path], rounds: int) -> None:
-    """Every dataset file of the loop's folder must be a link to the random data or a part of a collected round:
-    anything else would mix episodes of unknown settings into the refinement."""
-    expected = {file.name for file in files} | {
+def check_loop_data(data: Path, task: str, files: list[storage.DatasetInfo], rounds: int) -> None:
+    """Every dataset file of the loop's folder must be a link to the random data or a part of a round up to
+    ``rounds``: anything else would mix episodes of unknown settings into the refinement."""
+    expected = {info.path.name for info in files} | {
         storage.dataset_path(data, task, split, part_name(index)).name
         for index in range(1, rounds + 1) for split in storage.SPLITS
     }  # fmt: skip
@@ -441,7 +442,7 @@ def main(args: Args) -> list[dict[str, Any]]:
                          f"{', '.join(recorded.get('tasks', []))}); give a run trained on it")  # fmt: skip
     source_data = (args.data or Path(recorded.get("path", ""))).resolve()
     files = source_files(source_data, args.task)  # absent or damaged: InputError
-    state = load_state(args, loop_settings(args, source, source_data))
+    state = load_state(args, loop_settings(args, source, source_data, files))
     data = args.out / DATA_DIR
     link_source_data(data, files)
     copy_start_model(source, args.out)

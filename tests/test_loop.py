@@ -116,6 +116,21 @@ def test_a_rerun_of_a_finished_loop_changes_nothing(finished_loop: Path, smoke_r
     assert snapshot(finished_loop) == before
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--task", "pendulum"], "--task"), (["--rounds", "-1"], "--rounds must be >= 0"),
+     (["--noise", "nan"], "--noise"), (["--rl-steps", "0"], "--rl-steps must be positive"),
+     (["--checkpoint", "/nonexistent/run"], "--checkpoint")],
+)  # fmt: skip
+def test_bad_options_end_in_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert loop.cli([*argv, "--out", str(tmp_path / "loop")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "loop").exists()
+
+
 def test_other_settings_and_foreign_data_are_refused_in_one_line(
     finished_loop: Path, smoke_run: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
