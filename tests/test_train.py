@@ -330,12 +330,42 @@ def test_vision_from_a_finished_run_trains_only_a_new_dynamics_core(
     assert main(smoke_args(tiny_dataset, tmp_path / "none", "--vision-from", str(tmp_path / "missing"))) == 2
 
 
+def test_init_from_a_finished_run_fine_tunes_its_core_on_another_folder(
+    reference_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """--init-from takes every weight, the keypoint normalisation included, and trains only the dynamics, on a
+    folder of some of the run's tasks. With a vanishing learning rate the tuned core is the source's."""
+    from worldmodel import storage
+
+    data = tmp_path / "cartpole"  # another folder, one of the run's six tasks
+    data.mkdir()
+    for split in storage.SPLITS:
+        (data / f"cartpole_{split}.h5").symlink_to(storage.dataset_path(tiny_dataset, "cartpole", split))
+    tuned = smoke_args(data, tmp_path / "tuned", "--tasks", "cartpole", "--init-from", str(reference_run))
+    assert main([*tuned, "--learning-rate", "1e-30"]) == 0
+    theirs, mine = load_checkpoint(reference_run)["model"], load_checkpoint(tmp_path / "tuned")["model"]
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[key], mine[key]) for key in theirs)
+    assert {record["stage"] for record in records(tmp_path / "tuned", "train")} == {"dynamics"}
+    assert load_checkpoint(tmp_path / "tuned")["dataset"]["tasks"] == ["cartpole"]  # keypoints of its own data
+
+    assert main(smoke_args(data, tmp_path / "moved", "--tasks", "cartpole", "--init-from", str(reference_run))) == 0
+    moved = load_checkpoint(tmp_path / "moved")["model"]  # the default learning rate: the core moves, nothing else
+    changed = {key for key in theirs if not torch.equal(theirs[key], moved[key])}
+    assert changed and all(key.startswith("dynamics.") for key in changed)
+
+    assert main([*tuned[:-2], "--init-from", str(tmp_path / "missing")]) == 2
+    assert main([*smoke_args(data, tmp_path / "other", "--tasks", "cartpole", "--init-from", str(reference_run)),
+                 "--net.base-filters", "8"]) == 2  # another network
+    assert main([*smoke_args(data, tmp_path / "both", "--tasks", "cartpole", "--init-from", str(reference_run)),
+                 "--vision-from", str(reference_run)]) == 2
+
+
 def test_a_checkpoint_from_before_new_options_still_resumes(reference_run: Path, tiny_dataset: Path) -> None:
     """Options added later (the dynamics core, --vision-from, ...) count as their defaults for old runs."""
     from worldmodel.training import config_differences, profile_config
 
     saved = load_checkpoint(reference_run)["train_config"]
-    for name in ("dynamics", "vision_from"):
+    for name in ("dynamics", "vision_from", "init_from"):
         del saved[name]
     for name in ("dynamics", "srvp_units", "residual_keypoints", "hvrnn_levels"):
         del saved["net"][name]

@@ -253,6 +253,34 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
         atomic_write(run_dir / KEYPOINT_CACHE_FILE, lambda temp: shutil.copyfile(cache, temp))
 
 
+def take_run(model: WorldModel, source: Path, dataset_record: dict[str, Any]) -> None:
+    """--init-from: load every weight of the finished run ``source`` into ``model`` (the dynamics are then
+    fine-tuned). Its data may be another folder, with more episodes, of its tasks or some of them, collected
+    with the same action repeats (the model's steps must mean the same duration); its keypoint cache is not
+    taken (the data differ, so the keypoints are detected again)."""
+    try:
+        checkpoint = load_checkpoint(source)
+    except CheckpointError as error:
+        raise InputError(f"--init-from: {error}") from None
+    if not checkpoint["complete"]:
+        raise InputError(f"--init-from {source}: the run has not finished (resume it first)")
+    theirs = checkpoint["dataset"]
+    repeats = theirs.get("action_repeats") or {}
+    foreign = [task for task in dataset_record["tasks"] if task not in repeats]
+    if foreign:
+        raise InputError(f"--init-from {source} was not trained on {', '.join(foreign)} (its tasks: "
+                         f"{', '.join(theirs.get('tasks', []))}): give --tasks among those")  # fmt: skip
+    for task, repeat in dataset_record["action_repeats"].items():
+        if repeats[task] != repeat:
+            raise InputError(f"--data {dataset_record['path']} holds {task} with action repeat {repeat}, --init-from "
+                             f"{source} was trained with {repeats[task]}: give data collected like its own")  # fmt: skip
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise InputError(f"--init-from {source}: its network differs from this one; give the same --model, "
+                         "--dynamics and --net sizes (see its config.json)") from None  # fmt: skip
+
+
 def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConfig) -> dict[str, Any] | None:
     """Open-loop keypoint distance per horizon on the cached test keypoints, beside hold-last and constant
     velocity (worldmodel/dynamics_benchmark.py; downstream/dynamics.py compares runs)."""
@@ -349,9 +377,11 @@ def check_same_data(checkpoint: dict[str, Any], dataset_record: dict[str, Any], 
 
 
 def start(model: WorldModel, config: TrainConfig, dist: distributed.DistInfo, dataset_record: dict[str, Any]) -> TrainState:
-    """A new run's state (with --vision-from, after taking that run's vision weights) and generators."""
+    """A new run's state (with --vision-from or --init-from, after taking that run's weights) and generators."""
     if config.vision_from is not None:
         take_vision(model, config.vision_from, dataset_record, config.out if dist.is_main else None)
+    if config.init_from is not None:
+        take_run(model, config.init_from, dataset_record)
     seed_rng(config.seed + 1_000_003 * dist.rank)  # each rank draws its own latent samples
     return TrainState.first(config)
 
@@ -513,19 +543,32 @@ def write_summary(run: Run, state: TrainState, splits: dict[str, KeypointSplit] 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_config(argv)
-        tasks = parse_tasks(config.tasks)
-        if config.model == STATE_VARIANT:  # its input size is the data's: read the state sizes first
-            dims = dataset_state_dims(config.data, tasks)
-            config = dataclasses.replace(config, net=state_model_config(config.net, dims))
-        validate(config)
+        config, tasks = prepare(parse_config(argv))
     except ValueError as error:  # InputError, or a ModelConfig check run while parsing
         return report(error)
     try:
-        dist = distributed.setup(config.device)
-        return train(config, tasks, dist)
+        return run(config, tasks)
     except InputError as error:
         return report(error)
+
+
+def prepare(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The config ready to train (the state-space bound's input sizes read from the data) and its tasks; a
+    ValueError (InputError, or a ModelConfig check) for options that cannot run."""
+    tasks = parse_tasks(config.tasks)
+    if config.model == STATE_VARIANT:  # its input size is the data's: read the state sizes first
+        dims = dataset_state_dims(config.data, tasks)
+        config = dataclasses.replace(config, net=state_model_config(config.net, dims))
+    validate(config)
+    return config, tasks
+
+
+def run(config: TrainConfig, tasks: list[str]) -> int:
+    """Train (or resume, or find finished) the run of a ``prepare``d config, in this process: the Python form
+    of the command line (downstream/loop.py refines its world model this way). InputError on bad input."""
+    try:
+        dist = distributed.setup(config.device)
+        return train(config, tasks, dist)
     finally:
         distributed.cleanup()
 
@@ -571,7 +614,9 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         if state.stage in (Stage.KEYPOINTS, Stage.DYNAMICS) and splits is None:
             splits = keypoint_splits(run, state)
         if state.stage == Stage.KEYPOINTS:  # no optimizer steps: the dynamics' input statistics
-            if config.normalize_keypoints:  # per feature, within episodes, so that task offsets don't dominate
+            # Per feature, within episodes, so that task offsets don't dominate; a fine-tuned core (--init-from)
+            # keeps the statistics its weights were trained with.
+            if config.normalize_keypoints and config.init_from is None:
                 assert splits is not None
                 shortest = int(splits["train"].episode_lengths.min())
                 model.fit_keypoint_normalization(splits["train"].sequences(shortest).to(dist.device))

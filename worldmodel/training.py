@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel import storage
+from worldmodel.checkpoint import model_config_from_dict
 from worldmodel.config import OBSERVED_STEPS, STATE_VARIANT, Dynamics, ModelConfig, Variant
 from worldmodel.data import WindowDataset
 from worldmodel.errors import InputError
@@ -138,6 +139,8 @@ class TrainConfig:
     """Show a tqdm progress bar (rank 0)."""
     vision_from: Path | None = None
     """Staged mode: take the detector, appearance net and reconstructor (and the keypoint cache) of this finished run on the same data, skip the vision stage and train only the dynamics: the way to compare dynamics cores on the same keypoints."""
+    init_from: Path | None = None
+    """Staged mode: start from every weight of this finished run (detector, reconstructor, dynamics core and its keypoint normalisation), skip the vision stage and fine-tune the dynamics for --dynamics-steps on --data, which may be another folder with more episodes of the run's tasks (or of some of them), e.g. parts collected by an agent (downstream/loop.py). The keypoints are detected again; the normalisation stays the run's, which the core's weights were trained with."""
     halt_after: int | None = field(default=None, metadata=RESUME_FREE)
     """Stop after this many optimizer steps in this invocation, writing a checkpoint; continue later with --resume (time-sliced or preemptible jobs). None trains to the end."""
     net: ModelConfig = field(default_factory=ModelConfig)
@@ -257,6 +260,27 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The inverse of ``config_to_dict``: a run's TrainConfig from the plain form in its checkpoint (or
+    config.json). Options the run predates take their defaults; unknown ones are an InputError (another version)."""
+    options = {option.name: option for option in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise InputError(f"a run config with options this code does not know ({', '.join(unknown)}): it was written "
+                         "by another version of this package")  # fmt: skip
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "net":
+            converted[name] = model_config_from_dict(value)
+        elif value is not None and "Path" in str(options[name].type):
+            converted[name] = Path(value)
+        elif isinstance(value, list):  # tuples become lists in plain form
+            converted[name] = tuple(value)
+        else:
+            converted[name] = value
+    return TrainConfig(**converted)
+
+
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Names of the options whose values differ from a checkpoint's, ignoring the RESUME_FREE ones. Options a
     checkpoint predates (added later, with defaults that keep the old behaviour) count as their defaults."""
@@ -307,6 +331,10 @@ def validate(config: TrainConfig) -> None:
         raise InputError("--model state-vrnn trains only a dynamics core, on the stored states: it needs --mode staged")
     if config.model == STATE_VARIANT and config.vision_from is not None:
         raise InputError("--model state-vrnn has no vision networks to take: leave out --vision-from")
+    if config.init_from is not None and config.mode != "staged":
+        raise InputError("--init-from needs --mode staged (the dynamics are fine-tuned on the cached keypoints)")
+    if config.init_from is not None and config.vision_from is not None:
+        raise InputError("--init-from already takes the vision networks: leave out --vision-from")
     _ = config.model_config  # runs ModelConfig's own checks with the variant applied
 
 
@@ -364,8 +392,9 @@ class TrainState:
 
     @staticmethod
     def first(config: TrainConfig) -> TrainState:
-        """A new run's state: at its first stage, or at the keypoint stage with --vision-from."""
-        stage = Stage.KEYPOINTS if config.vision_from is not None else Stage.order(config)[0]
+        """A new run's state: at its first stage, or at the keypoint stage with --vision-from or --init-from."""
+        taken = config.vision_from is not None or config.init_from is not None
+        stage = Stage.KEYPOINTS if taken else Stage.order(config)[0]
         return TrainState(stage)
 
     def global_step(self, config: TrainConfig) -> int:
