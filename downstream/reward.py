@@ -25,10 +25,12 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import numpy as np
+import torch
 import tyro
 from tqdm.auto import tqdm
 
@@ -52,7 +54,8 @@ from worldmodel.reward_report import (
     write_json,
 )
 from worldmodel.state_bound import StateSizeMismatch, check_state_dim
-from worldmodel.storage import checked_dataset_files
+from worldmodel.model import WorldModel
+from worldmodel.storage import DatasetInfo, checked_dataset_files
 from worldmodel.tasks import parse_tasks
 from worldmodel.config import OBSERVED_STEPS
 
@@ -94,8 +97,17 @@ class Args:
     """Processes fitting reward predictors side by side (default: one per CPU core); 1 fits in this process."""
 
 
-def main(args: Args) -> None:
-    """The experiment; bad input raises InputError before anything is written."""
+class ProbedModel(NamedTuple):
+    """A world model whose hidden states are probed for reward."""
+
+    label: str  # its column in the report
+    model: WorldModel
+    fingerprint: str  # model_fingerprint: names its hidden-state cache and tags its saved predictors
+    run_dir: Path
+
+
+def check_args(args: Args) -> dict[str, list[DatasetInfo]]:
+    """The test files of each task (the main file, then its parts), once every option is known to be usable."""
     for name in ("sequences", "epochs", "folds", "folds_run", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -105,8 +117,8 @@ def main(args: Args) -> None:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
     tasks = parse_tasks(args.tasks)
     for run_path in args.run or DEFAULT_RUNS:
-        find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, below)
-    # Each task's test files: the main file, then its parts (absent, damaged, mismatched parts: InputError).
+        find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, later)
+    # Absent, damaged or mismatched files and parts: InputError.
     test_files = {task: checked_dataset_files(args.data, task, "test") for task in tasks}
     for files in test_files.values():  # enough test data for the folds and the windows
         info, episodes = files[0], sum(part.num_episodes for part in files)
@@ -120,10 +132,12 @@ def main(args: Args) -> None:
                 f"episodes of {info.path} have {info.episode_steps} steps, shorter than the {WINDOW_LENGTH}-step "
                 "windows of this experiment; collect longer episodes (collect/dmcs.py --episode-steps)"
             )
-    device = resolve_device(args.device)
+    return test_files
 
-    # ---- the world models whose hidden states we probe (each must have been trained on this data)
-    runs = []
+
+def load_runs(args: Args, test_files: dict[str, list[DatasetInfo]], device: torch.device) -> list[ProbedModel]:
+    """The world models of --run; each must have been trained on this data."""
+    runs: list[ProbedModel] = []
     for run_path in args.run or DEFAULT_RUNS:
         loaded = load_world_model(run_path, device)  # absent, damaged or foreign: CheckpointError
         for files in test_files.values():
@@ -132,65 +146,69 @@ def main(args: Args) -> None:
         if loaded.config.reads_states:
             raise InputError(f"{run_path} is a state-space bound (state-vrnn); pass it with --state-bound, not --run")
         label = loaded.config.variant
-        if any(label == other[0] for other in runs):
+        if any(label == other.label for other in runs):
             label = f"{label} ({Path(run_path).name})"
-        run_dir = loaded.info.path.parent
-        runs.append((label, loaded.model, model_fingerprint(loaded.model), run_dir))
-    bound = None  # (label, model, fingerprint, run dir) of the state-space bound, like the runs
-    if args.state_bound is not None:
-        loaded = load_world_model(args.state_bound, device)  # absent, damaged or foreign: CheckpointError
-        if not loaded.config.reads_states:
-            raise InputError(f"--state-bound {args.state_bound} is a {loaded.config.variant} run, not a state-space bound; "
-                             "train one with `python train/world_model.py --model state-vrnn`")  # fmt: skip
-        for task in tasks:  # before any hidden state is extracted: the bound must read these states
-            main = test_files[task][0]  # its parts share its state layout
-            try:
-                check_state_dim(loaded.config, task, main.state_dim, main.path)
-            except StateSizeMismatch as error:
-                raise InputError(f"--state-bound {args.state_bound}: {error}") from None
-        bound = (STATE_BOUND, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent)
-    train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
+        runs.append(ProbedModel(label, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent))
+    return runs
 
-    # ---- per task: hidden states of every run (cached), then one fit job per input and fold
-    cache_dir = args.out / "cache"
-    fit_settings = json.dumps([FIT_VERSION, RESULT_FORMAT, asdict(train_config)])
-    fit_key = hashlib.sha256(fit_settings.encode()).hexdigest()[:8]
-    fits_dir = cache_dir / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-{fit_key}"
-    jobs: list[FitJob] = []
-    labels: dict[str, list[str]] = {}
-    for task in tasks:
-        caches = []
-        for _, model, fingerprint, _ in runs + ([bound] if bound is not None else []):
-            cache = cache_dir / f"{fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
-            if not cache.is_file():
-                extracted = extract_window_features(
-                    model, args.data, task, args.sequences, length=WINDOW_LENGTH, num_observed=NUM_OBSERVED,
-                    batch_size=args.batch_size,
-                    seed=args.seed, device=device,
-                )  # fmt: skip
-                save_features(cache, extracted)
-            caches.append(cache)
-        # Fits always read the cache (hidden states in float16), so a rerun gives the same numbers.
-        inputs: list[tuple[str, str, Path, InputKind, SavedPredictor | None]] = [
-            (label, fingerprint[:16], cache, "hidden", SavedPredictor(run_dir / PREDICTOR_DIR / f"{task}.pt", fingerprint))
-            for (label, _, fingerprint, run_dir), cache in zip(runs, caches)
-        ]
-        if bound is not None:  # its own hidden states, of the same windows (no predictor: it has no env)
-            inputs.append((STATE_BOUND, bound[2][:16], caches[-1], "hidden", None))
-        if args.controls:  # the same windows for every run: take them from the first run's cache
-            inputs += [(TRUE_STATES, "true-states", caches[0], "states", None),
-                       (ACTIONS_ONLY, "actions-only", caches[0], "actions", None)]  # fmt: skip
-        with np.load(caches[0]) as cached:
-            episodes = cached["episodes"]
-        folds = episode_folds(episodes, args.folds, args.seed)[: args.folds_run]
-        labels[task] = [label for label, *_ in inputs]
-        for label, key, cache, kind, predictor in inputs:
-            for fold, (train, test) in enumerate(folds):
-                jobs.append(FitJob(
-                    task, label, cache, kind, fold, train, test, fits_dir / task / f"{key}-fold{fold}.npy",
-                    predictor if fold == 0 else None,  # fold 0's predictor is the one the imagination env uses
-                ))  # fmt: skip
 
+def load_bound(path: Path, test_files: dict[str, list[DatasetInfo]], device: torch.device) -> ProbedModel:
+    """The state-space bound of --state-bound, checked against the states of the data."""
+    loaded = load_world_model(path, device)  # absent, damaged or foreign: CheckpointError
+    if not loaded.config.reads_states:
+        raise InputError(f"--state-bound {path} is a {loaded.config.variant} run, not a state-space bound; "
+                         "train one with `python train/world_model.py --model state-vrnn`")  # fmt: skip
+    for task, files in test_files.items():  # before any hidden state is extracted: the bound must read these states
+        main_file = files[0]  # its parts share its state layout
+        try:
+            check_state_dim(loaded.config, task, main_file.state_dim, main_file.path)
+        except StateSizeMismatch as error:
+            raise InputError(f"--state-bound {path}: {error}") from None
+    return ProbedModel(STATE_BOUND, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent)
+
+
+def hidden_state_cache(args: Args, probed: ProbedModel, task: str, device: torch.device) -> Path:
+    """The model's hidden states of the task's test windows, extracted once into ``--out/cache``."""
+    cache = args.out / "cache" / f"{probed.fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
+    if not cache.is_file():
+        extracted = extract_window_features(
+            probed.model, args.data, task, args.sequences, length=WINDOW_LENGTH, num_observed=NUM_OBSERVED,
+            batch_size=args.batch_size, seed=args.seed, device=device,
+        )  # fmt: skip
+        save_features(cache, extracted)
+    return cache
+
+
+def task_jobs(
+    args: Args, task: str, runs: list[ProbedModel], bound: ProbedModel | None, fits_dir: Path, device: torch.device
+) -> tuple[list[FitJob], list[str]]:
+    """One fit job per input (each run, the bound, the controls) and fold of a task, and the inputs' labels."""
+    caches = [hidden_state_cache(args, probed, task, device) for probed in runs]
+    # Fits always read the cache (hidden states in float16), so a rerun gives the same numbers.
+    inputs: list[tuple[str, str, Path, InputKind, SavedPredictor | None]] = [
+        (probed.label, probed.fingerprint[:16], cache, "hidden",
+         SavedPredictor(probed.run_dir / PREDICTOR_DIR / f"{task}.pt", probed.fingerprint))
+        for probed, cache in zip(runs, caches)
+    ]  # fmt: skip
+    if bound is not None:  # its own hidden states, of the same windows (no predictor: it has no env)
+        inputs.append((STATE_BOUND, bound.fingerprint[:16], hidden_state_cache(args, bound, task, device), "hidden", None))
+    if args.controls:  # the same windows for every run: take them from the first run's cache
+        inputs += [(TRUE_STATES, "true-states", caches[0], "states", None),
+                   (ACTIONS_ONLY, "actions-only", caches[0], "actions", None)]  # fmt: skip
+    with np.load(caches[0]) as cached:
+        episodes = cached["episodes"]
+    folds = episode_folds(episodes, args.folds, args.seed)[: args.folds_run]
+    jobs = [
+        FitJob(task, label, cache, kind, fold, train, test, fits_dir / task / f"{key}-fold{fold}.npy",
+               predictor if fold == 0 else None)  # fold 0's predictor is the one the imagination env uses
+        for label, key, cache, kind, predictor in inputs
+        for fold, (train, test) in enumerate(folds)
+    ]  # fmt: skip
+    return jobs, [label for label, *_ in inputs]
+
+
+def fit_all(args: Args, jobs: list[FitJob], labels: dict[str, list[str]], train_config: RewardTrainConfig) -> Results:
+    """Run the fit jobs (a line per input once its folds are done) and summarise them per task and input."""
     progress = tqdm(total=len(jobs), desc="reward predictors", unit="fit")
     by_input: dict[tuple[str, str], dict[int, np.ndarray]] = {}
 
@@ -205,24 +223,25 @@ def main(args: Args) -> None:
 
     run_fit_jobs(jobs, train_config, args.workers, on_done)
     progress.close()
-    results: Results = {
+    return {
         task: {
             label: summarize(np.stack([by_input[task, label][f] for f in range(args.folds_run)]), NUM_OBSERVED)
-            for label in labels[task]
+            for label in task_labels
         }
-        for task in tasks
+        for task, task_labels in labels.items()
     }
 
-    # ---- report
+
+def write_report(args: Args, results: Results, runs: list[ProbedModel], bound: ProbedModel | None) -> None:
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
-        "runs": {label: {"dir": str(run_dir), "fingerprint": fp} for label, _, fp, run_dir in runs},
+        "runs": {probed.label: {"dir": str(probed.run_dir), "fingerprint": probed.fingerprint} for probed in runs},
         "state_bound": None if bound is None else {
-            "dir": str(bound[3]), "fingerprint": bound[2], "dynamics": bound[1].config.dynamics,
+            "dir": str(bound.run_dir), "fingerprint": bound.fingerprint, "dynamics": bound.model.config.dynamics,
         },
         "num_observed": NUM_OBSERVED,
         "length": WINDOW_LENGTH,
-    }
+    }  # fmt: skip
     meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
     write_json(args.out / "results.json", results, meta)
     table = markdown_table(results)
@@ -230,6 +249,24 @@ def main(args: Args) -> None:
     plot_figure8(args.out / "figure8.png", results, num_observed=NUM_OBSERVED)
     print(table)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'figure8.png'}")
+
+
+def main(args: Args) -> None:
+    """The experiment; bad input raises InputError before anything is written."""
+    test_files = check_args(args)
+    device = resolve_device(args.device)
+    runs = load_runs(args, test_files, device)
+    bound = None if args.state_bound is None else load_bound(args.state_bound, test_files, device)
+    train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
+    fit_key = hashlib.sha256(json.dumps([FIT_VERSION, RESULT_FORMAT, asdict(train_config)]).encode()).hexdigest()[:8]
+    fits_dir = args.out / "cache" / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-{fit_key}"
+    jobs: list[FitJob] = []
+    labels: dict[str, list[str]] = {}
+    for task in test_files:  # per task: hidden states of every model (cached), then one fit job per input and fold
+        task_job_list, labels[task] = task_jobs(args, task, runs, bound, fits_dir, device)
+        jobs += task_job_list
+    results = fit_all(args, jobs, labels, train_config)
+    write_report(args, results, runs, bound)
 
 
 def cli() -> None:
