@@ -42,7 +42,7 @@ from worldmodel.dynamics_benchmark import (
     open_loop,
     probe_task,
 )
-from worldmodel.errors import InputError, one_line, run_script
+from worldmodel.errors import InputError, check_options, one_line, run_script
 from worldmodel.storage import checked_dataset_files
 from worldmodel.tasks import task_id
 from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
@@ -187,11 +187,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def main(args: Args) -> list[dict[str, Any]]:
     """The comparison; bad input raises InputError before anything is written."""
-    for name in ("observed", "horizon", "samples", "windows"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    check_options(args, 1, "observed", "horizon", "samples", "windows")
+    check_options(args, 0, "seed")
     device = resolve_device(args.device)
     records = [evaluate_run(args, run, device) for run in args.run or DEFAULT_RUNS]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ from worldmodel.atomic import atomic_write, atomic_write_text
 from worldmodel.config import STATE_VARIANT
 from worldmodel.devices import resolve_device
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_checkpoint, load_world_model
-from worldmodel.errors import InputError, run_script
+from worldmodel.errors import InputError, check_options, run_script
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
 from worldmodel.machine import available_cores
@@ -156,20 +156,15 @@ def check_args(args: Args) -> None:
         get_task(args.task)
     except InputError as error:
         raise InputError(f"--task: {error}") from None
-    for name in ("rounds", "train_episodes", "test_episodes"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("refine_steps", "reward_windows", "reward_epochs", "rl_steps", "num_envs", "eval_episodes", "workers"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_options(args, 0, "rounds", "train_episodes", "test_episodes")
+    check_options(args, 1, "refine_steps", "reward_windows", "reward_epochs", "rl_steps", "num_envs", "eval_episodes", "workers")
     if args.train_episodes < 1 and args.rounds > 0:
         raise InputError("--train-episodes must be positive: each round refines the dynamics on new episodes")
     if not args.refine_learning_rate > 0:
         raise InputError(f"--refine-learning-rate must be positive, got {args.refine_learning_rate}")
     if not (args.noise >= 0 and math.isfinite(args.noise)):
         raise InputError(f"--noise must be a finite std >= 0, got {args.noise}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    check_options(args, 0, "seed")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file, not a folder; choose another --out")
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
 from worldmodel.devices import resolve_device
-from worldmodel.errors import InputError, run_script
+from worldmodel.errors import InputError, check_options, run_script
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
@@ -108,13 +108,10 @@ class ProbedModel(NamedTuple):
 
 def check_args(args: Args) -> dict[str, list[DatasetInfo]]:
     """The test files of each task (the main file, then its parts), once every option is known to be usable."""
-    for name in ("sequences", "epochs", "folds", "folds_run", "batch_size", "workers"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_options(args, 1, "sequences", "epochs", "folds", "folds_run", "batch_size", "workers")
     if args.folds_run > args.folds or args.folds < 2:
         raise InputError(f"need 2 <= --folds and --folds-run <= --folds, got {args.folds} and {args.folds_run}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    check_options(args, 0, "seed")
     tasks = parse_tasks(args.tasks)
     for run_path in args.run or DEFAULT_RUNS:
         find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, later)

@@ -53,7 +53,7 @@ from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
 from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
-from worldmodel.errors import InputError, run_script
+from worldmodel.errors import InputError, check_options, run_script
 from worldmodel.tasks import get_task, pad_actions
 
 
@@ -145,15 +145,12 @@ def check_args(args: Args) -> None:
         get_task(args.task)
     except InputError as error:
         raise InputError(f"--task: {error}") from None
-    for name in ("steps", "num_envs", "eval_episodes"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_options(args, 1, "steps", "num_envs", "eval_episodes")
     if args.save_every < 0:
         raise InputError(f"--save-every must be >= 0 (0: never), got {args.save_every}")
     if args.horizon is not None and args.horizon < 1:
         raise InputError(f"--horizon must be positive, got {args.horizon}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    check_options(args, 0, "seed")
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise InputError(f"--checkpoint {args.checkpoint} does not exist; give a run directory of train/world_model.py")
     if args.data is not None and not args.data.is_dir():

@@ -28,7 +28,7 @@ from envs.real import RealPixelEnv
 from worldmodel import storage
 from worldmodel.checkpoint import load_world_model
 from worldmodel.data import WindowDataset
-from worldmodel.errors import InputError, MissingInputError
+from worldmodel.errors import InputError, MissingInputError, check_options
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.reward import RewardPredictor, save_reward_predictor
 
@@ -515,3 +515,19 @@ def test_window_dataset_names_the_damaged_file(kind: str, damaged_datasets: dict
     with pytest.raises(InputError) as error:
         WindowDataset(damaged_datasets[kind], ["cheetah", "cartpole"], "train", length=8)
     assert_one_line(error, "cartpole_train.h5", DAMAGE_PHRASES[kind], "collect/dmcs.py")
+
+
+def test_check_options_names_the_first_flag_out_of_range() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Options:
+        num_envs: int = 4
+        eval_episodes: int = 0
+        seed: int = -1
+
+    check_options(Options(), 1, "num_envs")  # in range: nothing raised
+    with pytest.raises(InputError, match=r"^--eval-episodes must be positive, got 0$"):
+        check_options(Options(), 1, "num_envs", "eval_episodes")
+    with pytest.raises(InputError, match=r"^--seed must be >= 0, got -1$"):
+        check_options(Options(), 0, "eval_episodes", "seed")

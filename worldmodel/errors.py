@@ -53,3 +53,13 @@ def run_script(main: Callable[[], int | None]) -> int:
         return main() or 0
     except InputError as error:
         return report(error)
+
+
+def check_options(options: object, minimum: float, *names: str) -> None:
+    """InputError for the first of the command-line dataclass's fields ``names`` below ``minimum``, named as
+    its flag: ``--num-envs must be positive, got 0`` (minimum 1) or ``--seed must be >= 0, got -1``."""
+    for name in names:
+        value = getattr(options, name)
+        if value < minimum:
+            rule = "positive" if minimum == 1 else f">= {minimum}"
+            raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {value}")

@@ -39,7 +39,7 @@ from worldmodel import storage
 from worldmodel.checkpoint import model_config_from_dict
 from worldmodel.config import OBSERVED_STEPS, STATE_VARIANT, Dynamics, ModelConfig, Variant
 from worldmodel.data import WindowDataset
-from worldmodel.errors import InputError
+from worldmodel.errors import InputError, check_options
 from worldmodel.keypoint_cache import KeypointSplit, detect_in_chunks
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel, vision_modules
 from worldmodel.precision import Compute, Precision, autocast
@@ -299,13 +299,10 @@ def validate(config: TrainConfig) -> None:
         "num_observed", "num_predicted", "log_every", "eval_every", "eval_windows", "eval_samples",
         "eval_batch_size", "checkpoint_every",
     )  # fmt: skip
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    check_options(config, 1, *positive)
     if config.learning_rate <= 0:
         raise InputError(f"--learning-rate must be positive, got {config.learning_rate}")
-    if config.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {config.seed}")
+    check_options(config, 0, "seed")
     if not all(0.0 <= beta < 1.0 for beta in config.adam_betas):
         raise InputError(f"--adam-betas must be in [0, 1), got {config.adam_betas}")
     if config.halt_after is not None and config.halt_after < 1:
