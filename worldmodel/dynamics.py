@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
-from worldmodel.dynamics_core import DynamicsCore, Step, Unroll
+from worldmodel.dynamics_core import DynamicsCore, Sampling, Step, Unroll
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 __all__ = ["VRNN", "Carry", "Gaussian", "GaussianHead", "KeypointDecoder", "KeypointNormalizer", "Unroll", "dense"]
@@ -180,17 +180,15 @@ class VRNN(RecurrentKeypointCore):
         belief: Gaussian | None,
         hidden: Tensor,
         target: Tensor | None,
-        num_samples: int,
-        generator: torch.Generator | None,
-        noise: Tensor | None = None,
+        sampling: Sampling,
         base: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw z and decode it: -> z (B, Z), x^ (B, F).
 
-        ``noise`` (N, B, Z), when given, replaces the standard normal draws (callers that keep one random
+        ``sampling.noise`` (N, B, Z), when given, replaces the standard normal draws (callers that keep one random
         stream per batch row, like the imagination envs, draw it themselves).
 
-        Best of many (eq. 8): with a target (B, F) and num_samples > 1, N samples are decoded at once and the
+        Best of many (eq. 8): with a target (B, F) and more than one sample, N samples are decoded at once and the
         one closest to the target (squared error in normalised space) is kept; gradients flow through the
         chosen sample only (it is decoded again with grad). Without a target the first sample is used.
         ``base`` (B, F), when given, is added to every decoded output (residual keypoints).
@@ -200,10 +198,11 @@ class VRNN(RecurrentKeypointCore):
         if belief is None:  # struct-rnn: deterministic
             latent = hidden.new_zeros(batch, 0)
             return latent, self.decoder(latent, hidden) + offset
-        n = num_samples if target is not None else 1
+        noise = sampling.noise
         if noise is None:
+            n = sampling.num_samples if target is not None else 1
             noise = torch.randn(
-                (n, batch, belief.mean.shape[-1]), generator=generator, device=hidden.device, dtype=hidden.dtype
+                (n, batch, belief.mean.shape[-1]), generator=sampling.generator, device=hidden.device, dtype=hidden.dtype
             )
         n = noise.shape[0]
         if n > 1:
@@ -216,15 +215,7 @@ class VRNN(RecurrentKeypointCore):
         latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
         return latent, self.decoder(latent, hidden) + offset
 
-    def observe_step(  # type: ignore[override]
-        self,
-        carry: Carry | None,
-        action: Tensor,
-        target: Tensor,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Step:
+    def _observe(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
         hidden = self.transition(carry, action)
         belief = None
         kl = hidden.new_zeros(hidden.shape[0], 1)
@@ -232,25 +223,17 @@ class VRNN(RecurrentKeypointCore):
             prior = self.prior(hidden)  # S6
             belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
             kl = gaussian_kl(belief.mean, belief.std, prior.mean, prior.std)[:, None]  # (B, 1)
-        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self.residual_base(carry))  # S8, eq. 8
+        latent, prediction = self.sample(belief, hidden, target, sampling, self.residual_base(carry))  # S8, eq. 8
         fed = target if self.config.feed_detected else prediction  # what the next GRU step reads as x_t
         return Step(Carry(hidden, fed, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
 
-    def imagine_step(  # type: ignore[override]
-        self,
-        carry: Carry | None,
-        action: Tensor,
-        target: Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Step:
+    def _imagine(self, carry: Carry | None, action: Tensor, target: Tensor | None, sampling: Sampling) -> Step:  # type: ignore[override]
         hidden = self.transition(carry, action)
         # As the original code, the prior is trained by the KL only, not by L_future, unless
         # prior_future_gradient asks L_future to shape its spread too.
         belief = self.prior(hidden) if self.prior is not None else None
         if belief is not None and not self.config.prior_future_gradient:
             belief = belief.detach()
-        latent, prediction = self.sample(belief, hidden, target, num_samples, generator, noise, self.residual_base(carry))
+        latent, prediction = self.sample(belief, hidden, target, sampling, self.residual_base(carry))
         zero = hidden.new_zeros(hidden.shape[0])
         return Step(Carry(hidden, prediction, latent), prediction, hidden, zero[:, None], zero)

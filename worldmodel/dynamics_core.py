@@ -42,6 +42,15 @@ class Step(NamedTuple):
     regulariser: Tensor  # (B,) the core's own penalty for this frame (zero where it has none)
 
 
+class Sampling(NamedTuple):
+    """How a step draws its latent: ``num_samples`` candidates (the best against a target is kept), drawn from
+    ``generator``, or the given standard-normal ``noise`` (N, B, noise_size) instead."""
+
+    num_samples: int = 1
+    generator: torch.Generator | None = None
+    noise: Tensor | None = None
+
+
 class Unroll(NamedTuple):
     keypoints: Tensor  # (B, T, F) decoded keypoints x^_t of the chosen samples, normalised
     hidden: Tensor  # (B, T, H) the state that predicts frame t
@@ -107,7 +116,7 @@ class DynamicsCore(nn.Module):
     ) -> Step:
         """Frame t seen: carry after frame t-1 (None: t is the first frame), action (B, A) = a_{t-1}, target
         (B, F) its normalised detected keypoints; best of ``num_samples`` posterior samples against it."""
-        raise NotImplementedError
+        return self._observe(carry, action, target, Sampling(num_samples, generator, noise))
 
     def imagine_step(
         self,
@@ -120,6 +129,13 @@ class DynamicsCore(nn.Module):
     ) -> Step:
         """Frame t imagined with the prior; with a target (B, F) (evaluation, training) the best of
         ``num_samples`` prior samples is kept, without it the first."""
+        return self._imagine(carry, action, target, Sampling(num_samples, generator, noise))
+
+    # What each core implements for the two steps above (their arguments gathered in one Sampling).
+    def _observe(self, carry: CoreCarry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:
+        raise NotImplementedError
+
+    def _imagine(self, carry: CoreCarry | None, action: Tensor, target: Tensor | None, sampling: Sampling) -> Step:
         raise NotImplementedError
 
     def hidden_state(self, carry: CoreCarry) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import STD_OFFSET, Carry, Gaussian, KeypointDecoder, RecurrentKeypointCore, dense
-from worldmodel.dynamics_core import Step, draw_noise
+from worldmodel.dynamics_core import Sampling, Step, draw_noise
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 
@@ -107,9 +107,7 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         action: Tensor,
         target: Tensor | None,
         observed: bool,
-        num_samples: int,
-        generator: torch.Generator | None,
-        noise: Tensor | None,
+        sampling: Sampling,
     ) -> Step:
         batch = action.shape[0]
         hidden = self.transition(carry, action)  # (B, H)
@@ -122,8 +120,9 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         if observed and target is not None:
             frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
             posterior_parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))
+        noise = sampling.noise
         if noise is None:
-            noise = draw_noise(num_samples if target is not None else 1, batch, self.noise_size, generator, hidden)
+            noise = draw_noise(sampling.num_samples if target is not None else 1, batch, self.noise_size, sampling.generator, hidden)
         if noise.shape[0] > 1 and target is not None:  # best of many over whole top-down samples
             with torch.no_grad():
                 latents = self.top_down(prior_parts, posterior_parts, noise, with_kl=False)[0]  # (N, B, L*Z)
@@ -139,24 +138,8 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         fed = target if observed and target is not None and self.config.feed_detected else prediction
         return Step(Carry(hidden, fed, latent), prediction, hidden, kl, zero)
 
-    def observe_step(  # type: ignore[override]
-        self,
-        carry: Carry | None,
-        action: Tensor,
-        target: Tensor,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Step:
-        return self._step(carry, action, target, True, num_samples, generator, noise)
+    def _observe(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
+        return self._step(carry, action, target, True, sampling)
 
-    def imagine_step(  # type: ignore[override]
-        self,
-        carry: Carry | None,
-        action: Tensor,
-        target: Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Step:
-        return self._step(carry, action, target, False, num_samples, generator, noise)
+    def _imagine(self, carry: Carry | None, action: Tensor, target: Tensor | None, sampling: Sampling) -> Step:  # type: ignore[override]
+        return self._step(carry, action, target, False, sampling)

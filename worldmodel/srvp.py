@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import Gaussian, GaussianHead, dense
-from worldmodel.dynamics_core import DynamicsCore, Step, draw_noise
+from worldmodel.dynamics_core import DynamicsCore, Sampling, Step, draw_noise
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 
@@ -191,19 +191,12 @@ class SRVP(DynamicsCore):
         return state, self.decoder(state), action.new_zeros(batch) if kl is None else kl, penalty
 
     # ---- the interface ----------------------------------------------------------------------------------
-    def observe_step(  # type: ignore[override]
-        self,
-        carry: SRVPCarry | None,
-        action: Tensor,
-        target: Tensor,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Step:
+    def _observe(self, carry: SRVPCarry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
         batch = target.shape[0]
         carry = self.initial_carry(batch, target.device) if carry is None else carry
+        noise = sampling.noise
         if noise is None:
-            noise = draw_noise(num_samples, batch, self.noise_size, generator, target)
+            noise = draw_noise(sampling.num_samples, batch, self.noise_size, sampling.generator, target)
         encoded = self.encode(target)  # (B, E)
         filtered = self.filter(torch.cat([encoded, action], dim=-1), carry.filter)  # r_t (B, U)
         warm = carry.count < self.config.srvp_init_frames  # (B,)
@@ -219,20 +212,13 @@ class SRVP(DynamicsCore):
         step = Step(new, prediction, state, torch.stack([kl.new_zeros(batch), kl], dim=-1), penalty)
         return step if warmup is None else where_rows(warm, warmup, step)
 
-    def imagine_step(  # type: ignore[override]
-        self,
-        carry: SRVPCarry | None,
-        action: Tensor,
-        target: Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Step:
+    def _imagine(self, carry: SRVPCarry | None, action: Tensor, target: Tensor | None, sampling: Sampling) -> Step:  # type: ignore[override]
         if carry is None:
             raise ValueError("SRVP imagines from an observed state: observe at least one frame first")
         batch = action.shape[0]
+        noise = sampling.noise
         if noise is None:
-            noise = draw_noise(num_samples if target is not None else 1, batch, self.noise_size, generator, action)
+            noise = draw_noise(sampling.num_samples if target is not None else 1, batch, self.noise_size, sampling.generator, action)
         state, prediction, _, penalty = self._transition(carry, action, None, target, noise)
         zero = penalty.new_zeros(batch)
         # The filter and the warm-up slots hold: nothing was observed.
