@@ -18,13 +18,11 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401  (registers the ids)
-from envs.context import filter_context, posterior_noise
 from envs.imagined import (
     CHECKPOINT_ENV,
     ImaginedEnv,
     RealTaskThroughModel,
     load_imagination_models,
-    prior_step,
 )
 from envs.imagined_vector import ImaginedVectorEnv
 from envs.real import RealPixelEnv
@@ -271,27 +269,6 @@ def test_missing_and_mismatched_reward_predictors_are_refused(run_dir: Path, tmp
 # ----------------------------------------------------------------------------------------------
 # The model's recursion, replayed with per-env noise
 # ----------------------------------------------------------------------------------------------
-def test_filter_and_prior_steps_match_the_model(run_dir: Path) -> None:
-    model = load_imagination_models("cheetah", run_dir, device="cpu").world_model
-    keypoints = torch.rand(1, 8, model.config.num_keypoints, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    actions = torch.rand(1, 8, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    future_actions = torch.rand(1, 5, 6, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(3)
-        observed = model.observe(keypoints, actions, generator=generator)
-        imagined = model.imagine(observed.final, future_actions, generator=generator)
-        mine = torch.Generator().manual_seed(3)
-        filtered = filter_context(model, keypoints, actions, posterior_noise(mine, model)[None])
-        carry, hidden = filtered.carry, []
-        for t in range(5):
-            carry = prior_step(model, carry, future_actions[:, t], torch.randn((1, model.config.latent_dim), generator=mine))
-            hidden.append(carry.hidden)
-    torch.testing.assert_close(filtered.hidden, observed.hidden, rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch.stack(hidden, 1), imagined.hidden, rtol=0, atol=1e-6)
-    final = model.normalizer.denormalize(carry.keypoints).view(1, -1, 3)
-    torch.testing.assert_close(final, imagined.final.keypoints, rtol=0, atol=1e-5)
-
-
 def test_next_frame_is_the_cores_imagine_step_under_the_action(run_dir: Path) -> None:
     """A step's observation is the hidden state of one prior step of the core from the reset state, under the
     agent's action and the sub-env's first prior draw; so opposite actions give different observations."""
