@@ -70,7 +70,6 @@ from typing import Any, Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import tyro
 from tqdm.auto import tqdm
 
 from collect.dmcs import collect_with_policy
@@ -82,7 +81,7 @@ from worldmodel.atomic import atomic_write, atomic_write_text
 from worldmodel.config import STATE_VARIANT
 from worldmodel.devices import resolve_device
 from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_checkpoint, load_world_model
-from worldmodel.errors import InputError, check_options, run_script
+from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
 from worldmodel.machine import available_cores
@@ -489,10 +488,7 @@ def run_phase(args: Args, index: int, phase: str) -> rl.Report | None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    def run() -> None:
-        main(tyro.cli(Args, args=argv, description=__doc__))
-
-    return run_script(run)
+    return run_cli(Args, main, argv, __doc__)
 
 
 if __name__ == "__main__":

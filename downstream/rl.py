@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np
 import torch
-import tyro
 from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
@@ -53,7 +52,7 @@ from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
 from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
-from worldmodel.errors import InputError, check_options, run_script
+from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.tasks import get_task, pad_actions
 
 
@@ -357,10 +356,7 @@ def main(args: Args) -> Report:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    def run() -> None:
-        main(tyro.cli(Args, args=argv, description=__doc__))
-
-    return run_script(run)
+    return run_cli(Args, main, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,14 @@ def check_options(options: object, minimum: float, *names: str) -> None:
         if value < minimum:
             rule = "positive" if minimum == 1 else f">= {minimum}"
             raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
+def run_cli(args_type: type, main: Callable[..., object], argv: list[str] | None, description: str | None) -> int:
+    """A tyro entry point: parse ``argv`` into ``args_type`` (``--help`` from its field docstrings), run
+    ``main`` on it through ``run_script``."""
+    import tyro  # only the scripts need it
+
+    def run() -> None:
+        main(tyro.cli(args_type, args=argv, description=description))
+
+    return run_script(run)
