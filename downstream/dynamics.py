@@ -23,7 +23,6 @@ from typing import Any, Literal
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import h5py
-import numpy as np
 import torch
 import tyro
 
@@ -35,10 +34,8 @@ from worldmodel.dynamics_benchmark import (
     JUMP,
     PREDICTIONS,
     REFERENCES,
+    benchmark_record,
     choose_window_starts,
-    horizon_errors,
-    jump_free_ratios,
-    keypoint_stability,
     open_loop,
     probe_task,
 )
@@ -105,16 +102,10 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     windows = cache[args.split]
     starts = choose_window_starts(windows, length, args.windows, args.seed)
     result = open_loop(model, windows, starts, args.observed, args.horizon, args.samples, args.seed)
-    errors = horizon_errors(result, args.observed)
     record: dict[str, Any] = {
         "run": str(run),
         "label": f"{run.name}: {loaded.config.variant} / {loaded.config.dynamics}",
-        "horizon_errors": {name: getattr(errors, name).tolist() for name in PREDICTIONS + REFERENCES},
-        "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in PREDICTIONS + REFERENCES},
-        "num_windows": errors.num_windows,
-        "num_samples": errors.num_samples,
-        "stability": keypoint_stability(windows)._asdict(),
-        "jump_free_ratio_to_hold_last": jump_free_ratios(result, args.observed),
+        **benchmark_record(result, args.observed, windows),
     }
     if args.probe:
         root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
@@ -138,7 +129,7 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
              f"(ratio to hold-last; < 1 beats holding still):", "",
              "| run | single | mean of N | best of N | hold-last | constant velocity |", "|---|---|---|---|---|---|"]  # fmt: skip
     for record in records:
-        cells = [f"{np.mean(record['horizon_errors'][name]):.4f} ({record['ratio_to_hold_last'][name]:.2f}x)"
+        cells = [f"{record['mean_distance'][name]:.4f} ({record['ratio_to_hold_last'][name]:.2f}x)"
                  for name in PREDICTIONS + REFERENCES]  # fmt: skip
         lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
     lines += ["", f"Detector stability ({args.split} split): one-frame keypoint moves; jumps are moves > {JUMP} "
@@ -173,7 +164,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.4), squeeze=False, sharey=True)
     for axis, record in zip(axes[0], records):
         for name in PREDICTIONS + REFERENCES:
-            values = record["horizon_errors"][name]
+            values = record["per_horizon"][name]
             style = "--" if name in REFERENCES else "-"
             axis.plot(range(1, len(values) + 1), values, style, label=name.replace("_", " "))
         axis.set_title(record["label"], fontsize=9)

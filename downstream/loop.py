@@ -151,10 +151,7 @@ RESUME_FREE_OPTIONS = frozenset({"rounds", "out", "workers"})  # change nothing 
 
 def check_args(args: Args) -> None:
     """InputError for options that cannot run (models and data are checked where they are read)."""
-    try:
-        get_task(args.task)
-    except InputError as error:
-        raise InputError(f"--task: {error}") from None
+    get_task(args.task, option="--task")
     check_options(args, 0, "rounds", "train_episodes", "test_episodes")
     check_options(args, 1, "refine_steps", "reward_windows", "reward_epochs", "rl_steps", "num_envs", "eval_episodes", "workers")
     if args.train_episodes < 1 and args.rounds > 0:

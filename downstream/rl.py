@@ -140,10 +140,7 @@ class ProgressBar(BaseCallback):
 
 def check_args(args: Args) -> None:
     """Raise InputError for options that cannot run (the models and data are checked where they are loaded)."""
-    try:
-        get_task(args.task)
-    except InputError as error:
-        raise InputError(f"--task: {error}") from None
+    get_task(args.task, option="--task")
     check_options(args, 1, "steps", "num_envs", "eval_episodes")
     if args.save_every < 0:
         raise InputError(f"--save-every must be >= 0 (0: never), got {args.save_every}")

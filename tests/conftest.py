@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:  # the packages are importable without `pip i
 TINY_DATASET_OPTIONS = ("--train-episodes", "2", "--test-episodes", "1", "--episode-steps", "30", "--seed", "7")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a test of tiny tensors: small-batch CPU work was up to ~25x slower with 2 OpenMP
     threads on a busy 2-core machine (a short fit: 6 s with 1 thread, 160 s with 2, while other jobs ran)."""

@@ -116,12 +116,12 @@ def test_script_on_a_smoke_run(smoke_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     records = main(Args(run=(run,), out=out, observed=4, horizon=4, samples=3, windows=16, device="cpu"))
     saved = json.loads((out / "results.json").read_text())
-    assert saved["runs"][0]["horizon_errors"] == records[0]["horizon_errors"]
-    assert len(records[0]["horizon_errors"]["single"]) == 4 and records[0]["num_samples"] == 3
+    assert saved["runs"][0]["per_horizon"] == records[0]["per_horizon"]
+    assert len(records[0]["per_horizon"]["single"]) == 4 and records[0]["num_samples"] == 3
     assert set(records[0]["probe_r2"]) == {"acrobot", "cartpole", "cheetah", "reacher", "walker-stand", "walker-walk"}
     assert (out / "horizons.png").stat().st_size > 0 and "hold-last" in (out / "results.md").read_text()
     again = main(Args(run=(run,), out=tmp_path / "again", observed=4, horizon=4, samples=3, windows=16, device="cpu"))
-    assert again[0]["horizon_errors"] == records[0]["horizon_errors"]  # seeded
+    assert again[0]["per_horizon"] == records[0]["per_horizon"]  # seeded
 
 
 def test_probe_of_a_run_on_a_subset_of_the_tasks(tiny_dataset: Path, tmp_path: Path) -> None:

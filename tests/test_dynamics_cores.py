@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from worldmodel.checkpoint import load_world_model, model_config_from_dict, save_checkpoint
 from worldmodel.config import DYNAMICS, ModelConfig
 from worldmodel.dynamics import VRNN, GaussianHead
-from worldmodel.dynamics_core import DynamicsCore
+from worldmodel.dynamics_core import DynamicsCore, Unroll
 from worldmodel.hvrnn import HierarchicalVRNN, LevelHead
 from worldmodel.model import Schedule, WorldModel, frames_to_images, previous_actions
 from worldmodel.srvp import SRVP, SRVPCarry
@@ -30,19 +31,30 @@ def smoke_model(dynamics: str, seed: int = 0, **overrides: object) -> WorldModel
     return WorldModel(ModelConfig.smoke(dynamics=dynamics, **sizes))
 
 
-def random_window(model: WorldModel, batch: int = 3, steps: int = 8, seed: int = 1) -> tuple[Tensor, Tensor]:
+class Window(NamedTuple):
+    keypoints: Tensor  # (B, T, K, 3) in [-1, 1]
+    actions: Tensor  # (B, T, 6) in [-1, 1]
+    targets: Tensor  # (B, T, K*3) the keypoints through the model's normaliser, as the core sees them
+
+
+def random_window(model: WorldModel, batch: int = 3, steps: int = 8, seed: int = 1) -> Window:
     g = torch.Generator().manual_seed(seed)
     keypoints = torch.rand(batch, steps, model.config.num_keypoints, 3, generator=g) * 2 - 1
     actions = torch.rand(batch, steps, 6, generator=g) * 2 - 1
-    return keypoints, actions
+    return Window(keypoints, actions, model.normalizer.normalize(keypoints.flatten(2)))
+
+
+def best_of_unroll(model: WorldModel, window: Window, num_observed: int) -> Unroll:
+    """The core's training unroll of a window, with its best-of-many samples."""
+    core = model.dynamics
+    return core.unroll(previous_actions(window.actions), window.targets, num_observed=num_observed, num_samples=core.best_of)
 
 
 @pytest.mark.parametrize("dynamics", CORES)
 def test_shapes_and_loss_terms(dynamics: str) -> None:
     model = smoke_model(dynamics)
     core = model.dynamics
-    keypoints, actions = random_window(model, batch=3, steps=7)
-    targets = model.normalizer.normalize(keypoints.flatten(2))
+    keypoints, actions, targets = random_window(model, batch=3, steps=7)
     unroll = core.unroll(previous_actions(actions), targets, num_observed=4, num_samples=core.best_of)
     f, h, levels = model.config.feature_size, core.hidden_size, len(core.kl_names)
     assert unroll.keypoints.shape == (3, 7, f) and unroll.hidden.shape == (3, 7, h)
@@ -67,7 +79,7 @@ def test_shapes_and_loss_terms(dynamics: str) -> None:
 @pytest.mark.parametrize("dynamics", CORES)
 def test_next_frame_depends_on_a_t_and_not_on_a_t_plus_1(dynamics: str) -> None:
     model = smoke_model(dynamics)
-    keypoints, actions = random_window(model, batch=2, steps=8)
+    keypoints, actions, targets = random_window(model, batch=2, steps=8)
     t = 4  # frames 0..4 observed (>= SRVP's k = 3), frame 5 is the first imagined one
 
     def predicted(a: Tensor) -> Tensor:
@@ -99,7 +111,7 @@ def test_next_frame_depends_on_a_t_and_not_on_a_t_plus_1(dynamics: str) -> None:
 def test_deterministic_under_a_seed(dynamics: str) -> None:
     def losses(model_seed: int, sample_seed: int) -> Tensor:
         model = smoke_model(dynamics, seed=model_seed)
-        keypoints, actions = random_window(model)
+        keypoints, actions, targets = random_window(model)
         out = model.dynamics_losses(keypoints, actions, 4, Schedule(1.0, 0.5, 0.5), torch.Generator().manual_seed(sample_seed))
         return torch.stack(list(out))
 
@@ -126,8 +138,7 @@ def test_no_gradient_from_the_dynamics_reaches_the_detector(dynamics: str) -> No
 def test_single_steps_reproduce_unroll_exactly(dynamics: str) -> None:
     model = smoke_model(dynamics)
     core = model.dynamics
-    keypoints, actions = random_window(model, batch=3, steps=8)
-    targets = model.normalizer.normalize(keypoints.flatten(2))
+    keypoints, actions, targets = random_window(model, batch=3, steps=8)
     inputs = previous_actions(actions)
     samples, forcing, observed = core.best_of, (0.6, 0.4), 5
     unroll = core.unroll(inputs, targets, num_observed=observed, num_samples=samples, teacher_forcing=forcing,
@@ -185,12 +196,11 @@ def same_posterior_and_prior(core: DynamicsCore) -> None:
 def test_kl_is_nonnegative_and_zero_for_identical_posterior_and_prior(dynamics: str) -> None:
     model = smoke_model(dynamics)
     core = model.dynamics
-    keypoints, actions = random_window(model, batch=4, steps=8)
-    targets = model.normalizer.normalize(keypoints.flatten(2))
-    unroll = core.unroll(previous_actions(actions), targets, num_observed=8, num_samples=core.best_of)
+    window = random_window(model, batch=4, steps=8)
+    unroll = best_of_unroll(model, window, num_observed=8)
     assert (unroll.kl_terms >= 0).all() and (unroll.kl_terms.sum((0, 1)) > 0).all()
     same_posterior_and_prior(core)
-    unroll = core.unroll(previous_actions(actions), targets, num_observed=8, num_samples=core.best_of)
+    unroll = best_of_unroll(model, window, num_observed=8)
     latent_terms = [i for i, name in enumerate(core.kl_names) if name != "y1"]
     assert torch.equal(unroll.kl_terms[..., latent_terms], torch.zeros_like(unroll.kl_terms[..., latent_terms]))
     if isinstance(core, SRVP):  # the y term against N(0, I): posterior mean 0, std softplus(b) + 1e-4 = 1
@@ -199,7 +209,7 @@ def test_kl_is_nonnegative_and_zero_for_identical_posterior_and_prior(dynamics: 
         bias = torch.zeros_like(out.bias)
         bias[bias.numel() // 2 :] = torch.log(torch.expm1(torch.tensor(1.0 - 1e-4)))
         out.bias.data.copy_(bias)
-        unroll = core.unroll(previous_actions(actions), targets, num_observed=8)
+        unroll = core.unroll(previous_actions(window.actions), window.targets, num_observed=8)
         assert unroll.kl_terms[..., 0].abs().max() < 1e-6
 
 
@@ -254,14 +264,13 @@ def test_srvp_residual_step_known_answer(dt: float) -> None:
 def test_srvp_initial_state_reads_the_first_k_frames_only() -> None:
     model = smoke_model("srvp", srvp_init_frames=3)
     core = model.dynamics
-    keypoints, actions = random_window(model, batch=2, steps=6)
+    keypoints, actions, targets = random_window(model, batch=2, steps=6)
     base = model.observe(keypoints, actions, generator=torch.Generator().manual_seed(0))
     later = keypoints.clone()
     later[:, 2] += 0.5  # frame 3 of the warm-up: frames 0, 1 cannot see it, frame 2 onward do
     moved = model.observe(later, actions, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(moved.hidden[:, :2], base.hidden[:, :2], rtol=0, atol=0)
     assert (moved.hidden[:, 2] - base.hidden[:, 2]).abs().max() > 1e-6
-    targets = model.normalizer.normalize(keypoints.flatten(2))
     unroll = core.unroll(previous_actions(actions), targets, num_observed=6)
     assert (unroll.kl_terms[:, :3, 0] > 0).all() and (unroll.kl_terms[:, 3:, 0] == 0).all()  # y KL: warm-up only
     assert (unroll.kl_terms[:, :3, 1] == 0).all() and (unroll.kl_terms[:, 3:, 1] > 0).all()  # z KL: after it
@@ -375,8 +384,7 @@ RECURRENT = ["vrnn", "hvrnn"]
 @pytest.mark.parametrize("dynamics", RECURRENT)
 def test_feed_detected_makes_observed_frames_feed_the_detected_keypoints(dynamics: str) -> None:
     model = smoke_model(dynamics, feed_detected=True)
-    keypoints, actions = random_window(model, steps=5)
-    targets = model.normalizer.normalize(keypoints.flatten(2))
+    keypoints, actions, targets = random_window(model, steps=5)
     core = model.dynamics
     carry = None
     for t in range(5):
@@ -394,7 +402,7 @@ def test_a_deterministic_core_reads_the_observation_only_with_feed_detected() ->
     the state after observing does not depend on what was observed (except the first frame's decoding)."""
     for feed, depends in ((False, False), (True, True)):
         model = smoke_model("vrnn", variant="struct-rnn", feed_detected=feed)
-        keypoints, actions = random_window(model, steps=6)
+        keypoints, actions, targets = random_window(model, steps=6)
         other = keypoints.clone()
         other[:, 2:] = -keypoints[:, 2:]
         states = [model.observe(k, actions).final.hidden for k in (keypoints, other)]
@@ -405,8 +413,7 @@ def test_a_deterministic_core_reads_the_observation_only_with_feed_detected() ->
 @pytest.mark.parametrize("on", [False, True])
 def test_prior_future_gradient_lets_l_future_train_the_prior(dynamics: str, on: bool) -> None:
     model = smoke_model(dynamics, prior_future_gradient=on)
-    keypoints, actions = random_window(model, steps=6)
-    targets = model.normalizer.normalize(keypoints.flatten(2))
+    keypoints, actions, targets = random_window(model, steps=6)
     unroll = model.dynamics.unroll(previous_actions(actions), targets, num_observed=3, num_samples=1)
     future = model.dynamics.losses(unroll, targets, 3, kl_scale=0.0).future  # no KL: L_future alone
     priors = model.dynamics.prior if dynamics == "vrnn" else model.dynamics.priors
@@ -421,7 +428,7 @@ def test_future_best_of_off_scores_one_prior_sample_on_imagined_frames(dynamics:
     """Without best of many on imagined frames the training loss equals an unroll that draws one prior
     sample there (same random stream), and differs from the best-of-many loss."""
     schedule = Schedule(kl_scale=1.0, teacher_forcing_observed=0.0, teacher_forcing_predicted=0.0)
-    keypoints, actions = random_window(smoke_model(dynamics), steps=6)
+    keypoints, actions, targets = random_window(smoke_model(dynamics), steps=6)
     losses = {}
     for future_best_of in (False, True):
         model = smoke_model(dynamics, future_best_of=future_best_of)
@@ -429,7 +436,6 @@ def test_future_best_of_off_scores_one_prior_sample_on_imagined_frames(dynamics:
             keypoints, actions, 3, schedule, torch.Generator().manual_seed(5)
         ).future
     model = smoke_model(dynamics)
-    targets = model.normalizer.normalize(keypoints.flatten(2))
     core = model.dynamics
     unroll = core.unroll(previous_actions(actions), targets, num_observed=3, num_samples=core.best_of,
                          generator=torch.Generator().manual_seed(5), imagined_samples=1)  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import gymnasium as gym
@@ -32,12 +31,7 @@ from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_rewa
 TASK = "cheetah"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small batches: one thread is fastest on 2 cores
 
 
 @pytest.fixture(scope="module", params=list(DYNAMICS))

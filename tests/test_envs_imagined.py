@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import gymnasium as gym
@@ -39,13 +38,7 @@ from worldmodel.tasks import TASK_NAMES, TASKS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The envs' batches are small: on 2 shared cores one thread is the fast setting (and keeps timing sane)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small batches: one thread is fastest on 2 cores
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,15 @@ from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.data import WindowDataset
 from worldmodel.model import Losses, Schedule, WorldModel
 from worldmodel.precision import Compute
+from worldmodel import training
 from worldmodel.training import (
-    Batch,
-    Objective,
-    ResumableBatchSampler,
     Stage,
-    StageOptimizer,
     TrainConfig,
-    TrainState,
     kl_scale_at,
     learning_rate_at,
     paper_profile,
     schedule_at,
     teacher_forcing_at,
-    train_step,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,32 +83,32 @@ def test_stages_know_their_steps_and_global_offsets() -> None:
     joint = TrainConfig(mode="joint", steps=70)
     assert [(stage.steps(joint), stage.offset(joint)) for stage in Stage.order(joint)] == [(70, 0), (0, 70)]
     assert Stage.JOINT.following(joint) == Stage.DONE and Stage.VISION.following(staged) == Stage.KEYPOINTS
-    assert TrainState.first(dataclasses.replace(staged, vision_from=Path("run"))).stage == Stage.KEYPOINTS
+    assert training.TrainState.first(dataclasses.replace(staged, vision_from=Path("run"))).stage == Stage.KEYPOINTS
 
 
 def test_training_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
     config = TrainConfig(mode="staged", vision_steps=30, dynamics_steps=50)
-    state = TrainState(Stage.DYNAMICS, step=7, stage_seconds={"vision": 12.5, "keypoints": 1.0},
+    state = training.TrainState(Stage.DYNAMICS, step=7, stage_seconds={"vision": 12.5, "keypoints": 1.0},
                        final_losses={"vision": {"total": 0.5}}, last_eval={"psnr": 20.0, "seconds": 0.1})  # fmt: skip
     assert state.global_step(config) == 37
     torch.save(state.to_dict(), tmp_path / "state.pt")
-    assert TrainState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)) == state
+    assert training.TrainState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)) == state
     state.advance(config)
     assert (state.stage, state.step, state.global_step(config)) == (Stage.DONE, 0, 80)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
 def test_batch_sampler_resumes_and_splits_across_ranks() -> None:
-    stream = iter(ResumableBatchSampler(10, 4, seed=3))
+    stream = iter(training.ResumableBatchSampler(10, 4, seed=3))
     batches = [next(stream) for _ in range(6)]  # 24 draws over 10 items: crosses epochs
-    resumed = iter(ResumableBatchSampler(10, 4, seed=3, start_step=4))
+    resumed = iter(training.ResumableBatchSampler(10, 4, seed=3, start_step=4))
     assert [next(resumed) for _ in range(2)] == batches[4:]
     assert sorted(batches[0] + batches[1] + batches[2][:2]) == list(range(10))  # epoch 0 is a permutation
-    ranks = [ResumableBatchSampler(10, 4, seed=3, rank=rank, world_size=2).batch_at(5) for rank in (0, 1)]
+    ranks = [training.ResumableBatchSampler(10, 4, seed=3, rank=rank, world_size=2).batch_at(5) for rank in (0, 1)]
     assert ranks[0] + ranks[1] == batches[5]
-    assert ResumableBatchSampler(10, 4, seed=4).batch_at(0) != batches[0]
+    assert training.ResumableBatchSampler(10, 4, seed=4).batch_at(0) != batches[0]
     with pytest.raises(ValueError, match="divisible"):
-        ResumableBatchSampler(10, 5, seed=3, world_size=2)
+        training.ResumableBatchSampler(10, 5, seed=3, world_size=2)
 
 
 # ---- training steps on real frames -----------------------------------------------------------------
@@ -125,12 +120,12 @@ def real_batch(tiny_dataset: Path, length: int = 16, count: int = 4) -> tuple[to
     return torch.stack([w.frames for w in windows]), torch.stack([w.actions for w in windows])
 
 
-def optimise(model: WorldModel, stage: Stage, steps: int, config: TrainConfig, batch: Batch) -> list[Losses]:
-    optimizer = StageOptimizer.for_stage(model, stage, config, BF16_CPU)
-    objective = Objective(model, stage, config.observed_steps(stage))
+def optimise(model: WorldModel, stage: Stage, steps: int, config: TrainConfig, batch: training.Batch) -> list[Losses]:
+    optimizer = training.StageOptimizer.for_stage(model, stage, config, BF16_CPU)
+    objective = training.Objective(model, stage, config.observed_steps(stage))
     history = []
     for step in range(steps):
-        out = train_step(objective, optimizer, batch, schedule_at(step, steps, config, stage), BF16_CPU)
+        out = training.train_step(objective, optimizer, batch, schedule_at(step, steps, config, stage), BF16_CPU)
         history.append(out.losses)
     return history
 
@@ -140,7 +135,7 @@ def test_training_lowers_image_and_keypoint_losses(tiny_dataset: Path) -> None:
     config = TrainConfig(net=ModelConfig.smoke())
     torch.manual_seed(0)
     model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
-    history = optimise(model, Stage.JOINT, 40, config, Batch(frames, actions))
+    history = optimise(model, Stage.JOINT, 40, config, training.Batch(frames, actions))
 
     def mean(name: str, part: slice) -> float:
         return sum(float(getattr(losses, name)) for losses in history[part]) / len(history[part])
@@ -174,9 +169,9 @@ def test_every_variant_trains_through_the_training_code(variant: str, tiny_datas
     torch.manual_seed(0)
     model = WorldModel(config.model_config).to(memory_format=torch.channels_last)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    joint = optimise(model, Stage.JOINT, 1, config, Batch(frames, actions))[0]
+    joint = optimise(model, Stage.JOINT, 1, config, training.Batch(frames, actions))[0]
     keypoints = model.detect(frames)
-    dynamics = optimise(model, Stage.DYNAMICS, 1, config, Batch(keypoints, actions))[0]
+    dynamics = optimise(model, Stage.DYNAMICS, 1, config, training.Batch(keypoints, actions))[0]
     assert torch.isfinite(joint.total) and torch.isfinite(dynamics.total)
     assert (float(joint.kl) > 0) == (variant != "struct-rnn")  # struct-rnn has no latent, hence no KL
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]

@@ -55,15 +55,7 @@ from worldmodel.checkpoint import (  # noqa: E402
     save_checkpoint,
     seed_rng,
 )
-from worldmodel.dynamics_benchmark import (  # noqa: E402
-    PREDICTIONS,
-    REFERENCES,
-    choose_window_starts,
-    horizon_errors,
-    jump_free_ratios,
-    keypoint_stability,
-    open_loop,
-)
+from worldmodel.dynamics_benchmark import benchmark_record, choose_window_starts, open_loop  # noqa: E402
 from worldmodel.errors import InputError, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
 from worldmodel.config import STATE_VARIANT  # noqa: E402
@@ -291,17 +283,7 @@ def dynamics_benchmark(model: WorldModel, test: KeypointSplit, config: TrainConf
     result = open_loop(model, test, starts, config.num_observed, config.num_predicted, config.eval_samples, config.seed)
     if model.config.reads_states:  # the state-space bound: per-feature error in normalised state units
         result = per_feature_points(result, model.normalizer)
-    errors = horizon_errors(result, config.num_observed)
-    names = PREDICTIONS + REFERENCES
-    return {
-        "mean_distance": {name: float(getattr(errors, name).mean()) for name in names},
-        "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in names},
-        "per_horizon": {name: getattr(errors, name).tolist() for name in names},
-        "num_windows": errors.num_windows,
-        "num_samples": errors.num_samples,
-        "stability": None if model.config.reads_states else keypoint_stability(test)._asdict(),
-        "jump_free_ratio_to_hold_last": None if model.config.reads_states else jump_free_ratios(result, config.num_observed),
-    }
+    return benchmark_record(result, config.num_observed, None if model.config.reads_states else test)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ Two questions, both asked without pixels (the trainer's keypoint cache holds eve
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -118,6 +118,24 @@ def horizon_errors(result: OpenLoop, num_observed: int) -> HorizonErrors:
     }
     means = {name: value.mean(0).double().numpy() for name, value in table.items()}  # (H,) each
     return HorizonErrors(**means, num_windows=int(per_sample.shape[1]), num_samples=int(per_sample.shape[0]))
+
+
+def benchmark_record(result: OpenLoop, num_observed: int, split: KeypointSplit | None) -> dict[str, Any]:
+    """The benchmark's JSON record of one open-loop evaluation, as the trainer's summary.json and
+    downstream/dynamics.py store it: per-horizon errors, their means and ratios to hold-last, and, given the
+    keypoint ``split`` the windows came from, the detector's stability and the jump-free ratios (None for the
+    state-space bound, whose features do not jump)."""
+    errors = horizon_errors(result, num_observed)
+    names = PREDICTIONS + REFERENCES
+    return {
+        "mean_distance": {name: float(getattr(errors, name).mean()) for name in names},
+        "ratio_to_hold_last": {name: errors.ratio_to_hold_last(name) for name in names},
+        "per_horizon": {name: getattr(errors, name).tolist() for name in names},
+        "num_windows": errors.num_windows,
+        "num_samples": errors.num_samples,
+        "stability": None if split is None else keypoint_stability(split)._asdict(),
+        "jump_free_ratio_to_hold_last": None if split is None else jump_free_ratios(result, num_observed),
+    }
 
 
 class Stability(NamedTuple):

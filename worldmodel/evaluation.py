@@ -56,14 +56,8 @@ def psnr(prediction: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def ssim(
-    prediction: Tensor,
-    target: Tensor,
-    data_range: float = 1.0,
-    window_size: int = SSIM_WINDOW,
-    sigma: float = SSIM_SIGMA,
-) -> Tensor:
-    """Structural similarity per image: inputs (..., C, H, W) with H, W >= window; returns shape (...).
+def ssim(prediction: Tensor, target: Tensor) -> Tensor:
+    """Structural similarity per image: inputs (..., C, H, W) in [0, 1] with H, W >= SSIM_WINDOW; returns shape (...).
 
     ``pytorch_msssim.ssim``: local statistics under a Gaussian window with valid filtering, the SSIM map
     averaged over pixels and channels of each image (the module docstring gives the constants).
@@ -72,12 +66,12 @@ def ssim(
         raise ValueError(f"shape mismatch: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     batch_shape = prediction.shape[:-3]
     channels, height, width = prediction.shape[-3:]
-    if min(height, width) < window_size:  # the library would skip the filtering along that axis
-        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size} pixels, got {height}x{width}")
+    if min(height, width) < SSIM_WINDOW:  # the library would skip the filtering along that axis
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {height}x{width}")
     x = prediction.float().reshape(-1, channels, height, width)
     y = target.float().reshape(-1, channels, height, width)
     values = pytorch_msssim.ssim(
-        x, y, data_range=data_range, size_average=False, win_size=window_size, win_sigma=sigma, K=(SSIM_K1, SSIM_K2)
+        x, y, data_range=1.0, size_average=False, win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA, K=(SSIM_K1, SSIM_K2)
     )
     return values.reshape(batch_shape)
 

@@ -56,14 +56,14 @@ def task_id(name: str) -> int:
     return TASK_NAMES.index(get_task(name).name)
 
 
-def get_task(name: str) -> TaskSpec:
-    """The spec of a task by short name; a clear error lists the valid names otherwise."""
+def get_task(name: str, option: str = "") -> TaskSpec:
+    """The spec of a task by short name; a clear error lists the valid names otherwise, prefixed by the
+    command-line ``option`` the name came from, if given."""
     try:
         return TASKS[name]
     except KeyError:
-        raise InputError(
-            f"unknown task {name!r}: choose from {', '.join(TASK_NAMES)} (or 'all')"
-        ) from None
+        prefix = f"{option}: " if option else ""
+        raise InputError(f"{prefix}unknown task {name!r}: choose from {', '.join(TASK_NAMES)} (or 'all')") from None
 
 
 def parse_tasks(text: str) -> list[str]:

@@ -39,23 +39,12 @@ import torch  # noqa: E402
 
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.precision import choose_compute, cpu_info  # noqa: E402
-from worldmodel.training import (  # noqa: E402
-    Batch,
-    Objective,
-    ResumableBatchSampler,
-    Stage,
-    StageOptimizer,
-    TrainConfig,
-    profile_config,
-    schedule_at,
-    seeded_loader,
-    train_step,
-)
+from worldmodel import training  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
-def real_or_random_batch(data: Path, config: TrainConfig, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def real_or_random_batch(data: Path, config: training.TrainConfig, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
         from worldmodel.data import WindowDataset
 
@@ -70,18 +59,18 @@ def real_or_random_batch(data: Path, config: TrainConfig, batch: int, length: in
         return frames, torch.rand(batch, length, 6, generator=generator) * 2 - 1, f"random frames ({error})"
 
 
-def build(config: TrainConfig, stage: Stage, precision: str, channels_last: bool):  # noqa: ANN201
+def build(config: training.TrainConfig, stage: training.Stage, precision: str, channels_last: bool):  # noqa: ANN201
     torch.manual_seed(0)
     compute = choose_compute(CPU, precision, channels_last)  # type: ignore[arg-type]
     model = compute.prepare(WorldModel(config.model_config))
-    optimizer = StageOptimizer.for_stage(model, stage, config, compute)
-    objective = Objective(model, stage, config.observed_steps(stage))
-    schedule = schedule_at(config.steps // 2, config.steps, config, stage)
+    optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
+    objective = training.Objective(model, stage, config.observed_steps(stage))
+    schedule = training.schedule_at(config.steps // 2, config.steps, config, stage)
 
     def step(inputs: torch.Tensor, actions: torch.Tensor | None = None) -> None:
         if actions is None:  # the vision stage reads none
             actions = torch.zeros(*inputs.shape[:2], 6)
-        train_step(objective, optimizer, Batch(inputs, actions), schedule, compute)
+        training.train_step(objective, optimizer, training.Batch(inputs, actions), schedule, compute)
 
     return model, step
 
@@ -116,7 +105,7 @@ def conv_share(step: Callable[[], None]) -> float:
     return conv / total
 
 
-def data_wait(data: Path, config: TrainConfig, length: int, step_seconds: float, steps: int) -> float | None:
+def data_wait(data: Path, config: training.TrainConfig, length: int, step_seconds: float, steps: int) -> float | None:
     """Mean seconds the loop waits for a batch when each step takes ``step_seconds`` of compute."""
     try:
         from worldmodel.data import WindowDataset
@@ -124,8 +113,8 @@ def data_wait(data: Path, config: TrainConfig, length: int, step_seconds: float,
         dataset = WindowDataset(data, config.tasks, "train", length=length)
     except (FileNotFoundError, ValueError):
         return None
-    sampler = ResumableBatchSampler(len(dataset), config.batch_size, seed=0)
-    loader = iter(seeded_loader(dataset, sampler, max(1, config.num_workers), 0, pin_memory=False))
+    sampler = training.ResumableBatchSampler(len(dataset), config.batch_size, seed=0)
+    loader = iter(training.seeded_loader(dataset, sampler, max(1, config.num_workers), 0, pin_memory=False))
     next(loader)  # worker start-up is a one-off
     waits = []
     for _ in range(steps):
@@ -145,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = profile_config(args.profile)
+    config = training.profile_config(args.profile)
     window = config.window
     frames, actions, source = real_or_random_batch(args.data, config, config.batch_size, window)
     print(f"profile {args.profile}: {config.model_config}")
@@ -163,8 +152,8 @@ def main() -> None:
     # 1. the candidates side by side, joint step; 2. the automatic path with the vision losses only
     candidates = {"fp32 NCHW": ("fp32", False), "fp32 channels_last": ("fp32", True),
                   "bf16 channels_last": ("bf16", True), auto_name: (auto.precision, auto.channels_last)}  # fmt: skip
-    steps = {name: build(config, Stage.JOINT, *choice)[1] for name, choice in candidates.items()}
-    _, vision_step = build(config, Stage.VISION, auto.precision, auto.channels_last)
+    steps = {name: build(config, training.Stage.JOINT, *choice)[1] for name, choice in candidates.items()}
+    _, vision_step = build(config, training.Stage.VISION, auto.precision, auto.channels_last)
     timed: dict[str, Callable[[], None]] = {
         f"joint, {name}": lambda step=step: step(frames, actions) for name, step in steps.items()
     }
@@ -197,7 +186,7 @@ def main() -> None:
     if config.mode == "staged":
         vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
         vision_choices = {"auto": (auto.precision, auto.channels_last), "fp32 channels_last": ("fp32", True)}
-        vision_steps = {name: build(config, Stage.VISION, *choice)[1] for name, choice in vision_choices.items()}
+        vision_steps = {name: build(config, training.Stage.VISION, *choice)[1] for name, choice in vision_choices.items()}
         seconds = interleaved_seconds(
             {name: lambda step=step: step(vision_frames) for name, step in vision_steps.items()}, args.steps
         )
@@ -205,7 +194,7 @@ def main() -> None:
         for name, value in seconds.items():
             print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}), {name}: "
                   f"{1 / value:.2f} steps/s, {count / value:.0f} frames/s")  # fmt: skip
-        model, dynamics_step = build(config, Stage.DYNAMICS, auto.precision, auto.channels_last)
+        model, dynamics_step = build(config, training.Stage.DYNAMICS, auto.precision, auto.channels_last)
         keypoints = model.detect(frames)
         seconds = interleaved_seconds(
             {"staged dynamics step": lambda: dynamics_step(keypoints, actions)}, 3 * args.steps
