@@ -1,7 +1,8 @@
 """The VRNN dynamics on flattened keypoints (S1.1.2), with best of many (eq. 8) and scheduled sampling (S1.3).
 
 One step for frame t (the state that predicts frame t has seen a_{t-1}, the action that produced it; the paper's
-S1.1.2 feeds a_{t-1} one step later, which leaves the prior blind to it; Dreamer's RSSM orders it as here):
+S1.1.2 feeds a_{t-1} one step later, which leaves the prior blind to it; Dreamer's RSSM orders it as here;
+docs/DESIGN.md sections 2 and 3.5):
 
     h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}])          (S9, with the action that produced frame t)
     prior:     mean, std = phi_prior(h_t)                   (S6)
