@@ -17,7 +17,8 @@ coordinates in [-1, 1] and mu in [0, 1]) does not fit.
 
 ``struct-rnn`` has no z (size 0), no prior/posterior and no KL; ``struct-vrnn-nobom`` draws one sample.
 The VRNN implements ``DynamicsCore`` (worldmodel/dynamics_core.py): its hidden state is h_t, best of many
-and scheduled sampling apply on every frame, and the prior is trained by the KL only.
+and scheduled sampling apply as configured (``future_best_of``, ``feed_detected``), and the prior is trained by
+the KL only unless ``prior_future_gradient`` lets L_future reach it (the ``cpu`` profile does).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class RecurrentKeypointCore(DynamicsCore):
 
 
 class VRNN(RecurrentKeypointCore):
-    """The dynamics core shared by all four variants."""
+    """The VRNN dynamics core (``--dynamics vrnn``), for every ``--model`` variant."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -190,7 +191,7 @@ class VRNN(RecurrentKeypointCore):
         stream per batch row, like the imagination envs, draw it themselves).
 
         Best of many (eq. 8): with a target (B, F) and more than one sample, N samples are decoded at once and the
-        one closest to the target (squared error in normalised space) is kept; gradients flow through the
+        one closest to the target (``ModelConfig.keypoint_error`` in normalised space) is kept; gradients flow through the
         chosen sample only (it is decoded again with grad). Without a target the first sample is used.
         ``base`` (B, F), when given, is added to every decoded output (residual keypoints).
         """

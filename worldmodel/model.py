@@ -117,7 +117,7 @@ class VisionOutput(NamedTuple):
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast of inference convolutions on ``device``, as ``worldmodel.precision`` decides: bf16 only
-    where the hardware runs it natively. The dynamics always run in float32 inside (``VRNN.unroll``)."""
+    where the hardware runs it natively. The dynamics always run in float32 inside (``DynamicsCore.unroll``)."""
     return inference_compute(device).autocast()
 
 
