@@ -5,7 +5,8 @@ or the real simulator) filtered through the posterior, and then continues in ima
 drives one imagine step of the model's dynamics core (a prior sample), the agent observes the core's hidden
 state (``DynamicsCore.hidden_state``: the GRU state of the VRNNs, SRVP's y), and the
 task's GRU reward predictor (``downstream/reward.py``), carried as a recurrent state over the same
-hidden states, gives the reward. ``render()`` decodes the imagined keypoints into a 64x64 frame.
+hidden states, gives the reward. ``render()`` decodes the imagined keypoints into a 64x64 frame. What a step
+computes, where the reward comes from, the contexts and the seeding: docs/DESIGN.md section 5.
 
 Which world model (first found wins): the ``checkpoint=`` keyword (a run directory of
 ``train/world_model.py`` or a checkpoint file in it), the ``STRUCTVRNN_CHECKPOINT`` environment variable,

@@ -9,6 +9,8 @@ the paper's own detector; docs/VISION.md tells what collapsed with it and why th
 
 Profiles: ``paper`` = the field defaults; ``cpu`` = reduced sizes (K 32, 16 base filters, z 32, GRU 256,
 best of 10) and the dynamics training of docs/DYNAMICS.md's diagnosis; ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
+The variants and the training profiles side by side: docs/DESIGN.md section 6; every deviation from the paper
+and its evidence: docs/DESIGN.md section 3.8.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Windows of consecutive steps from the collected datasets, as a torch Dataset (docs/CONTRACTS.md).
+"""Windows of consecutive steps from the collected datasets, as a torch Dataset (docs/CONTRACTS.md; the data
+conventions, frames/actions/rewards alignment and windows, in docs/DESIGN.md section 2).
 
 ``WindowDataset(root, tasks, split, length)`` serves every window of ``length`` consecutive frames
 (with their actions and rewards) that lies inside one episode, from one or more tasks' files

@@ -1,7 +1,8 @@
 """The VRNN dynamics on flattened keypoints (S1.1.2), with best of many (eq. 8) and scheduled sampling (S1.3).
 
 One step for frame t (the state that predicts frame t has seen a_{t-1}, the action that produced it; the paper's
-S1.1.2 feeds a_{t-1} one step later, which leaves the prior blind to it; Dreamer's RSSM orders it as here):
+S1.1.2 feeds a_{t-1} one step later, which leaves the prior blind to it; Dreamer's RSSM orders it as here;
+docs/DESIGN.md sections 2 and 3.5):
 
     h_t = GRU(h_{t-1}, [x_{t-1}, z_{t-1}, a_{t-1}])          (S9, with the action that produced frame t)
     prior:     mean, std = phi_prior(h_t)                   (S6)
@@ -16,7 +17,8 @@ coordinates in [-1, 1] and mu in [0, 1]) does not fit.
 
 ``struct-rnn`` has no z (size 0), no prior/posterior and no KL; ``struct-vrnn-nobom`` draws one sample.
 The VRNN implements ``DynamicsCore`` (worldmodel/dynamics_core.py): its hidden state is h_t, best of many
-and scheduled sampling apply on every frame, and the prior is trained by the KL only.
+and scheduled sampling apply as configured (``future_best_of``, ``feed_detected``), and the prior is trained by
+the KL only unless ``prior_future_gradient`` lets L_future reach it (the ``cpu`` profile does).
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ class RecurrentKeypointCore(DynamicsCore):
 
 
 class VRNN(RecurrentKeypointCore):
-    """The dynamics core shared by all four variants."""
+    """The VRNN dynamics core (``--dynamics vrnn``), for every ``--model`` variant."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -189,7 +191,7 @@ class VRNN(RecurrentKeypointCore):
         stream per batch row, like the imagination envs, draw it themselves).
 
         Best of many (eq. 8): with a target (B, F) and more than one sample, N samples are decoded at once and the
-        one closest to the target (squared error in normalised space) is kept; gradients flow through the
+        one closest to the target (``ModelConfig.keypoint_error`` in normalised space) is kept; gradients flow through the
         chosen sample only (it is decoded again with grad). Without a target the first sample is used.
         ``base`` (B, F), when given, is added to every decoded output (residual keypoints).
         """

@@ -7,7 +7,7 @@ paper's Figure 3 convention for stochastic models).
 
 * Keypoint error: predicted vs *detected* keypoints on the predicted steps (the detector is the
   reference; there is no ground-truth keypoint). ``keypoint_mse`` is the mean squared error over the
-  (x, y, mu) triples, the quantity the training loss uses; ``keypoint_distance`` is the mean Euclidean
+  (x, y, mu) triples (training measures ``ModelConfig.keypoint_error`` on normalised keypoints); ``keypoint_distance`` is the mean Euclidean
   distance of the (x, y) positions in the model's [-1, 1] image coordinates (1.0 = half the image).
   Both are reported for the best of N samples (chosen per sequence by ``keypoint_mse``) and for one
   random sample. For ``cnn-vrnn`` the "keypoints" are its feature vector, so the numbers are errors

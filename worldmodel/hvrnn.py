@@ -16,7 +16,7 @@ step as cheap as the VRNN's. Hidden state: h_t.
 
 Best of many (eq. 8 of Minderer et al.) and scheduled sampling apply as in the VRNN: N whole top-down
 samples are decoded, the closest to the target is kept and redrawn with gradient; the prior is trained by
-the KL only (detached on imagined frames).
+the KL only (detached on imagined frames) unless ``prior_future_gradient``.
 """
 
 from __future__ import annotations

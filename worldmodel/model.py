@@ -1,5 +1,6 @@
 """The action-conditional Struct-VRNN world model (Minderer et al. 2019, "Unsupervised Learning of Object
-Structure and Dynamics from Videos", sections 3-4 and supplement S1; API in docs/CONTRACTS.md).
+Structure and Dynamics from Videos", sections 3-4 and supplement S1; API in docs/CONTRACTS.md; the design,
+shapes, losses and where they deviate from the paper in docs/DESIGN.md section 3).
 
     frames --phi_det--> keypoints x_t --(stop gradient)--> VRNN(h, z, a) --> predicted keypoints
        |                    |                                                   |
@@ -10,7 +11,7 @@ Loss = L_image + lambda_sep L_sep + lambda_sparse L_sparse + L_VRNN + L_future (
 detected keypoints through a stop-gradient, so the joint objective can also be trained in stages.
 
 Inputs are uint8 frames (B, T, 64, 64, 3) and zero-padded actions (B, T, 6) with ``actions[:, t]`` applied
-at frame t. All sampling goes through torch's RNG (an optional ``torch.Generator`` is accepted). The convs
+at frame t (the causal action convention: docs/DESIGN.md section 2). All sampling goes through torch's RNG (an optional ``torch.Generator`` is accepted). The convs
 take channels_last inputs and are safe under ``torch.autocast`` (bf16 on CPU); keypoint arithmetic, the
 dynamics and the losses run in float32.
 """
@@ -116,7 +117,7 @@ class VisionOutput(NamedTuple):
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast of inference convolutions on ``device``, as ``worldmodel.precision`` decides: bf16 only
-    where the hardware runs it natively. The dynamics always run in float32 inside (``VRNN.unroll``)."""
+    where the hardware runs it natively. The dynamics always run in float32 inside (``DynamicsCore.unroll``)."""
     return inference_compute(device).autocast()
 
 
@@ -140,7 +141,8 @@ def states_to_keypoints(states: Tensor, num_keypoints: int) -> Tensor:
 
 
 def previous_actions(actions: Tensor) -> Tensor:
-    """(B, T, A) with actions[:, t] applied at frame t -> row t = a_{t-1}, the action that produced frame t."""
+    """(B, T, A) with actions[:, t] applied at frame t -> row t = a_{t-1}, the action that produced frame t
+    (docs/DESIGN.md section 2)."""
     return torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)
 
 

@@ -6,7 +6,7 @@ as the true low-dimensional states or the actions) and outputs one reward per fr
 Timing: ``rewards[t]`` is earned by the step from frame t to frame t+1 and depends on the state that
 step leads to, so it is the target of the output at frame t+1 (``align_rewards``). Frame 0 of a window
 has no target. The hidden state that predicts frame t+1 has already seen the action a_t (the action order
-of docs/CONTRACTS.md), so a causal predictor can know it.
+of docs/CONTRACTS.md and docs/DESIGN.md section 2), so a causal predictor can know it.
 """
 
 from __future__ import annotations

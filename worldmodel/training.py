@@ -59,7 +59,7 @@ RESUME_FREE = {"resume_free": True}
 class TrainConfig:
     """Train one action-conditional Struct-VRNN on the data of all six DMC tasks.
 
-    A profile (--profile paper|cpu|smoke) supplies the defaults; any option given on the command line
+    A profile (--profile paper|cpu|quick|smoke) supplies the defaults; any option given on the command line
     overrides the profile's value. Model sizes and loss weights are the --net.* options.
     """
 
