@@ -14,6 +14,7 @@ from worldmodel.config import DYNAMICS, ModelConfig
 from worldmodel.dynamics import VRNN, GaussianHead
 from worldmodel.dynamics_core import DynamicsCore, Unroll
 from worldmodel.hvrnn import HierarchicalVRNN, LevelHead
+from worldmodel.losses import gaussian_kl, keypoint_error
 from worldmodel.model import Schedule, WorldModel, frames_to_images, previous_actions
 from worldmodel.srvp import SRVP, SRVPCarry
 from worldmodel.training import Stage, TrainConfig, schedule_at
@@ -441,3 +442,43 @@ def test_future_best_of_off_scores_one_prior_sample_on_imagined_frames(dynamics:
                          generator=torch.Generator().manual_seed(5), imagined_samples=1)  # fmt: skip
     torch.testing.assert_close(losses[False], core.losses(unroll, targets, 3, 1.0).future)
     assert losses[True] < losses[False]  # the best of 4 samples is closer than one
+
+
+def test_hvrnn_step_equals_the_level_heads_applied_one_by_one() -> None:
+    """The hierarchical VRNN's observed step (top-down sampling of all N samples at once, the KL of all levels in
+    one call) against a by-hand reference: each sample drawn alone, level by level with the ``LevelHead``
+    modules, the best decoded sample kept, and one KL per level."""
+    model = smoke_model("hvrnn", hvrnn_levels=3)
+    core = model.dynamics
+    assert isinstance(core, HierarchicalVRNN)
+    batch, samples, z = 4, 5, core.level_size
+    g = torch.Generator().manual_seed(3)
+    previous = core.observe_step(None, torch.zeros(batch, 6), torch.randn(batch, model.config.feature_size, generator=g))
+    action, target = torch.randn(batch, 6, generator=g), torch.randn(batch, model.config.feature_size, generator=g)
+    noise = torch.randn(samples, batch, core.noise_size, generator=g)
+    step = core.observe_step(previous.carry, action, target, noise=noise)
+
+    hidden = core.rnn(torch.cat([previous.carry.keypoints, previous.carry.latent, action], -1), previous.carry.hidden)
+    prior_parts = core.prior_frame(hidden).chunk(core.levels, -1)
+    posterior_parts = core.posterior_frame(torch.cat([target, hidden], -1)).chunk(core.levels, -1)
+
+    def top_down(eps: Tensor) -> tuple[Tensor, Tensor]:  # one sample (B, L*Z) -> latent (B, L*Z), KL (B, L)
+        levels: list[Tensor] = []
+        kls = []
+        for l in range(core.levels):
+            above = torch.cat(levels, -1) if levels else None
+            q = core.posteriors[l](posterior_parts[l], above)
+            p = core.priors[l](prior_parts[l], above)
+            kls.append(gaussian_kl(q.mean, q.std, p.mean, p.std))
+            levels.append(q.mean + q.std * eps[:, l * z : (l + 1) * z])
+        return torch.cat(levels, -1), torch.stack(kls, -1)
+
+    drawn = [top_down(noise[n]) for n in range(samples)]
+    decoded = torch.stack([core.decoder(latent, hidden) for latent, _ in drawn])  # (N, B, F)
+    best = keypoint_error(decoded, target, model.config.keypoint_error).argmin(0)
+    assert best.unique().numel() > 1  # the choice differs between rows: the picking is exercised
+    rows = torch.arange(batch)
+    torch.testing.assert_close(step.hidden, hidden)
+    torch.testing.assert_close(step.prediction, decoded[best, rows])
+    torch.testing.assert_close(step.carry.latent, torch.stack([latent for latent, _ in drawn])[best, rows])
+    torch.testing.assert_close(step.kl, torch.stack([kl for _, kl in drawn])[best, rows])

@@ -78,28 +78,34 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         self.regulariser_weight = 0.0
 
     def top_down(
-        self, prior_parts: list[Tensor], posterior_parts: list[Tensor] | None, noise: Tensor, with_kl: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Sample z^1..z^L top-down: posterior when its frame parts (L x (B, units), from [x_t, h_t]) are
-        given, else the (detached) prior (frame parts from h_t). noise (..., B, L*Z) -> latents
-        (..., B, L*Z) and, with ``with_kl``, the KL per level (B, L) (observed frames only)."""
+        self, heads: nn.ModuleList, parts: list[Tensor], noise: Tensor, detach: bool = False
+    ) -> tuple[Tensor, list[Gaussian]]:
+        """Sample z^1..z^L top-down from ``heads`` (the posteriors, or the priors) given each level's frame
+        part (L x (B, units)): noise (..., B, L*Z) -> latents (..., B, L*Z) and each level's Gaussian
+        (..., B, Z); ``detach`` cuts the Gaussians from the graph (the prior on imagined frames)."""
         z = self.level_size
         levels: list[Tensor] = []
-        kls: list[Tensor] = []
-        for l in range(self.levels):
-            above = torch.cat(levels, dim=-1) if levels else None  # all levels above l (dense)
-            eps = noise[..., l * z : (l + 1) * z]
-            if posterior_parts is None:  # imagined: the prior, trained by the KL only (unless prior_future_gradient)
-                belief = self.priors[l](prior_parts[l], above)
-                if not self.config.prior_future_gradient:
-                    belief = belief.detach()
-            else:
-                belief = self.posteriors[l](posterior_parts[l], above)
-                if with_kl:
-                    prior = self.priors[l](prior_parts[l], above)
-                    kls.append(gaussian_kl(belief.mean, belief.std, prior.mean, prior.std))  # (B,)
-            levels.append(belief.mean + belief.std * eps)  # reparameterised (..., B, Z)
-        return torch.cat(levels, dim=-1), torch.stack(kls, dim=-1) if with_kl else None
+        beliefs: list[Gaussian] = []
+        for l, head in enumerate(heads):
+            # All the levels above l (dense); level 1 alone needs no concatenation (a copy).
+            above = None if l == 0 else levels[0] if l == 1 else torch.cat(levels, dim=-1)
+            belief = head(parts[l], above)
+            if detach:
+                belief = belief.detach()
+            levels.append(torch.addcmul(belief.mean, belief.std, noise[..., l * z : (l + 1) * z]))  # reparameterised
+            beliefs.append(belief)
+        return torch.cat(levels, dim=-1), beliefs
+
+    def level_kl(self, prior_parts: list[Tensor], latent: Tensor, posteriors: list[Gaussian]) -> Tensor:
+        """KL(q(z^l | z^{<l}, x, h) || p(z^l | z^{<l}, h)) of every level, both conditioned on the posterior
+        sample latent (B, L*Z) of the levels above; posteriors: L x (B, Z) -> (B, L), one KL for all levels."""
+        z = self.level_size
+        priors = [head(prior_parts[l], latent[:, : l * z] if l else None) for l, head in enumerate(self.priors)]
+        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731  L x (B, Z) -> (B, L, Z)
+        return gaussian_kl(  # (B, L)
+            stack([q.mean for q in posteriors]), stack([q.std for q in posteriors]),
+            stack([p.mean for p in priors]), stack([p.std for p in priors]),
+        )
 
     def _step(
         self,
@@ -113,30 +119,38 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         hidden = self.transition(carry, action)  # (B, H)
         # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
         base = self.residual_base(carry)
-        offset: Tensor | float = 0.0 if base is None else base
         # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
         prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
+        noise = sampling.noise
+        if noise is None:
+            noise = draw_noise(sampling.num_samples if target is not None else 1, batch, self.noise_size, sampling.generator, hidden)
         posterior_parts = None
         if observed and target is not None:
             frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
             posterior_parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))
-        noise = sampling.noise
-        if noise is None:
-            noise = draw_noise(sampling.num_samples if target is not None else 1, batch, self.noise_size, sampling.generator, hidden)
+        # The posterior on observed frames; on imagined frames the prior, trained by the KL only (unless
+        # prior_future_gradient).
+        heads, parts = (self.priors, prior_parts) if posterior_parts is None else (self.posteriors, posterior_parts)
+        detach = posterior_parts is None and not self.config.prior_future_gradient
         if noise.shape[0] > 1 and target is not None:  # best of many over whole top-down samples
             with torch.no_grad():
-                latents = self.top_down(prior_parts, posterior_parts, noise, with_kl=False)[0]  # (N, B, L*Z)
-                candidates = self.decoder(latents, hidden) + offset  # (N, B, F)
+                candidates = self.decoder(self.top_down(heads, parts, noise)[0], hidden)  # (N, B, F)
+                if base is not None:
+                    candidates = candidates + base
                 best = keypoint_error(candidates, target, self.config.keypoint_error).argmin(0)  # (B,)
             chosen = noise[best, torch.arange(batch, device=hidden.device)]  # (B, L*Z)
         else:
             chosen = noise[0]
-        latent, kl = self.top_down(prior_parts, posterior_parts, chosen, with_kl=observed)  # with gradient
-        prediction = self.decoder(latent, hidden) + offset  # (B, F)
-        zero = hidden.new_zeros(batch)
-        kl = hidden.new_zeros(batch, self.levels) if kl is None else kl
+        latent, beliefs = self.top_down(heads, parts, chosen, detach)  # the chosen sample, with gradient
+        prediction = self.decoder(latent, hidden)  # (B, F)
+        if base is not None:
+            prediction = prediction + base
+        if posterior_parts is not None:
+            kl = self.level_kl(prior_parts, latent, beliefs)
+        else:
+            kl = hidden.new_zeros(batch, self.levels)
         fed = target if observed and target is not None and self.config.feed_detected else prediction
-        return Step(Carry(hidden, fed, latent), prediction, hidden, kl, zero)
+        return Step(Carry(hidden, fed, latent), prediction, hidden, kl, hidden.new_zeros(batch))
 
     def _observe(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
         return self._step(carry, action, target, True, sampling)

@@ -134,12 +134,15 @@ class SRVP(DynamicsCore):
         shape = torch.broadcast_shapes(state.shape[:-1], latent.shape[:-1], action.shape[:-1])
         latent, action = latent.expand(*shape, -1), action.expand(*shape, -1)
         dt = 1.0 / self.substeps
-        penalty = state.new_zeros(shape)
+        penalty: Tensor | None = None
         for _ in range(self.substeps):
             change = self.residual(torch.cat([state.expand(*shape, -1), latent, action], dim=-1))  # (..., B, Y)
-            penalty = penalty + change.square().sum(-1)
-            state = state + dt * change
-        return state, penalty / self.substeps
+            squared = change.square().sum(-1)
+            penalty = squared if penalty is None else penalty + squared
+            # dt = 1 (one sub-step, the default) needs no scaling: the same numbers without the extra ops.
+            state = state + (change if self.substeps == 1 else dt * change)
+        assert penalty is not None
+        return state, penalty if self.substeps == 1 else penalty / self.substeps
 
     def _choose(self, noise: Tensor, candidates: Tensor, target: Tensor | None) -> Tensor:
         """Best of many: the noise row (B, D) whose decoded candidate (N, B, F) is closest to the target."""
