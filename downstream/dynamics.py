@@ -105,7 +105,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     record: dict[str, Any] = {
         "run": str(run),
         "label": f"{run.name}: {loaded.config.variant} / {loaded.config.dynamics}",
-        **benchmark_record(result, args.observed, windows),
+        **benchmark_record(result, args.observed, windows if loaded.config.structured else None),  # cnn: no positions
     }
     if args.probe:
         root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
@@ -135,13 +135,13 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
     lines += ["", f"Detector stability ({args.split} split): one-frame keypoint moves; jumps are moves > {JUMP} "
               "(a tenth of the image), which no dynamics can predict:", "",
               "| run | mean move | median move | jump rate | share of motion in jumps |", "|---|---|---|---|---|"]  # fmt: skip
-    for record in records:
+    for record in (record for record in records if record["stability"] is not None):  # keypoint models only
         st = record["stability"]
         lines.append(f"| {record['label']} | {st['mean_step']:.4f} | {st['median_step']:.4f} | {st['jump_rate']:.3f} | {st['jump_share']:.2f} |")
     lines += ["", "The open-loop ratios to hold-last on keypoint tracks without a jump (what physics explains); the floor is "
               "the ratio over all tracks of a prediction exact on those and holding the jumping ones still:", "",
               "| run | single | mean of N | best of N | tracks kept | floor over all tracks |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for record in records:
+    for record in (record for record in records if record["jump_free_ratio_to_hold_last"] is not None):
         jf = record["jump_free_ratio_to_hold_last"]
         lines.append(f"| {record['label']} | {jf['single']:.2f}x | {jf['mean_of_n']:.2f}x | {jf['best_of_n']:.2f}x | {jf['tracks_kept']:.2f} | {jf['jump_floor']:.2f}x |")
     if any("probe_r2" in record for record in records):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from worldmodel.dynamics_benchmark import (
+    benchmark_record,
     jump_free_ratios,
     keypoint_stability,
     OpenLoop,
@@ -152,6 +153,28 @@ def test_script_refuses_a_run_without_a_keypoint_cache(smoke_run: Path, tmp_path
     (run / "keypoints.pt").unlink()
     with pytest.raises(InputError, match="staged run"):
         main(Args(run=(run,), out=tmp_path / "out", device="cpu"))
+
+def test_benchmark_record_reports_stability_only_for_keypoints() -> None:
+    """The JSON record of the trainer and downstream/dynamics.py: the horizon table's numbers, and the
+    detector's stability and jump-free ratios only when the windows' keypoint split is given (not for the
+    cnn-vrnn's features or the state-space bound's states)."""
+    observed, horizon = 4, 3
+    detected = moving_keypoints(2, observed + horizon, 5, 0.1)
+    samples = detected[None, :, observed:].repeat(3, 1, 1, 1, 1)
+    result = OpenLoop(detected, samples, torch.tensor([0, 7]))
+    split = make_split(detected.flatten(0, 1), [7, 7], [0, 0])
+    record = benchmark_record(result, observed, split)
+    assert record["per_horizon"]["hold_last"] == pytest.approx([0.1, 0.2, 0.3], rel=1e-5)
+    assert record["mean_distance"]["hold_last"] == pytest.approx(0.2, rel=1e-5)
+    assert record["ratio_to_hold_last"]["single"] == pytest.approx(0.0, abs=1e-5)
+    assert (record["num_windows"], record["num_samples"]) == (2, 3)
+    assert record["stability"]["jump_rate"] == 0.0 and record["stability"]["mean_step"] == pytest.approx(0.1)
+    assert record["jump_free_ratio_to_hold_last"]["tracks_kept"] == 1.0
+    json.dumps(record)  # plain JSON
+    features = benchmark_record(result, observed, None)
+    assert features["stability"] is None and features["jump_free_ratio_to_hold_last"] is None
+    assert features["per_horizon"] == record["per_horizon"]
+
 
 def test_keypoint_stability_known_answer() -> None:
     """Two episodes of 3 frames, 2 keypoints: keypoint 0 moves 0.1 then jumps 0.5 in episode 0; everything

@@ -123,8 +123,8 @@ def horizon_errors(result: OpenLoop, num_observed: int) -> HorizonErrors:
 def benchmark_record(result: OpenLoop, num_observed: int, split: KeypointSplit | None) -> dict[str, Any]:
     """The benchmark's JSON record of one open-loop evaluation, as the trainer's summary.json and
     downstream/dynamics.py store it: per-horizon errors, their means and ratios to hold-last, and, given the
-    keypoint ``split`` the windows came from, the detector's stability and the jump-free ratios (None for the
-    state-space bound, whose features do not jump)."""
+    keypoint ``split`` the windows came from, the detector's stability and the jump-free ratios (None, with no split, for
+    models whose features are not keypoint positions: the cnn-vrnn baseline and the state-space bound)."""
     errors = horizon_errors(result, num_observed)
     names = PREDICTIONS + REFERENCES
     return {
