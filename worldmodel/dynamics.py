@@ -200,12 +200,7 @@ class VRNN(RecurrentKeypointCore):
         if belief is None:  # struct-rnn: deterministic
             latent = hidden.new_zeros(batch, 0)
             return latent, self.decoder(latent, hidden) + offset
-        noise = sampling.noise
-        if noise is None:
-            n = sampling.num_samples if target is not None else 1
-            noise = torch.randn(
-                (n, batch, belief.mean.shape[-1]), generator=sampling.generator, device=hidden.device, dtype=hidden.dtype
-            )
+        noise = sampling.draws(batch, belief.mean.shape[-1], hidden, target)
         n = noise.shape[0]
         if n > 1:
             with torch.no_grad():

@@ -50,6 +50,14 @@ class Sampling(NamedTuple):
     generator: torch.Generator | None = None
     noise: Tensor | None = None
 
+    def draws(self, batch: int, size: int, like: Tensor, target: Tensor | None) -> Tensor:
+        """The given noise, else standard normal draws (N, B, size) on ``like``'s device and dtype: ``num_samples``
+        candidates when there is a target to choose by, one without."""
+        if self.noise is not None:
+            return self.noise
+        count = self.num_samples if target is not None else 1
+        return torch.randn((count, batch, size), generator=self.generator, device=like.device, dtype=like.dtype)
+
 
 class Unroll(NamedTuple):
     keypoints: Tensor  # (B, T, F) decoded keypoints x^_t of the chosen samples, normalised
@@ -69,11 +77,6 @@ class DynamicsLosses(NamedTuple):
     kl: Tensor  # the KL terms summed (mean over batch and observed frames), unscaled
     kl_terms: Tensor  # (L,) each KL term (``DynamicsCore.kl_names``), same averaging
     regulariser: Tensor  # the core's own penalty (mean over batch and frames), unweighted
-
-
-def draw_noise(num_samples: int, batch: int, size: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Standard normal draws (N, B, size) on ``like``'s device."""
-    return torch.randn((num_samples, batch, size), generator=generator, device=like.device, dtype=like.dtype)
 
 
 class DynamicsCore(nn.Module):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import STD_OFFSET, Carry, Gaussian, KeypointDecoder, RecurrentKeypointCore, dense
-from worldmodel.dynamics_core import Sampling, Step, draw_noise
+from worldmodel.dynamics_core import Sampling, Step
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 
@@ -121,9 +121,7 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         base = self.residual_base(carry)
         # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
         prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
-        noise = sampling.noise
-        if noise is None:
-            noise = draw_noise(sampling.num_samples if target is not None else 1, batch, self.noise_size, sampling.generator, hidden)
+        noise = sampling.draws(batch, self.noise_size, hidden, target)
         posterior_parts = None
         if observed and target is not None:
             frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)

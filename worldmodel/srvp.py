@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import Gaussian, GaussianHead, dense
-from worldmodel.dynamics_core import DynamicsCore, Sampling, Step, draw_noise
+from worldmodel.dynamics_core import DynamicsCore, Sampling, Step
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 
@@ -134,15 +134,12 @@ class SRVP(DynamicsCore):
         shape = torch.broadcast_shapes(state.shape[:-1], latent.shape[:-1], action.shape[:-1])
         latent, action = latent.expand(*shape, -1), action.expand(*shape, -1)
         dt = 1.0 / self.substeps
-        penalty: Tensor | None = None
+        penalty = state.new_zeros(shape)
         for _ in range(self.substeps):
             change = self.residual(torch.cat([state.expand(*shape, -1), latent, action], dim=-1))  # (..., B, Y)
-            squared = change.square().sum(-1)
-            penalty = squared if penalty is None else penalty + squared
-            # dt = 1 (one sub-step, the default) needs no scaling: the same numbers without the extra ops.
-            state = state + (change if self.substeps == 1 else dt * change)
-        assert penalty is not None
-        return state, penalty if self.substeps == 1 else penalty / self.substeps
+            penalty = penalty + change.square().sum(-1)
+            state = state + dt * change
+        return state, penalty / self.substeps
 
     def _choose(self, noise: Tensor, candidates: Tensor, target: Tensor | None) -> Tensor:
         """Best of many: the noise row (B, D) whose decoded candidate (N, B, F) is closest to the target."""
@@ -197,9 +194,7 @@ class SRVP(DynamicsCore):
     def _observe(self, carry: SRVPCarry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
         batch = target.shape[0]
         carry = self.initial_carry(batch, target.device) if carry is None else carry
-        noise = sampling.noise
-        if noise is None:
-            noise = draw_noise(sampling.num_samples, batch, self.noise_size, sampling.generator, target)
+        noise = sampling.draws(batch, self.noise_size, target, target)
         encoded = self.encode(target)  # (B, E)
         filtered = self.filter(torch.cat([encoded, action], dim=-1), carry.filter)  # r_t (B, U)
         warm = carry.count < self.config.srvp_init_frames  # (B,)
@@ -219,9 +214,7 @@ class SRVP(DynamicsCore):
         if carry is None:
             raise ValueError("SRVP imagines from an observed state: observe at least one frame first")
         batch = action.shape[0]
-        noise = sampling.noise
-        if noise is None:
-            noise = draw_noise(sampling.num_samples if target is not None else 1, batch, self.noise_size, sampling.generator, action)
+        noise = sampling.draws(batch, self.noise_size, action, target)
         state, prediction, _, penalty = self._transition(carry, action, None, target, noise)
         zero = penalty.new_zeros(batch)
         # The filter and the warm-up slots hold: nothing was observed.
