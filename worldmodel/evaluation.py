@@ -26,7 +26,7 @@ channels per image (``tests/test_evaluation.py`` checks it against the formula).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from worldmodel.data import WindowDataset
 from worldmodel.model import DynamicsState, WorldModel
+from worldmodel.precision import Autocast
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -276,33 +277,39 @@ def load_eval_set(root: Path, tasks: Sequence[str], length: int, count: int, see
     )
 
 
-@torch.no_grad()
-def evaluate(
-    model: WorldModel,
-    eval_set: EvalSet,
-    num_observed: int,
-    num_samples: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> tuple[EvalResult, BestOfNPrediction]:
-    """Best-of-N open-loop prediction on every eval window; returns the averages and the first batch's
-    BestOfNPrediction (for pictures). The model is put in eval mode and restored afterwards."""
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block; its previous mode is restored after, also on errors."""
     was_training = model.training
     model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def eval_batches(eval_set: EvalSet, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """The eval windows' frames (B, T, 64, 64, 3) uint8 and actions (B, T, A), batch by batch, on ``device``."""
+    for start in range(0, len(eval_set.frames), batch_size):
+        stop = start + batch_size
+        yield eval_set.frames[start:stop].to(device), eval_set.actions[start:stop].to(device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: WorldModel, eval_set: EvalSet, num_observed: int, num_samples: int, batch_size: int, seed: int,
+    device: torch.device, autocast: Autocast = contextlib.nullcontext,
+) -> tuple[EvalResult, BestOfNPrediction]:  # fmt: skip
+    """Best-of-N open-loop prediction on every eval window; returns the averages and the first batch's
+    BestOfNPrediction (for pictures). The model is put in eval mode and restored afterwards."""
     generator = torch.Generator(device=device).manual_seed(seed)
     results, first = [], None
-    try:
-        for start in range(0, len(eval_set.frames), batch_size):
-            frames = eval_set.frames[start : start + batch_size].to(device)
-            actions = eval_set.actions[start : start + batch_size].to(device)
+    with eval_mode(model):
+        for frames, actions in eval_batches(eval_set, batch_size, device):
             with autocast():
                 prediction = predict_best_of_n(model, frames, actions, num_observed, num_samples, generator)
             results.append(score(prediction, num_observed))
             first = prediction if first is None else first
-    finally:
-        model.train(was_training)
     assert first is not None
     return combine(results), first
 
@@ -326,19 +333,13 @@ class Reconstruction(NamedTuple):
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: WorldModel,
-    eval_set: EvalSet,
-    batch_size: int,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> tuple[ReconstructionResult, Reconstruction]:
+    model: WorldModel, eval_set: EvalSet, batch_size: int, device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+) -> tuple[ReconstructionResult, Reconstruction]:  # fmt: skip
     """Detector + reconstructor on the eval windows (after the vision stage, before any dynamics)."""
-    was_training = model.training
-    model.eval()
     psnrs, ssims, keypoints, first = [], [], [], None
-    try:
-        for start in range(0, len(eval_set.frames), batch_size):
-            frames = eval_set.frames[start : start + batch_size].to(device)
+    with eval_mode(model):
+        for frames, _ in eval_batches(eval_set, batch_size, device):
             with autocast():
                 detected = model.detect(frames)
                 decoded = to_unit_range(model.decode(detected, frames[:, 0], detected[:, 0]))
@@ -347,8 +348,6 @@ def evaluate_reconstruction(
             ssims.append(ssim(decoded, real).flatten())
             keypoints.append(detected)
             first = Reconstruction(detected, decoded, real) if first is None else first
-    finally:
-        model.train(was_training)
     assert first is not None
     diagnostics = model.diagnose(torch.cat(keypoints))
     result = ReconstructionResult(

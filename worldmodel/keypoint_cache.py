@@ -20,7 +20,7 @@ to the dataset since (or a run that took another run's cache with ``--vision-fro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +31,7 @@ from worldmodel import storage
 from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel, vision_modules
+from worldmodel.precision import Autocast
 from worldmodel.windows import flat_window_starts
 
 KEYPOINT_CACHE_FILE = "keypoints.pt"
@@ -128,10 +129,7 @@ def load_keypoint_cache(
 
 @torch.no_grad()
 def detect_in_chunks(
-    model: WorldModel,
-    frames: Tensor,
-    chunk: int,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    model: WorldModel, frames: Tensor, chunk: int, autocast: Autocast = contextlib.nullcontext
 ) -> Tensor:
     """uint8 frames (N, 64, 64, 3) on the model's device -> keypoints (N, K, 3) float32, detected ``chunk``
     frames per call under ``autocast()`` (bounds the activations' memory)."""

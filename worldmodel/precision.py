@@ -23,12 +23,15 @@ import contextlib
 import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+"""A zero-argument factory of the autocast context (``Compute.autocast``; ``contextlib.nullcontext`` for none)."""
 
 
 class CpuInfo(NamedTuple):

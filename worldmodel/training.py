@@ -228,24 +228,11 @@ def quick_profile() -> TrainConfig:
 def smoke_profile() -> TrainConfig:
     """Seconds, for tests: the tiny ModelConfig.smoke network, staged, a handful of steps of small batches."""
     return TrainConfig(
-        profile="smoke",
-        mode="staged",
-        steps=6,
-        vision_steps=6,
-        dynamics_steps=6,
-        batch_size=4,
-        vision_batch_size=4,
-        vision_window=4,
-        num_workers=0,
-        log_every=2,
-        eval_every=4,
-        eval_windows=4,
-        eval_samples=3,
-        eval_batch_size=4,
-        checkpoint_every=4,
-        progress=False,
-        net=ModelConfig.smoke(),
-    )
+        profile="smoke", mode="staged", net=ModelConfig.smoke(), progress=False, num_workers=0,
+        steps=6, vision_steps=6, dynamics_steps=6, log_every=2, checkpoint_every=4,
+        batch_size=4, vision_batch_size=4, vision_window=4,
+        eval_every=4, eval_windows=4, eval_samples=3, eval_batch_size=4,
+    )  # fmt: skip
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

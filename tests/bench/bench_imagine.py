@@ -64,6 +64,8 @@ class Args:
     """Whole episodes of the vector env measured (with their automatic resets)."""
     device: str = "cpu"
     """Device of the world model."""
+    seed: int = 0
+    """Seeds the untrained model (when there is no checkpoint), the env resets and the random actions."""
 
 
 class Setup(NamedTuple):
@@ -106,7 +108,7 @@ def setup(args: Args, scratch: Path) -> Setup:
 
     data = ensure_data(args, scratch)
     config = ModelConfig.cpu()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = WorldModel(config)
     run = scratch / "run"
     repeats = {name: spec.action_repeat for name, spec in TASKS.items()}
@@ -121,10 +123,10 @@ def setup(args: Args, scratch: Path) -> Setup:
     return Setup(run, None, None, description)
 
 
-def real_steps_per_second(task: str, action_repeat: int, seconds: float) -> float:
+def real_steps_per_second(task: str, action_repeat: int, seconds: float, seed: int) -> float:
     env = gym.make(f"StructVRNN-Real-{task}", action_repeat=action_repeat)
-    env.reset(seed=0)
-    env.action_space.seed(0)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         _, _, terminated, truncated, _ = env.step(env.action_space.sample())
@@ -145,14 +147,14 @@ def env_kwargs(s: Setup, device: str, threads: int) -> dict[str, object]:
     return kwargs
 
 
-def single_env(task: str, s: Setup, device: str, threads: int, seconds: float) -> tuple[float, float, float]:
+def single_env(task: str, s: Setup, device: str, threads: int, seconds: float, seed: int) -> tuple[float, float, float]:
     """(steps/s, resets included as they come; cold reset ms; warm reset ms) of one imagined env."""
     env = gym.make(f"StructVRNN-Imagined-{task}", **env_kwargs(s, device, threads)).unwrapped
     started = time.perf_counter()
-    env.reset(seed=12345)  # a window not seen yet: detection (unless a keypoint cache is used)
+    env.reset(seed=seed + 12345)  # a window not seen yet: detection (unless a keypoint cache is used)
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    env.reset(seed=12345)  # the same window again: cached
+    env.reset(seed=seed + 12345)  # the same window again: cached
     warm = time.perf_counter() - started
     action = np.zeros(env.action_space.shape, np.float32)
     steps, started = 0, time.perf_counter()
@@ -165,14 +167,14 @@ def single_env(task: str, s: Setup, device: str, threads: int, seconds: float) -
 
 
 def vector_env(
-    task: str, s: Setup, device: str, threads: int, num_envs: int, episodes: int
+    task: str, s: Setup, device: str, threads: int, num_envs: int, episodes: int, seed: int
 ) -> tuple[float, float, float]:
     """(sub-env steps/s steady, sub-env steps/s over whole episodes with autoresets, first reset s)."""
     vector = gym.make_vec(f"StructVRNN-Imagined-{task}", num_envs=num_envs, **env_kwargs(s, device, threads))
     horizon = vector.unwrapped.horizon
-    actions = np.random.default_rng(0).uniform(-1, 1, (64, *vector.action_space.shape)).astype(np.float32)
+    actions = np.random.default_rng(seed).uniform(-1, 1, (64, *vector.action_space.shape)).astype(np.float32)
     started = time.perf_counter()
-    vector.reset(seed=0)
+    vector.reset(seed=seed)
     first_reset = time.perf_counter() - started
     for t in range(20):  # warm up (noise blocks, allocator)
         vector.step(actions[t % 64])
@@ -181,7 +183,7 @@ def vector_env(
     for t in range(steady_steps):
         vector.step(actions[t % 64])
     steady = steady_steps * num_envs / (time.perf_counter() - started)
-    vector.reset(seed=1)
+    vector.reset(seed=seed + 1)
     started = time.perf_counter()
     total = episodes * (horizon + 1)  # + 1: next-step autoreset spends one step on each reset
     for t in range(total):
@@ -200,12 +202,12 @@ def main(args: Args) -> None:
         print(f"task {args.task}, action repeat {models.action_repeat}, device {args.device}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
-        real = real_steps_per_second(args.task, models.action_repeat, args.seconds)
+        real = real_steps_per_second(args.task, models.action_repeat, args.seconds, args.seed)
         print(f"real StructVRNN-Real-{args.task}:         {real:10.0f} steps/s", flush=True)
         results = {}
         for threads in (1, 2):  # the envs' `threads` argument (torch CPU threads inside their calls)
-            single, cold, warm = single_env(args.task, s, args.device, threads, args.seconds)
-            steady, whole, first_reset = vector_env(args.task, s, args.device, threads, args.num_envs, args.episodes)
+            single, cold, warm = single_env(args.task, s, args.device, threads, args.seconds, args.seed)
+            steady, whole, first_reset = vector_env(args.task, s, args.device, threads, args.num_envs, args.episodes, args.seed)
             results[threads] = whole
             print(f"--- threads={threads}")
             print(f"imagined, 1 env:                  {single:10.0f} steps/s  ({single / real:.0f}x real); "
