@@ -174,6 +174,8 @@ def load_agent(path: Path, algorithm: str) -> BaseAlgorithm:
 def identify_policy(policy: Path, checkpoint: Path | None, task: str, action_repeat: int) -> PolicyIdentity:
     """Load the agent and the world model once to check that they fit each other, the task and the action
     repeat (InputError otherwise), and return what identifies them."""
+    # envs.imagined pulls in torch and the world model: imported here so that random collection (which
+    # imports this module through collect/dmcs.py) and its worker processes never load them.
     from envs.imagined import load_imagination_models, observation_space
 
     if not policy.is_file():
@@ -260,6 +262,7 @@ def _runner(settings: PolicySettings) -> PolicyRunner:
     key = (settings.policy_sha256, settings.world_model_fingerprint, settings.world_model_checkpoint, settings.task,
            settings.action_repeat, settings.render["fast_render"], settings.observe_keypoints, settings.warmup_steps)  # fmt: skip
     if key not in _RUNNERS:
+        # (imported here for the reason given in identify_policy)
         from envs.imagined import RealTaskThroughModel, load_imagination_models
         from envs.real import RealPixelEnv
 

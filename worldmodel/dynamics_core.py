@@ -239,6 +239,7 @@ class DynamicsCore(nn.Module):
 
 def make_dynamics(config: ModelConfig) -> DynamicsCore:
     """The core ``config.dynamics`` names."""
+    # The cores import this module for the interface they implement; importing them at call time breaks the cycle.
     from worldmodel.dynamics import VRNN
     from worldmodel.hvrnn import HierarchicalVRNN
     from worldmodel.srvp import SRVP
