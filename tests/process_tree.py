@@ -79,8 +79,19 @@ def kill_tree(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
         frozen |= members
     _signal(frozen, signal.SIGKILL)
     process.wait(timeout=timeout)
+    wait_until_gone(frozen, timeout, "killed processes still alive")
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The members of ``pids`` still running (a zombie counts as gone: it runs nothing and holds no file)."""
+    table = _processes()
+    return {pid for pid in pids if table.get(pid, (0, "X"))[1] not in ("Z", "X")}
+
+
+def wait_until_gone(pids: set[int], timeout: float, what: str) -> None:
+    """Return once none of ``pids`` is alive; TimeoutError naming them after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while alive := [pid for pid in frozen if _processes().get(pid, (0, "X"))[1] not in ("Z", "X")]:
+    while running := alive(pids):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"killed processes still alive: {alive}")
+            raise TimeoutError(f"{what} after {timeout} s: {sorted(running)}")
         time.sleep(0.01)

@@ -22,7 +22,7 @@ from collect.dmcs import episode_seeds
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator
 from worldmodel import storage
 from worldmodel.tasks import TASK_NAMES, TASKS
-from tests.process_tree import start, wait_for
+from tests.process_tree import alive, descendants, start, wait_for, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLLECTOR = REPO_ROOT / "collect" / "dmcs.py"
@@ -270,6 +270,37 @@ def test_resume_after_sigkill_gives_the_uninterrupted_dataset(tmp_path: Path) ->
     before = tree_snapshot(resumed)
     assert run_collector(resumed, *options).returncode == 0
     assert tree_snapshot(resumed) == before
+
+
+def spawned_workers(root: int) -> set[int]:
+    """The pool's worker processes below ``root`` (multiprocessing 'spawn' children; not its resource tracker)."""
+    found = set()
+    for pid in descendants(root) - {root}:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # ended while we looked
+            continue
+        if b"spawn_main" in command:
+            found.add(pid)
+    return found
+
+
+def test_workers_of_a_main_process_killed_while_they_start_end_on_their_own(tmp_path: Path) -> None:
+    """SIGKILL of the main process alone (as the OOM killer does), the moment its workers exist, while they
+    still import dm_control: each must end by itself (its initializer sees another parent) and write nothing."""
+    out = tmp_path / "out"
+    options = ["--domains", "cartpole", *TINY_OPTIONS, "--workers", "2"]
+    process = start(collector_command(out, *options), REPO_ROOT)
+    assert wait_for(lambda: len(spawned_workers(process.pid)) == 2, process, timeout=120), "no workers started"
+    workers = spawned_workers(process.pid)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    try:
+        wait_until_gone(workers, timeout=180, what="workers outlived their killed main process")
+    finally:  # a failing run must not leave its orphans running
+        for pid in alive(workers):
+            os.kill(pid, signal.SIGKILL)
+    assert not final_files(out) and not partial_episodes(out)
 
 
 # --------------------------------------------------------------------------------------------------
