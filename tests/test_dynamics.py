@@ -11,7 +11,14 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import VRNN, Carry, Gaussian, KeypointNormalizer
 from worldmodel.dynamics_core import Sampling
-from worldmodel.losses import gaussian_kl, image_loss, keypoint_loss, separation_loss, sparsity_loss
+from worldmodel.losses import (
+    acceleration_loss,
+    gaussian_kl,
+    image_loss,
+    keypoint_loss,
+    separation_loss,
+    sparsity_loss,
+)
 from worldmodel.model import Schedule, WorldModel
 
 
@@ -44,6 +51,23 @@ def test_separation_loss_by_hand() -> None:
     # The batch is averaged: one overlapping and one separated example give (1 + exp(-0.25)) / 2.
     both = torch.cat([same, coords])
     assert separation_loss(both, sigma=0.1).item() == pytest.approx((1 + math.exp(-0.25)) / 2, rel=1e-5)
+
+
+def test_acceleration_loss_by_hand() -> None:
+    # Keypoint 0 moves at constant velocity (no cost); keypoint 1 jumps by 0.5 in x at t = 2 and back at t = 3.
+    # Its x: 0, 0, 0.5, 0, 0 -> second differences 0.5, -1.0, 0.5, squared sum 1.5 over 3 steps; K = 2 keypoints
+    # and 3 steps -> mean 1.5 / 6 = 0.25.
+    steady = torch.tensor([[0.1 * t, -0.2 * t] for t in range(5)])  # (T, 2)
+    jumping = torch.zeros(5, 2)
+    jumping[2, 0] = 0.5
+    coordinates = torch.stack([steady, jumping], dim=1)[None]  # (B=1, T=5, K=2, 2)
+    assert acceleration_loss(coordinates).item() == pytest.approx(0.25, rel=1e-6)
+    assert acceleration_loss(steady[None, :, None]).item() == pytest.approx(0.0, abs=1e-12)
+    assert acceleration_loss(coordinates[:, :2]).item() == 0.0  # fewer than 3 frames: no second difference
+    # The gradient pulls the spike back toward its neighbours.
+    coordinates.requires_grad_(True)
+    acceleration_loss(coordinates).backward()
+    assert coordinates.grad is not None and coordinates.grad[0, 2, 1, 0] > 0 and coordinates.grad[0, 1, 1, 0] < 0
 
 
 def test_reconstruction_and_sparsity_losses_by_hand() -> None:

@@ -172,6 +172,21 @@ def test_amplitude_mix_is_remembered_and_gates_sparsity() -> None:
     assert "amplitude_mix" in state and "normalizer.std" in state
 
 
+def test_acceleration_prior_enters_the_vision_loss_only_when_weighted() -> None:
+    frames, _ = batch()
+    off, _ = make().vision_losses(frames)
+    assert off.acceleration.item() == 0.0  # the paper's detector: not computed
+    model = make(acceleration_weight=2.0)
+    on, _ = model.vision_losses(frames)
+    cfg = model.config
+    assert on.acceleration.item() > 0
+    torch.testing.assert_close(on.total, on.image + cfg.separation_weight * on.separation + 2.0 * on.acceleration)
+    model.zero_grad()
+    on.acceleration.backward()
+    assert model.detector is not None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.detector.parameters())
+
+
 def test_conv_weight_l2() -> None:
     model = make()
     expected = sum(m.weight.square().sum() for m in model.modules() if isinstance(m, torch.nn.Conv2d))

@@ -115,6 +115,8 @@ class ModelConfig:
     """lambda_sep (Table S1 DMCS: 0.1)."""
     separation_sigma: float = 0.02
     """sigma_sep of eq. 5 (Table S1 DMCS: 0.02), in [-1, 1] coordinate units."""
+    acceleration_weight: float = 0.0
+    """Weight of a temporal prior on the detected keypoints (``losses.acceleration_loss``, their squared acceleration over the vision stage's frames); 0: the paper's detector, which sees each frame alone."""
     kl_weight: float = 3e-3
     """beta, the weight of KL(posterior || prior) (Table S1 DMCS: 3e-3); the trainer anneals ``Schedule.kl_scale`` from 0 to 1 on top of it."""
     conv_weight_decay: float = 1e-4

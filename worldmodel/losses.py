@@ -40,6 +40,19 @@ def separation_loss(coordinates: Tensor, sigma: float) -> Tensor:
         return (overlap.sum() - overlap.diagonal().sum()) / (num_keypoints * (num_keypoints - 1))
 
 
+def acceleration_loss(coordinates: Tensor) -> Tensor:
+    """A temporal prior on keypoints: the mean over keypoints and steps of the squared second difference
+    ||x_{t+1} - 2 x_t + x_{t-1}||^2 of the positions (B, T, K, 2). Steady motion costs nothing, so objects are
+    still tracked; a keypoint that jumps to a similar-looking part and back pays for the spike twice
+    (docs/DESIGN.md, section 3.8). 0 for fewer than 3 frames."""
+    if coordinates.shape[1] < 3:
+        return coordinates.new_zeros((), dtype=torch.float32)
+    with torch.autocast(coordinates.device.type, enabled=False):
+        c = coordinates.float()
+        second_difference = c[:, 2:] - 2.0 * c[:, 1:-1] + c[:, :-2]  # (B, T-2, K, 2)
+        return second_difference.square().sum(-1).mean()
+
+
 def sparsity_loss(mu: Tensor) -> Tensor:
     """L_sparse: L1 of the keypoint presences, mean over keypoints and frames. mu: (..., K)."""
     return mu.float().abs().mean()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import KeypointNormalizer
 from worldmodel.dynamics_core import CoreCarry, DynamicsLosses, Unroll, make_dynamics
-from worldmodel.losses import image_loss, separation_loss, sparsity_loss
+from worldmodel.losses import acceleration_loss, image_loss, separation_loss, sparsity_loss
 from worldmodel.precision import inference_compute
 from worldmodel.vision import (
     FeatureEncoder,
@@ -64,6 +64,7 @@ class Losses(NamedTuple):
     image: Tensor  # L_image, frames reconstructed from detected keypoints, all timesteps
     separation: Tensor  # L_sep (eq. 5), observed steps, unweighted
     sparsity: Tensor  # L_sparse, unweighted
+    acceleration: Tensor  # the keypoints' temporal prior (losses.acceleration_loss), unweighted
     keypoint: Tensor  # keypoint reconstruction error, observed steps
     kl: Tensor  # KL(posterior || prior), observed steps (unscaled)
     future: Tensor  # keypoint reconstruction error, predicted steps
@@ -264,11 +265,13 @@ class WorldModel(nn.Module):
             observed = keypoints[:, : (steps if num_observed is None else num_observed)]
             separation = separation_loss(observed[..., :2], cfg.separation_sigma) if observed.shape[1] else zero
             sparsity = sparsity_loss(keypoints[..., 2])
+            acceleration = acceleration_loss(keypoints[..., :2]) if cfg.acceleration_weight > 0 else zero
         else:
-            separation = sparsity = zero
+            separation = sparsity = acceleration = zero
         # L_sparse acts on the maps' amplitudes: with fixed amplitude (mix 0) mu is not drawn, nothing to prune.
         total = image + cfg.separation_weight * separation + cfg.sparsity_weight * mix * sparsity
-        losses = Losses(total, image, separation, sparsity, zero, zero, zero, zero)
+        total = total + cfg.acceleration_weight * acceleration
+        losses = Losses(total, image, separation, sparsity, acceleration, zero, zero, zero, zero)
         return VisionOutput(keypoints, self.amplitude(keypoints, mix), losses)
 
     @torch.no_grad()
@@ -327,7 +330,7 @@ class WorldModel(nn.Module):
         )
         d: DynamicsLosses = core.losses(unroll, targets, observed, schedule.kl_scale)
         zero = d.keypoint.new_zeros(())
-        return Losses(d.total, zero, zero, zero, d.keypoint, d.kl, d.future, d.regulariser)
+        return Losses(d.total, zero, zero, zero, zero, d.keypoint, d.kl, d.future, d.regulariser)
 
     def joint_losses(
         self,
@@ -342,7 +345,8 @@ class WorldModel(nn.Module):
         dynamics = self.dynamics_losses(vision.keypoints, actions, num_observed, schedule, generator)
         v, d = vision.losses, dynamics
         losses = Losses(
-            v.total + d.total, v.image, v.separation, v.sparsity, d.keypoint, d.kl, d.future, d.regulariser
+            v.total + d.total, v.image, v.separation, v.sparsity, v.acceleration, d.keypoint, d.kl, d.future,
+            d.regulariser,
         )
         return losses, self.diagnose(vision.keypoints, vision.amplitude)
 
