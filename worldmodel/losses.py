@@ -44,7 +44,7 @@ def acceleration_loss(coordinates: Tensor) -> Tensor:
     """A temporal prior on keypoints: the mean over keypoints and steps of the squared second difference
     ||x_{t+1} - 2 x_t + x_{t-1}||^2 of the positions (B, T, K, 2). Steady motion costs nothing, so objects are
     still tracked; a keypoint that jumps to a similar-looking part and back pays for the spike twice
-    (docs/DESIGN.md, section 3.8). 0 for fewer than 3 frames."""
+    (docs/DESIGN.md, section 3.3; measurements: docs/VISION.md). 0 for fewer than 3 frames."""
     if coordinates.shape[1] < 3:
         return coordinates.new_zeros((), dtype=torch.float32)
     with torch.autocast(coordinates.device.type, enabled=False):
