@@ -47,12 +47,13 @@ short and runs again, with the same result). A rerun with other settings is refu
 ``--rounds`` (to extend a finished loop) and ``--workers`` may change. Wall time counts each phase's finishing
 invocation: time spent in an interrupted attempt is not in it.
 
-Time (estimates for cheetah, the ``cpu`` profile's model and these defaults on 2 cores without native bf16,
-from the components' measured rates; to be measured on real data): collect 16 episodes of 250 steps, a
-real frame rendered and filtered per step, ~1 min; refine: detection of the task's ~80k frames at ~800 frames/s
-~2 min, 2,000 dynamics steps at ~18 steps/s ~2 min, evaluations ~1 min; reward: hidden states of 2,000 windows
-and 30 epochs ~2 min; agent: 100k imagined PPO steps ~3 min, 5 + 5 real evaluation episodes ~1 min. A round
-~12 min, round 0 ~6 min: the default 5 rounds ~1 h 10 min, within 2 hours.
+Time (measured 2026-12-02 for cheetah with `runs/struct_vrnn`, the ``cpu`` profile's model, these defaults and
+``--workers 2``, on 2 free cores of a Xeon with native bf16): round 1 took 542 s: collect 16 episodes of 250
+steps 80 s, refine 212 s (detection of the new frames and 2,000 dynamics steps), reward 51 s, agent 200 s
+(100k imagined PPO steps at ~1,000 steps/s, then 5 + 5 real evaluation episodes). Round 0 is the reward and
+agent phases only (~4 min by round 1's figures). The default 5 rounds: about 50 min here; without native bf16
+the detection in refine and reward runs in fp32 and takes longer (not measured). Beside other jobs on the same cores it is far slower (round 0 took 3,883 s while two other
+jobs ran): torch's threads wait on each other when the cores are shared.
 """
 
 from __future__ import annotations
