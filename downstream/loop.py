@@ -36,15 +36,17 @@ that the loop did not make is refused (it would mix foreign episodes into the re
 
 Output in ``--out``: ``loop.json`` (the settings and which phases of which rounds are done; written atomically
 after every phase), ``rounds.jsonl`` (one line per finished round: real return mean and std of the agent and of
-random actions, the agent's imagined return, real environment steps of the task's data so far, wall time per
-phase), ``returns.png`` (real return against real environment steps, random as a reference) and
-``last_round.gif``. Real environment steps count agent steps (one action, ``action_repeat`` control steps) of
-the data the models learn from, the random dataset's included; evaluation episodes are not counted.
+random actions over ``--eval-episodes`` real episodes, the agent's imagined return, the data so far, wall time
+per phase), ``returns.png`` (real return against the control steps collected, random as a reference) and
+``last_round.gif``. The data is counted twice: ``real_env_steps``, the agent steps (one action each) of all the
+task's data the models learn from, the random dataset's included; ``collected_control_steps``, the simulator
+steps of the loop's own episodes (``action_repeat`` per agent step), the unit of model-based RL budgets such as
+"100k environment steps". Evaluation episodes are not counted.
 
 Resume: rerun the same command. Finished rounds and phases are skipped; an interrupted phase continues where it
 stopped (the collector's partial episodes, the trainer's checkpoint, rl.py's PPO snapshots; the reward fit is
 short and runs again, with the same result). A rerun with other settings is refused in one line; only
-``--rounds`` (to extend a finished loop) and ``--workers`` may change. Wall time counts each phase's finishing
+``--rounds`` (to extend a finished loop), ``--workers`` and ``--eval-episodes`` may change. Wall time counts each phase's finishing
 invocation: time spent in an interrupted attempt is not in it.
 
 Time (measured 2026-12-02 for cheetah with `runs/struct_vrnn`, the ``cpu`` profile's model, these defaults and
@@ -137,8 +139,10 @@ class Args:
     """Imagined steps per training episode (downstream/rl.py --horizon)."""
     context: Literal["dataset", "simulator"] = "dataset"
     """Where imagined episodes start: test windows of the loop's data (random and agent episodes), or the real task's initial states."""
-    eval_episodes: int = 5
-    """Real episodes for the agent and for random actions each, per round."""
+    start_share: float = 0.0
+    """Share of the imagined episodes (dataset contexts) that start from an episode's first frames, the real task's initial states (downstream/rl.py --start-share)."""
+    eval_episodes: int = 10
+    """Real episodes for the agent and for random actions each, per round (may change on a rerun; each round's line records its number)."""
     seed: int = 0
     """Seeds the collection, the reward fit and the agent (the real evaluation starts are the same every round)."""
     device: str = "cpu"
@@ -147,7 +151,8 @@ class Args:
     """Collector processes."""
 
 
-RESUME_FREE_OPTIONS = frozenset({"rounds", "out", "workers"})  # change nothing a round computes
+# Change nothing a round computes (the evaluation's episode count changes only how precisely it is measured).
+RESUME_FREE_OPTIONS = frozenset({"rounds", "out", "workers", "eval_episodes"})
 
 
 def check_args(args: Args) -> None:
@@ -159,6 +164,8 @@ def check_args(args: Args) -> None:
         raise InputError("--train-episodes must be positive: each round refines the dynamics on new episodes")
     if not args.refine_learning_rate > 0:
         raise InputError(f"--refine-learning-rate must be positive, got {args.refine_learning_rate}")
+    if not 0.0 <= args.start_share <= 1.0:  # also refuses nan
+        raise InputError(f"--start-share must be a fraction in [0, 1], got {args.start_share}")
     if not (args.noise >= 0 and math.isfinite(args.noise)):
         raise InputError(f"--noise must be a finite std >= 0, got {args.noise}")
     check_options(args, 0, "seed")
@@ -212,12 +219,12 @@ def load_state(args: Args, settings: dict[str, Any]) -> LoopState:
         state = LoopState.from_dict(values)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{path} is unreadable ({error}); restore it, or choose another --out") from None
-    differences = sorted(key for key in settings.keys() | state.settings.keys()
+    differences = sorted(key for key in (settings.keys() | state.settings.keys()) - RESUME_FREE_OPTIONS
                          if settings.get(key) != state.settings.get(key))  # fmt: skip
     if differences:
         found = ", ".join(f"{key}={state.settings.get(key)!r}" for key in differences)
         raise InputError(f"{args.out} holds a loop with other settings ({found}): rerun with those, or choose "
-                         "another --out (only --rounds and --workers may change)")  # fmt: skip
+                         "another --out (only --rounds, --workers and --eval-episodes may change)")  # fmt: skip
     return state
 
 
@@ -241,7 +248,7 @@ def part_name(index: int) -> str:
 def rl_args(args: Args, index: int) -> rl.Args:
     return rl.Args(task=args.task, algo=args.algo, steps=args.rl_steps, num_envs=args.num_envs,
                    checkpoint=round_run(args.out, index), data=args.out / DATA_DIR, context=args.context,
-                   horizon=args.horizon, eval_episodes=args.eval_episodes, gif=index == args.rounds,
+                   horizon=args.horizon, start_share=args.start_share, eval_episodes=args.eval_episodes, gif=index == args.rounds,
                    out=round_dir(args.out, index) / "rl", seed=args.seed, device=args.device)  # fmt: skip
 
 
@@ -290,10 +297,21 @@ def real_env_steps(data: Path, task: str) -> int:
                for split in storage.SPLITS for info in storage.checked_dataset_files(data, task, split))  # fmt: skip
 
 
+def loop_parts(data: Path, task: str) -> list[storage.DatasetInfo]:
+    """The dataset parts the loop collected so far (both splits)."""
+    return [info for split in storage.SPLITS for info in storage.checked_dataset_files(data, task, split)
+            if info.attrs.get("part", "").startswith(PART_PREFIX)]  # fmt: skip
+
+
 def agent_episodes(data: Path, task: str) -> int:
-    """Episodes the loop collected so far (the episodes of its parts)."""
-    return sum(info.num_episodes for split in storage.SPLITS for info in storage.checked_dataset_files(data, task, split)
-               if info.attrs.get("part", "").startswith(PART_PREFIX))  # fmt: skip
+    """Episodes the loop collected so far."""
+    return sum(info.num_episodes for info in loop_parts(data, task))
+
+
+def collected_control_steps(data: Path, task: str) -> int:
+    """Simulator (control) steps the loop collected so far: each agent step holds its action for action_repeat
+    of them. The budgets of model-based RL papers (e.g. 100k environment steps) count these."""
+    return sum(info.num_episodes * info.episode_steps * info.action_repeat for info in loop_parts(data, task))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,6 +386,8 @@ def round_record(args: Args, index: int, report: rl.Report, seconds: dict[str, f
         "imagined_return_std": report.imagined_agent.std,
         "real_env_steps": real_env_steps(data, args.task),
         "agent_episodes": agent_episodes(data, args.task),
+        "collected_control_steps": collected_control_steps(data, args.task),
+        "eval_episodes": args.eval_episodes,
         "wall_seconds": round(sum(seconds.values()), 1),
         "phase_seconds": {phase: round(value, 1) for phase, value in seconds.items()},
         "total_wall_seconds": round(total, 1),
@@ -384,14 +404,15 @@ def write_reports(args: Args, state: LoopState) -> None:
 
 
 def plot_returns(path: Path, results: list[dict[str, Any]], task: str) -> None:
-    """Real return (mean ± std) of each round's agent against real environment steps, random actions' as a
-    reference. (The imagined return is left out: its episodes are --horizon steps long, the real ones the task's.)"""
+    """Real return (mean ± std) of each round's agent against the control steps the loop collected, random
+    actions' as a reference. (The imagined return is left out: its episodes are --horizon steps long, the real
+    ones the task's.)"""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [record["real_env_steps"] for record in results]
+    steps = [record["collected_control_steps"] for record in results]
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.errorbar(steps, [r["real_return_mean"] for r in results], yerr=[r["real_return_std"] for r in results],
                   marker="o", capsize=3, label="agent, real")  # fmt: skip
@@ -400,7 +421,7 @@ def plot_returns(path: Path, results: list[dict[str, Any]], task: str) -> None:
     axes.axhspan(random_mean - random_std, random_mean + random_std, color="gray", alpha=0.15)
     for record, x in zip(results, steps):
         axes.annotate(f"r{record['round']}", (x, record["real_return_mean"]), textcoords="offset points", xytext=(4, 4))
-    axes.set_xlabel("real environment steps (agent steps of the task's data)")
+    axes.set_xlabel("real control steps collected by the loop (beyond the random dataset)")
     axes.set_ylabel("episode return")
     axes.set_title(f"{task}: model-based RL rounds")
     axes.legend(fontsize=8)

@@ -74,6 +74,8 @@ class Args:
     """Dataset directory for the imagined episodes' real contexts; default the one recorded in the checkpoint."""
     context: Literal["dataset", "simulator"] = "dataset"
     """Where imagined episodes start: test-split windows, or the real simulator under random actions."""
+    start_share: float = 0.0
+    """Share of the test-split windows that are an episode's first 8 frames: the real task's initial states, where real evaluation episodes hand over to the agent after their random warm-up. For tasks whose random data rarely shows the states a good policy keeps (cartpole's upright pole)."""
     observe_keypoints: bool = False
     """Let the agent see the current keypoints beside the hidden state."""
     horizon: int | None = 12
@@ -146,6 +148,8 @@ def check_args(args: Args) -> None:
         raise InputError(f"--save-every must be >= 0 (0: never), got {args.save_every}")
     if args.horizon is not None and args.horizon < 1:
         raise InputError(f"--horizon must be positive, got {args.horizon}")
+    if not 0.0 <= args.start_share <= 1.0:  # also refuses nan
+        raise InputError(f"--start-share must be a fraction in [0, 1], got {args.start_share}")
     check_options(args, 0, "seed")
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise InputError(f"--checkpoint {args.checkpoint} does not exist; give a run directory of train/world_model.py")
@@ -173,7 +177,7 @@ def imagination_options(args: Args) -> dict[str, Any]:
     """The imagined envs' keyword arguments (``envs.imagined.ImaginationOptions``) these options ask for."""
     return asdict(ImaginationOptions(
         checkpoint=args.checkpoint, reward_predictor=args.reward_predictor, data=args.data, context=args.context,
-        observe_keypoints=args.observe_keypoints, horizon=args.horizon, device=args.device,
+        start_share=args.start_share, observe_keypoints=args.observe_keypoints, horizon=args.horizon, device=args.device,
     ))
 
 
@@ -195,15 +199,19 @@ def imagined_returns(agent: BaseAlgorithm, args: Args, episodes: int) -> Returns
 def real_returns(
     models: ImaginationModels, args: Args, episodes: int, agent: BaseAlgorithm | None
 ) -> Returns:
-    """Returns on the real task seen through the model: the agent (deterministic), or uniform random actions."""
+    """Returns on the real task seen through the model: the agent (deterministic), or uniform random actions.
+
+    A return is the task's whole episode, as published returns are: the warm-up's random steps, which fill
+    the posterior before the policy acts (the same steps for both policies: they follow the episode's seed),
+    are counted with the policy's steps."""
     env = RealTaskThroughModel(
         RealPixelEnv(args.task, action_repeat=models.action_repeat), models, args.observe_keypoints
     )
     action_rng = np.random.default_rng(args.seed + 20_000)
     totals = []
     for episode in tqdm(range(episodes), desc="real episodes " + ("agent" if agent else "random"), leave=False):
-        observation, _ = env.reset(seed=args.seed + 30_000 + episode)  # the same starts for both policies
-        total, truncated, terminated = 0.0, False, False
+        observation, info = env.reset(seed=args.seed + 30_000 + episode)  # the same starts for both policies
+        total, truncated, terminated = float(info["warmup_return"]), False, False
         while not (truncated or terminated):
             if agent is None:
                 action = action_rng.uniform(-1.0, 1.0, env.action_space.shape).astype(np.float32)

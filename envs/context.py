@@ -74,7 +74,9 @@ class ContextSource(Protocol):
     task: str
     action_repeat: int
 
-    def sample(self, rng: np.random.Generator, with_frame: bool) -> Context: ...
+    def sample(self, rng: np.random.Generator, with_frame: bool, from_start: bool = False) -> Context:
+        """A context drawn with ``rng``; ``from_start``: the first frames of an episode (its initial state)."""
+        ...
 
 
 @contextlib.contextmanager
@@ -191,8 +193,11 @@ class DatasetContexts:
                 self._windows.move_to_end(key)
             return keypoints
 
-    def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
-        episode, start = self.windows.locate(int(rng.integers(len(self.windows))))
+    def sample(self, rng: np.random.Generator, with_frame: bool, from_start: bool = False) -> Context:
+        if from_start:
+            episode, start = int(rng.integers(self.num_episodes)), 0
+        else:
+            episode, start = self.windows.locate(int(rng.integers(len(self.windows))))
         keypoints = self.window_keypoints(episode, start)
         actions = self._actions[episode, start : start + self.length]
         first_frame = None
@@ -223,7 +228,8 @@ class SimulatorContexts:
         self.simulator = Simulator(self.task, action_repeat=action_repeat)
         self._lock = threading.Lock()
 
-    def sample(self, rng: np.random.Generator, with_frame: bool) -> Context:
+    def sample(self, rng: np.random.Generator, with_frame: bool, from_start: bool = False) -> Context:
+        """Always from the start of an episode (``from_start`` changes nothing)."""
         episode_seed = int(rng.integers(2**31 - 1))
         action_dim = self.simulator.spec.action_dim
         # The data's policy (collect/dmcs.py): uniform in [-1, 1], one draw per agent step.

@@ -93,6 +93,7 @@ class ImaginationOptions:
     reward_predictor: str | os.PathLike[str] | None = None
     data: str | os.PathLike[str] | None = None
     context: str = "dataset"
+    start_share: float = 0.0
     observe_keypoints: bool = False
     horizon: int | None = None
     device: str | torch.device = "auto"
@@ -107,6 +108,8 @@ class ImaginationOptions:
             raise InputError(f"horizon must be >= 1, got {self.horizon}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be None or >= 1, got {self.threads}")
+        if not 0.0 <= self.start_share <= 1.0:  # also refuses nan
+            raise InputError(f"start_share must be a fraction in [0, 1], got {self.start_share}")
 
     @property
     def keep_frames(self) -> bool:
@@ -350,6 +353,7 @@ class ImaginationBatch:
         observe_keypoints: bool,
         keep_frames: bool,
         threads: int | None = 1,
+        start_share: float = 0.0,
     ) -> None:
         if num_envs < 1:
             raise InputError(f"num_envs must be >= 1, got {num_envs}")
@@ -361,7 +365,7 @@ class ImaginationBatch:
         self.action_dim = get_task(self.task).action_dim
         self.num_envs, self.horizon = num_envs, horizon
         self.observe_keypoints, self.keep_frames = observe_keypoints, keep_frames
-        self.threads = threads
+        self.threads, self.start_share = threads, start_share
         config = self.model.config
         core = self.model.dynamics
         self.num_keypoints = config.num_keypoints
@@ -438,8 +442,10 @@ class ImaginationBatch:
             raise ValueError("one random generator per reset sub-env")
         contexts, noises, infos = [], [], []
         for index, rng in zip(indices, rngs):
-            # Draw order (fixed: it defines the episode): the context, then the seed of the torch stream.
-            context = self.source.sample(rng, with_frame=self.keep_frames)
+            # Draw order (fixed: it defines the episode): whether it starts at an episode's beginning (only
+            # drawn when start_share > 0), the context, then the seed of the torch stream.
+            from_start = self.start_share > 0 and bool(rng.random() < self.start_share)
+            context = self.source.sample(rng, with_frame=self.keep_frames, from_start=from_start)
             generator = self.noise.reseed(index, int(rng.integers(2**63 - 1)))
             noises.append(posterior_noise(generator, self.model))
             contexts.append(context)
@@ -558,6 +564,7 @@ def build_batch(task: str, num_envs: int, options: ImaginationOptions) -> Imagin
         options.observe_keypoints,
         options.keep_frames,
         options.threads,
+        options.start_share,
     )
 
 
@@ -589,7 +596,9 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Starting state
     A context of 8 real frames and the 7 actions between them, filtered through the posterior: a random
     window of the dataset's test split (``context="dataset"``), or the first 8 frames of a real episode
-    under uniform random actions (``context="simulator"``), chosen with ``np_random``.
+    under uniform random actions (``context="simulator"``), chosen with ``np_random``. With ``start_share``
+    p > 0, a share p of the dataset's windows are an episode's first 8 frames: the real task's initial states
+    after a random warm-up, where real evaluation episodes (``RealTaskThroughModel``) hand over to the agent.
 
     ## Episode end
     Never terminated; truncated after ``horizon`` imagined steps (default ``1000 // action_repeat``, the
@@ -603,6 +612,7 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
     | ``reward_predictor`` | the predictor file; default ``<run dir>/reward_predictors/<task>.pt`` (its fingerprint must match the model) |
     | ``data`` | dataset directory for dataset contexts; default: the one recorded in the checkpoint |
     | ``context`` | ``"dataset"`` (test split, default) or ``"simulator"`` (the real task under random actions) |
+    | ``start_share`` | share of dataset contexts that are an episode's first frames (default 0: every window alike) |
     | ``observe_keypoints`` | append the current keypoints to the observation (default ``False``) |
     | ``horizon`` | imagined steps per episode; default ``1000 // action_repeat`` |
     | ``device`` | ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``, ... |

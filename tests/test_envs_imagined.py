@@ -23,6 +23,7 @@ from envs.imagined import (
     RealTaskThroughModel,
     load_imagination_models,
 )
+from envs.context import CONTEXT_LENGTH
 from envs.imagined_vector import ImaginedVectorEnv
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
@@ -157,6 +158,21 @@ def test_simulator_contexts(run_dir: Path) -> None:
     assert np.array_equal(obs_a, obs_b)
     obs_c, info_c = env.reset(seed=6)
     assert info_c != info_a and not np.array_equal(obs_a, obs_c)
+
+
+def test_start_share_starts_that_share_of_episodes_at_an_episode_beginning(run_dir: Path) -> None:
+    always = make(run_dir, start_share=1.0)
+    assert [always.reset(seed=seed)[1]["context_start"] for seed in range(8)] == [0] * 8
+    # The tiny test split has one 30-step episode: 23 windows, so a uniform draw starts at 0 one time in 23.
+    half = make(run_dir, start_share=0.5)
+    starts = [half.reset(seed=seed)[1]["context_start"] for seed in range(40)]
+    assert 10 <= starts.count(0) <= 30 and len(set(starts)) > 5
+    default, zero = make(run_dir), make(run_dir, start_share=0.0)  # share 0 draws nothing more: same episodes
+    for seed in range(3):
+        (expected, expected_info), (observation, info) = default.reset(seed=seed), zero.reset(seed=seed)
+        assert info == expected_info and np.array_equal(observation, expected)
+    with pytest.raises(ValueError, match="start_share"):
+        make(run_dir, start_share=1.5)
 
 
 def test_trainer_keypoint_cache_stands_in_for_detection(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
@@ -387,6 +403,27 @@ def test_real_task_through_model_gives_the_imagined_observation_space(run_dir: P
         RealTaskThroughModel(RealPixelEnv("cartpole", action_repeat=2), models)
 
 
+def test_real_return_is_the_whole_episode_warm_up_included(run_dir: Path) -> None:
+    """downstream/rl.py's real return of random actions, against the rewards of the same real episode stepped
+    by hand: the reset's seed, the warm-up drawn from the env's generator, then the policy's own draws."""
+    from downstream import rl
+
+    models = load_imagination_models("cartpole", run_dir, device="cpu")
+    (measured,) = rl.real_returns(models, rl.Args(task="cartpole", seed=0), 1, None).values
+    env = RealPixelEnv("cartpole", action_repeat=models.action_repeat)
+    env.reset(seed=30_000)  # rl.real_returns' first episode
+    rng = env.np_random
+    rng.integers(2**63 - 1)  # RealTaskThroughModel seeds its posterior noise first
+    warm_up = sum(env.step(rng.uniform(-1.0, 1.0, (1,)).astype(np.float32))[1] for _ in range(CONTEXT_LENGTH - 1))
+    policy_rng, policy_return, truncated = np.random.default_rng(20_000), 0.0, False
+    while not truncated:
+        _, reward, _, truncated, _ = env.step(policy_rng.uniform(-1.0, 1.0, (1,)).astype(np.float32))
+        policy_return += reward
+    env.close()
+    assert warm_up > 1.0  # the pole starts upright: the warm-up earns reward, so leaving it out would show
+    assert measured == pytest.approx(warm_up + policy_return, rel=1e-6)
+
+
 def test_ppo_in_imagination_then_real_evaluation(run_dir: Path, tmp_path: Path) -> None:
     from downstream import rl
 
@@ -397,8 +434,8 @@ def test_ppo_in_imagination_then_real_evaluation(run_dir: Path, tmp_path: Path) 
     assert report.gif_path is not None and report.gif_path.stat().st_size > 0
     for returns in (report.real_agent, report.real_random, report.imagined_agent):
         assert len(returns.values) == 1 and np.isfinite(returns.mean)
-    # A real cartpole episode: 125 agent steps, 7 of them the random warm-up; rewards in [0, 8] each.
-    assert 0.0 <= report.real_random.mean <= 8.0 * 118
+    # A real cartpole episode: 125 agent steps (7 of them the random warm-up), rewards in [0, 8] each.
+    assert 0.0 <= report.real_random.mean <= 8.0 * 125
 
 
 def test_rl_cli_help_and_one_line_errors(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,6 +447,7 @@ def test_rl_cli_help_and_one_line_errors(run_dir: Path, capsys: pytest.CaptureFi
     for argv, phrase in [
         (["--steps", "0", "--checkpoint", str(run_dir)], "--steps must be positive"),
         (["--task", "humanoid"], "choose from acrobot"),
+        (["--start-share", "2", "--checkpoint", str(run_dir)], "--start-share must be a fraction"),
         (["--checkpoint", str(run_dir), "--task", "walker-walk"], "no reward predictor"),
     ]:
         assert rl.cli(argv) == 2

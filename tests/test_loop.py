@@ -34,7 +34,9 @@ TRAIN_EPISODES, TEST_EPISODES = 2, 1
 # Not the outcome of a round: wall time, and where its files are.
 VARYING_FIELDS = {"wall_seconds", "phase_seconds", "total_wall_seconds", "world_model", "agent"}
 FIELDS = {"round", "real_return_mean", "real_return_std", "random_return_mean", "random_return_std",
-          "imagined_return_mean", "imagined_return_std", "real_env_steps", "agent_episodes"} | VARYING_FIELDS  # fmt: skip
+          "imagined_return_mean", "imagined_return_std", "real_env_steps", "agent_episodes", "collected_control_steps",
+          "eval_episodes"} | VARYING_FIELDS  # fmt: skip
+ACTION_REPEAT = 8  # cartpole's: the simulator steps of one agent step
 
 
 def loop_options(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -79,6 +81,8 @@ def test_one_round_writes_its_line_plot_state_gif_and_models(
     random_steps = 3 * STEPS  # the tiny dataset's cartpole: 2 train + 1 test episodes
     assert [r["real_env_steps"] for r in records] == [random_steps, random_steps + (TRAIN_EPISODES + TEST_EPISODES) * STEPS]
     assert [r["agent_episodes"] for r in records] == [0, TRAIN_EPISODES + TEST_EPISODES]
+    assert [r["collected_control_steps"] for r in records] == [0, (TRAIN_EPISODES + TEST_EPISODES) * STEPS * ACTION_REPEAT]
+    assert [r["eval_episodes"] for r in records] == [1, 1]
     assert records[0]["random_return_mean"] == records[1]["random_return_mean"]  # the same real starts every round
     assert set(records[1]["phase_seconds"]) == set(loop.PHASES) and set(records[0]["phase_seconds"]) == set(loop.FIRST_PHASES)
     assert (finished_loop / loop.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
@@ -111,15 +115,15 @@ def test_a_rerun_of_a_finished_loop_changes_nothing(finished_loop: Path, smoke_r
     before = snapshot(finished_loop)
     args = loop.Args(task=TASK, rounds=1, checkpoint=smoke_run, data=tiny_dataset, out=finished_loop,
                      train_episodes=TRAIN_EPISODES, test_episodes=TEST_EPISODES, refine_steps=4, reward_windows=16,
-                     reward_epochs=2, rl_steps=64, num_envs=4, eval_episodes=1, workers=2)  # fmt: skip
-    assert [record["round"] for record in loop.main(args)] == [0, 1]  # --workers may change
+                     reward_epochs=2, rl_steps=64, num_envs=4, eval_episodes=3, workers=2)  # fmt: skip
+    assert [record["round"] for record in loop.main(args)] == [0, 1]  # --workers and --eval-episodes may change
     assert snapshot(finished_loop) == before
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--task", "pendulum"], "--task"), (["--rounds", "-1"], "--rounds must be >= 0"),
-     (["--noise", "nan"], "--noise"), (["--rl-steps", "0"], "--rl-steps must be positive"),
+     (["--noise", "nan"], "--noise"), (["--start-share", "nan"], "--start-share"), (["--rl-steps", "0"], "--rl-steps must be positive"),
      (["--checkpoint", "/nonexistent/run"], "--checkpoint")],
 )  # fmt: skip
 def test_bad_options_end_in_one_line(
