@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
-from downstream import loop
+from downstream import loop, loop_diagnosis
 from tests.process_tree import kill_tree, start, wait_for
 from worldmodel import storage
 from worldmodel.checkpoint import load_checkpoint
@@ -187,3 +188,26 @@ def test_a_loop_killed_after_collecting_resumes_without_collecting_again(
         with h5py.File(parts[split]) as file:
             assert file["actions"].shape[0] == episodes  # collected once, not again
     assert outcomes(out) == outcomes(finished_loop)  # every phase is deterministic and resumes exactly
+
+
+def test_diagnosis_runs_the_previous_rounds_model_on_the_agents_episodes(finished_loop: Path) -> None:
+    records = loop_diagnosis.main(loop_diagnosis.Args(out=finished_loop, windows=500))
+    assert [(r["round"], r["model_round"], r["source"]) for r in records] == [(1, 0, "random"), (1, 0, "agent")]
+    written = [json.loads(line) for line in (finished_loop / loop_diagnosis.DIAGNOSIS_FILE).read_text().splitlines()]
+    assert written == records
+    # By hand: every window of the one agent test episode (30 steps: starts 0..10 of 20 frames); the predicted
+    # frames 8..19 are reached by the rewards of steps start+7 .. start+18.
+    with h5py.File(part_path(finished_loop, "test"), "r") as file:
+        rewards = file["rewards"][0]
+    expected = np.mean([rewards[start + 7 : start + 19] for start in range(11)])
+    agent = records[1]
+    assert agent["windows"] == 11 and agent["reward"] == pytest.approx(float(expected), rel=1e-5)
+    assert np.isfinite(agent["predicted"]) and agent["mse_over_variance"] >= 0
+
+
+def test_diagnosis_of_a_folder_without_collected_rounds_ends_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert loop_diagnosis.cli(["--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "downstream/loop.py" in error and len(error.splitlines()) == 1
