@@ -54,7 +54,8 @@ Time (measured 2026-12-02 for cheetah with `runs/struct_vrnn`, the ``cpu`` profi
 collect 16 episodes of 250 steps 35-88 s, refine 211-229 s (detection of the new frames and 2,000 dynamics
 steps), reward 38-51 s, agent 140-205 s (100k imagined PPO steps at ~1,000 steps/s, then the real evaluation
 episodes: 5 + 5 in rounds 1-4, 10 + 10, the default now, from round 5).
-Round 0 is the reward and agent phases only. The default 5 rounds: about 50 min here; without native bf16 the
+Round 0 is the reward and agent phases only. Cartpole's rounds (125-step episodes) took 333-402 s. The
+default 5 rounds: about 50 min here for cheetah; without native bf16 the
 detection in refine and reward runs in fp32 and takes longer (not measured). Beside other jobs on the same
 cores it is far slower (round 0 took 3,883 s while two other jobs ran): torch's threads wait on each other
 when the cores are shared.
