@@ -9,8 +9,9 @@ random dataset it was trained on (``--data``, default the folder its checkpoint 
     reward   fit the task's reward predictor on the model's hidden states of ``--reward-windows`` test windows
              (``worldmodel.hidden_states``: 8 frames filtered, 12 predicted open loop, as downstream/reward.py)
              into ``<run>/reward_predictors/<task>.pt``, where every tool looks for it;
-    agent    train a new agent in imagination and evaluate it on the real task beside random actions
-             (downstream/rl.py into ``round-NN/rl``; the last round also writes its GIF, real beside imagined).
+    agent    train a new agent in imagination (with ``--keep-agent``, from round n-1's agent's weights) and
+             evaluate it on the real task beside random actions (downstream/rl.py into ``round-NN/rl``; the
+             last round also writes its GIF, real beside imagined).
 
 Every later round n first runs
 
@@ -70,7 +71,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,7 @@ from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
 from worldmodel.machine import available_cores
+from worldmodel.options import changed_options, plain_options
 from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.tasks import get_task
 from worldmodel.training import config_from_dict
@@ -100,6 +102,7 @@ ROUNDS_FILE = "rounds.jsonl"
 PLOT_FILE = "returns.png"
 GIF_FILE = "last_round.gif"
 DATA_DIR = "data"
+RL_DIR = "rl"  # a round's downstream/rl.py --out
 FIRST_PHASES = ("reward", "agent")  # round 0: the given world model
 PHASES = ("collect", "refine", "reward", "agent")
 STATE_FORMAT = 1
@@ -135,7 +138,9 @@ class Args:
     algo: Literal["ppo", "sac"] = "ppo"
     """Agent algorithm (downstream/rl.py); PPO training resumes exactly after a kill, SAC's starts over."""
     rl_steps: int = 100_000
-    """Imagined steps the agent trains for each round (a new agent per round, on that round's model)."""
+    """Imagined steps the agent trains for each round, on that round's model."""
+    keep_agent: bool = False
+    """Each round's agent starts from the previous round's (its weights and optimizer state) instead of a new one."""
     num_envs: int = 16
     """Imagined episodes stepped together."""
     horizon: int | None = 12
@@ -204,7 +209,7 @@ class LoopState:
 def loop_settings(args: Args, source: Path, data: Path, files: list[storage.DatasetInfo]) -> dict[str, Any]:
     """What decides the loop's results: the options (less RESUME_FREE_OPTIONS), the resolved inputs and the
     random dataset's files of the task (a file added there later would enter the refinement unasked)."""
-    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
+    options = plain_options(args)
     kept = {key: options[key] for key in sorted(options) if key not in RESUME_FREE_OPTIONS}
     layout = [[info.path.name, info.num_episodes, info.episode_steps] for info in files]
     return {**kept, "checkpoint": str(source), "data": str(data), "random_files": layout}
@@ -222,10 +227,11 @@ def load_state(args: Args, settings: dict[str, Any]) -> LoopState:
         state = LoopState.from_dict(values)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{path} is unreadable ({error}); restore it, or choose another --out") from None
-    differences = sorted(key for key in (settings.keys() | state.settings.keys()) - RESUME_FREE_OPTIONS
-                         if settings.get(key) != state.settings.get(key))  # fmt: skip
+    # An option added after the loop was started is not in its file: its default (the behaviour before) stands in.
+    defaults = {key: value for key, value in plain_options(Args()).items() if key in settings}
+    differences = changed_options(state.settings, settings, defaults, RESUME_FREE_OPTIONS)
     if differences:
-        found = ", ".join(f"{key}={state.settings.get(key)!r}" for key in differences)
+        found = ", ".join(f"{key}={state.settings.get(key, defaults.get(key))!r}" for key in differences)
         raise InputError(f"{args.out} holds a loop with other settings ({found}): rerun with those, or choose "
                          "another --out (only --rounds, --workers and --eval-episodes may change)")  # fmt: skip
     return state
@@ -252,11 +258,13 @@ def rl_args(args: Args, index: int) -> rl.Args:
     return rl.Args(task=args.task, algo=args.algo, steps=args.rl_steps, num_envs=args.num_envs,
                    checkpoint=round_run(args.out, index), data=args.out / DATA_DIR, context=args.context,
                    horizon=args.horizon, start_share=args.start_share, eval_episodes=args.eval_episodes, gif=index == args.rounds,
-                   out=round_dir(args.out, index) / "rl", seed=args.seed, device=args.device)  # fmt: skip
+                   out=round_dir(args.out, index) / RL_DIR, seed=args.seed, device=args.device,
+                   init_agent=agent_path(args, index - 1) if args.keep_agent and index > 0 else None)  # fmt: skip
 
 
 def agent_path(args: Args, index: int) -> Path:
-    return rl_args(args, index).out / f"{args.task}-{args.algo}.zip"
+    """The agent round ``index`` trains (downstream/rl.py's file in its --out)."""
+    return round_dir(args.out, index) / RL_DIR / f"{args.task}-{args.algo}.zip"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from envs.sb3 import ImaginedSB3VecEnv
 from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.errors import InputError, check_options, run_cli
+from worldmodel.options import changed_options, plain_options
 from worldmodel.tasks import get_task, pad_actions
 
 
@@ -92,6 +93,8 @@ class Args:
     """Device of the world model: 'auto' (cuda if available), 'cpu', 'cuda'."""
     agent_device: str = "cpu"
     """Device of the agent's networks (small MLPs: the CPU is usually faster)."""
+    init_agent: Path | None = None
+    """Start from this agent's weights (and optimizer state), a .zip of downstream/rl.py with the same --algo and observations, instead of a new agent: e.g. the RL loop's previous round (downstream/loop.py --keep-agent)."""
     save_every: int = 20_000
     """PPO: save the training state every this many imagined steps (at the next update), so that rerunning a killed run continues it exactly; 0 never saves. SAC runs are not saved (their replay buffer would have to be) and start over."""
 
@@ -157,6 +160,8 @@ def check_args(args: Args) -> None:
         raise InputError(f"--data {args.data} is not a directory; give the dataset folder of collect/dmcs.py")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file, not a folder; choose another --out")
+    if args.init_agent is not None and not args.init_agent.is_file():
+        raise InputError(f"--init-agent {args.init_agent} is not a file; give an agent .zip of downstream/rl.py")
 
 
 def make_agent(args: Args, venv: VecMonitor) -> BaseAlgorithm:
@@ -167,6 +172,19 @@ def make_agent(args: Args, venv: VecMonitor) -> BaseAlgorithm:
     n_steps = max(8, min(2048 // args.num_envs, args.steps // args.num_envs))
     return PPO("MlpPolicy", venv, seed=args.seed, device=args.agent_device, verbose=0,
                n_steps=n_steps, batch_size=min(256, n_steps * args.num_envs))
+
+
+def initial_agent(args: Args, venv: VecMonitor) -> BaseAlgorithm:
+    """A new agent (seeded by --seed), with the weights of --init-agent when given."""
+    agent = make_agent(args, venv)
+    if args.init_agent is not None:
+        try:
+            agent.set_parameters(str(args.init_agent), exact_match=True, device=args.agent_device)
+        except (ValueError, KeyError, RuntimeError, OSError) as error:  # another algorithm, size or no agent
+            raise InputError(f"--init-agent {args.init_agent} cannot start this {args.algo.upper()} agent on "
+                             f"{args.task}'s observations ({str(error).splitlines()[0][:160]}); give an agent of "
+                             "the same --algo trained on a world model with the same hidden state size") from None  # fmt: skip
+    return agent
 
 
 def summarize(values: list[float]) -> Returns:
@@ -257,7 +275,7 @@ def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args:
 
 
 def args_record(args: Args) -> dict[str, Any]:
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
+    return plain_options(args)
 
 
 def finished_report(args: Args) -> Report | None:
@@ -278,7 +296,7 @@ def finished_report(args: Args) -> Report | None:
 
 def resume_settings(args: Args, fingerprint: str) -> dict[str, Any]:
     """What decides the trained agent: the options (less RESUME_FREE_OPTIONS) and the world model's weights."""
-    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(args).items()}
+    options = plain_options(args)
     return {**{key: options[key] for key in sorted(options) if key not in RESUME_FREE_OPTIONS},
             "world_model": fingerprint}  # fmt: skip
 
@@ -293,8 +311,9 @@ def train_agent(args: Args, venv: VecMonitor, models: ImaginationModels, snapsho
             snapshot = read_snapshot(snapshot_path)
         except SnapshotError as error:
             raise InputError(str(error)) from None
-        differences = sorted(key for key in settings.keys() | snapshot["settings"].keys()
-                             if settings.get(key) != snapshot["settings"].get(key))  # fmt: skip
+        # A snapshot of an older version lacks the options added since: their defaults (the behaviour then) stand in.
+        defaults = plain_options(Args())
+        differences = changed_options(snapshot["settings"], settings, defaults, RESUME_FREE_OPTIONS)
         if differences:
             raise InputError(f"{snapshot_path} continues a run with other settings ({', '.join(differences)}): "
                              "rerun with those, or choose another --out")  # fmt: skip
@@ -303,7 +322,7 @@ def train_agent(args: Args, venv: VecMonitor, models: ImaginationModels, snapsho
     else:
         torch.manual_seed(args.seed)
         venv.seed(args.seed)
-        agent = make_agent(args, venv)
+        agent = initial_agent(args, venv)
         print(f"training {args.algo.upper()} on {args.num_envs} imagined {args.task} episodes "
               f"(model {models.checkpoint}, horizon {venv.unwrapped.horizon})")  # fmt: skip
     if agent.num_timesteps >= args.steps:  # trained before: the evaluation was what was left

@@ -3,6 +3,7 @@ model, and downstream/rl.py, on a smoke-profile world model trained on the tiny 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -438,6 +439,28 @@ def test_ppo_in_imagination_then_real_evaluation(run_dir: Path, tmp_path: Path) 
     assert 0.0 <= report.real_random.mean <= 8.0 * 125
 
 
+def test_init_agent_starts_from_the_given_agents_weights(run_dir: Path, tmp_path: Path) -> None:
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from downstream import rl
+    from worldmodel.errors import InputError
+
+    args = rl.Args(task="cartpole", algo="ppo", steps=64, num_envs=4, checkpoint=run_dir, device="cpu", seed=0)
+    venv = VecMonitor(ImaginedSB3VecEnv("cartpole", 4, **rl.imagination_options(args)))
+    source = rl.make_agent(args, venv)
+    source.save(tmp_path / "source.zip")
+    other_seed = dataclasses.replace(args, seed=1)
+    started = rl.initial_agent(dataclasses.replace(other_seed, init_agent=tmp_path / "source.zip"), venv)
+    fresh = rl.initial_agent(other_seed, venv)
+    weights, started_weights, fresh_weights = (a.policy.state_dict() for a in (source, started, fresh))
+    assert all(torch.equal(started_weights[key], value) for key, value in weights.items())
+    assert not all(torch.equal(fresh_weights[key], value) for key, value in weights.items())  # the seed alone differs
+    rl.make_agent(dataclasses.replace(args, algo="sac"), venv).save(tmp_path / "sac.zip")
+    with pytest.raises(InputError, match="--init-agent .* cannot start this PPO agent"):
+        rl.initial_agent(dataclasses.replace(args, init_agent=tmp_path / "sac.zip"), venv)
+    venv.close()
+
+
 def test_rl_cli_help_and_one_line_errors(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from downstream import rl
 
@@ -448,6 +471,7 @@ def test_rl_cli_help_and_one_line_errors(run_dir: Path, capsys: pytest.CaptureFi
         (["--steps", "0", "--checkpoint", str(run_dir)], "--steps must be positive"),
         (["--task", "humanoid"], "choose from acrobot"),
         (["--start-share", "2", "--checkpoint", str(run_dir)], "--start-share must be a fraction"),
+        (["--init-agent", str(run_dir / "none.zip"), "--checkpoint", str(run_dir)], "--init-agent"),
         (["--checkpoint", str(run_dir), "--task", "walker-walk"], "no reward predictor"),
     ]:
         assert rl.cli(argv) == 2

@@ -6,6 +6,7 @@ loop ~50 s, the kill test ~55 s (one more loop), the rest seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -119,6 +120,29 @@ def test_a_rerun_of_a_finished_loop_changes_nothing(finished_loop: Path, smoke_r
                      reward_epochs=2, rl_steps=64, num_envs=4, eval_episodes=3, workers=2)  # fmt: skip
     assert [record["round"] for record in loop.main(args)] == [0, 1]  # --workers and --eval-episodes may change
     assert snapshot(finished_loop) == before
+
+
+def test_keep_agent_starts_each_round_from_the_previous_rounds_agent(tmp_path: Path) -> None:
+    args = loop.Args(task=TASK, rounds=2, out=tmp_path / "loop", keep_agent=True)
+    assert loop.rl_args(args, 0).init_agent is None  # round 0 has no previous agent
+    assert loop.rl_args(args, 2).init_agent == tmp_path / "loop" / "round-01" / "rl" / f"{TASK}-ppo.zip"
+    assert loop.rl_args(dataclasses.replace(args, keep_agent=False), 2).init_agent is None
+
+
+def test_a_loop_started_before_an_option_existed_continues_with_its_default(
+    finished_loop: Path, smoke_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    older = tmp_path / "loop"
+    shutil.copytree(finished_loop, older, symlinks=True)
+    state = json.loads((older / loop.STATE_FILE).read_text())
+    del state["settings"]["start_share"]  # as written before --start-share existed
+    (older / loop.STATE_FILE).write_text(json.dumps(state))
+    args = loop.Args(task=TASK, rounds=1, checkpoint=smoke_run, data=tiny_dataset, out=older,
+                     train_episodes=TRAIN_EPISODES, test_episodes=TEST_EPISODES, refine_steps=4, reward_windows=16,
+                     reward_epochs=2, rl_steps=64, num_envs=4, eval_episodes=1, workers=1)  # fmt: skip
+    assert [record["round"] for record in loop.main(args)] == [0, 1]
+    with pytest.raises(InputError, match="start_share=0.0"):  # the default stands in: another value differs
+        loop.main(dataclasses.replace(args, start_share=0.5))
 
 
 @pytest.mark.parametrize(
