@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from worldmodel.options import changed_options
 from worldmodel import storage
 from worldmodel.checkpoint import model_config_from_dict
 from worldmodel.config import OBSERVED_STEPS, STATE_VARIANT, Dynamics, ModelConfig, Variant
@@ -274,12 +275,10 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Names of the options whose values differ from a checkpoint's, ignoring the RESUME_FREE ones. Options a
     checkpoint predates (added later, with defaults that keep the old behaviour) count as their defaults."""
-    now = config_to_dict(current)
     defaults = config_to_dict(TrainConfig())
-    saved = {**defaults, **saved, "net": {**defaults["net"], **saved.get("net", {})}}
+    saved = {**saved, "net": {**defaults["net"], **saved.get("net", {})}}  # the same rule inside the nested net
     resume_free = {option.name for option in dataclasses.fields(TrainConfig) if option.metadata == RESUME_FREE}
-    names = (set(saved) | set(now)) - resume_free
-    return sorted(name for name in names if saved.get(name) != now.get(name))
+    return changed_options(saved, config_to_dict(current), defaults, resume_free)
 
 
 def validate(config: TrainConfig) -> None:
