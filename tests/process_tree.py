@@ -17,10 +17,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def start(command: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``command`` in a new session (its own process group), output discarded."""
-    return subprocess.Popen(list(command), cwd=cwd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+def start(
+    command: Sequence[str], cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``command`` in a new session (its own process group); its output goes to ``log`` (stdout and stderr
+    together, so that a failing test can show what the killed run said; ``log_tail``), else is discarded."""
+    if log is None:
+        return subprocess.Popen(list(command), cwd=cwd, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(list(command), cwd=cwd, env=env, start_new_session=True,
+                                stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def log_tail(log: Path, characters: int = 3000) -> str:
+    """The end of a ``start`` log, for an assertion message."""
+    try:
+        return log.read_text(errors="replace")[-characters:]
+    except OSError as error:
+        return f"(no log: {error})"
 
 
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float = 300) -> bool:

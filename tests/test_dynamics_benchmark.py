@@ -190,6 +190,14 @@ def test_keypoint_stability_known_answer() -> None:
     assert stability.median_step == pytest.approx(0.0)
     assert stability.jump_rate == pytest.approx(1 / 8)
     assert stability.jump_share == pytest.approx(0.5 / 0.6)
+    assert stability.still_rate == pytest.approx(6 / 8)
+
+
+def test_still_rate_counts_moves_below_the_still_threshold() -> None:
+    """One keypoint over 4 frames: moves 0.0005 (still), 0.002 (not still), 0 (still)."""
+    points = torch.zeros(4, 1, 3)
+    points[:, 0, 0] = torch.tensor([0.0, 0.0005, 0.0025, 0.0025])
+    assert keypoint_stability(make_split(points, [4], [0])).still_rate == pytest.approx(2 / 3)
 
 
 def test_jump_free_ratios_leave_out_jumping_tracks() -> None:

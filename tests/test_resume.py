@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.process_tree import kill_tree, start, wait_for
+from tests.process_tree import kill_tree, log_tail, start, wait_for
 from worldmodel.checkpoint import load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,14 +61,15 @@ def kill_at(command: list[str], run_dir: Path, condition: Any) -> dict[str, Any]
     """Start ``command``, kill it (and its children) as soon as its checkpoint satisfies ``condition``; the
     checkpoint it leaves behind (what --resume starts from)."""
     watch = CheckpointWatch(run_dir)
-    process = start(command, REPO_ROOT, ONE_THREAD)
+    log = run_dir.with_name(run_dir.name + ".log")
+    process = start(command, REPO_ROOT, ONE_THREAD, log)
     try:
         reached = wait_for(lambda: (checkpoint := watch.now()) is not None and condition(checkpoint), process)
     finally:
         kill_tree(process)
-    assert reached, f"the run ended before the kill point (exit {process.returncode})"
+    assert reached, f"the run ended before the kill point (exit {process.returncode}):\n{log_tail(log)}"
     checkpoint = load_checkpoint(run_dir)
-    assert not checkpoint["complete"], "the kill came too late to test a resume"
+    assert not checkpoint["complete"], f"the kill came too late to test a resume:\n{log_tail(log)}"
     return checkpoint
 
 

@@ -12,7 +12,8 @@ Two questions, both asked without pixels (the trainer's keypoint cache holds eve
 2. **Keypoint stability** of the detector, which bounds every core: how far keypoints move from one frame
    to the next, and how much of that is *jumps* (moves longer than ``JUMP``, a tenth of the image width,
    more than any limb moves in one agent step): a keypoint that switches to another object moves
-   without physics, and no dynamics model can predict it.
+   without physics, and no dynamics model can predict it. And how often a keypoint stands still (moves
+   shorter than ``STILL``): keypoints snapped to the heatmap's grid stand still, then step a whole cell.
 3. **Linear probe to the true state** (the paper's section 5.2, "keypoints track objects"): ridge
    regression from one frame's keypoints (K*3) to the task's true low-dimensional state, fit on the train
    split, R^2 on the test split, per task; and the same probe applied to *predicted* keypoints of the
@@ -33,6 +34,11 @@ from worldmodel.keypoint_cache import KeypointSplit
 
 REFERENCES = ("hold_last", "constant_velocity")
 JUMP = 0.2  # a one-frame move longer than this (a tenth of the [-1, 1] image width) counts as a jump
+# A one-frame move shorter than this (1/30 of an image pixel) counts as standing still. A detector whose spatial
+# softmax has saturated puts each keypoint on one heatmap cell, so its keypoints stand exactly still for
+# frames and then step a whole cell (1/8 of the image at 16x16): a high still rate is that symptom
+# (docs/VISION.md, "Keypoints on a grid").
+STILL = 1e-3
 PREDICTIONS = ("single", "mean_of_n", "best_of_n")
 
 
@@ -145,6 +151,7 @@ class Stability(NamedTuple):
     median_step: float
     jump_rate: float  # fraction of one-frame moves longer than JUMP
     jump_share: float  # share of the summed displacement that is in those jumps
+    still_rate: float  # fraction of one-frame moves shorter than STILL
 
 
 def keypoint_stability(split: KeypointSplit, jump: float = JUMP) -> Stability:
@@ -165,6 +172,7 @@ def keypoint_stability(split: KeypointSplit, jump: float = JUMP) -> Stability:
         median_step=float(steps.median()),
         jump_rate=float(jumps.double().mean()),
         jump_share=float(steps[jumps].sum()) / total if total > 0 else 0.0,
+        still_rate=float((steps < STILL).double().mean()),
     )
 
 
