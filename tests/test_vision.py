@@ -65,6 +65,23 @@ def test_softmax_logit_scale_sharpens() -> None:
     assert x10 == pytest.approx(-1.0, abs=1e-3)
 
 
+def test_softmax_at_scale_1_follows_a_bump_between_cells_where_scale_10_snaps_to_one() -> None:
+    """Logits shaped as a bump whose peak moves across one heatmap cell, c = cell 7 + offset, with the
+    logits falling by 1 per squared cell of distance: at scale 1 the keypoint follows c to within 1% of a
+    cell (sub-cell positions, so a keypoint can move smoothly); at scale 10 the softmax puts its weight on
+    the nearest cell and the keypoint stays within 10% of a cell of that cell's centre for offsets up to
+    0.3 cell (docs/VISION.md, "Keypoints on a grid")."""
+    columns = torch.arange(SIZE, dtype=torch.float32)
+    for offset in torch.linspace(-0.3, 0.3, 7).tolist():
+        centre = 7 + offset
+        bump = -((columns - centre) ** 2)  # (W,) logits along the row, peak at column `centre`
+        logits = (bump[None, :] - (torch.arange(SIZE)[:, None] - 4.0) ** 2)[None, None]  # row 4, (1, 1, H, W)
+        x1 = maps_to_keypoints(logits, "softmax", 1.0)[0, 0, 0].item()
+        x10 = maps_to_keypoints(logits, "softmax", 10.0)[0, 0, 0].item()
+        assert x1 == pytest.approx(pixel_x(7) + offset * PIXEL, abs=0.01 * PIXEL), offset
+        assert x10 == pytest.approx(pixel_x(7), abs=0.1 * PIXEL), offset
+
+
 def test_gaussian_maps_known_values() -> None:
     sigma = 1.5  # heatmap pixels (S4)
     keypoints = torch.tensor([[[pixel_x(7), pixel_y(5), 0.8]]])  # centred on (row 5, column 7)

@@ -9,6 +9,9 @@ the paper's own detector; docs/VISION.md tells what collapsed with it and why th
 
 Profiles: ``paper`` = the field defaults; ``cpu`` = reduced sizes (K 32, 16 base filters, z 32, GRU 256,
 best of 10) and the dynamics training of docs/DYNAMICS.md's diagnosis; ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
+The trainer's ``cpu`` profile also sets the logit scale to 1 and a temporal prior on the keypoints
+(``acceleration_weight`` 10): at x10 the softmax saturates and every keypoint snaps to a heatmap cell
+(docs/VISION.md, "Keypoints on a grid"); the field defaults keep x10 until that is measured at the paper's sizes.
 The variants and the training profiles side by side: docs/DESIGN.md section 6; every deviation from the paper
 and its evidence: docs/DESIGN.md section 3.8.
 """
@@ -58,7 +61,7 @@ class ModelConfig:
     heatmap: Heatmap = "softmax"
     """How the detection weights D_k (S1) are made from the detector's last 1x1 conv (the logits): with 'softmax', D_k = spatial softmax(scale * logits) (default: what avoided collapse, docs/VISION.md); with 'softplus', D_k = R_k / sum R_k with R_k = softplus(scale * logits), the paper. In both cases the presence mu_k = mean softplus(logits) (S3)."""
     heatmap_logit_scale: float = 10.0
-    """``scale`` above: multiplies the logits before they become D_k (default 10, the prototype's; paper 1)."""
+    """``scale`` above: multiplies the logits before they become D_k (default 10, the prototype's; paper 1; the ``cpu`` training profile 1, since at 10 the softmax saturates and keypoints snap to heatmap cells: docs/VISION.md)."""
     initial_amplitude_mix: float = 0.0
     """Amplitude of the Gaussian maps (S4) at the start of training: ``mix * mu_k + (1 - mix) * 1``; 1 is the paper (maps scaled by mu), 0 fixed amplitude. The model keeps the current mix in a buffer (saved in checkpoints) that starts here and follows ``Schedule.amplitude_mix`` when the trainer sets it. L_sparse is weighted by the mix too."""
     amplitude_warmup: float = 0.0

@@ -36,7 +36,7 @@ REFERENCES = ("hold_last", "constant_velocity")
 JUMP = 0.2  # a one-frame move longer than this (a tenth of the [-1, 1] image width) counts as a jump
 # A one-frame move shorter than this (1/30 of an image pixel) counts as standing still. A detector whose spatial
 # softmax has saturated puts each keypoint on one heatmap cell, so its keypoints stand exactly still for
-# frames and then step a whole cell (1/8 of the image at 16x16): a high still rate is that symptom
+# frames and then step a whole cell (2/15 of the [-1, 1] frame at 16x16): a high still rate is that symptom
 # (docs/VISION.md, "Keypoints on a grid").
 STILL = 1e-3
 PREDICTIONS = ("single", "mean_of_n", "best_of_n")

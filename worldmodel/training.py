@@ -195,9 +195,12 @@ def cpu_profile() -> TrainConfig:
     sequences x 8 frames, every 4th frame of a 29-step window (``vision_frame_stride``: frames further from
     the reference frame make copying it pay less, so the reconstructor uses the keypoints sooner); dynamics
     stage 6,000 steps of the paper's 32 windows of 8 + 8 steps, cheap on cached keypoints. The detector: a
-    spatial softmax on logits x10 with Gaussian maps of amplitude 0.99 + 0.01 mu for the whole run (the
-    small L1 on mu bounds the logits; docs/PERFORMANCE.md says what the alternatives did). Everything else
-    (losses and weights, schedule shapes scaled to each stage, Adam, L2, clipping) is the paper's.
+    spatial softmax on the logits as they are (scale 1: with x10 it saturated and snapped every keypoint to
+    a heatmap cell), with a temporal prior on the keypoints (acceleration weight 10, against jitter and
+    jumps; docs/VISION.md, "Keypoints on a grid"), and Gaussian maps of amplitude 0.99 + 0.01 mu for the
+    whole run (the small L1 on mu bounds the logits; docs/PERFORMANCE.md says what the alternatives did).
+    Everything else (losses and weights, schedule shapes scaled to each stage, Adam, L2, clipping) is the
+    paper's.
     """
     return TrainConfig(
         profile="cpu",
@@ -211,7 +214,8 @@ def cpu_profile() -> TrainConfig:
         eval_windows=64,
         eval_samples=10,
         checkpoint_every=250,
-        net=ModelConfig.cpu(heatmap="softmax", heatmap_logit_scale=10.0, initial_amplitude_mix=0.01, amplitude_warmup=0.0),
+        net=ModelConfig.cpu(heatmap="softmax", heatmap_logit_scale=1.0, acceleration_weight=10.0,
+                            initial_amplitude_mix=0.01, amplitude_warmup=0.0),
     )
 
 
