@@ -322,6 +322,9 @@ def test_vision_from_a_finished_run_trains_only_a_new_dynamics_core(
 
     other = smoke_args(tiny_dataset, tmp_path / "other", "--vision-from", str(reference_run), "--net.base-filters", "8")
     assert main(other) == 2  # another vision network
+    scale = smoke_args(tiny_dataset, tmp_path / "scale", "--vision-from", str(reference_run), "--net.heatmap-logit-scale", "3")
+    assert main(scale) == 2  # the same shapes, but the weights would detect other keypoints
+    assert not (tmp_path / "scale" / "keypoints.pt").exists()
     assert main(smoke_args(tiny_dataset, tmp_path / "none", "--vision-from", str(tmp_path / "missing"))) == 2
 
 

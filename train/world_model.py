@@ -220,6 +220,9 @@ def run_evaluation(run: Run, state: TrainState, final: bool) -> dict[str, Any]:
     return metrics
 
 
+DETECTOR_SETTINGS = ("heatmap", "heatmap_logit_scale", "keypoint_sigma")  # ModelConfig fields that --vision-from must share
+
+
 def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any], run_dir: Path | None) -> None:
     """Load the vision weights of the finished run ``source`` into ``model`` and copy its keypoint cache into
     ``run_dir`` (rank 0; None elsewhere), so that the staged run starts at the keypoint stage."""
@@ -238,6 +241,14 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
     wanted = {key: value.shape for key, value in model.state_dict().items() if not key.startswith(own_parts)}
     if {key: value.shape for key, value in vision.items()} != wanted:
         raise InputError(f"--vision-from {source}: its vision network differs from this one; give the same --model and --net sizes")
+    # Settings that change what the same weights detect (the weights' shapes do not show them): a detector
+    # trained at one softmax scale gives other keypoints at another, and the cache would no longer be its own.
+    their_net = checkpoint.get("model_config") or {}
+    differing = [f"--net.{name.replace('_', '-')} {their_net[name]}" for name in DETECTOR_SETTINGS
+                 if name in their_net and their_net[name] != getattr(model.config, name)]  # fmt: skip
+    if differing:
+        raise InputError(f"--vision-from {source}: its detector was trained with other settings; give "
+                         f"{' '.join(differing)} to take it")  # fmt: skip
     model.load_state_dict(vision, strict=False)
     cache = find_checkpoint(source).parent / KEYPOINT_CACHE_FILE
     if run_dir is not None and cache.is_file():  # else detected again (the fingerprint decides either way)
