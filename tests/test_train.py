@@ -354,6 +354,8 @@ def test_init_from_a_finished_run_fine_tunes_its_core_on_another_folder(
     assert main([*tuned[:-2], "--init-from", str(tmp_path / "missing")]) == 2
     assert main([*smoke_args(data, tmp_path / "other", "--tasks", "cartpole", "--init-from", str(reference_run)),
                  "--net.base-filters", "8"]) == 2  # another network
+    assert main([*smoke_args(data, tmp_path / "scale", "--tasks", "cartpole", "--init-from", str(reference_run)),
+                 "--net.heatmap-logit-scale", "3"]) == 2  # the same weights would detect other keypoints
     assert main([*smoke_args(data, tmp_path / "both", "--tasks", "cartpole", "--init-from", str(reference_run)),
                  "--vision-from", str(reference_run)]) == 2
 

@@ -220,7 +220,17 @@ def run_evaluation(run: Run, state: TrainState, final: bool) -> dict[str, Any]:
     return metrics
 
 
-DETECTOR_SETTINGS = ("heatmap", "heatmap_logit_scale", "keypoint_sigma")  # ModelConfig fields that --vision-from must share
+DETECTOR_SETTINGS = ("heatmap", "heatmap_logit_scale", "keypoint_sigma")  # ModelConfig fields a taken detector must share
+
+
+def check_detector_settings(model: WorldModel, checkpoint: dict[str, Any], option: str) -> None:
+    """Refuse a detector trained with other settings that change what the same weights detect (the weights'
+    shapes do not show them: at another softmax scale the same logits give other keypoints)."""
+    their_net = checkpoint.get("model_config") or {}
+    differing = [f"--net.{name.replace('_', '-')} {their_net[name]}" for name in DETECTOR_SETTINGS
+                 if name in their_net and their_net[name] != getattr(model.config, name)]  # fmt: skip
+    if differing:
+        raise InputError(f"{option}: its detector was trained with other settings; give {' '.join(differing)} to take it")
 
 
 def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any], run_dir: Path | None) -> None:
@@ -241,14 +251,7 @@ def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any],
     wanted = {key: value.shape for key, value in model.state_dict().items() if not key.startswith(own_parts)}
     if {key: value.shape for key, value in vision.items()} != wanted:
         raise InputError(f"--vision-from {source}: its vision network differs from this one; give the same --model and --net sizes")
-    # Settings that change what the same weights detect (the weights' shapes do not show them): a detector
-    # trained at one softmax scale gives other keypoints at another, and the cache would no longer be its own.
-    their_net = checkpoint.get("model_config") or {}
-    differing = [f"--net.{name.replace('_', '-')} {their_net[name]}" for name in DETECTOR_SETTINGS
-                 if name in their_net and their_net[name] != getattr(model.config, name)]  # fmt: skip
-    if differing:
-        raise InputError(f"--vision-from {source}: its detector was trained with other settings; give "
-                         f"{' '.join(differing)} to take it")  # fmt: skip
+    check_detector_settings(model, checkpoint, f"--vision-from {source}")
     model.load_state_dict(vision, strict=False)
     cache = find_checkpoint(source).parent / KEYPOINT_CACHE_FILE
     if run_dir is not None and cache.is_file():  # else detected again (the fingerprint decides either way)
@@ -276,6 +279,7 @@ def take_run(model: WorldModel, source: Path, dataset_record: dict[str, Any]) ->
         if repeats[task] != repeat:
             raise InputError(f"--data {dataset_record['path']} holds {task} with action repeat {repeat}, --init-from "
                              f"{source} was trained with {repeats[task]}: give data collected like its own")  # fmt: skip
+    check_detector_settings(model, checkpoint, f"--init-from {source}")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
