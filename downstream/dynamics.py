@@ -137,8 +137,7 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
               "| run | mean move | median move | jump rate | share of motion in jumps | still rate |", "|---|---|---|---|---|---|"]  # fmt: skip
     for record in (record for record in records if record["stability"] is not None):  # keypoint models only
         st = record["stability"]
-        still = f"{st['still_rate']:.3f}" if "still_rate" in st else "-"  # records of earlier versions lack it
-        lines.append(f"| {record['label']} | {st['mean_step']:.4f} | {st['median_step']:.4f} | {st['jump_rate']:.3f} | {st['jump_share']:.2f} | {still} |")
+        lines.append(f"| {record['label']} | {st['mean_step']:.4f} | {st['median_step']:.4f} | {st['jump_rate']:.3f} | {st['jump_share']:.2f} | {st['still_rate']:.3f} |")
     lines += ["", "The open-loop ratios to hold-last on keypoint tracks without a jump (what physics explains); the floor is "
               "the ratio over all tracks of a prediction exact on those and holding the jumping ones still:", "",
               "| run | single | mean of N | best of N | tracks kept | floor over all tracks |", "|---|---|---|---|---|---|"]  # fmt: skip

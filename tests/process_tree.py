@@ -9,6 +9,7 @@ resume will see.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,10 +23,8 @@ def start(
 ) -> subprocess.Popen[bytes]:
     """``command`` in a new session (its own process group); its output goes to ``log`` (stdout and stderr
     together, so that a failing test can show what the killed run said; ``log_tail``), else is discarded."""
-    if log is None:
-        return subprocess.Popen(list(command), cwd=cwd, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
+    # the child keeps its own copy of the log's descriptor, so ours is closed at once
+    with log.open("wb") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as output:
         return subprocess.Popen(list(command), cwd=cwd, env=env, start_new_session=True,
                                 stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
 

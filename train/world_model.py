@@ -58,10 +58,11 @@ from worldmodel.checkpoint import (  # noqa: E402
 from worldmodel.dynamics_benchmark import benchmark_record, choose_window_starts, open_loop  # noqa: E402
 from worldmodel.errors import InputError, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
-from worldmodel.config import STATE_VARIANT  # noqa: E402
+from worldmodel.config import STATE_VARIANT, ModelConfig  # noqa: E402
 from worldmodel.data import WindowDataset  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
+from worldmodel.options import changed_options  # noqa: E402
 from worldmodel.precision import Compute, announce, choose_compute  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
 from worldmodel.state_bound import dataset_state_dims, per_feature_points, state_model_config, state_split  # noqa: E402
@@ -226,11 +227,13 @@ DETECTOR_SETTINGS = ("heatmap", "heatmap_logit_scale", "keypoint_sigma")  # Mode
 def check_detector_settings(model: WorldModel, checkpoint: dict[str, Any], option: str) -> None:
     """Refuse a detector trained with other settings that change what the same weights detect (the weights'
     shapes do not show them: at another softmax scale the same logits give other keypoints)."""
-    their_net = checkpoint.get("model_config") or {}
-    differing = [f"--net.{name.replace('_', '-')} {their_net[name]}" for name in DETECTOR_SETTINGS
-                 if name in their_net and their_net[name] != getattr(model.config, name)]  # fmt: skip
+    their_net = {name: value for name, value in (checkpoint.get("model_config") or {}).items() if name in DETECTOR_SETTINGS}
+    mine = {name: getattr(model.config, name) for name in DETECTOR_SETTINGS}
+    defaults = {name: getattr(ModelConfig(), name) for name in DETECTOR_SETTINGS}  # for checkpoints that predate one
+    differing = changed_options(their_net, mine, defaults)
     if differing:
-        raise InputError(f"{option}: its detector was trained with other settings; give {' '.join(differing)} to take it")
+        give = " ".join(f"--net.{name.replace('_', '-')} {their_net.get(name, defaults[name])}" for name in differing)
+        raise InputError(f"{option}: its detector was trained with other settings; give {give} to take it")
 
 
 def take_vision(model: WorldModel, source: Path, dataset_record: dict[str, Any], run_dir: Path | None) -> None:
