@@ -41,7 +41,9 @@ from worldmodel.dynamics_benchmark import (
 )
 from worldmodel.errors import InputError, check_options, one_line, run_script
 from worldmodel.storage import checked_dataset_files
+from worldmodel.precision import inference_compute
 from worldmodel.tasks import task_id
+from worldmodel.training import detect_split
 from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 
 DEFAULT_RUNS = (Path("runs/world_model"),)
@@ -63,6 +65,10 @@ class Args:
     """Test windows, drawn over all tasks (fixed by --seed)."""
     split: Literal["test", "train"] = "test"
     """Split of the open-loop windows: 'test' for results; 'train' shows how well a core fits its own data (diagnosis: a core that beats hold-last on train but not on test overfits)."""
+    data: Path | None = None
+    """Benchmark on this dataset's --split instead of the run's own data: a validation set collected with another
+    --seed (collect/dmcs.py --seed 1 --out data/dmcs_val), so that ablations are chosen without the test split.
+    Its keypoints are detected with each run's detector; the probe is fitted on the run's train split as always."""
     probe: bool = True
     """Also fit the keypoints -> true state probe per task (reads the dataset's states)."""
     seed: int = 0
@@ -98,8 +104,19 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     if cache is None or "test" not in cache:
         raise InputError(f"{run} holds no keypoint cache of its detector; this benchmark needs a staged run (--mode staged)")
     train, test = cache["train"], cache["test"]
-    length = args.observed + args.horizon
+    root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
     windows = cache[args.split]
+    if args.data is not None:  # another dataset (e.g. validation): detect its keypoints with this run's detector
+        test_root = args.data
+        try:
+            windows = detect_split(model, args.data, tasks, args.split, device, inference_compute(device).precision)
+        except (OSError, KeyError, ValueError) as error:
+            raise InputError(f"--data {args.data}: {one_line(str(error))}; it needs the run's tasks ({', '.join(tasks)}) in "
+                             f"its {args.split} split, as collect/dmcs.py writes them") from None  # fmt: skip
+        test = windows
+    else:
+        test_root = root
+    length = args.observed + args.horizon
     starts = choose_window_starts(windows, length, args.windows, args.seed)
     result = open_loop(model, windows, starts, args.observed, args.horizon, args.samples, args.seed)
     record: dict[str, Any] = {
@@ -108,16 +125,16 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
         **benchmark_record(result, args.observed, windows if loaded.config.structured else None),  # cnn: no positions
     }
     if args.probe:
-        root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
         probes = {}
         for task in tasks:
             number = task_id(task)  # the cache's task ids are the global ones (worldmodel.tasks), not positions in the run
             try:
                 train_states = task_states(root, task, "train", train, number)
-                test_states = task_states(root, task, "test", test, number)
+                test_split = args.split if args.data is not None else "test"
+                test_states = task_states(test_root, task, test_split, test, number)
             except (OSError, KeyError, ValueError) as error:
                 raise InputError(f"true states for the probe ({task}): {one_line(str(error))}; pass --no-probe to skip it") from None
-            predicted = result if args.split == "test" else None  # the probe is always scored on test
+            predicted = result if args.split == "test" or args.data is not None else None  # scored on test (or --data)
             probe = probe_task(train, test, number, train_states, test_states, predicted, args.observed)
             probes[task] = probe._asdict()
         record["probe_r2"] = probes
@@ -125,14 +142,15 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
 
 
 def markdown(records: list[dict[str, Any]], args: Args) -> str:
-    lines = [f"Open-loop keypoint distance ({args.split} split) after {args.observed} observed frames, mean over horizons 1..{args.horizon} "
+    where = f"{args.split} split" if args.data is None else f"{args.split} split of {args.data}"
+    lines = [f"Open-loop keypoint distance ({where}) after {args.observed} observed frames, mean over horizons 1..{args.horizon} "
              f"(ratio to hold-last; < 1 beats holding still):", "",
              "| run | single | mean of N | best of N | hold-last | constant velocity |", "|---|---|---|---|---|---|"]  # fmt: skip
     for record in records:
         cells = [f"{record['mean_distance'][name]:.4f} ({record['ratio_to_hold_last'][name]:.2f}x)"
                  for name in PREDICTIONS + REFERENCES]  # fmt: skip
         lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Detector stability ({args.split} split): one-frame keypoint moves; jumps are moves > {JUMP} "
+    lines += ["", f"Detector stability ({where}): one-frame keypoint moves; jumps are moves > {JUMP} "
               "(a tenth of the image), which no dynamics can predict:", "",
               "| run | mean move | median move | jump rate | share of motion in jumps | still rate |", "|---|---|---|---|---|---|"]  # fmt: skip
     for record in (record for record in records if record["stability"] is not None):  # keypoint models only
@@ -146,7 +164,7 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
         lines.append(f"| {record['label']} | {jf['single']:.2f}x | {jf['mean_of_n']:.2f}x | {jf['best_of_n']:.2f}x | {jf['tracks_kept']:.2f} | {jf['jump_floor']:.2f}x |")
     if any("probe_r2" in record for record in records):
         tasks = list(next(record for record in records if "probe_r2" in record)["probe_r2"])
-        lines += ["", "Linear probe keypoints -> true state, R^2 on the test split (detected / predicted):", "",
+        lines += ["", f"Linear probe keypoints -> true state, R^2 on the {'test split' if args.data is None else where} (detected / predicted):", "",
                   "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
         for record in records:
             probes = record.get("probe_r2", {})
@@ -183,7 +201,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     device = resolve_device(args.device)
     records = [evaluate_run(args, run, device) for run in args.run or DEFAULT_RUNS]
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.json", json.dumps({"args": asdict(args) | {"run": [str(r) for r in args.run], "out": str(args.out)}, "runs": records}, indent=2))
+    atomic_write_text(args.out / "results.json", json.dumps({"args": asdict(args) | {"run": [str(r) for r in args.run], "out": str(args.out), "data": None if args.data is None else str(args.data)}, "runs": records}, indent=2))
     table = markdown(records, args)
     atomic_write_text(args.out / "results.md", table)
     plot(records, args.out / "horizons.png")

@@ -145,6 +145,26 @@ def test_probe_of_a_run_on_a_subset_of_the_tasks(tiny_dataset: Path, tmp_path: P
     assert all(np.isfinite(probe["detected_r2"]) for probe in records[0]["probe_r2"].values())
 
 
+def test_script_on_another_dataset_detects_its_keypoints(smoke_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """--data (a validation set): the keypoints are detected with the run's detector, so --data of the run's own
+    dataset gives the run's own numbers; a folder without the run's tasks is refused in one line."""
+    from downstream.dynamics import Args, main
+
+    options = dict(run=(smoke_run,), observed=4, horizon=4, samples=2, windows=8, device="cpu")
+    own = main(Args(out=tmp_path / "own", **options))[0]
+    detected = main(Args(out=tmp_path / "detected", data=tiny_dataset, **options))[0]
+    for name, values in own["per_horizon"].items():
+        assert detected["per_horizon"][name] == pytest.approx(values, rel=1e-4), name
+    for task, probe in own["probe_r2"].items():
+        assert detected["probe_r2"][task] == pytest.approx(probe, rel=1e-3, nan_ok=True), task
+    assert f"test split of {tiny_dataset}" in (tmp_path / "detected" / "results.md").read_text()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_dataset / "cheetah_test.h5", partial)
+    with pytest.raises(InputError, match="--data .*run's tasks"):
+        main(Args(out=tmp_path / "partial_out", data=partial, **options))
+
+
 def test_script_refuses_a_run_without_a_keypoint_cache(smoke_run: Path, tmp_path: Path) -> None:
     from downstream.dynamics import Args, main
 
