@@ -407,3 +407,18 @@ def test_a_checkpoint_in_the_layout_of_earlier_versions_resumes(
 def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def test_quick_profile_has_the_cpu_detector_and_smaller_dynamics() -> None:
+    """The quick profile is the cpu profile's detector with the smaller, 2x faster dynamics: a quick run's
+    vision weights load into a cpu-profile model as they are (``--vision-from``), only the dynamics differ."""
+    from worldmodel.model import vision_modules
+
+    cpu, quick = training.cpu_profile().net, training.quick_profile().net
+    torch.manual_seed(0)
+    cpu_model, quick_model = WorldModel(cpu), WorldModel(quick)
+    for cpu_part, quick_part in zip(vision_modules(cpu_model), vision_modules(quick_model), strict=True):
+        cpu_part.load_state_dict(quick_part.state_dict())  # same shapes, same detector settings
+    assert (cpu.heatmap_logit_scale, cpu.acceleration_weight) == (quick.heatmap_logit_scale, quick.acceleration_weight)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(quick_model.dynamics) < count(cpu_model.dynamics) / 2

@@ -191,9 +191,10 @@ def cpu_profile() -> TrainConfig:
     """A useful model on 2 CPU cores, architecture intact, trained in stages.
 
     Reduced where a CPU spends its time (the vision stage is nearly all of it): K 32, 16-32-64 filters
-    (~4x less conv work), z 32, GRU 256, best of 10 (ModelConfig.cpu); vision stage 3,000 steps of 16
-    sequences x 8 frames, every 4th frame of a 29-step window (``vision_frame_stride``: frames further from
-    the reference frame make copying it pay less, so the reconstructor uses the keypoints sooner); dynamics
+    (~4x less conv work), z 32, best of 10; the dynamics at GRU 512 and MLPs 256 (ModelConfig.cpu). Vision
+    stage 3,000 steps of 16 sequences x 8 frames, every 4th frame of a 29-step window
+    (``vision_frame_stride``: frames further from the reference frame make copying it pay less, so the
+    reconstructor uses the keypoints sooner); dynamics
     stage 6,000 steps of the paper's 32 windows of 8 + 8 steps, cheap on cached keypoints. The detector: a
     spatial softmax on the logits as they are (scale 1: with x10 it saturated and snapped every keypoint to
     a heatmap cell), with a temporal prior on the keypoints (acceleration weight 10, against jitter and
@@ -221,11 +222,15 @@ def cpu_profile() -> TrainConfig:
 
 def quick_profile() -> TrainConfig:
     """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
-    model and losses; the vision stage 450 steps of 8 sequences (a thirteenth of the cpu profile's frames),
-    the dynamics 1,500 steps, one evaluation per stage (its time: docs/PERFORMANCE.md). Enough to see the
-    pipeline end to end; train ``cpu`` (or ``paper`` on a GPU) for results."""
+    detector and losses; the vision stage 450 steps of 8 sequences (a thirteenth of the cpu profile's frames),
+    the dynamics 1,500 steps at the smaller sizes the ``cpu`` profile had before (GRU 256, MLPs 128, prior
+    16: 2x faster, 0.70x instead of 0.64x hold-last on the full data), one evaluation per stage (its time:
+    docs/PERFORMANCE.md). Enough to see the pipeline end to end; train ``cpu`` (or ``paper`` on a GPU) for
+    results."""
+    cpu = cpu_profile()
+    net = dataclasses.replace(cpu.net, rnn_size=256, decoder_units=128, posterior_units=128, prior_units=16)
     return dataclasses.replace(
-        cpu_profile(), profile="quick", vision_steps=450, vision_batch_size=8, dynamics_steps=1_500,
+        cpu, profile="quick", net=net, vision_steps=450, vision_batch_size=8, dynamics_steps=1_500,
         eval_every=100_000, eval_windows=32, checkpoint_every=200,
     )  # fmt: skip
 
