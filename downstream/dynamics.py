@@ -106,16 +106,14 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     train, test = cache["train"], cache["test"]
     root, tasks = Path(info.dataset["path"]), list(info.dataset["tasks"])
     windows = cache[args.split]
+    scored_root, scored_split = root, "test"  # where the probe is scored: the test split, or the frames of --data
     if args.data is not None:  # another dataset (e.g. validation): detect its keypoints with this run's detector
-        test_root = args.data
         try:
             windows = detect_split(model, args.data, tasks, args.split, device, inference_compute(device).precision)
         except (OSError, KeyError, ValueError) as error:
             raise InputError(f"--data {args.data}: {one_line(str(error))}; it needs the run's tasks ({', '.join(tasks)}) in "
                              f"its {args.split} split, as collect/dmcs.py writes them") from None  # fmt: skip
-        test = windows
-    else:
-        test_root = root
+        test, scored_root, scored_split = windows, args.data, args.split
     length = args.observed + args.horizon
     starts = choose_window_starts(windows, length, args.windows, args.seed)
     result = open_loop(model, windows, starts, args.observed, args.horizon, args.samples, args.seed)
@@ -130,11 +128,10 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
             number = task_id(task)  # the cache's task ids are the global ones (worldmodel.tasks), not positions in the run
             try:
                 train_states = task_states(root, task, "train", train, number)
-                test_split = args.split if args.data is not None else "test"
-                test_states = task_states(test_root, task, test_split, test, number)
+                test_states = task_states(scored_root, task, scored_split, test, number)
             except (OSError, KeyError, ValueError) as error:
                 raise InputError(f"true states for the probe ({task}): {one_line(str(error))}; pass --no-probe to skip it") from None
-            predicted = result if args.split == "test" or args.data is not None else None  # scored on test (or --data)
+            predicted = result if windows is test else None  # the open-loop windows are the probe's frames
             probe = probe_task(train, test, number, train_states, test_states, predicted, args.observed)
             probes[task] = probe._asdict()
         record["probe_r2"] = probes
