@@ -8,7 +8,8 @@ sparsity penalty weighted by the amplitude mix (off while mu is not drawn). ``Mo
 the paper's own detector; docs/VISION.md tells what collapsed with it and why this one is the default.
 
 Profiles: ``paper`` = the field defaults; ``cpu`` = reduced sizes (K 32, 16 base filters, z 32, best of 10;
-the paper's GRU of 512, with MLPs of 256 and a prior of 64) and the dynamics training of docs/DYNAMICS.md's diagnosis; ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
+the paper's GRU of 512, with MLPs of 256 and a prior of 64) and the dynamics training of docs/DYNAMICS.md's
+diagnosis; ``smoke`` = tiny, for tests; ``paper_exact`` = the paper's detector, for comparison.
 The trainer's ``cpu`` profile also sets the logit scale to 1 and a temporal prior on the keypoints
 (``acceleration_weight`` 10): at x10 the softmax saturates and every keypoint snaps to a heatmap cell
 (docs/VISION.md, "Keypoints on a grid"); the field defaults keep x10 until that is measured at the paper's sizes.
@@ -236,7 +237,7 @@ class ModelConfig:
         diagnosis found to predict best (docs/DYNAMICS.md, "Diagnosis"): the detected keypoints fed on
         observed frames, the prior trained by L_future with one sample on imagined frames, and a Laplace
         (absolute) keypoint error. The dynamics are sized up from the paper's (GRU 512 as Table S1, MLPs 256,
-        prior 64): on the validation set they predict better with each step up (docs/DYNAMICS.md, "Capacity"),
+        prior 64): on the validation set they predict better with each step up (docs/DYNAMICS.md, "Cores and capacity on the new keypoints"),
         and they train on cached keypoints, where a CPU has time to spare."""
         base = cls(num_keypoints=32, base_filters=16, latent_size=32, rnn_size=512, num_samples=10,
                    prior_units=64, posterior_units=256, decoder_units=256,

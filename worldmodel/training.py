@@ -194,8 +194,8 @@ def cpu_profile() -> TrainConfig:
     (~4x less conv work), z 32, best of 10; the dynamics at GRU 512 and MLPs 256 (ModelConfig.cpu). Vision
     stage 3,000 steps of 16 sequences x 8 frames, every 4th frame of a 29-step window
     (``vision_frame_stride``: frames further from the reference frame make copying it pay less, so the
-    reconstructor uses the keypoints sooner); dynamics
-    stage 6,000 steps of the paper's 32 windows of 8 + 8 steps, cheap on cached keypoints. The detector: a
+    reconstructor uses the keypoints sooner); dynamics stage 6,000 steps of the paper's 32 windows of 8 + 8
+    steps, cheap on cached keypoints. The detector: a
     spatial softmax on the logits as they are (scale 1: with x10 it saturated and snapped every keypoint to
     a heatmap cell), with a temporal prior on the keypoints (acceleration weight 10, against jitter and
     jumps; docs/VISION.md, "Keypoints on a grid"), and Gaussian maps of amplitude 0.99 + 0.01 mu for the
@@ -224,8 +224,8 @@ def quick_profile() -> TrainConfig:
     """A first look in minutes on any 2-core CPU, also one without native bf16 (fp32): the ``cpu`` profile's
     detector and losses; the vision stage 450 steps of 8 sequences (a thirteenth of the cpu profile's frames),
     the dynamics 1,500 steps at the smaller sizes the ``cpu`` profile had before (GRU 256, MLPs 128, prior
-    16: 2x faster, 0.70x instead of 0.64x hold-last on the full data), one evaluation per stage (its time:
-    docs/PERFORMANCE.md). Enough to see the pipeline end to end; train ``cpu`` (or ``paper`` on a GPU) for
+    16: 2x faster; trained on the full data, 0.70x hold-last on a validation set against the cpu sizes'
+    0.64x), one evaluation per stage (its time: docs/PERFORMANCE.md). Enough to see the pipeline end to end; train ``cpu`` (or ``paper`` on a GPU) for
     results."""
     cpu = cpu_profile()
     net = dataclasses.replace(cpu.net, rnn_size=256, decoder_units=128, posterior_units=128, prior_units=16)
