@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -22,8 +23,10 @@ from envs.real import RealPixelEnv
 from train.world_model import main as train_main
 from worldmodel import precision
 from worldmodel.checkpoint import load_world_model
+from worldmodel.config import ModelConfig
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
+from worldmodel.model import Schedule, WorldModel
 from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.precision import Compute, CpuInfo, choose_compute
 
@@ -70,6 +73,54 @@ def test_autocast_and_layout_follow_the_decision(cpu_without_bf16: None) -> None
         assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.bfloat16
 
 
+def test_dynamics_training_follows_the_same_rule(cpu_without_bf16: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    fp32 = choose_compute("cpu", dynamics_precision="auto")
+    assert fp32.dynamics == "fp32" and fp32.reason.endswith("channels_last; dynamics trained in fp32")
+    assert choose_compute("cpu").dynamics == "fp32" and "dynamics" not in choose_compute("cpu").reason  # inference
+    asked = choose_compute("cpu", dynamics_precision="bf16")
+    assert asked.dynamics == "bf16" and asked.reason.endswith("dynamics trained in bf16 (asked for)")
+    with pytest.raises(ValueError, match="--dynamics-precision must be auto, fp32 or bf16"):
+        choose_compute("cpu", dynamics_precision="fp16")  # type: ignore[arg-type]
+    monkeypatch.setattr(precision, "cpu_info", lambda: AMX)
+    assert choose_compute("cpu", dynamics_precision="auto", dynamics_width=512).dynamics == "bf16"
+    assert choose_compute("cpu", dynamics_precision="auto", dynamics_width=256).dynamics == "bf16"
+    narrow = choose_compute("cpu", dynamics_precision="auto", dynamics_width=128)  # srvp at the cpu sizes
+    assert narrow.dynamics == "fp32" and narrow.reason.endswith("dynamics trained in fp32 (width 128 < 256: bf16 does not pay)")
+    assert choose_compute("cpu", dynamics_precision="fp32", dynamics_width=512).dynamics == "fp32"
+
+
+def test_dynamics_compute_in_bf16_only_inside_a_bf16_training_step(spy: Bf16Spy) -> None:
+    """The dynamics' products follow ``Compute.dynamics_training``; the outputs and losses stay float32, the
+    gradients reach the float32 parameters, and the predictions stay close to the float32 ones."""
+    torch.manual_seed(0)
+    model = WorldModel(ModelConfig.smoke())
+    g = torch.Generator().manual_seed(1)
+    keypoints = torch.rand(4, 8, model.config.num_keypoints, 3, generator=g) * 2 - 1
+    actions = torch.rand(4, 8, 6, generator=g) * 2 - 1
+
+    def observe() -> Tensor:
+        torch.manual_seed(2)
+        return model.observe(keypoints, actions).keypoints
+
+    with choose_compute("cpu", "bf16", dynamics_precision="fp32").autocast():  # the convs' autocast alone
+        reference = observe()
+    assert spy.operators == set()
+    with choose_compute("cpu", "fp32", dynamics_precision="bf16").dynamics_training():
+        in_bf16 = observe()
+        losses = model.dynamics_losses(keypoints, actions, 4, Schedule())
+    assert any("mm" in name for name in spy.operators)  # the GRU and MLP products
+    assert in_bf16.dtype == torch.float32 and losses.total.dtype == torch.float32
+    losses.total.backward()
+    gradients = [p.grad for p in model.dynamics.parameters() if p.grad is not None]
+    assert gradients and all(grad.dtype == torch.float32 and grad.isfinite().all() for grad in gradients)
+    # bf16 keeps 8 bits of mantissa: the typical keypoint agrees with float32's to well under a percent (a few
+    # can differ more: a near tie between best-of-many samples may be decided the other way)
+    assert (in_bf16 - reference).abs().median() < 0.01 * reference.abs().mean()
+    spy.operators.clear()
+    observe()  # after the context: float32 again
+    assert spy.operators == set()
+
+
 def test_this_machine_is_described() -> None:
     info = precision.cpu_info()
     assert info.name and info.capability
@@ -110,14 +161,22 @@ def test_training_without_native_bf16_computes_nothing_in_bf16(
     assert train_main(smoke_training(tiny_dataset, tmp_path / "run")) == 0
     assert spy.operators == set()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["compute"] == "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last"
+    assert summary["compute"] == "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last; dynamics trained in fp32"
 
 
 def test_training_with_native_bf16_uses_it(cpu_with_bf16: None, tiny_dataset: Path, tmp_path: Path, spy: Bf16Spy) -> None:
-    """The other answer, so that the spy above is known to see bf16 when there is some."""
+    """The other answer, so that the spy above is known to see bf16 when there is some: the convs, and the
+    dynamics too once their GRU is wide enough for bf16 to pay."""
     assert train_main(smoke_training(tiny_dataset, tmp_path / "run")) == 0
     assert any("convolution" in name for name in spy.operators)
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["compute"].endswith("-> bf16, channels_last")
+    assert not any("mm" in name for name in spy.operators)  # the smoke GRU (32) stays in fp32
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["compute"].endswith(
+        "-> bf16, channels_last; dynamics trained in fp32 (width 32 < 256: bf16 does not pay)"
+    )
+    spy.operators.clear()
+    assert train_main([*smoke_training(tiny_dataset, tmp_path / "wide"), "--net.rnn-size", "256"]) == 0
+    assert any("mm" in name for name in spy.operators)
+    assert json.loads((tmp_path / "wide" / "summary.json").read_text())["compute"].endswith("; dynamics trained in bf16")
 
 
 def test_inference_without_native_bf16_computes_nothing_in_bf16(

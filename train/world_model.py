@@ -576,7 +576,9 @@ def run(config: TrainConfig, tasks: list[str]) -> int:
 def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> int:
     """The run: check the inputs (nothing is written before), start or resume, the stages, the summary."""
     try:
-        compute = choose_compute(dist.device, config.precision, config.channels_last)
+        compute = choose_compute(
+            dist.device, config.precision, config.channels_last, config.dynamics_precision, config.model_config.dynamics_width
+        )
     except ValueError as error:
         raise InputError(str(error)) from None
     checkpoint = existing_run(config)

@@ -210,6 +210,12 @@ class ModelConfig:
         return self.num_keypoints * 3
 
     @property
+    def dynamics_width(self) -> int:
+        """Width of the dynamics' largest matrix products: the GRU state (vrnn, hvrnn) or the MLPs' units
+        (srvp). bf16 speeds the dynamics' training up only where these are wide (worldmodel/precision.py)."""
+        return self.srvp_units if self.dynamics == "srvp" else self.rnn_size
+
+    @property
     def num_scales(self) -> int:
         """Number of halvings from the image to the heatmap (2 for 64 -> 16)."""
         return int(round(math.log2(self.image_size // self.heatmap_size)))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
 from worldmodel.losses import keypoint_loss
+from worldmodel.precision import dynamics_autocast
 
 CoreCarry = tuple[Tensor, ...]  # each core's NamedTuple of tensors with the batch first
 
@@ -180,9 +181,11 @@ class DynamicsCore(nn.Module):
             cores with ``scheduled_sampling``; observed frames of a core that feeds the detected keypoints
             (``feed_detected``) always feed them. noise: (T, N, B, noise_size) draws instead of the
             generator's. imagined_samples: best of many on the imagined frames (default ``num_samples``).
-        Runs in float32, also under autocast: the dynamics are small, precision matters more.
+        Runs in float32, also under the convolutions' autocast, except inside a training step whose
+        ``Compute.dynamics_training`` chose bf16 (``worldmodel.precision.dynamics_autocast``): then the products
+        run in bf16, and the outputs are returned in float32 all the same.
         """
-        with torch.autocast(actions.device.type, enabled=False):
+        with dynamics_autocast(actions.device.type):
             actions = actions.float()
             targets = None if targets is None else targets.float()
             if num_observed > 0 and targets is None:
@@ -212,12 +215,13 @@ class DynamicsCore(nn.Module):
                 regularisers.append(out.regulariser)
             terms = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0, len(self.kl_names))
             assert carry is not None
+            terms = terms.float()
             return Unroll(
-                keypoints=torch.stack(predictions, dim=1),  # (B, T, F)
-                hidden=torch.stack(hiddens, dim=1),  # (B, T, H)
+                keypoints=torch.stack(predictions, dim=1).float(),  # (B, T, F)
+                hidden=torch.stack(hiddens, dim=1).float(),  # (B, T, H)
                 kl=terms.sum(-1),  # (B, T_observed)
                 kl_terms=terms,  # (B, T_observed, L)
-                regulariser=torch.stack(regularisers, dim=1),  # (B, T)
+                regulariser=torch.stack(regularisers, dim=1).float(),  # (B, T)
                 final=carry,
             )
 

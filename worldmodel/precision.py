@@ -14,12 +14,20 @@ GPUs, so it is on by default everywhere.
     with compute.autocast():
         keypoints = model.detect(frames)
 
-The dynamics and every loss run in float32 whatever is chosen here (they switch autocast off inside).
+The dynamics' *training* has its own choice (``dynamics_precision``, training only): bf16 where the hardware
+runs it natively *and* the core's products are wide (``ModelConfig.dynamics_width`` >= 256). Measured on a
+native-bf16 CPU (docs/PERFORMANCE.md, "Dynamics on cached keypoints"): the VRNN with a GRU of 512 trains 1.9x
+faster in bf16 and as accurately; the hierarchical VRNN 1.2x; SRVP, whose widest products are 128, 0.89x, and
+the smoke sizes (32) 0.3-0.6x: narrow products cost more in conversions than they gain. The
+trainer enters ``compute.dynamics_training()``; ``dynamics_autocast`` is what the dynamics' unroll runs under:
+bf16 autocast inside that context, float32 everywhere else (inference, evaluation, the envs). The KL and
+every loss stay float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import sys
@@ -30,6 +38,8 @@ import torch
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
+DynamicsPrecision = Literal["auto", "fp32", "bf16"]
+BF16_DYNAMICS_MIN_WIDTH = 256  # below it bf16 slows the dynamics' training down (see the module docstring)
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 """A zero-argument factory of the autocast context (``Compute.autocast``; ``contextlib.nullcontext`` for none)."""
 
@@ -47,6 +57,7 @@ class Compute(NamedTuple):
     precision: ResolvedPrecision  # the autocast dtype of the convolutions ("fp32": no autocast)
     channels_last: bool  # conv weights and activations in channels_last memory format
     reason: str
+    dynamics: ResolvedPrecision = "fp32"  # the products of the dynamics' training steps ("fp32" or "bf16")
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of the convolutions (a no-op for fp32)."""
@@ -56,6 +67,31 @@ class Compute(NamedTuple):
         """``model`` with its conv weights in the chosen memory format (activations follow the weights)."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return model.to(memory_format=memory_format)
+
+    def dynamics_training(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a training step: inside it the dynamics' unroll computes in ``self.dynamics``."""
+        return _dynamics_dtype_set(torch.bfloat16 if self.dynamics == "bf16" else None)
+
+
+_DYNAMICS_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("dynamics_dtype", default=None)
+
+
+@contextlib.contextmanager
+def _dynamics_dtype_set(dtype: torch.dtype | None) -> Any:
+    token = _DYNAMICS_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _DYNAMICS_DTYPE.reset(token)
+
+
+def dynamics_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """What a dynamics unroll runs under: bf16 autocast inside ``Compute.dynamics_training`` of a bf16
+    decision, else autocast off (float32, also when the caller's convolutions run under autocast)."""
+    dtype = _DYNAMICS_DTYPE.get()
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=1)
@@ -113,11 +149,17 @@ def _cuda_info(index: int | None) -> tuple[str, bool]:
 
 
 def choose_compute(
-    device: torch.device | str, precision: Precision = "auto", channels_last: bool = True
+    device: torch.device | str,
+    precision: Precision = "auto",
+    channels_last: bool = True,
+    dynamics_precision: DynamicsPrecision | None = None,
+    dynamics_width: int = 0,
 ) -> Compute:
     """The precision and memory format for ``device``. ``precision='auto'``: bf16 where the hardware runs
     it natively (a CPU with AVX512-BF16/AMX, a CUDA GPU with bf16), else fp32. An explicit precision wins;
-    fp16 needs CUDA (ValueError otherwise, with the fix in the message)."""
+    fp16 needs CUDA (ValueError otherwise, with the fix in the message). ``dynamics_precision`` (training
+    only; None: fp32 and not mentioned in the reason): 'auto' is bf16 where the hardware runs it natively and
+    ``dynamics_width`` (``ModelConfig.dynamics_width``) is at least ``BF16_DYNAMICS_MIN_WIDTH``."""
     device = torch.device(device)
     layout = "channels_last" if channels_last else "NCHW"
     if device.type == "cuda":
@@ -137,7 +179,18 @@ def choose_compute(
     else:
         chosen = precision
         reason = f"{found} -> {chosen} (asked for), {layout}"
-    return Compute(device.type, chosen, channels_last, reason)
+    dynamics: ResolvedPrecision = "fp32"
+    if dynamics_precision is not None:
+        if dynamics_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--dynamics-precision must be auto, fp32 or bf16, got {dynamics_precision!r}")
+        if dynamics_precision != "auto":
+            dynamics, why = dynamics_precision, " (asked for)"
+        elif native and dynamics_width < BF16_DYNAMICS_MIN_WIDTH:
+            dynamics, why = "fp32", f" (width {dynamics_width} < {BF16_DYNAMICS_MIN_WIDTH}: bf16 does not pay)"
+        else:
+            dynamics, why = ("bf16" if native else "fp32"), ""
+        reason += f"; dynamics trained in {dynamics}{why}"
+    return Compute(device.type, chosen, channels_last, reason, dynamics)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

@@ -43,7 +43,7 @@ from worldmodel.data import WindowDataset
 from worldmodel.errors import InputError, check_options
 from worldmodel.keypoint_cache import KeypointSplit, detect_in_chunks
 from worldmodel.model import Diagnostics, Losses, Schedule, WorldModel, vision_modules
-from worldmodel.precision import Compute, Precision, autocast
+from worldmodel.precision import Compute, DynamicsPrecision, Precision, autocast
 
 Profile = Literal["paper", "cpu", "quick", "smoke"]
 PROFILES: tuple[Profile, ...] = ("paper", "cpu", "quick", "smoke")
@@ -81,7 +81,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=RESUME_FREE)
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Precision = "auto"
-    """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The dynamics and losses always run in fp32."""
+    """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The losses always run in fp32."""
+    dynamics_precision: DynamicsPrecision = "auto"
+    """Products of the dynamics' training steps: 'auto' is bf16 where the hardware runs it natively (~1.7x faster there, same accuracy: docs/PERFORMANCE.md), else fp32. Evaluation, extraction and the envs always run the dynamics in fp32; the KL and losses are fp32 either way. Runs from before this option resume with 'auto'."""
     channels_last: bool = True
     """Keep conv weights and activations in channels_last memory format (faster convs in fp32 and bf16: docs/PERFORMANCE.md)."""
     resume: bool = field(default=False, metadata=RESUME_FREE)
@@ -620,7 +622,7 @@ def train_step(
     """One optimizer step: forward under the run's autocast, then ``StageOptimizer.step``. ``objective`` is
     an Objective or a DistributedDataParallel around one."""
     optimizer.zero_grad()
-    with compute.autocast():
+    with compute.autocast(), compute.dynamics_training():
         losses, diagnostics, penalty = objective(batch.inputs, batch.actions, schedule)
     grad_norm = optimizer.step(losses.total.float() + penalty.float())
     detached = Losses(*(term.detach() for term in losses))

@@ -59,9 +59,9 @@ def real_or_random_batch(data: Path, config: training.TrainConfig, batch: int, l
         return frames, torch.rand(batch, length, 6, generator=generator) * 2 - 1, f"random frames ({error})"
 
 
-def build(config: training.TrainConfig, stage: training.Stage, precision: str, channels_last: bool):  # noqa: ANN201
+def build(config: training.TrainConfig, stage: training.Stage, precision: str, channels_last: bool, dynamics: str = "fp32"):  # noqa: ANN201
     torch.manual_seed(0)
-    compute = choose_compute(CPU, precision, channels_last)  # type: ignore[arg-type]
+    compute = choose_compute(CPU, precision, channels_last, dynamics)  # type: ignore[arg-type]
     model = compute.prepare(WorldModel(config.model_config))
     optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
     objective = training.Objective(model, stage, config.observed_steps(stage))
@@ -144,14 +144,16 @@ def main() -> None:
 
     # 0. the CPU and the automatic choice
     info = cpu_info()
-    auto = choose_compute(CPU)
+    auto = choose_compute(CPU, dynamics_precision="auto", dynamics_width=config.model_config.dynamics_width)
     print(f"CPU: {info.name}; torch capability {info.capability}; native bf16: {'yes' if info.native_bf16 else 'no'}")
     print(f"--precision auto: {auto.reason}")
     auto_name = f"auto = {auto.precision} {'channels_last' if auto.channels_last else 'NCHW'}"
 
     # 1. the candidates side by side, joint step; 2. the automatic path with the vision losses only
-    candidates = {"fp32 NCHW": ("fp32", False), "fp32 channels_last": ("fp32", True),
-                  "bf16 channels_last": ("bf16", True), auto_name: (auto.precision, auto.channels_last)}  # fmt: skip
+    # (convs, layout, dynamics): the bf16 candidate runs its dynamics in bf16 too, as auto does where it picks bf16
+    candidates = {"fp32 NCHW": ("fp32", False, "fp32"), "fp32 channels_last": ("fp32", True, "fp32"),
+                  "bf16 channels_last": ("bf16", True, "bf16"),
+                  auto_name: (auto.precision, auto.channels_last, auto.dynamics)}  # fmt: skip
     steps = {name: build(config, training.Stage.JOINT, *choice)[1] for name, choice in candidates.items()}
     _, vision_step = build(config, training.Stage.VISION, auto.precision, auto.channels_last)
     timed: dict[str, Callable[[], None]] = {
@@ -194,7 +196,7 @@ def main() -> None:
         for name, value in seconds.items():
             print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}), {name}: "
                   f"{1 / value:.2f} steps/s, {count / value:.0f} frames/s")  # fmt: skip
-        model, dynamics_step = build(config, training.Stage.DYNAMICS, auto.precision, auto.channels_last)
+        model, dynamics_step = build(config, training.Stage.DYNAMICS, auto.precision, auto.channels_last, auto.dynamics)
         keypoints = model.detect(frames)
         seconds = interleaved_seconds(
             {"staged dynamics step": lambda: dynamics_step(keypoints, actions)}, 3 * args.steps
