@@ -83,7 +83,7 @@ class TrainConfig:
     precision: Precision = "auto"
     """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The losses always run in fp32."""
     dynamics_precision: DynamicsPrecision = "auto"
-    """Products of the dynamics' training steps: 'auto' is bf16 where the hardware runs it natively (~1.7x faster there, same accuracy: docs/PERFORMANCE.md), else fp32. Evaluation, extraction and the envs always run the dynamics in fp32; the KL and losses are fp32 either way. Runs from before this option resume with 'auto'."""
+    """Products of the dynamics' training steps: 'auto' is bf16 where the hardware runs it natively and the core's widest products are >= 256 (the cpu VRNN: ~1.9x faster there, same accuracy: docs/PERFORMANCE.md), else fp32. Evaluation, extraction and the envs always run the dynamics in fp32; the KL and losses are fp32 either way. Runs from before this option resume with 'auto'."""
     channels_last: bool = True
     """Keep conv weights and activations in channels_last memory format (faster convs in fp32 and bf16: docs/PERFORMANCE.md)."""
     resume: bool = field(default=False, metadata=RESUME_FREE)

@@ -73,10 +73,10 @@ def main() -> None:
     native = "yes" if cpu_info().native_bf16 else "no"
     print(f"--dynamics-precision auto: bf16 where the CPU runs it natively ({native} here) and the core's width is "
           f">= {BF16_DYNAMICS_MIN_WIDTH}, else fp32")
+    computes = {precision: choose_compute("cpu", dynamics_precision=precision) for precision in ("fp32", "bf16")}
     for name in DYNAMICS:
         config = factory(dynamics=name)
         auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.dynamics_width)
-        computes = {precision: choose_compute("cpu", dynamics_precision=precision) for precision in ("fp32", "bf16")}
         rates = steps_per_second(config, args.batch, args.observed, args.predicted, args.steps, computes)
         core = WorldModel(config).dynamics
         size = sum(p.numel() for p in core.parameters())
