@@ -568,7 +568,12 @@ def run(config: TrainConfig, tasks: list[str]) -> int:
     of the command line (downstream/loop.py refines its world model this way). InputError on bad input."""
     try:
         dist = distributed.setup(config.device)
-        return train(config, tasks, dist)
+        code = train(config, tasks, dist)
+        # Rank 0 is still evaluating and writing the summary when the others finish their last step. A rank that
+        # tore down its gloo group while a peer was still in it was aborted by the C++ runtime ("terminate
+        # called without an active exception", ~1 in 10 torchrun runs on 2 cores): every rank leaves together.
+        distributed.barrier()
+        return code
     finally:
         distributed.cleanup()
 
