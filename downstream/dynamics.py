@@ -109,7 +109,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
     scored_root, scored_split = root, "test"  # where the probe is scored: the test split, or the frames of --data
     if args.data is not None:  # another dataset (e.g. validation): detect its keypoints with this run's detector
         try:
-            windows = detect_split(model, args.data, tasks, args.split, device, inference_compute(device).precision)
+            windows = detect_split(model, args.data, tasks, args.split, device, inference_compute(device).precision, progress=True)
         except (OSError, KeyError, ValueError) as error:
             raise InputError(f"--data {args.data}: {one_line(str(error))}; it needs the run's tasks ({', '.join(tasks)}) in "
                              f"its {args.split} split, as collect/dmcs.py writes them") from None  # fmt: skip

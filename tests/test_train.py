@@ -162,6 +162,21 @@ def test_no_gradient_from_the_dynamics_reaches_the_detector(tiny_dataset: Path) 
     assert any(g is not None and float(g.abs().max()) > 0 for g in dynamics_gradients)
 
 
+def test_keypoint_detection_counts_episodes_on_its_progress_bar(
+    tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Detecting every frame takes minutes on the full dataset: the bar counts episodes, and stays off when
+    asked (the smoke profile, and every rank but 0)."""
+    model = WorldModel(ModelConfig.smoke()).eval()
+    tasks = ["cartpole", "reacher"]  # one test episode each in the tiny dataset
+    split = training.detect_split(model, tiny_dataset, tasks, "test", torch.device("cpu"), "fp32", progress=True)
+    shown = capsys.readouterr().err
+    assert "keypoints (test)" in shown and "2/2" in shown
+    assert split.keypoints.shape[0] == int(split.episode_lengths.sum()) and len(split.task_ids) == 2
+    training.detect_split(model, tiny_dataset, tasks, "test", torch.device("cpu"), "fp32", progress=False)
+    assert "keypoints" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_trains_through_the_training_code(variant: str, tiny_dataset: Path) -> None:
     frames, actions = real_batch(tiny_dataset, count=2)

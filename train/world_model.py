@@ -490,7 +490,8 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
         return splits
     started = time.perf_counter()
     model.eval()
-    splits = {split: detect_split(model, config.data, run.tasks, split, run.dist.device, run.compute.precision)
+    show = config.progress and run.dist.is_main
+    splits = {split: detect_split(model, config.data, run.tasks, split, run.dist.device, run.compute.precision, progress=show)
               for split in storage.SPLITS}  # fmt: skip
     model.train()
     seconds = time.perf_counter() - started

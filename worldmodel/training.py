@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from worldmodel.options import changed_options
 from worldmodel import storage
@@ -709,14 +710,20 @@ def detect_split(
     device: torch.device,
     precision: str,
     chunk_frames: int = 256,
+    progress: bool = False,
 ) -> KeypointSplit:
     """Run the detector over every episode of a split (frames 0..T-1; windows never need frame T), in the
-    episode order of ``WindowDataset`` (per task: the main file's episodes, then each part's)."""
+    episode order of ``WindowDataset`` (per task: the main file's episodes, then each part's); ``progress``
+    shows a bar of episodes (minutes on the full dataset)."""
+    files = {task: storage.checked_dataset_files(root, task, split) for task in tasks}
+    total = sum(part.num_episodes for parts in files.values() for part in parts)
+    bar = tqdm(total=total, desc=f"keypoints ({split})", unit="episode", disable=not progress, dynamic_ncols=True)
     keypoints, actions, lengths, task_ids = [], [], [], []
     for task in tasks:
-        steps = storage.checked_dataset_files(root, task, split)[0].episode_steps  # the parts have the same
+        steps = files[task][0].episode_steps  # the parts have the same
         episodes = WindowDataset(root, [task], split, length=steps, stride=steps)  # one window per episode
         for index in range(len(episodes)):
+            bar.update(1)
             window = episodes[index]
             frames = window.frames.to(device)
             keypoints.append(detect_in_chunks(model, frames, chunk_frames, lambda: autocast(device, precision)).cpu())
@@ -724,4 +731,5 @@ def detect_split(
             lengths.append(steps)
             task_ids.append(int(window.task_id))
         episodes.close()
+    bar.close()
     return KeypointSplit.from_episodes(keypoints, actions, lengths, task_ids)
