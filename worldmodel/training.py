@@ -723,13 +723,13 @@ def detect_split(
         steps = files[task][0].episode_steps  # the parts have the same
         episodes = WindowDataset(root, [task], split, length=steps, stride=steps)  # one window per episode
         for index in range(len(episodes)):
-            bar.update(1)
             window = episodes[index]
             frames = window.frames.to(device)
             keypoints.append(detect_in_chunks(model, frames, chunk_frames, lambda: autocast(device, precision)).cpu())
             actions.append(window.actions)
             lengths.append(steps)
             task_ids.append(int(window.task_id))
+            bar.update(1)
         episodes.close()
     bar.close()
     return KeypointSplit.from_episodes(keypoints, actions, lengths, task_ids)
