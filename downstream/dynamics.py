@@ -6,8 +6,9 @@ For each run (a staged run of train/world_model.py, whose run directory caches t
 both splits): observe ``--observed`` frames, imagine ``--horizon`` frames ``--samples`` times with the true
 actions, and report the mean keypoint distance per horizon of a single prior sample, the mean of the
 samples and the best of them, beside hold-last and constant-velocity extrapolation; and, per task, the
-R^2 of a linear probe from keypoints to the true low-dimensional state (detected keypoints, and the
-open-loop predicted ones). Writes results.json, results.md and horizons.png to ``--out``. See
+R^2 of a probe from keypoints to the true low-dimensional state (detected keypoints, and the open-loop
+predicted ones), linear and, with ``--probe-mlp``, a small MLP (a linear readout understates what keypoints
+hold: worldmodel/probes.py). Writes results.json, results.md and horizons.png to ``--out``. See
 worldmodel/dynamics_benchmark.py for the definitions.
 """
 
@@ -42,6 +43,7 @@ from worldmodel.dynamics_benchmark import (
 from worldmodel.errors import InputError, check_options, one_line, run_script
 from worldmodel.storage import checked_dataset_files
 from worldmodel.precision import inference_compute
+from worldmodel.probes import MLP_STEPS, READOUTS
 from worldmodel.tasks import task_id
 from worldmodel.training import detect_split
 from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
@@ -71,6 +73,10 @@ class Args:
     Its keypoints are detected with each run's detector; the probe is fitted on the run's train split as always."""
     probe: bool = True
     """Also fit the keypoints -> true state probe per task (reads the dataset's states)."""
+    probe_mlp: bool = True
+    """With --probe, also fit the MLP probe (worldmodel/probes.py; ~5-10 s per task on one core)."""
+    probe_mlp_steps: int = MLP_STEPS
+    """Training minibatches of each MLP probe."""
     seed: int = 0
     """Seeds the window choice and the prior samples."""
     device: str = "auto"
@@ -123,7 +129,7 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
         **benchmark_record(result, args.observed, windows if loaded.config.structured else None),  # cnn: no positions
     }
     if args.probe:
-        probes = {}
+        probes: dict[str, dict[str, Any]] = {readout: {} for readout in (READOUTS if args.probe_mlp else ("linear",))}
         for task in tasks:
             number = task_id(task)  # the cache's task ids are the global ones (worldmodel.tasks), not positions in the run
             try:
@@ -132,9 +138,13 @@ def evaluate_run(args: Args, run: Path, device: torch.device) -> dict[str, Any]:
             except (OSError, KeyError, ValueError) as error:
                 raise InputError(f"true states for the probe ({task}): {one_line(str(error))}; pass --no-probe to skip it") from None
             predicted = result if windows is test else None  # the open-loop windows are the probe's frames
-            probe = probe_task(train, test, number, train_states, test_states, predicted, args.observed)
-            probes[task] = probe._asdict()
-        record["probe_r2"] = probes
+            for readout, per_task in probes.items():
+                probe = probe_task(train, test, number, train_states, test_states, predicted, args.observed, readout, args.seed,
+                                   args.probe_mlp_steps)
+                per_task[task] = probe._asdict()
+        record["probe_r2"] = probes["linear"]
+        if "mlp" in probes:
+            record["probe_r2_mlp"] = probes["mlp"]
     return record
 
 
@@ -159,12 +169,15 @@ def markdown(records: list[dict[str, Any]], args: Args) -> str:
     for record in (record for record in records if record["jump_free_ratio_to_hold_last"] is not None):
         jf = record["jump_free_ratio_to_hold_last"]
         lines.append(f"| {record['label']} | {jf['single']:.2f}x | {jf['mean_of_n']:.2f}x | {jf['best_of_n']:.2f}x | {jf['tracks_kept']:.2f} | {jf['jump_floor']:.2f}x |")
-    if any("probe_r2" in record for record in records):
-        tasks = list(next(record for record in records if "probe_r2" in record)["probe_r2"])
-        lines += ["", f"Linear probe keypoints -> true state, R^2 on the {'test split' if args.data is None else where} (detected / predicted):", "",
+    for key, name in (("probe_r2", "Linear"), ("probe_r2_mlp", "MLP")):
+        if not any(key in record for record in records):
+            continue
+        tasks = list(next(record for record in records if key in record)[key])
+        lines += ["", f"{name} probe keypoints -> true state, R^2 on the {'test split' if args.data is None else where} (detected / predicted; "
+                  "mean over the state's dimensions, velocities included, which one frame does not show):", "",
                   "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]  # fmt: skip
         for record in records:
-            probes = record.get("probe_r2", {})
+            probes = record.get(key, {})
             cells = [f"{probes[t]['detected_r2']:.2f} / {probes[t]['predicted_r2']:.2f}" if t in probes else "-" for t in tasks]
             lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -193,7 +206,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def main(args: Args) -> list[dict[str, Any]]:
     """The comparison; bad input raises InputError before anything is written."""
-    check_options(args, 1, "observed", "horizon", "samples", "windows")
+    check_options(args, 1, "observed", "horizon", "samples", "windows", "probe_mlp_steps")
     check_options(args, 0, "seed")
     device = resolve_device(args.device)
     records = [evaluate_run(args, run, device) for run in args.run or DEFAULT_RUNS]

@@ -17,11 +17,8 @@ from worldmodel.dynamics_benchmark import (
     keypoint_stability,
     OpenLoop,
     choose_window_starts,
-    fit_ridge,
     horizon_errors,
-    predict_ridge,
     probe_task,
-    r_squared,
 )
 from worldmodel.errors import InputError
 from worldmodel.keypoint_cache import KeypointSplit
@@ -57,21 +54,6 @@ def test_horizon_table_known_answers() -> None:
     worse = horizon_errors(OpenLoop(detected, shifted, torch.arange(2)), observed)
     np.testing.assert_allclose(worse.single, 0.2, rtol=1e-5)  # now the first sample is 0.2 off
     np.testing.assert_allclose(worse.best_of_n, 0.0, atol=1e-6)
-
-
-def test_ridge_probe_recovers_a_linear_state_and_scores_noise_near_zero() -> None:
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(500, 6, generator=generator)
-    mixing = torch.randn(6, 3, generator=generator)
-    states = features @ mixing + 0.5
-    weights, scaling = fit_ridge(features[:400], states[:400], ridge=1e-8)
-    assert r_squared(predict_ridge(features[400:], weights, scaling), states[400:]) > 0.999
-    noise = torch.randn(500, 3, generator=generator)
-    weights, scaling = fit_ridge(features[:400], noise[:400])
-    assert r_squared(predict_ridge(features[400:], weights, scaling), noise[400:]) < 0.05
-    constant = torch.cat([states, torch.ones(500, 1)], 1)  # a constant dimension is left out, not 0/0
-    weights, scaling = fit_ridge(features[:400], constant[:400], ridge=1e-8)
-    assert r_squared(predict_ridge(features[400:], weights, scaling), constant[400:]) > 0.999
 
 
 def make_split(keypoints: torch.Tensor, lengths: list[int], task_ids: list[int]) -> KeypointSplit:
@@ -115,13 +97,19 @@ def test_script_on_a_smoke_run(smoke_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     out = tmp_path / "out"
-    records = main(Args(run=(run,), out=out, observed=4, horizon=4, samples=3, windows=16, device="cpu"))
+    records = main(Args(run=(run,), out=out, observed=4, horizon=4, samples=3, windows=16, device="cpu", probe_mlp_steps=20))
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"][0]["per_horizon"] == records[0]["per_horizon"]
     assert len(records[0]["per_horizon"]["single"]) == 4 and records[0]["num_samples"] == 3
     assert set(records[0]["probe_r2"]) == {"acrobot", "cartpole", "cheetah", "reacher", "walker-stand", "walker-walk"}
-    assert (out / "horizons.png").stat().st_size > 0 and "hold-last" in (out / "results.md").read_text()
-    again = main(Args(run=(run,), out=tmp_path / "again", observed=4, horizon=4, samples=3, windows=16, device="cpu"))
+    assert set(records[0]["probe_r2_mlp"]) == set(records[0]["probe_r2"])
+    cartpole = records[0]["probe_r2_mlp"]["cartpole"]
+    assert len(cartpole["detected_r2_per_dim"]) == 5  # cart position, pole cos and sin, two velocities
+    assert cartpole["detected_r2"] == pytest.approx(np.nanmean(cartpole["detected_r2_per_dim"]))
+    text = (out / "results.md").read_text()
+    assert (out / "horizons.png").stat().st_size > 0 and "hold-last" in text and "MLP probe" in text
+    again = main(Args(run=(run,), out=tmp_path / "again", observed=4, horizon=4, samples=3, windows=16, device="cpu",
+                      probe_mlp=False))
     assert again[0]["per_horizon"] == records[0]["per_horizon"]  # seeded
 
 
@@ -140,7 +128,7 @@ def test_probe_of_a_run_on_a_subset_of_the_tasks(tiny_dataset: Path, tmp_path: P
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    records = main(Args(run=(run,), out=tmp_path / "out", observed=4, horizon=4, samples=2, windows=8, device="cpu"))
+    records = main(Args(run=(run,), out=tmp_path / "out", observed=4, horizon=4, samples=2, windows=8, device="cpu", probe_mlp=False))
     assert set(records[0]["probe_r2"]) == {"cartpole", "walker-walk"}
     assert all(np.isfinite(probe["detected_r2"]) for probe in records[0]["probe_r2"].values())
 
@@ -150,13 +138,14 @@ def test_script_on_another_dataset_detects_its_keypoints(smoke_run: Path, tiny_d
     dataset gives the run's own numbers; a folder without the run's tasks is refused in one line."""
     from downstream.dynamics import Args, main
 
-    options = dict(run=(smoke_run,), observed=4, horizon=4, samples=2, windows=8, device="cpu")
+    options = dict(run=(smoke_run,), observed=4, horizon=4, samples=2, windows=8, device="cpu", probe_mlp=False)
     own = main(Args(out=tmp_path / "own", **options))[0]
     detected = main(Args(out=tmp_path / "detected", data=tiny_dataset, **options))[0]
     for name, values in own["per_horizon"].items():
         assert detected["per_horizon"][name] == pytest.approx(values, rel=1e-4), name
     for task, probe in own["probe_r2"].items():
-        assert detected["probe_r2"][task] == pytest.approx(probe, rel=1e-3, nan_ok=True), task
+        for name, value in probe.items():
+            assert detected["probe_r2"][task][name] == pytest.approx(value, rel=1e-3, nan_ok=True), (task, name)
     assert f"test split of {tiny_dataset}" in (tmp_path / "detected" / "results.md").read_text()
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -14,10 +14,11 @@ Two questions, both asked without pixels (the trainer's keypoint cache holds eve
    more than any limb moves in one agent step): a keypoint that switches to another object moves
    without physics, and no dynamics model can predict it. And how often a keypoint stands still (moves
    shorter than ``STILL``): keypoints snapped to the heatmap's grid stand still, then step a whole cell.
-3. **Linear probe to the true state** (the paper's section 5.2, "keypoints track objects"): ridge
-   regression from one frame's keypoints (K*3) to the task's true low-dimensional state, fit on the train
-   split, R^2 on the test split, per task; and the same probe applied to *predicted* keypoints of the
-   open-loop frames, against the true states of those frames.
+3. **Probe to the true state** (the paper's section 5.2, "keypoints track objects"): a readout from one
+   frame's keypoints (K*3) to the task's true low-dimensional state, linear (ridge) or a small MLP
+   (``worldmodel.probes``), fit on the train split, R^2 on the test split, per task and per state dimension;
+   and the same probe applied to *predicted* keypoints of the open-loop frames, against the true states of
+   those frames.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor
 from worldmodel.evaluation import repeat_state
 from worldmodel.model import WorldModel
 from worldmodel.keypoint_cache import KeypointSplit
+from worldmodel.probes import MLP_STEPS, Readout, fit_probe, r_squared, r_squared_per_dim
 
 REFERENCES = ("hold_last", "constant_velocity")
 JUMP = 0.2  # a one-frame move longer than this (a tenth of the [-1, 1] image width) counts as a jump
@@ -208,33 +210,8 @@ def jump_free_ratios(result: OpenLoop, num_observed: int, jump: float = JUMP) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear probe: keypoints -> true state
+# Probes: keypoints -> true state (worldmodel.probes)
 # ----------------------------------------------------------------------------------------------
-def fit_ridge(features: Tensor, targets: Tensor, ridge: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Least squares with a small ridge on standardised features: returns (weights (F+1, D), feature mean
-    and std stacked (2, F)) so that ``predict_ridge`` can apply it."""
-    features, targets = features.double(), targets.double()
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    x = torch.cat([(features - mean) / std, torch.ones(len(features), 1, dtype=features.dtype)], 1)
-    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
-    weights = torch.linalg.solve(gram, x.T @ targets)
-    return weights, torch.stack([mean, std])
-
-
-def predict_ridge(features: Tensor, weights: Tensor, scaling: Tensor) -> Tensor:
-    x = (features.double() - scaling[0]) / scaling[1]
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ weights
-
-
-def r_squared(predicted: Tensor, targets: Tensor) -> float:
-    """R^2 averaged over the state's dimensions (constant dimensions are left out)."""
-    targets = targets.double()
-    residual = (predicted - targets).pow(2).sum(0)
-    total = (targets - targets.mean(0)).pow(2).sum(0)
-    varying = total > 1e-12
-    return float((1 - residual[varying] / total[varying]).mean())
-
-
 def task_rows(split: KeypointSplit, task_id: int) -> Tensor:
     """Flat rows of every frame of the task's episodes, in episode order."""
     rows = [
@@ -246,21 +223,25 @@ def task_rows(split: KeypointSplit, task_id: int) -> Tensor:
 
 
 class ProbeResult(NamedTuple):
-    detected_r2: float  # probe on detected test keypoints
+    detected_r2: float  # probe on detected test keypoints, mean over the state's dimensions
     predicted_r2: float  # the same probe on open-loop predicted keypoints (single sample); NaN if none
+    detected_r2_per_dim: list[float]  # probe on detected test keypoints, each state dimension (NaN: constant)
 
 
 def probe_task(
     train: KeypointSplit, test: KeypointSplit, task_id: int, train_states: Tensor, test_states: Tensor,
-    open_loop_result: OpenLoop | None = None, num_observed: int = 0,
+    open_loop_result: OpenLoop | None = None, num_observed: int = 0, readout: Readout = "linear", seed: int = 0,
+    mlp_steps: int = MLP_STEPS,
 ) -> ProbeResult:  # fmt: skip
-    """R^2 of the keypoints -> state probe for one task. ``train_states`` / ``test_states`` (rows, D) hold
-    the true state of every frame of the task's episodes, in the order of ``task_rows``."""
+    """R^2 of the keypoints -> state probe (``readout``: worldmodel.probes) for one task. ``train_states`` /
+    ``test_states`` (rows, D) hold the true state of every frame of the task's episodes, in the order of
+    ``task_rows``."""
     train_rows, test_rows = task_rows(train, task_id), task_rows(test, task_id)
     if len(train_rows) != len(train_states) or len(test_rows) != len(test_states):
         raise ValueError("the true states do not line up with the keypoint cache's frames")
-    weights, scaling = fit_ridge(train.keypoints[train_rows].flatten(1), train_states)
-    detected = r_squared(predict_ridge(test.keypoints[test_rows].flatten(1), weights, scaling), test_states)
+    probe = fit_probe(train.keypoints[train_rows].flatten(1), train_states, readout, seed, mlp_steps)
+    per_dim = r_squared_per_dim(probe.predict(test.keypoints[test_rows].flatten(1)), test_states)
+    detected = float(per_dim[~per_dim.isnan()].mean())
     predicted = float("nan")
     if open_loop_result is not None:
         horizon = open_loop_result.samples.shape[2]
@@ -269,5 +250,5 @@ def probe_task(
             rows = open_loop_result.starts[mine, None] + num_observed + torch.arange(horizon)  # (B', H) split rows
             positions = torch.searchsorted(test_rows, rows.flatten())  # test_rows is sorted
             keypoints = open_loop_result.samples[0, mine].flatten(0, 1).flatten(1)  # (B' * H, K*3)
-            predicted = r_squared(predict_ridge(keypoints, weights, scaling), test_states[positions])
-    return ProbeResult(detected, predicted)
+            predicted = r_squared(probe.predict(keypoints), test_states[positions])
+    return ProbeResult(detected, predicted, per_dim.tolist())
