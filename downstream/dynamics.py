@@ -7,7 +7,7 @@ both splits): observe ``--observed`` frames, imagine ``--horizon`` frames ``--sa
 actions, and report the mean keypoint distance per horizon of a single prior sample, the mean of the
 samples and the best of them, beside hold-last and constant-velocity extrapolation; and, per task, the
 R^2 of a probe from keypoints to the true low-dimensional state (detected keypoints, and the open-loop
-predicted ones), linear and, with ``--probe-mlp``, a small MLP (a linear readout understates what keypoints
+predicted ones), linear and (unless ``--no-probe-mlp``) a small MLP (a linear readout understates what keypoints
 hold: worldmodel/probes.py). Writes results.json, results.md and horizons.png to ``--out``. See
 worldmodel/dynamics_benchmark.py for the definitions.
 """

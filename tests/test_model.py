@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from worldmodel.config import VARIANTS, ModelConfig
+from worldmodel.losses import relative_image_weights
 from worldmodel.model import (
     Diagnostics,
     Losses,
@@ -185,6 +186,39 @@ def test_acceleration_prior_enters_the_vision_loss_only_when_weighted() -> None:
     on.acceleration.backward()
     assert model.detector is not None
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.detector.parameters())
+
+
+def test_relative_image_weights_by_hand() -> None:
+    images = torch.zeros(3, 4, 3, 2, 2)
+    images[0, 1:] += 1.0  # frames 1-3 each change 12 (3 x 2 x 2 pixels of 1^2): copy error 9 over 4 frames
+    images[1, 1:] += 0.5  # copy error 2.25
+    # sequence 2 is still: its copy error 0 is floored at 0.1 x the batch mean (3.75)
+    raw = torch.tensor([1 / 9, 1 / 2.25, 1 / 0.375])
+    torch.testing.assert_close(relative_image_weights(images), raw / raw.mean())
+
+
+def test_relative_image_loss_weights_each_sequence_by_its_copy_error() -> None:
+    """With the flag, L_image is the mean over frames of each frame's error times its sequence's weight: the model's
+    untrained reconstructor copies the first frame, so every sequence then scores about the same."""
+    frames, _ = batch()
+    frames[1] = frames[1, :1]  # the second sequence stands still: only the first has a copy error
+    torch.manual_seed(0)
+    plain = make()
+    torch.manual_seed(0)
+    relative = make(relative_image_loss=True)
+    off, _ = plain.vision_losses(frames)
+    on, _ = relative.vision_losses(frames)
+    images = frames_to_images(frames).view(*frames.shape[:2], 3, 64, 64)
+    weights = relative_image_weights(images)
+    assert weights[0] < weights[1]  # the moving sequence counts less per pixel of error
+    reconstruction = relative.decode(relative.detect(frames), frames[:, 0], relative.detect(frames)[:, 0])
+    per_frame = 0.5 * (reconstruction - images).square().sum((2, 3, 4))  # (B, T)
+    torch.testing.assert_close(on.image, (per_frame * weights[:, None]).mean(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(off.image, per_frame.mean(), rtol=1e-3, atol=1e-3)
+    relative.zero_grad()
+    on.image.backward()
+    assert relative.reconstructor is not None  # its output layer starts at zero: the first gradient reaches it alone
+    assert relative.reconstructor.to_rgb.weight.grad is not None and relative.reconstructor.to_rgb.weight.grad.abs().sum() > 0
 
 
 def test_conv_weight_l2() -> None:

@@ -121,6 +121,8 @@ class ModelConfig:
     """sigma_sep of eq. 5 (Table S1 DMCS: 0.02), in [-1, 1] coordinate units."""
     acceleration_weight: float = 0.0
     """Weight of a temporal prior on the detected keypoints (``losses.acceleration_loss``, their squared acceleration over the vision stage's frames); 0: the paper's detector, which sees each frame alone."""
+    relative_image_loss: bool = False
+    """Weight each sequence's L_image by the inverse of its copy-the-first-frame error (the squared change of its frames from v_1; ``losses.relative_image_weights``), normalised to mean 1 over the batch, so that a task whose bodies change few pixels (cartpole's thin pole) counts as much as the walkers; off: the paper's L_image, where a sequence counts by the pixels it changes."""
     kl_weight: float = 3e-3
     """beta, the weight of KL(posterior || prior) (Table S1 DMCS: 3e-3); the trainer anneals ``Schedule.kl_scale`` from 0 to 1 on top of it."""
     conv_weight_decay: float = 1e-4

@@ -12,13 +12,30 @@ import torch
 from torch import Tensor
 
 
-def image_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
+def image_loss(reconstruction: Tensor, target: Tensor, frame_weights: Tensor | None = None) -> Tensor:
     """L_image: 0.5 * squared error summed over a frame's pixels and channels, mean over frames.
 
-    reconstruction, target: (N, 3, H, W) (any float dtype; computed in float32).
+    reconstruction, target: (N, 3, H, W) (any float dtype; computed in float32); frame_weights (N,) or None:
+    each frame's error multiplied by its weight before the mean.
     """
     error = reconstruction.float() - target.float()
-    return 0.5 * error.square().sum((1, 2, 3)).mean()
+    per_frame = 0.5 * error.square().sum((1, 2, 3))  # (N,)
+    return (per_frame if frame_weights is None else per_frame * frame_weights).mean()
+
+
+def relative_image_weights(images: Tensor, floor: float = 0.1) -> Tensor:
+    """Per-sequence weights of ``image_loss`` that measure each sequence against copying its first frame.
+
+    images: (B, T, 3, H, W). A sequence's copy error is its frames' mean squared change from frame 0; its weight
+    is 1 / max(copy error, ``floor`` x the batch's mean copy error), normalised to mean 1 over the batch (so the
+    loss keeps its scale) -> (B,), without gradient. The floor keeps a sequence where nothing moves from taking
+    the whole batch.
+    """
+    with torch.no_grad():
+        images = images.float()
+        change = (images - images[:, :1]).square().sum((2, 3, 4)).mean(1)  # (B,)
+        weights = 1.0 / change.clamp_min(floor * change.mean().clamp_min(1e-12))
+        return weights / weights.mean()
 
 
 def separation_loss(coordinates: Tensor, sigma: float) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from worldmodel.config import ModelConfig
 from worldmodel.dynamics import KeypointNormalizer
 from worldmodel.dynamics_core import CoreCarry, DynamicsLosses, Unroll, make_dynamics
-from worldmodel.losses import acceleration_loss, image_loss, separation_loss, sparsity_loss
+from worldmodel.losses import acceleration_loss, image_loss, relative_image_weights, separation_loss, sparsity_loss
 from worldmodel.precision import inference_compute
 from worldmodel.vision import (
     FeatureEncoder,
@@ -260,7 +260,11 @@ class WorldModel(nn.Module):
         first_images = images.view(batch, steps, *images.shape[1:])[:, 0]  # (B, 3, H, W)
         reconstruction = self.reconstruct(keypoints, first_images, keypoints[:, 0], mix)
         zero = images.new_zeros(())
-        image = image_loss(reconstruction, images)
+        frame_weights = None
+        if cfg.relative_image_loss:  # each sequence against copying its first frame (config docstring)
+            sequences = images.view(batch, steps, *images.shape[1:])  # (B, T, 3, H, W)
+            frame_weights = relative_image_weights(sequences).repeat_interleave(steps)  # (B*T,), frames ordered (b, t)
+        image = image_loss(reconstruction, images, frame_weights)
         if cfg.structured:
             observed = keypoints[:, : (steps if num_observed is None else num_observed)]
             separation = separation_loss(observed[..., :2], cfg.separation_sigma) if observed.shape[1] else zero
