@@ -220,7 +220,7 @@ def main(args: Args) -> list[dict[str, Any]]:
 
 
 def cli() -> None:
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))
 
 
 if __name__ == "__main__":

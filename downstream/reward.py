@@ -267,7 +267,7 @@ def main(args: Args) -> None:
 
 
 def cli() -> None:
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))
 
 
 if __name__ == "__main__":

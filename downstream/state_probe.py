@@ -123,7 +123,7 @@ def main(args: Args) -> dict[str, Any]:
 
 
 def cli() -> None:
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))
 
 
 if __name__ == "__main__":
