@@ -40,7 +40,7 @@ from worldmodel.dynamics_benchmark import (
     open_loop,
     probe_task,
 )
-from worldmodel.errors import InputError, check_options, one_line, run_script
+from worldmodel.errors import InputError, check_options, one_line, run_cli
 from worldmodel.storage import checked_dataset_files
 from worldmodel.precision import inference_compute
 from worldmodel.probes import MLP_STEPS, READOUTS
@@ -219,9 +219,9 @@ def main(args: Args) -> list[dict[str, Any]]:
     return records
 
 
-def cli() -> None:
-    main(tyro.cli(Args, description=__doc__))
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, argv, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(cli))
+    sys.exit(cli())

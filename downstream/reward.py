@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
 from worldmodel.devices import resolve_device
-from worldmodel.errors import InputError, check_options, run_script
+from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
@@ -266,9 +266,9 @@ def main(args: Args) -> None:
     write_report(args, results, runs, bound)
 
 
-def cli() -> None:
-    main(tyro.cli(Args, description=__doc__))
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, argv, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(cli))
+    sys.exit(cli())

@@ -27,11 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np
 import torch
-import tyro
 from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_text
-from worldmodel.errors import InputError, run_script
+from worldmodel.errors import InputError, run_cli
 from worldmodel.probes import MLP_STEPS, fit_probe, r_squared_per_dim
 from worldmodel.reward import episode_folds
 from worldmodel.reward_report import STATE_BOUND
@@ -122,9 +121,9 @@ def main(args: Args) -> dict[str, Any]:
     return record
 
 
-def cli() -> None:
-    main(tyro.cli(Args, description=__doc__))
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, argv, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(cli))
+    sys.exit(cli())
