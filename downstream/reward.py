@@ -8,7 +8,9 @@ predictor per task and input trained on 80% of the windows (split by episode) an
 over several folds; MSE normalized by the null model's (the mean training reward at every step). Two controls: the true
 low-dimensional states (upper bound) and the actions alone; a third with ``--state-bound``: the hidden
 states of a dynamics core trained on the true states (``train/world_model.py --model state-vrnn``), the
-best a world model with perfect perception reaches through the same protocol. Writes results.json,
+best a world model with perfect perception reaches through the same protocol. With several ``--run``s, the
+first is also compared with each other one fold by fold (every input is tested on the same folds, so their
+difference is measured against its own spread, not each model's). Writes results.json,
 results.md and figure8.png to ``--out``, and each run's fold-0 predictors to
 ``<run>/reward_predictors/<task>.pt`` (tagged with the world model's fingerprint, which the imagination
 envs check; none for the state-space bound, which has no imagination env).
@@ -49,6 +51,7 @@ from worldmodel.reward_report import (
     TRUE_STATES,
     Results,
     markdown_table,
+    paired_table,
     plot_figure8,
     summarize,
     write_json,
@@ -242,6 +245,8 @@ def write_report(args: Args, results: Results, runs: list[ProbedModel], bound: P
     meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
     write_json(args.out / "results.json", results, meta)
     table = markdown_table(results)
+    paired = paired_table(results)  # '' with one world model
+    table += f"\n{paired}" if paired else ""
     atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)
     plot_figure8(args.out / "figure8.png", results, num_observed=NUM_OBSERVED)
     print(table)

@@ -103,6 +103,7 @@ def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset:
             assert numbers["per_frame_mean"][0] is None  # frame 0 has no reward target
             assert np.isfinite(numbers["observed"]) and np.isfinite(numbers["predicted"])
     assert "| cartpole |" in (out / "results.md").read_text()
+    assert report["paired_predicted"] == {}  # one world model: nothing to pair it with
     assert (out / "figure8.png").stat().st_size > 10_000
 
     fingerprint = model_fingerprint(load_world_model(run, "cpu").model)

@@ -119,3 +119,31 @@ def test_summary_is_the_ratio_of_summed_errors_per_fold() -> None:
     # observed frames: frame 1 only -> 0.5 and 1.0; predicted: (2 + 3) / (2 + 6) and (0 + 1) / (0 + 4)
     assert np.isclose(result.observed_mean, 0.75) and np.isclose(result.observed_std, 0.25)
     assert np.isclose(result.predicted_mean, (0.625 + 0.25) / 2) and np.isclose(result.predicted_std, 0.1875)
+
+
+def test_paired_difference_is_taken_fold_by_fold() -> None:
+    """Two models whose errors move together over the folds: each alone spreads widely, their difference
+    hardly at all, and the paired verdict sees what the unpaired spreads hide."""
+    from worldmodel.reward_report import TRUE_STATES, paired_differences, paired_table, summarize, verdict
+
+    nan = float("nan")
+
+    def folds(predicted: list[float]) -> np.ndarray:  # null error 1 everywhere: the ratio is the error itself
+        return np.array([[[nan, 0.5, value], [nan, 1.0, 1.0]] for value in predicted])
+
+    struct = summarize(folds([0.2, 0.9, 0.5]), num_observed=2)
+    cnn = summarize(folds([0.3, 1.0, 0.55]), num_observed=2)
+    np.testing.assert_allclose(struct.predicted_folds, [0.2, 0.9, 0.5])
+    results = {"cheetah": {"struct": struct, "cnn": cnn, TRUE_STATES: summarize(folds([0.0, 0.0, 0.0]), 2)}}
+    # unpaired, the gap (0.083) is far inside either model's spread over folds (~0.29)
+    assert abs(struct.predicted_mean - cnn.predicted_mean) < struct.predicted_std
+    difference = paired_differences(results, "struct", "cnn")["cheetah"]
+    deltas = np.array([-0.1, -0.1, -0.05])
+    assert np.isclose(difference.mean, deltas.mean()) and np.isclose(difference.std, deltas.std())
+    assert (difference.first_lower, difference.folds) == (3, 3)
+    assert verdict(difference) == "lower"
+    assert verdict(paired_differences(results, "cnn", "struct")["cheetah"]) == "higher"
+    table = paired_table(results)
+    assert "| cheetah | -0.083 ± 0.024 | 3 of 3 | lower |" in table
+    assert "struct lower beyond the paired spread on 1 of 1 tasks." in table
+    assert paired_table({"cheetah": {"struct": struct, TRUE_STATES: cnn}}) == ""  # one world model: no pairs

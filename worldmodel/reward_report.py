@@ -37,6 +37,17 @@ class InputResult(NamedTuple):
     observed_std: float  # spread over folds
     predicted_mean: float
     predicted_std: float
+    observed_folds: np.ndarray  # (folds,) each fold's ratio over the observed frames
+    predicted_folds: np.ndarray  # (folds,) and over the predicted frames
+
+
+class PairedDifference(NamedTuple):
+    """One world model's normalized MSE minus another's on the same folds (the same test windows)."""
+
+    mean: float  # mean over folds of (first - second); negative: the first is better
+    std: float  # spread over folds of that difference
+    first_lower: int  # folds in which the first model's error is lower
+    folds: int
 
 
 def summarize(errors: np.ndarray, num_observed: int) -> InputResult:
@@ -53,6 +64,8 @@ def summarize(errors: np.ndarray, num_observed: int) -> InputResult:
         float(observed.std()),
         float(predicted.mean()),
         float(predicted.std()),
+        observed,
+        predicted,
     )
 
 
@@ -66,7 +79,41 @@ def fold_mean_and_spread(normalized_mse: np.ndarray) -> tuple[np.ndarray, np.nda
         return np.nanmean(normalized_mse, 0), np.nanstd(normalized_mse, 0)
 
 
+def world_models(results: Results) -> list[str]:
+    """The labels of the world models in the results (every input that is not a control), in order."""
+    labels = dict.fromkeys(label for by_input in results.values() for label in by_input)
+    return [label for label in labels if label not in CONTROLS]
+
+
+def paired_differences(results: Results, first: str, second: str, predicted: bool = True) -> dict[str, PairedDifference]:
+    """Per task, ``first``'s normalized MSE minus ``second``'s fold by fold, on the predicted (or observed) frames.
+
+    Why paired: every input of a task is fitted and tested on the same folds of the same windows, and which
+    episodes a fold tests on moves both models' errors together (acrobot: a fold with a rare swing-up is hard
+    for every model). The spread of the difference is what separates two models; the spread of each alone
+    mostly measures the folds.
+    """
+    differences = {}
+    for task, by_input in results.items():
+        if first not in by_input or second not in by_input:
+            continue
+        a, b = by_input[first], by_input[second]
+        delta = (a.predicted_folds - b.predicted_folds) if predicted else (a.observed_folds - b.observed_folds)
+        differences[task] = PairedDifference(float(delta.mean()), float(delta.std()), int((delta < 0).sum()), len(delta))
+    return differences
+
+
+def verdict(difference: PairedDifference) -> str:
+    """Whether the first model is lower, higher or level by more than the spread of the paired difference."""
+    if difference.mean + difference.std < 0:
+        return "lower"
+    if difference.mean - difference.std > 0:
+        return "higher"
+    return "within spread"
+
+
 def write_json(path: Path, results: Results, meta: dict) -> None:
+    models = world_models(results)
     payload = {
         "meta": meta,
         "tasks": {
@@ -76,12 +123,22 @@ def write_json(path: Path, results: Results, meta: dict) -> None:
                     "observed_std": r.observed_std,
                     "predicted": r.predicted_mean,
                     "predicted_std": r.predicted_std,
+                    "observed_folds": _nan_to_none(r.observed_folds),
+                    "predicted_folds": _nan_to_none(r.predicted_folds),
                     "per_frame_mean": _nan_to_none(fold_mean_and_spread(r.normalized_mse)[0]),
                     "per_frame_folds": [_nan_to_none(row) for row in r.normalized_mse],
                 }
                 for label, r in by_input.items()
             }
             for task, by_input in results.items()
+        },
+        # The first world model against each other one, fold by fold on the predicted frames.
+        "paired_predicted": {
+            f"{models[0]} - {other}": {
+                task: {**d._asdict(), "verdict": verdict(d)}
+                for task, d in paired_differences(results, models[0], other).items()
+            }
+            for other in models[1:]
         },
     }
     atomic_write_text(path, json.dumps(payload, indent=2))
@@ -109,6 +166,28 @@ def markdown_table(results: Results) -> str:
         means += [f"{np.mean([r.observed_mean for r in rs]):.2f}", f"{np.mean([r.predicted_mean for r in rs]):.2f}"]
     lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_table(results: Results) -> str:
+    """The first world model against each other one on the predicted frames, fold by fold; '' for one model."""
+    models = world_models(results)
+    blocks = []
+    for other in models[1:]:
+        first = models[0]
+        lines = [
+            f"{first} - {other}, predicted frames, paired by fold (mean ± spread of the difference; "
+            f"'lower': {first} below {other} by more than that spread)",
+            "",
+            "| task | difference | folds where lower | verdict |",
+            "|---|---|---|---|",
+        ]
+        differences = paired_differences(results, first, other)
+        for task, d in differences.items():
+            lines.append(f"| {task} | {d.mean:+.3f} ± {d.std:.3f} | {d.first_lower} of {d.folds} | {verdict(d)} |")
+        lower = sum(verdict(d) == "lower" for d in differences.values())
+        lines.append(f"\n{first} lower beyond the paired spread on {lower} of {len(differences)} tasks.")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
 
 
 def plot_figure8(path: Path, results: Results, num_observed: int) -> None:
