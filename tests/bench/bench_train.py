@@ -77,17 +77,21 @@ def build(config: training.TrainConfig, stage: training.Stage, precision: str, c
 
 
 def interleaved_seconds(functions: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Seconds per call of each function, timed in turns (A, B, A, B, ...) so that both see the same
+    """Seconds per call of each function, timed in turns (A, B, C, then B, C, A, ...) so that all see the same
     machine; the minimum over the repeats, the best estimate of the uncontended time on a shared machine
     (the median is printed too)."""
     for function in functions.values():
         for _ in range(warmup):  # oneDNN builds its kernels on the first calls
             function()
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
+    names = list(functions)
+    for repeat in range(repeats):
+        # The order rotates every repeat: a step that follows a slow, memory-hungry one (the emulated bf16
+        # step) ran 1.03-1.21x slower than its twin (the same setting) in three runs in a fixed order.
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
-            function()
+            functions[name]()
             times[name].append(time.perf_counter() - started)
     for name, values in times.items():
         print(f"  {name}: min {min(values):.3f} s, median {statistics.median(values):.3f} s over {repeats}")
