@@ -14,8 +14,8 @@ on a machine shared with other jobs the minimum is the stable estimate of the un
 2. Where an automatic-path step goes: the same step with only the vision losses (detector + appearance +
    reconstructor), and the dynamics side (VRNN, best of many, dynamics losses, their Adam step) timed on
    its own on the batch's detected keypoints (the joint step's dynamics read them detached; the difference
-   of the two joint timings is below a shared machine's noise); the convolutions' share of the profiler's CPU time; and the time the training loop waits
-   for the DataLoader (workers read and decompress windows in parallel). Target: dynamics side and
+   of the two joint timings is below a shared machine's noise); the convolutions' share of the profiler's
+   CPU time; and the time the training loop waits for the DataLoader (workers read and decompress windows in parallel). Target: dynamics side and
    data <= 25% of a step.
 3. For staged training, on the automatic path: vision-stage steps/s at the profile's vision batch,
    dynamics-stage steps/s on cached keypoints, and keypoint extraction frames/s; and the vision stage
