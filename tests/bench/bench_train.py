@@ -15,8 +15,8 @@ on a machine shared with other jobs the minimum is the stable estimate of the un
    reconstructor), and the dynamics side (VRNN, best of many, dynamics losses, their Adam step) timed on
    its own on the batch's detected keypoints (the joint step's dynamics read them detached; the difference
    of the two joint timings is below a shared machine's noise); the convolutions' share of the profiler's
-   CPU time; and the time the training loop waits for the DataLoader (workers read and decompress windows in parallel). Target: dynamics side and
-   data <= 25% of a step.
+   CPU time; and the time the training loop waits for the DataLoader (workers read and decompress
+   windows in parallel). Target: dynamics side and data <= 25% of a step.
 3. For staged training, on the automatic path: vision-stage steps/s at the profile's vision batch,
    dynamics-stage steps/s on cached keypoints, and keypoint extraction frames/s; and the vision stage
    in fp32 (what an AVX2-only CPU runs), so it can be measured on a CPU that has native bf16 too.
