@@ -7,25 +7,33 @@
 The trainer's automatic dynamics precision (``--dynamics-precision
 auto``: bf16 where the CPU runs it natively and the core is wide enough) picks one of the two: each core is
 timed in float32 and in bf16, in turns of ``--steps // 3`` steps, best of 3 turns each, and the pick is named.
+
+Under each figure, the ceiling this CPU puts on it: the step's matrix products (forward and backward, recorded
+with their shapes, strides and dtypes) replayed alone, one after the other, on fresh tensors. No change to the
+element-wise work around them can make the step faster than that; only fewer or larger products can.
+Measure on free cores: with other jobs on them, OpenMP threads wait for each other and every figure collapses.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from worldmodel.config import DYNAMICS, ModelConfig
 from worldmodel.model import Schedule, WorldModel
 from worldmodel.precision import BF16_DYNAMICS_MIN_WIDTH, Compute, choose_compute, cpu_info
 
 
-def steps_per_second(
-    config: ModelConfig, batch: int, observed: int, predicted: int, steps: int, computes: dict[str, Compute]
-) -> dict[str, float]:
-    """Training steps per second of the core for each dynamics precision, timed in turns (best of 3)."""
+Step = Callable[[Compute], None]
+
+
+def training_step(config: ModelConfig, batch: int, observed: int, predicted: int) -> Step:
+    """One dynamics-stage training step of a fresh core (seed 0) on a fixed random batch, under a ``Compute``."""
     torch.manual_seed(0)
     model = WorldModel(config)
     parameters = list(model.dynamics.parameters())
@@ -43,6 +51,11 @@ def steps_per_second(
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
 
+    return step
+
+
+def steps_per_second(step: Step, steps: int, computes: dict[str, Compute]) -> dict[str, float]:
+    """Training steps per second for each dynamics precision, timed in turns (best of 3)."""
     for compute in computes.values():
         for _ in range(3):  # warm-up: allocator, autograd graph caches, oneDNN kernels
             step(compute)
@@ -57,6 +70,54 @@ def steps_per_second(
     return {name: 1.0 / seconds for name, seconds in best.items()}
 
 
+class Product(NamedTuple):
+    """One matrix product of a step: the op and its arguments' layouts (tensors as (shape, stride, dtype))."""
+
+    op: torch._ops.OpOverload
+    arguments: tuple[object, ...]
+
+    def flops(self) -> int:
+        shapes = [argument[0] for argument in self.arguments if isinstance(argument, tuple)]
+        left, right = shapes[-2], shapes[-1]  # addmm's bias comes first
+        batch = left[0] if len(left) == 3 else 1
+        return 2 * batch * left[-2] * left[-1] * right[-1]
+
+    def inputs(self) -> list[object]:
+        return [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a for a in self.arguments]
+
+
+class ProductRecorder(TorchDispatchMode):
+    """Records every matrix product (forward and backward) that runs under it."""
+
+    OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[Product] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self.OPS:
+            layouts = tuple((a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+            self.products.append(Product(func, layouts))
+        return func(*args, **(kwargs or {}))
+
+
+def products_alone(step: Step, compute: Compute, repeats: int = 5) -> tuple[int, int, float]:
+    """The matrix products of one step replayed alone, on fresh tensors of the same shapes, strides and dtypes:
+    -> (number of products, FLOPs, best seconds for all of them). No step can run faster than that on this
+    machine's BLAS, whatever the element-wise work around the products costs."""
+    with ProductRecorder() as recorder:
+        step(compute)
+    calls = [(product.op, product.inputs()) for product in recorder.products]
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        start = time.perf_counter()
+        for op, inputs in calls:
+            op(*inputs)
+        best = min(best, time.perf_counter() - start)
+    return len(calls), sum(product.flops() for product in recorder.products), best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -68,22 +129,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     factory = {"cpu": ModelConfig.cpu, "paper": ModelConfig.paper, "smoke": ModelConfig.smoke}[args.profile]
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+    info = cpu_info()
+    print(f"{info.name} ({info.capability}), torch {torch.__version__}, {args.threads} threads, "
           f"{args.profile} sizes, batch {args.batch} x ({args.observed} + {args.predicted})")
-    native = "yes" if cpu_info().native_bf16 else "no"
+    native = "yes" if info.native_bf16 else "no"
     print(f"--dynamics-precision auto: bf16 where the CPU runs it natively ({native} here) and the core's width is "
           f">= {BF16_DYNAMICS_MIN_WIDTH}, else fp32")
     computes = {precision: choose_compute("cpu", dynamics_precision=precision) for precision in ("fp32", "bf16")}
     for name in DYNAMICS:
         config = factory(dynamics=name)
         auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.dynamics_width)
-        rates = steps_per_second(config, args.batch, args.observed, args.predicted, args.steps, computes)
+        step = training_step(config, args.batch, args.observed, args.predicted)
+        rates = steps_per_second(step, args.steps, computes)
         core = WorldModel(config).dynamics
         size = sum(p.numel() for p in core.parameters())
         figures = ", ".join(f"{label} {rate:5.1f}" for label, rate in rates.items())
         print(f"  {name:6s} steps/s: {figures} (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}x; auto: {auto.dynamics}, "
               f"{rates[auto.dynamics]:.1f})   (width {config.dynamics_width}, hidden {core.hidden_size}, "
               f"noise {core.noise_size}, best of {core.best_of}, {size / 1e3:.0f}k parameters)")
+        for label, compute in computes.items():
+            count, flops, seconds = products_alone(step, compute)
+            print(f"         {label}: its {count} matrix products ({flops / 1e9:.2f} GFLOP a step) alone take "
+                  f"{seconds * 1e3:.0f} ms ({flops / seconds / 1e9:.0f} GFLOP/s): at most {1 / seconds:.1f} steps/s here "
+                  f"(the step runs at {rates[label] * seconds:.0%} of that)")
 
 
 if __name__ == "__main__":
