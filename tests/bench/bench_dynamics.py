@@ -70,20 +70,30 @@ def steps_per_second(step: Step, steps: int, computes: dict[str, Compute]) -> di
     return {name: 1.0 / seconds for name, seconds in best.items()}
 
 
+class Layout(NamedTuple):
+    """What a replay needs of a tensor argument."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
 class Product(NamedTuple):
-    """One matrix product of a step: the op and its arguments' layouts (tensors as (shape, stride, dtype))."""
+    """One matrix product of a step: the op and its arguments (tensors as their ``Layout``)."""
 
     op: torch._ops.OpOverload
     arguments: tuple[object, ...]
 
     def flops(self) -> int:
-        shapes = [argument[0] for argument in self.arguments if isinstance(argument, tuple)]
-        left, right = shapes[-2], shapes[-1]  # addmm's bias comes first
+        shapes = [argument.shape for argument in self.arguments if isinstance(argument, Layout)]
+        left, right = shapes[-2], shapes[-1]  # addmm's and baddbmm's added term comes first
         batch = left[0] if len(left) == 3 else 1
         return 2 * batch * left[-2] * left[-1] * right[-1]
 
     def inputs(self) -> list[object]:
-        return [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a for a in self.arguments]
+        """Fresh tensors of the recorded layouts, the other arguments as they were."""
+        return [torch.empty_strided(a.shape, a.stride, dtype=a.dtype).normal_() if isinstance(a, Layout) else a
+                for a in self.arguments]
 
 
 class ProductRecorder(TorchDispatchMode):
@@ -97,7 +107,7 @@ class ProductRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in self.OPS:
-            layouts = tuple((a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+            layouts = tuple(Layout(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
             self.products.append(Product(func, layouts))
         return func(*args, **(kwargs or {}))
 
@@ -109,8 +119,10 @@ def products_alone(step: Step, compute: Compute, repeats: int = 5) -> tuple[int,
     with ProductRecorder() as recorder:
         step(compute)
     calls = [(product.op, product.inputs()) for product in recorder.products]
+    for op, inputs in calls:  # warm-up: the BLAS's first calls at each shape
+        op(*inputs)
     best = float("inf")
-    for _ in range(repeats + 1):  # the first pass warms up
+    for _ in range(repeats):
         start = time.perf_counter()
         for op, inputs in calls:
             op(*inputs)
