@@ -149,6 +149,8 @@ class Args:
     """Where imagined episodes start: test windows of the loop's data (random and agent episodes), or the real task's initial states."""
     start_share: float = 0.0
     """Share of the imagined episodes (dataset contexts) that start from an episode's first frames, the real task's initial states (downstream/rl.py --start-share)."""
+    observe_keypoints: bool = False
+    """The agent sees the current frame's keypoints beside the hidden state (downstream/rl.py --observe-keypoints): the hidden state that predicts frame t has seen frames up to t-1 only."""
     eval_episodes: int = 10
     """Real episodes for the agent and for random actions each, per round (may change on a rerun; each round's line records its number)."""
     seed: int = 0
@@ -257,7 +259,8 @@ def part_name(index: int) -> str:
 def rl_args(args: Args, index: int) -> rl.Args:
     return rl.Args(task=args.task, algo=args.algo, steps=args.rl_steps, num_envs=args.num_envs,
                    checkpoint=round_run(args.out, index), data=args.out / DATA_DIR, context=args.context,
-                   horizon=args.horizon, start_share=args.start_share, eval_episodes=args.eval_episodes, gif=index == args.rounds,
+                   horizon=args.horizon, start_share=args.start_share, observe_keypoints=args.observe_keypoints,
+                   eval_episodes=args.eval_episodes, gif=index == args.rounds,
                    out=round_dir(args.out, index) / RL_DIR, seed=args.seed, device=args.device,
                    init_agent=agent_path(args, index - 1) if args.keep_agent and index > 0 else None)  # fmt: skip
 

@@ -31,20 +31,25 @@ PART = "agent-r01"
 EPISODES = 2
 
 
-@pytest.fixture(scope="module")
-def agent(imagination_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PPO agent trained for 64 imagined cartpole steps in the smoke world model (seconds)."""
+def train_agent(run: Path, folder: Path, observe_keypoints: bool = False) -> Path:
+    """A PPO agent trained for 64 imagined cartpole steps in the world model ``run`` (seconds)."""
     from stable_baselines3 import PPO
 
     from envs.sb3 import ImaginedSB3VecEnv
 
-    venv = ImaginedSB3VecEnv(TASK, 4, checkpoint=imagination_run, horizon=16, device="cpu")
+    venv = ImaginedSB3VecEnv(TASK, 4, checkpoint=run, horizon=16, device="cpu", observe_keypoints=observe_keypoints)
     venv.seed(0)
     model = PPO("MlpPolicy", venv, n_steps=16, batch_size=32, seed=0, device="cpu", verbose=0)
     model.learn(64)
-    path = tmp_path_factory.mktemp("agent") / f"{TASK}-ppo.zip"
+    path = folder / f"{TASK}-ppo.zip"
     model.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def agent(imagination_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PPO agent trained for 64 imagined cartpole steps in the smoke world model, observing its hidden states."""
+    return train_agent(imagination_run, tmp_path_factory.mktemp("agent"))
 
 
 def dataset_copy(tiny_dataset: Path, folder: Path) -> Path:
@@ -142,6 +147,30 @@ def test_part_has_the_dataset_layout_and_its_provenance(reference: Path, agent: 
     main_seeds = arrays(storage.dataset_path(reference, TASK, "train"))["episode_seeds"]
     assert not set(data["episode_seeds"]) & set(main_seeds) and (data["episode_seeds"] % 2 == 0).all()
     assert len(set(data["episode_seeds"])) == EPISODES
+
+
+def test_an_agent_that_sees_keypoints_is_recognised_and_collects(
+    tiny_dataset: Path, imagination_run: Path, tmp_path: Path
+) -> None:
+    """downstream/loop.py --observe-keypoints: the agent's observations are the hidden state and the detected keypoints;
+    the collector tells so from its observation space, records it, and the part replays like any other."""
+    from worldmodel.checkpoint import load_world_model
+
+    agent = train_agent(imagination_run, tmp_path, observe_keypoints=True)
+    config = load_world_model(imagination_run, "cpu").model.config
+    folder = dataset_copy(tiny_dataset, tmp_path / "data")
+    path = collect_part(folder, agent, imagination_run)
+    settings = json.loads(storage.read_info(path).attrs["collection_settings"])
+    assert settings["observe_keypoints"] is True
+    from stable_baselines3 import PPO
+
+    assert PPO.load(agent, device="cpu").observation_space.shape == (config.rnn_size + config.num_keypoints * 3,)
+    data = arrays(path)
+    simulator = Simulator(TASK)
+    simulator.reset(int(data["episode_seeds"][0]))
+    for t, action in enumerate(data["actions"][0]):
+        assert simulator.step(action).reward == pytest.approx(float(data["rewards"][0, t]), abs=1e-5)
+    simulator.close()
 
 
 def test_part_replays_through_the_simulator(reference: Path) -> None:

@@ -129,6 +129,12 @@ def test_keep_agent_starts_each_round_from_the_previous_rounds_agent(tmp_path: P
     assert loop.rl_args(dataclasses.replace(args, keep_agent=False), 2).init_agent is None
 
 
+def test_observe_keypoints_reaches_every_rounds_agent(tmp_path: Path) -> None:
+    args = loop.Args(task=TASK, rounds=2, out=tmp_path / "loop", observe_keypoints=True)
+    assert all(loop.rl_args(args, index).observe_keypoints for index in range(3))
+    assert not loop.rl_args(dataclasses.replace(args, observe_keypoints=False), 1).observe_keypoints
+
+
 def test_a_loop_started_before_an_option_existed_continues_with_its_default(
     finished_loop: Path, smoke_run: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
