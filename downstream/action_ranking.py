@@ -181,7 +181,7 @@ def summarize(scores: list[ContextScores]) -> dict[str, Any]:
         "real_spread": float(np.mean([s.real.std() for s in scores])),
         "gain_of_models_pick": float(np.mean([s.real[s.imagined.argmax()] - s.real.mean() for s in scores])),
         "gain_of_best": float(np.mean([s.real.max() - s.real.mean() for s in scores])),
-        "rank_correlations": [float(c) for c in correlations],
+        "rank_correlations": [None if np.isnan(c) else float(c) for c in correlations],  # None: a constant return
     }
 
 
@@ -194,6 +194,9 @@ def main(args: Args) -> dict[str, Any]:
     if data is None:
         raise InputError(f"the checkpoint {models.checkpoint} records no dataset; pass --data <dataset dir>")
     info = storage.checked_dataset(data, args.task, "test")  # the main file: random actions (parts are separate)
+    if info.episode_steps < OBSERVED_STEPS - 1 + args.horizon:
+        raise InputError(f"--horizon {args.horizon} needs episodes of {OBSERVED_STEPS - 1 + args.horizon} steps, "
+                         f"{info.path} has {info.episode_steps}: give a shorter --horizon")  # fmt: skip
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)  # the prior samples
     episodes = np.sort(rng.choice(info.num_episodes, min(args.contexts, info.num_episodes), replace=False))

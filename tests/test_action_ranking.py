@@ -109,7 +109,10 @@ def test_script_writes_its_figures_and_repeats_them_under_a_seed(
     assert not (imagination_run / action_ranking.RESULTS_DIR).exists()  # --out was given
 
 
-@pytest.mark.parametrize(("options", "phrase"), [(["--sequences", "1"], "--sequences"), (["--task", "pong"], "pong")])
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [(["--sequences", "1"], "--sequences"), (["--task", "pong"], "pong"), (["--horizon", "40"], "--horizon")],
+)
 def test_bad_options_end_in_one_line(imagination_run: Path, options: list[str], phrase: str) -> None:
     result = run_script("--run", str(imagination_run), *options)
     assert result.returncode != 0 and "Traceback" not in result.stderr and phrase in result.stderr, result.stderr
