@@ -55,7 +55,8 @@ Time (measured 2026-12-02 for cheetah with `runs/struct_vrnn`, the ``cpu`` profi
 collect 16 episodes of 250 steps 35-88 s, refine 211-229 s (detection of the new frames and 2,000 dynamics
 steps), reward 38-51 s, agent 140-205 s (100k imagined PPO steps at ~1,000 steps/s, then the real evaluation
 episodes: 5 + 5 in rounds 1-4, 10 + 10, the default now, from round 5).
-Round 0 is the reward and agent phases only. Cartpole's rounds (125-step episodes) took 333-402 s. The
+Round 0 is the reward and agent phases only (with ``--first-refine-steps N``, a refine phase before them: the
+given model's dynamics fine-tuned on the task's random data for N steps, as train/world_model.py --init-from does). Cartpole's rounds (125-step episodes) took 333-402 s. The
 default 5 rounds: about 50 min here for cheetah; without native bf16 the
 detection in refine and reward runs in fp32 and takes longer (not measured). Beside other jobs on the same
 cores it is far slower (round 0 took 3,883 s while two other jobs ran): torch's threads wait on each other
@@ -103,7 +104,7 @@ PLOT_FILE = "returns.png"
 GIF_FILE = "last_round.gif"
 DATA_DIR = "data"
 RL_DIR = "rl"  # a round's downstream/rl.py --out
-FIRST_PHASES = ("reward", "agent")  # round 0: the given world model
+FIRST_PHASES = ("reward", "agent")  # round 0: the given world model (refined first with --first-refine-steps)
 PHASES = ("collect", "refine", "reward", "agent")
 STATE_FORMAT = 1
 PART_PREFIX = "loop-r"  # round n's episodes: the dataset part loop-rNN
@@ -131,6 +132,11 @@ class Args:
     """Dynamics fine-tuning steps per round."""
     refine_learning_rate: float = 3e-4
     """Initial learning rate of the fine-tuning (halved on the run's schedule)."""
+    first_refine_steps: int = 0
+    """Round 0 first fine-tunes the given model's dynamics on the task's random data for this many steps, with the
+    run's own training settings (train/world_model.py --init-from CHECKPOINT --tasks TASK --dynamics-steps N); 0: round
+    0 uses the given model as it is. A model trained on six tasks may not know what one task's actions do
+    (downstream/action_ranking.py; README, "A real run")."""
     reward_windows: int = 2_000
     """Test windows (length 20) the reward predictor is fit on each round."""
     reward_epochs: int = 30
@@ -168,7 +174,7 @@ RESUME_FREE_OPTIONS = frozenset({"rounds", "out", "workers", "eval_episodes"})
 def check_args(args: Args) -> None:
     """InputError for options that cannot run (models and data are checked where they are read)."""
     get_task(args.task, option="--task")
-    check_options(args, 0, "rounds", "train_episodes", "test_episodes")
+    check_options(args, 0, "rounds", "train_episodes", "test_episodes", "first_refine_steps")
     check_options(args, 1, "refine_steps", "reward_windows", "reward_epochs", "rl_steps", "num_envs", "eval_episodes", "workers")
     if args.train_episodes < 1 and args.rounds > 0:
         raise InputError("--train-episodes must be positive: each round refines the dynamics on new episodes")
@@ -351,15 +357,19 @@ def collect(args: Args, index: int) -> None:
 
 
 def refine(args: Args, index: int) -> None:
-    """Fine-tune the previous round's dynamics on all the loop's data (train/world_model.py --init-from)."""
-    previous = round_run(args.out, index - 1)
+    """Fine-tune the previous round's dynamics on all the loop's data (train/world_model.py --init-from); in round 0
+    (``--first-refine-steps``), the given model's on the task's random data, with that run's own settings."""
+    previous = round_run(args.out, index - 1) if index > 0 else find_checkpoint(args.checkpoint).resolve()
     run = round_run(args.out, index)
     their_config = config_from_dict(load_checkpoint(previous)["train_config"])
+    if index == 0:  # as train/world_model.py --init-from: the run's learning rate and KL warm-up
+        schedule = {"dynamics_steps": args.first_refine_steps}
+    else:  # the core already fits its prior: no KL warm-up again, a lower learning rate
+        schedule = {"dynamics_steps": args.refine_steps, "learning_rate": args.refine_learning_rate, "kl_warmup_fraction": 0.0}
     config = dataclasses.replace(
         their_config, mode="staged", tasks=args.task, data=args.out / DATA_DIR, out=run, init_from=previous,
-        vision_from=None, dynamics_steps=args.refine_steps, learning_rate=args.refine_learning_rate,
-        kl_warmup_fraction=0.0, device=args.device, resume=(run / CHECKPOINT_FILE).is_file(), halt_after=None,
-        progress=True,
+        vision_from=None, device=args.device, resume=(run / CHECKPOINT_FILE).is_file(), halt_after=None,
+        progress=True, **schedule,
     )  # fmt: skip
     try:
         config, tasks = trainer.prepare(config)
@@ -448,8 +458,10 @@ def plot_returns(path: Path, results: list[dict[str, Any]], task: str) -> None:
 # The loop
 
 
-def phases_of(index: int) -> tuple[str, ...]:
-    return FIRST_PHASES if index == 0 else PHASES
+def phases_of(args: Args, index: int) -> tuple[str, ...]:
+    if index > 0:
+        return PHASES
+    return ("refine", *FIRST_PHASES) if args.first_refine_steps > 0 else FIRST_PHASES
 
 
 def main(args: Args) -> list[dict[str, Any]]:
@@ -472,15 +484,16 @@ def main(args: Args) -> list[dict[str, Any]]:
     state = load_state(args, loop_settings(args, source, source_data, files))
     data = args.out / DATA_DIR
     link_source_data(data, files)
-    copy_start_model(source, args.out)
+    if args.first_refine_steps == 0:  # otherwise round 0's refine writes its model
+        copy_start_model(source, args.out)
     if not (args.out / STATE_FILE).is_file():
         state.save(args.out)  # the settings, before any phase: a rerun with others is refused from now on
 
-    todo = [(index, phase) for index in range(args.rounds + 1) for phase in phases_of(index)
+    todo = [(index, phase) for index in range(args.rounds + 1) for phase in phases_of(args, index)
             if phase not in state.done.get(index, [])]  # fmt: skip
     if not todo:
         print(f"{args.out / STATE_FILE}: all {args.rounds + 1} rounds are done: nothing to do")
-    total = sum(len(phases_of(index)) for index in range(args.rounds + 1))
+    total = sum(len(phases_of(args, index)) for index in range(args.rounds + 1))
     progress = tqdm(total=total, initial=total - len(todo), desc="loop phases", unit="phase", dynamic_ncols=True)
     try:
         for index, phase in todo:

@@ -135,6 +135,31 @@ def test_observe_keypoints_reaches_every_rounds_agent(tmp_path: Path) -> None:
     assert not loop.rl_args(dataclasses.replace(args, observe_keypoints=False), 1).observe_keypoints
 
 
+def test_first_refine_steps_fine_tune_round_zeros_dynamics_on_the_task(
+    smoke_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """--first-refine-steps: round 0's model is the given one with its dynamics fine-tuned on the task's random data
+    (the detector kept), with the run's own learning rate; its reward predictor and agent are fit on that model."""
+    out = tmp_path / "loop"
+    options = loop_options(smoke_run, tiny_dataset, out, "--first-refine-steps", "3")
+    options[options.index("--rounds") + 1] = "0"
+    result = run_loop(options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / loop.STATE_FILE).read_text())
+    assert state["done"] == {"0": ["refine", *loop.FIRST_PHASES]}
+    [record] = [json.loads(line) for line in (out / loop.ROUNDS_FILE).read_text().splitlines()]
+    assert set(record["phase_seconds"]) == {"refine", *loop.FIRST_PHASES} and record["collected_control_steps"] == 0
+    start_model, refined = load_checkpoint(smoke_run), load_checkpoint(out / "round-00" / "world_model")
+    changed = {key for key in start_model["model"] if not torch.equal(start_model["model"][key], refined["model"][key])}
+    assert changed and all(key.startswith("dynamics.") for key in changed)
+    assert refined["dataset"]["tasks"] == [TASK] and refined["train_config"]["dynamics_steps"] == 3
+    assert refined["train_config"]["learning_rate"] == start_model["train_config"]["learning_rate"]
+    predictor = torch.load(out / "round-00" / "world_model" / "reward_predictors" / f"{TASK}.pt", weights_only=True)
+    from worldmodel.checkpoint import load_world_model
+
+    assert predictor["world_model_fingerprint"] == model_fingerprint(load_world_model(out / "round-00" / "world_model").model)
+
+
 def test_a_loop_started_before_an_option_existed_continues_with_its_default(
     finished_loop: Path, smoke_run: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
