@@ -39,17 +39,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from envs.imagined import REWARD_PREDICTOR_DIR
+from envs.imagined import load_imagination_models
 from envs.simulator import Simulator
 from worldmodel import storage
 from worldmodel.atomic import atomic_write_text
-from worldmodel.checkpoint import CheckpointError, find_checkpoint, load_world_model
 from worldmodel.config import OBSERVED_STEPS
 from worldmodel.errors import InputError, check_options, run_cli
-from worldmodel.devices import resolve_device
-from worldmodel.fingerprint import model_fingerprint
 from worldmodel.model import WorldModel
-from worldmodel.reward import RewardPredictor, load_reward_predictor
+from worldmodel.reward import RewardPredictor
 from worldmodel.tasks import MAX_ACTION_DIM, get_task
 
 RESULTS_DIR = "action_ranking"
@@ -75,28 +72,6 @@ class Args:
     """Device of the world model: 'cpu', 'cuda' or 'auto'."""
     out: Path | None = None
     """The JSON file to write; default <run>/action_ranking/<task>.json."""
-
-
-class Models(NamedTuple):
-    world_model: WorldModel
-    reward_predictor: RewardPredictor
-    checkpoint: Path  # the checkpoint file
-    dataset: Path | None  # the data it was trained on, as recorded
-    action_repeat: int  # the task's, in that data
-
-
-def load_models(run: Path, task: str, device: str) -> Models:
-    """The world model (any variant: the state-space bound reads the true states of the contexts) and the task's
-    reward predictor fit on its hidden states (``<run>/reward_predictors/<task>.pt``)."""
-    path = find_checkpoint(run)
-    loaded = load_world_model(path, resolve_device(device))
-    repeats = loaded.info.dataset.get("action_repeats") or {}
-    if task not in repeats:
-        raise CheckpointError(f"the world model at {path} was not trained on {task}: pass a --run trained on it")
-    predictor = load_reward_predictor(path.parent / REWARD_PREDICTOR_DIR / f"{task}.pt", task,
-                                      model_fingerprint(loaded.model), map_location=resolve_device(device))  # fmt: skip
-    recorded = loaded.info.dataset.get("path")
-    return Models(loaded.model, predictor.eval(), path, Path(recorded) if recorded else None, int(repeats[task]))
 
 
 class ContextScores(NamedTuple):
@@ -133,8 +108,8 @@ def real_returns(simulator: Simulator, seed: int, warmup: np.ndarray, sequences:
     for sequence in sequences:
         simulator.reset(seed)
         for action in warmup:
-            simulator.step(action)
-        returns.append(sum(simulator.step(action).reward for action in sequence))
+            simulator.step_reward(action)
+        returns.append(sum(simulator.step_reward(action) for action in sequence))
     return np.asarray(returns)
 
 
@@ -189,7 +164,7 @@ def main(args: Args) -> dict[str, Any]:
     spec = get_task(args.task, option="--task")
     check_options(args, 1, "contexts", "horizon")
     check_options(args, 2, "sequences")
-    models = load_models(args.run, args.task, args.device)
+    models = load_imagination_models(args.task, args.run, device=args.device, allow_state_bound=True)
     data = args.data or models.dataset
     if data is None:
         raise InputError(f"the checkpoint {models.checkpoint} records no dataset; pass --data <dataset dir>")

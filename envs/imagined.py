@@ -189,6 +189,8 @@ def load_imagination_models(
     checkpoint: str | os.PathLike[str] | None = None,
     reward_predictor: str | os.PathLike[str] | None = None,
     device: str | torch.device = "auto",
+    *,
+    allow_state_bound: bool = False,
 ) -> ImaginationModels:
     """The world model and the task's reward predictor, from the per-process cache when unchanged on disk.
 
@@ -200,7 +202,7 @@ def load_imagination_models(
     path = resolve_checkpoint(checkpoint)
     model_key = ("world model", str(path), path.stat().st_mtime_ns, str(device))
     loaded, fingerprint = _load_once(model_key, lambda: _load_world_model(path, device))
-    if loaded.config.reads_states:
+    if loaded.config.reads_states and not allow_state_bound:  # the envs need frames; action_ranking reads states
         raise CheckpointError(
             f"the world model at {path} is a state-space bound (state-vrnn): it reads true states, not frames, "
             "and has no imagination env; it is a control for downstream/reward.py --state-bound"

@@ -12,7 +12,7 @@ the low-dimensional state is the task's observation dict flattened in dm_control
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # Headless rendering: EGL works with Mesa's software EGL and on GPUs; must be set before dm_control loads.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -86,11 +86,19 @@ class Simulator:
 
     def step(self, action: np.ndarray) -> Transition:
         """Hold ``action`` (the task's own size) for ``action_repeat`` control steps."""
+        reward, time_step = self._hold(action)
+        return Transition(self.render(), reward, self._flatten(time_step.observation))
+
+    def step_reward(self, action: np.ndarray) -> float:
+        """As ``step``, without rendering or reading the state: the reward only (replaying actions for returns)."""
+        return self._hold(action)[0]
+
+    def _hold(self, action: np.ndarray) -> tuple[float, Any]:
         reward = 0.0
         for _ in range(self.action_repeat):
             time_step = self._env.step(action)
             reward += float(time_step.reward or 0.0)
-        return Transition(self.render(), reward, self._flatten(time_step.observation))
+        return reward, time_step
 
     def render(self) -> np.ndarray:
         return self._env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
