@@ -2,7 +2,8 @@
 
 An agent of ``downstream/rl.py`` (a stable-baselines3 PPO or SAC zip) acts on the real task exactly as in
 its evaluation: ``envs.imagined.RealTaskThroughModel`` turns each real frame into the world model's hidden
-state. The collector stores what the real env saw, in the layout of the random datasets (docs/CONTRACTS.md),
+state. A planner file (JSON, ``worldmodel.planning.save_planner``) acts instead by planning each action in the
+world model (``worldmodel.planning.CEMPlanner``), as ``downstream/plan.py`` evaluates it. The collector stores what the real env saw, in the layout of the random datasets (docs/CONTRACTS.md),
 so the episodes can join a dataset as a named part (``<task>_<split>.<part>.h5``) and refine the model.
 
 One episode of T agent steps (T as for random episodes: the horizon, or ``--episode-steps``):
@@ -11,13 +12,14 @@ One episode of T agent steps (T as for random episodes: the horizon, or ``--epis
 2. the world model's warm-up: ``WARMUP_STEPS`` (7) uniform random actions, filtered like an imagined
    episode's context; they are stored as the episode's first actions (drawn from the filter seed, which
    also seeds the posterior's noise);
-3. T - 7 steps of the agent's deterministic action plus Gaussian noise of std ``noise`` (one standard
+3. T - 7 steps of the agent's deterministic action (a planner's planned action) plus Gaussian noise of std ``noise`` (one standard
    normal draw per action dimension and step from the episode's noise generator, also when the std is 0),
    clipped to [-1, 1]; the stored action is the applied one.
 
 Seeds: episode e of part P, task k (its index in the task table), split s derives everything from
 ``np.random.SeedSequence(seed, spawn_key=(POLICY_SEED_TAG, crc32(P), k, s, e))``; its three children give the
-environment seed (lowest bit: the split, as for random episodes), the filter seed and the noise generator.
+environment seed (lowest bit: the split, as for random episodes), the filter seed and the noise generator (a
+planner's draws restart each episode from the first child the noise's seed sequence spawns).
 The spawn key starts with a tag no task index takes, so agent episodes never draw the random episodes'
 streams (whose key is (k, s, e)), and a part's name enters it, so two parts of the same seed differ.
 
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
     from envs.imagined import RealTaskThroughModel
+    from worldmodel.planning import CEMPlanner
 
 POLICY_SEED_TAG = 1_000  # first spawn-key word of agent episodes; random episodes have a task index (0..5) there
 WARMUP_STEPS = OBSERVED_STEPS - 1  # RealTaskThroughModel's default: an imagined episode's 8-frame context
@@ -58,6 +61,7 @@ ALGORITHM_OF_POLICY_MODULE = {
     "stable_baselines3.common.policies": "ppo",  # ActorCriticPolicy
     "stable_baselines3.sac.policies": "sac",
 }
+PLANNER_ALGORITHM = "cem"  # policy_algorithm of a planner file
 COLLECTION_DEVICE = "cpu"  # one frame at a time through a small network: workers give the parallelism
 
 
@@ -74,9 +78,9 @@ class PolicySettings(NamedTuple):
     episode_steps_cap: int | None
     action_repeat: int
     render: dict[str, Any]
-    policy: str  # the agent's zip, resolved
+    policy: str  # the agent's zip (or planner file), resolved
     policy_sha256: str
-    policy_algorithm: str  # "ppo" or "sac"
+    policy_algorithm: str  # "ppo", "sac" or "cem" (a planner file)
     noise: float  # std of the Gaussian noise added to the agent's deterministic action
     world_model_checkpoint: str  # the checkpoint file, resolved
     world_model_fingerprint: str  # worldmodel.fingerprint.model_fingerprint of its weights
@@ -147,14 +151,24 @@ def file_sha256(path: Path) -> str:
 
 
 def policy_algorithm(path: Path) -> str:
-    """'ppo' or 'sac', read from the zip's JSON ``data`` (nothing is unpickled); InputError for anything else."""
+    """'ppo' or 'sac', read from the zip's JSON ``data`` (nothing is unpickled), or 'cem' for a planner file (.json);
+    InputError for anything else."""
+    if path.suffix == ".json":
+        from worldmodel.planning import load_planner_config  # torch: only when a planner acts
+
+        try:
+            load_planner_config(path)
+        except InputError as error:
+            raise InputError(f"--policy {error}") from None
+        return PLANNER_ALGORITHM
     try:
         with zipfile.ZipFile(path) as archive:
             data = json.loads(archive.read("data"))
         module = data["policy_class"]["__module__"]
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(
-            f"--policy {path} is not a stable-baselines3 agent ({detail(error)}); give the .zip of downstream/rl.py"
+            f"--policy {path} is not a stable-baselines3 agent ({detail(error)}); give the .zip of downstream/rl.py "
+            "or a planner .json"
         ) from None
     if module not in ALGORITHM_OF_POLICY_MODULE:
         raise InputError(f"--policy {path} is an agent of policy module {module}; only PPO and SAC agents are supported")
@@ -187,6 +201,10 @@ def identify_policy(policy: Path, checkpoint: Path | None, task: str, action_rep
             f"the world model {models.checkpoint} was trained on {task} data with action repeat {models.action_repeat}, "
             f"this collection asks {action_repeat}; pass --action-repeat {models.action_repeat}"
         )
+    identity = PolicyIdentity(str(policy.resolve()), file_sha256(policy), algorithm, str(models.checkpoint),
+                              models.fingerprint, observe_keypoints=False)  # fmt: skip
+    if algorithm == PLANNER_ALGORITHM:  # plans with the world model's hidden states and its reward predictor
+        return identity
     agent = load_agent(policy, algorithm)
     model = models.world_model
     shapes = {
@@ -202,14 +220,7 @@ def identify_policy(policy: Path, checkpoint: Path | None, task: str, action_rep
     action_dim = get_task(task).action_dim
     if agent.action_space.shape != (action_dim,):
         raise InputError(f"--policy {policy} acts with shape {agent.action_space.shape}, {task} takes ({action_dim},)")
-    return PolicyIdentity(
-        policy=str(policy.resolve()),
-        policy_sha256=file_sha256(policy),
-        policy_algorithm=algorithm,
-        world_model_checkpoint=str(models.checkpoint),
-        world_model_fingerprint=models.fingerprint,
-        observe_keypoints=matches[0],
-    )
+    return identity._replace(observe_keypoints=matches[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,7 +262,7 @@ class EpisodeRecorder(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 class PolicyRunner(NamedTuple):
     env: RealTaskThroughModel
     recorder: EpisodeRecorder  # inside env, around the real pixel env
-    agent: BaseAlgorithm
+    agent: BaseAlgorithm | CEMPlanner
     state_layout: list[tuple[str, int]]
 
 
@@ -273,7 +284,14 @@ def _runner(settings: PolicySettings) -> PolicyRunner:
                             fast_render=bool(settings.render["fast_render"]))  # fmt: skip
         recorder = EpisodeRecorder(real)
         env = RealTaskThroughModel(recorder, models, settings.observe_keypoints, warmup_steps=settings.warmup_steps)
-        agent = load_agent(Path(settings.policy), settings.policy_algorithm)
+        agent: BaseAlgorithm | CEMPlanner
+        if settings.policy_algorithm == PLANNER_ALGORITHM:
+            from worldmodel.planning import CEMPlanner, load_planner_config
+
+            config = load_planner_config(settings.policy)
+            agent = CEMPlanner(models.world_model, models.reward_predictor, get_task(settings.task).action_dim, config)
+        else:
+            agent = load_agent(Path(settings.policy), settings.policy_algorithm)
         _RUNNERS[key] = PolicyRunner(env, recorder, agent, list(real.simulator.state_layout))
     return _RUNNERS[key]
 
@@ -283,9 +301,17 @@ def policy_episode(settings: PolicySettings, index: int) -> tuple[storage.Episod
     runner = _runner(settings)
     seeds = policy_episode_seeds(settings, index)
     noise = np.random.default_rng(seeds.noise)
+    from worldmodel.planning import CEMPlanner  # (torch is loaded by _runner)
+
+    agent = runner.agent
+    if isinstance(agent, CEMPlanner):  # its own draws, from the episode's seeds
+        agent.reset(seed=int(seeds.noise.spawn(1)[0].generate_state(1, np.uint64)[0] >> 1))
     observation, _ = runner.env.reset(seed=seeds.filter, options={"episode_seed": seeds.env})
     while len(runner.recorder.actions) < settings.episode_steps:
-        action, _ = runner.agent.predict(observation, deterministic=True)
+        if isinstance(agent, CEMPlanner):
+            action = agent.plan(runner.env.carry, runner.env.context_hidden).action
+        else:
+            action, _ = agent.predict(observation, deterministic=True)
         draw = noise.standard_normal(np.shape(action))
         noisy = np.clip(np.asarray(action, np.float64) + settings.noise * draw, -1.0, 1.0).astype(np.float32)
         observation, *_ = runner.env.step(noisy)

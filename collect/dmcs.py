@@ -13,6 +13,8 @@ Usage (from the repository root)::
 With ``--policy`` (one task), a stable-baselines3 agent of ``downstream/rl.py`` acts on the real task seen
 through the world model of ``--checkpoint`` (7 random warm-up steps, then its deterministic action plus
 Gaussian noise of std ``--noise``, clipped to [-1, 1]; ``collect/agent.py`` tells the details and the seeds).
+A planner file instead of the agent (``--policy planner.json``, written by ``downstream/plan.py`` or the RL loop)
+plans each action in that world model with the cross-entropy method (``worldmodel/planning.py``).
 With ``--part NAME`` the episodes go to ``<out>/<task>_<split>.NAME.h5`` beside the random main file they
 extend (which must exist and share their action repeat, episode length and render settings); readers take
 the main file's episodes, then each part's. Without ``--part`` they make the main files of a new folder. The
@@ -130,7 +132,8 @@ class Args:
     episodes make the reward experiment's 5 folds). Options given explicitly override the preset."""
     policy: Path | None = None
     """A stable-baselines3 agent (.zip of downstream/rl.py) to act the episodes instead of random actions, in
-    the single task of --domains, seen through the world model of --checkpoint (collect/agent.py). With it,
+    the single task of --domains, seen through the world model of --checkpoint (collect/agent.py); or a planner
+    file (.json, worldmodel/planning.py) that plans each action in that world model. With it,
     --train-episodes or --test-episodes may be 0."""
     checkpoint: Path | None = None
     """With --policy: the world model (run directory or checkpoint file) the agent was trained in; its reward

@@ -81,8 +81,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from tqdm.auto import tqdm
 
 from collect.dmcs import collect_with_policy
-from downstream import rl
-from envs.imagined import REWARD_PREDICTOR_DIR
+from downstream import plan, rl
+from envs.imagined import REWARD_PREDICTOR_DIR, load_imagination_models
 from train import world_model as trainer
 from worldmodel import storage
 from worldmodel.atomic import atomic_write, atomic_write_text
@@ -94,6 +94,7 @@ from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
 from worldmodel.machine import available_cores
 from worldmodel.options import changed_options, plain_options
+from worldmodel.planning import PlannerConfig
 from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.tasks import get_task
 from worldmodel.training import config_from_dict
@@ -141,8 +142,12 @@ class Args:
     """Test windows (length 20) the reward predictor is fit on each round."""
     reward_epochs: int = 30
     """Maximum epochs of the reward fit (early stopping on held-out episodes usually ends sooner)."""
-    algo: Literal["ppo", "sac"] = "ppo"
-    """Agent algorithm (downstream/rl.py); PPO training resumes exactly after a kill, SAC's starts over."""
+    algo: Literal["ppo", "sac", "cem"] = "ppo"
+    """Agent algorithm (downstream/rl.py); PPO training resumes exactly after a kill, SAC's starts over. 'cem': no agent is trained; every real action (collection and evaluation) is planned in the round's model (downstream/plan.py, worldmodel/planning.py) over --horizon steps."""
+    plan_candidates: int = 256
+    """With --algo cem: action sequences imagined per refit (the best eighth are the elites)."""
+    plan_iterations: int = 4
+    """With --algo cem: refits per real step."""
     rl_steps: int = 100_000
     """Imagined steps the agent trains for each round, on that round's model."""
     keep_agent: bool = False
@@ -150,7 +155,7 @@ class Args:
     num_envs: int = 16
     """Imagined episodes stepped together."""
     horizon: int | None = 12
-    """Imagined steps per training episode (downstream/rl.py --horizon)."""
+    """Imagined steps per training episode (downstream/rl.py --horizon); with --algo cem, the planning horizon."""
     context: Literal["dataset", "simulator"] = "dataset"
     """Where imagined episodes start: test windows of the loop's data (random and agent episodes), or the real task's initial states."""
     start_share: float = 0.0
@@ -185,6 +190,13 @@ def check_args(args: Args) -> None:
     if not (args.noise >= 0 and math.isfinite(args.noise)):
         raise InputError(f"--noise must be a finite std >= 0, got {args.noise}")
     check_options(args, 0, "seed")
+    if args.algo == "cem":
+        check_options(args, 8, "plan_candidates")
+        check_options(args, 1, "plan_iterations")
+        if args.horizon is None or args.horizon < 1:
+            raise InputError(f"--horizon is the planning horizon with --algo cem: give a positive number, got {args.horizon}")
+        if args.keep_agent or args.observe_keypoints:
+            raise InputError("--keep-agent and --observe-keypoints go with a trained agent (ppo, sac), not --algo cem")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file, not a folder; choose another --out")
 
@@ -272,8 +284,15 @@ def rl_args(args: Args, index: int) -> rl.Args:
 
 
 def agent_path(args: Args, index: int) -> Path:
-    """The agent round ``index`` trains (downstream/rl.py's file in its --out)."""
-    return round_dir(args.out, index) / RL_DIR / f"{args.task}-{args.algo}.zip"
+    """The agent round ``index`` trains (downstream/rl.py's file in its --out), or its planner file (--algo cem)."""
+    name = f"{args.task}-cem.planner.json" if args.algo == "cem" else f"{args.task}-{args.algo}.zip"
+    return round_dir(args.out, index) / RL_DIR / name
+
+
+def planner_config(args: Args) -> PlannerConfig:
+    assert args.horizon is not None  # check_args
+    return PlannerConfig(horizon=args.horizon, candidates=args.plan_candidates,
+                         elites=max(1, args.plan_candidates // 8), iterations=args.plan_iterations)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,7 +410,12 @@ def refit_reward(args: Args, index: int) -> None:
 
 
 def train_agent(args: Args, index: int) -> rl.Report:
-    return rl.main(rl_args(args, index))
+    """Train and evaluate the round's agent (downstream/rl.py), or evaluate its planner (--algo cem)."""
+    if args.algo != "cem":
+        return rl.main(rl_args(args, index))
+    models = load_imagination_models(args.task, round_run(args.out, index), device=args.device)
+    return plan.plan_and_evaluate(models, planner_config(args), round_dir(args.out, index) / RL_DIR,
+                                  args.eval_episodes, args.seed, gif=index == args.rounds)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

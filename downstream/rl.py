@@ -28,7 +28,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -214,53 +214,75 @@ def imagined_returns(agent: BaseAlgorithm, args: Args, episodes: int) -> Returns
     return summarize(totals.tolist())
 
 
-def real_returns(
-    models: ImaginationModels, args: Args, episodes: int, agent: BaseAlgorithm | None
+# Chooses the action on the real task: (the env, its observation, whether the episode has just started).
+RealPolicy = Callable[[RealTaskThroughModel, np.ndarray, bool], np.ndarray]
+
+
+def real_episode_returns(
+    models: ImaginationModels, task: str, seed: int, episodes: int, policy: RealPolicy | None,
+    observe_keypoints: bool = False, label: str = "agent",
 ) -> Returns:
-    """Returns on the real task seen through the model: the agent (deterministic), or uniform random actions.
+    """Returns on the real task seen through the model, of ``policy``, or of uniform random actions (None).
 
     A return is the task's whole episode, as published returns are: the warm-up's random steps, which fill
-    the posterior before the policy acts (the same steps for both policies: they follow the episode's seed),
-    are counted with the policy's steps."""
-    env = RealTaskThroughModel(
-        RealPixelEnv(args.task, action_repeat=models.action_repeat), models, args.observe_keypoints
-    )
-    action_rng = np.random.default_rng(args.seed + 20_000)
+    the posterior before the policy acts (the same steps for every policy: they follow the episode's seed),
+    are counted with the policy's steps. Episode i starts from seed ``seed + 30_000 + i`` whatever the policy."""
+    env = RealTaskThroughModel(RealPixelEnv(task, action_repeat=models.action_repeat), models, observe_keypoints)
+    action_rng = np.random.default_rng(seed + 20_000)
     totals = []
-    for episode in tqdm(range(episodes), desc="real episodes " + ("agent" if agent else "random"), leave=False):
-        observation, info = env.reset(seed=args.seed + 30_000 + episode)  # the same starts for both policies
-        total, truncated, terminated = float(info["warmup_return"]), False, False
+    for episode in tqdm(range(episodes), desc=f"real episodes {label if policy else 'random'}", leave=False):
+        observation, info = env.reset(seed=seed + 30_000 + episode)  # the same starts for every policy
+        total, truncated, terminated, started = float(info["warmup_return"]), False, False, True
         while not (truncated or terminated):
-            if agent is None:
+            if policy is None:
                 action = action_rng.uniform(-1.0, 1.0, env.action_space.shape).astype(np.float32)
             else:
-                action, _ = agent.predict(observation, deterministic=True)
+                action = policy(env, observation, started)
             observation, reward, terminated, truncated, _ = env.step(action)
-            total += reward
+            total, started = total + reward, False
         totals.append(total)
     env.close()
     return summarize(totals)
 
 
+def agent_policy(agent: BaseAlgorithm) -> RealPolicy:
+    """The agent's deterministic action, as a ``RealPolicy``."""
+    def act(env: RealTaskThroughModel, observation: np.ndarray, started: bool) -> np.ndarray:
+        return agent.predict(observation, deterministic=True)[0]
+
+    return act
+
+
+def real_returns(
+    models: ImaginationModels, args: Args, episodes: int, agent: BaseAlgorithm | None
+) -> Returns:
+    """``real_episode_returns`` of the agent (deterministic), or of uniform random actions (None)."""
+    policy = None if agent is None else agent_policy(agent)
+    return real_episode_returns(models, args.task, args.seed, episodes, policy, args.observe_keypoints)
+
+
 @torch.inference_mode()
-def write_gif(path: Path, models: ImaginationModels, agent: BaseAlgorithm, args: Args) -> None:
-    """One real episode under the agent; each frame: real (left) | imagined open loop, same actions (right)."""
+def write_gif(
+    path: Path, models: ImaginationModels, policy: RealPolicy, task: str, seed: int, observe_keypoints: bool = False
+) -> None:
+    """One real episode under the policy; each frame: real (left) | imagined open loop, same actions (right)."""
     import imageio.v2 as imageio
 
     env = RealTaskThroughModel(
-        RealPixelEnv(args.task, action_repeat=models.action_repeat, render_mode="rgb_array"),
-        models, args.observe_keypoints,
+        RealPixelEnv(task, action_repeat=models.action_repeat, render_mode="rgb_array"), models, observe_keypoints
     )
     model = models.world_model
-    observation, _ = env.reset(seed=args.seed + 40_000)
+    observation, _ = env.reset(seed=seed + 40_000)
     assert env.first_frame is not None and env.first_keypoints is not None
     first_frame = torch.from_numpy(env.first_frame).to(models.device)[None]
     imagined = env.carry  # imagination starts where the filter stands after the warm-up
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     frames = []
     truncated = terminated = False
+    started = True
     while not (truncated or terminated):
-        action, _ = agent.predict(observation, deterministic=True)
+        action = policy(env, observation, started)
+        started = False
         observation, _, terminated, truncated, _ = env.step(action)
         padded = torch.from_numpy(pad_actions(np.clip(action, -1, 1)[None])).to(models.device)
         noise = torch.randn((1, model.dynamics.noise_size), generator=generator).to(models.device)
@@ -359,7 +381,7 @@ def main(args: Args) -> Report:
     real_random = real_returns(models, args, args.eval_episodes, None)
     gif_path = args.out / f"{stem}.gif" if args.gif else None
     if gif_path is not None:
-        write_gif(gif_path, models, agent, args)
+        write_gif(gif_path, models, agent_policy(agent), args.task, args.seed, args.observe_keypoints)
 
     results_path = args.out / f"{stem}.json"
     record = {

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
@@ -724,6 +725,7 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         self._generator = torch.Generator()
         self.first_frame: np.ndarray | None = None  # (64, 64, 3) the episode's first real frame
         self.first_keypoints: Tensor | None = None  # (1, K, 3) its detected keypoints
+        self._recent_hidden: deque[Tensor] = deque(maxlen=CONTEXT_LENGTH)  # (H,) each, last frames'
 
     @property
     def carry(self) -> CoreCarry:
@@ -731,6 +733,14 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         if self._carry is None:
             raise RuntimeError("call reset() first")
         return self._carry
+
+    @property
+    def context_hidden(self) -> Tensor:
+        """(L, H) the hidden states that predicted the last L <= ``CONTEXT_LENGTH`` real frames (as the posterior
+        gave them): what warms up the reward predictor at an imagined episode's start (``worldmodel.planning``)."""
+        if self._carry is None:
+            raise RuntimeError("call reset() first")
+        return torch.stack(list(self._recent_hidden))
 
     def _filter(self, frame: np.ndarray, action: np.ndarray | None) -> np.ndarray:
         """Filter one real frame reached by ``action`` (None for the first) and return the observation."""
@@ -749,7 +759,10 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         ).to(device)
         noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)
         with torch.autocast(device.type, enabled=False):
-            self._carry, _ = posterior_step(self.model, self._carry, padded, target, noise)
+            self._carry, hidden = posterior_step(self.model, self._carry, padded, target, noise)
+        if action is None:
+            self._recent_hidden.clear()
+        self._recent_hidden.append(hidden[0])
         return observations_of(self.model, self._carry, self.observe_keypoints)[0]
 
     def reset(

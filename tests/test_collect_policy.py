@@ -184,6 +184,35 @@ def assert_replays(path: Path) -> None:
     simulator.close()
 
 
+def test_a_planner_collects_deterministically_and_records_itself(
+    tiny_dataset: Path, imagination_run: Path, tmp_path: Path
+) -> None:
+    """--policy planner.json: each action planned in the world model (worldmodel/planning.py); the part records the
+    planner file and 'cem', replays like any other, and the same seed gives the same part (the planner's draws come
+    from the episode's seeds), noise 0 other actions than noise 0.3 once the planner acts."""
+    from worldmodel.planning import PlannerConfig, save_planner
+
+    planner = tmp_path / "cartpole-cem.planner.json"
+    save_planner(planner, PlannerConfig(horizon=3, candidates=8, elites=2, iterations=1))
+    paths = [collect_part(dataset_copy(tiny_dataset, tmp_path / name), planner, imagination_run, noise=noise)
+             for name, noise in (("first", 0.3), ("again", 0.3), ("quiet", 0.0))]  # fmt: skip
+    attrs = storage.read_info(paths[0]).attrs
+    assert attrs["policy_algorithm"] == "cem" and attrs["policy"] == str(planner.resolve())
+    assert attrs["policy_sha256"] == hashlib.sha256(planner.read_bytes()).hexdigest()
+    first, again, quiet = (arrays(path) for path in paths)
+    for name in storage.DATASET_NAMES:
+        np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+    np.testing.assert_array_equal(quiet["actions"][:, :WARMUP_STEPS], first["actions"][:, :WARMUP_STEPS])
+    assert not np.array_equal(quiet["actions"][:, WARMUP_STEPS:], first["actions"][:, WARMUP_STEPS:])
+    assert_replays(paths[0])
+
+
+def test_a_file_that_is_no_planner_is_refused_in_one_line(imagination_run: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "settings.json"
+    foreign.write_text('{"horizon": 3}')
+    assert_refused(run_collector(tmp_path / "out", *cli_options(foreign, imagination_run)), "not a planner file")
+
+
 def test_part_replays_through_the_simulator(reference: Path) -> None:
     assert_replays(storage.dataset_path(reference, TASK, "train", PART))
 

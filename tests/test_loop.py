@@ -160,6 +160,29 @@ def test_first_refine_steps_fine_tune_round_zeros_dynamics_on_the_task(
     assert predictor["world_model_fingerprint"] == model_fingerprint(load_world_model(out / "round-00" / "world_model").model)
 
 
+def test_a_planning_loop_collects_with_its_planner_and_evaluates_it(
+    smoke_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """--algo cem: no agent is trained; each round writes its planner file, round 1's episodes are collected by
+    round 0's planner (recorded in the part), and each round's line holds the planner's real returns."""
+    out = tmp_path / "loop"
+    options = loop_options(smoke_run, tiny_dataset, out, "--algo", "cem", "--plan-candidates", "8",
+                           "--plan-iterations", "1", "--horizon", "3")  # fmt: skip
+    result = run_loop(options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / loop.ROUNDS_FILE).read_text().splitlines()]
+    assert [record["round"] for record in records] == [0, 1]
+    planner = out / "round-00" / loop.RL_DIR / f"{TASK}-cem.planner.json"
+    assert records[0]["agent"] == str(planner) and planner.is_file()
+    assert json.loads(planner.read_text())["candidates"] == 8 and not list(out.rglob("*.zip"))
+    attrs = storage.read_info(part_path(out, "train")).attrs
+    assert attrs["policy_algorithm"] == "cem" and attrs["policy"] == str(planner.resolve())
+    assert attrs["world_model_checkpoint"] == str((out / "round-00" / "world_model" / "checkpoint.pt").resolve())
+    results = json.loads((out / "round-01" / loop.RL_DIR / f"{TASK}-cem.json").read_text())
+    assert results["real_planner"]["mean"] == records[1]["real_return_mean"] and results["seconds_per_step"] > 0
+    assert (out / loop.GIF_FILE).is_file() and (out / loop.PLOT_FILE).is_file()
+
+
 def test_a_loop_started_before_an_option_existed_continues_with_its_default(
     finished_loop: Path, smoke_run: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:

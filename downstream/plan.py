@@ -1,0 +1,156 @@
+"""Act on the real task by planning in the world model (the cross-entropy method), beside a random policy.
+
+    python downstream/plan.py --run runs/world_model --task cartpole --episodes 10
+
+No agent is trained: at every real step the planner (``worldmodel.planning.CEMPlanner``) imagines
+``--candidates`` action sequences of ``--horizon`` steps from the filter's state after the current real frame,
+scores them with the task's reward predictor, refits its sampling distribution to the best ``--elites``
+``--iterations`` times and takes the first action of the result. The real task is seen through the model
+as the agents of ``downstream/rl.py`` see it (``envs.imagined.RealTaskThroughModel``: real frames -> detect
+-> posterior, after the same 7-step random warm-up), and the same episode seeds give the random policy's
+returns. Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``): the real returns
+(mean ± std), the imagined return of the plans (the elites' mean over ``--horizon`` steps, per planned step)
+and the seconds per planned step; beside it ``<task>-cem.planner.json``, the planner's settings, with which
+``collect/dmcs.py --policy`` collects episodes (and ``--gif``: one real episode beside the model's imagination).
+
+The world model and its reward predictor are loaded as by the imagination envs: ``--run`` a run directory
+(or checkpoint file) with ``reward_predictors/<task>.pt`` (``python downstream/reward.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import numpy as np
+import torch
+
+from downstream import rl
+from envs.context import cpu_threads
+from envs.imagined import ImaginationModels, RealTaskThroughModel, load_imagination_models
+from worldmodel.atomic import atomic_write_text
+from worldmodel.errors import InputError, check_options, run_cli
+from worldmodel.planning import CEMPlanner, PlannerConfig, save_planner
+from worldmodel.tasks import get_task
+
+RESULTS_DIR = "planning"  # the default --out: <run>/planning
+
+
+@dataclass(frozen=True)
+class Args:
+    run: Path = Path("runs/world_model")
+    """World-model run directory or checkpoint file (with reward_predictors/<task>.pt)."""
+    task: str = "cartpole"
+    """One task: acrobot, cartpole, cheetah, reacher, walker-stand or walker-walk."""
+    episodes: int = 10
+    """Real episodes for the planner and for the random policy each."""
+    horizon: int = 12
+    """Imagined agent steps per candidate sequence."""
+    candidates: int = 256
+    """Action sequences imagined per refit."""
+    elites: int = 32
+    """The best candidates the sampling distribution is refitted to."""
+    iterations: int = 4
+    """Refits per real step."""
+    min_std: float = 0.05
+    """Floor of the sampling std."""
+    samples: int = 1
+    """Prior samples per candidate, averaged."""
+    threads: int | None = None
+    """torch CPU threads while planning; default torch's."""
+    gif: bool = False
+    """Write a GIF of one real episode under the planner beside the model's open-loop imagination of it."""
+    seed: int = 0
+    """Seeds the real episodes (as downstream/rl.py's evaluation), the planner's draws and the random policy."""
+    device: str = "cpu"
+    """Device of the world model: 'cpu', 'cuda' or 'auto'."""
+    out: Path | None = None
+    """Folder of the results: <task>-cem.json (returns), <task>-cem.planner.json (the planner's settings, which
+    collect/dmcs.py --policy acts with) and the GIF; default <run>/planning."""
+
+
+class PlanningPolicy:
+    """A ``downstream.rl.RealPolicy`` that plans each action, and records its plans' imagined returns."""
+
+    def __init__(self, planner: CEMPlanner, threads: int | None) -> None:
+        self.planner, self.threads = planner, threads
+        self.imagined: list[float] = []  # the elites' mean imagined return, per planned step
+        self.seconds = 0.0
+
+    def __call__(self, env: RealTaskThroughModel, observation: np.ndarray, started: bool) -> np.ndarray:
+        if started:
+            self.planner.reset()
+        start = time.perf_counter()
+        with cpu_threads(self.threads, env.models.device):
+            plan = self.planner.plan(env.carry, env.context_hidden)
+        self.seconds += time.perf_counter() - start
+        self.imagined.append(plan.imagined_return)
+        return plan.action
+
+
+def plan_and_evaluate(
+    models: ImaginationModels, config: PlannerConfig, out: Path, episodes: int, seed: int,
+    gif: bool = False, threads: int | None = None,
+) -> rl.Report:
+    """Write the planner file, plan ``episodes`` real episodes (and as many random ones, from the same starts),
+    write the results; the report's "agent" is the planner file, its imagined return the plans' (per step)."""
+    task = models.task
+    out.mkdir(parents=True, exist_ok=True)
+    planner_path, results_path = out / f"{task}-cem.planner.json", out / f"{task}-cem.json"
+    save_planner(planner_path, config)
+    torch.manual_seed(seed)
+    planner = CEMPlanner(models.world_model, models.reward_predictor, get_task(task).action_dim, config, seed)
+    policy = PlanningPolicy(planner, threads)
+    planned = rl.real_episode_returns(models, task, seed, episodes, policy, label="planner")
+    random = rl.real_episode_returns(models, task, seed, episodes, None)
+    imagined = rl.summarize(policy.imagined)
+    gif_path = out / f"{task}-cem.gif" if gif else None
+    if gif_path is not None:
+        rl.write_gif(gif_path, models, PlanningPolicy(planner, threads), task, seed)
+    record = {
+        "task": task, "planner": asdict(config), "episodes": episodes, "seed": seed,
+        "world_model": {"checkpoint": str(models.checkpoint), "fingerprint": models.fingerprint},
+        "action_repeat": models.action_repeat,
+        "real_planner": planned._asdict(), "real_random": random._asdict(),
+        "imagined_plan_return_mean": imagined.mean, "imagined_plan_return_std": imagined.std,
+        "seconds_per_step": policy.seconds / max(len(policy.imagined), 1),
+    }  # fmt: skip
+    atomic_write_text(results_path, json.dumps(record, indent=1) + "\n")
+    return rl.Report(planner_path, results_path, gif_path, planned, random, imagined._replace(values=[]))
+
+
+def main(args: Args) -> rl.Report:
+    get_task(args.task, option="--task")
+    check_options(args, 1, "episodes", "horizon", "candidates", "elites", "iterations", "samples")
+    if args.elites > args.candidates:
+        raise InputError(f"--elites ({args.elites}) must be <= --candidates ({args.candidates})")
+    if not 0.0 <= args.min_std <= 1.0:
+        raise InputError(f"--min-std must be in [0, 1], got {args.min_std}")
+    models = load_imagination_models(args.task, args.run, device=args.device)
+    config = PlannerConfig(args.horizon, args.candidates, args.elites, args.iterations, args.min_std, args.samples)
+    out = args.out or models.checkpoint.parent / RESULTS_DIR
+    report = plan_and_evaluate(models, config, out, args.episodes, args.seed, args.gif, args.threads)
+    seconds = json.loads(report.results_path.read_text())["seconds_per_step"]
+    planned, random = report.real_agent, report.real_random
+    print(f"\n{args.task}: real returns over {args.episodes} episodes (mean ± std)")
+    print(f"  planner ({args.candidates} x {args.horizon} steps, {args.iterations} refits)  "
+          f"{planned.mean:9.2f} ± {planned.std:.2f}")
+    print(f"  random policy                               {random.mean:9.2f} ± {random.std:.2f}")
+    print(f"  imagined return of the plans ({args.horizon} steps)     {report.imagined_agent.mean:9.2f}")
+    print(f"  {seconds:.3f} s per planned step")
+    print(f"wrote {report.results_path}, {report.agent_path}" + (f", {report.gif_path}" if report.gif_path else ""))
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
