@@ -3,8 +3,9 @@
 An agent of ``downstream/rl.py`` (a stable-baselines3 PPO or SAC zip) acts on the real task exactly as in
 its evaluation: ``envs.imagined.RealTaskThroughModel`` turns each real frame into the world model's hidden
 state. A planner file (JSON, ``worldmodel.planning.save_planner``) acts instead by planning each action in the
-world model (``worldmodel.planning.CEMPlanner``), as ``downstream/plan.py`` evaluates it. The collector stores what the real env saw, in the layout of the random datasets (docs/CONTRACTS.md),
-so the episodes can join a dataset as a named part (``<task>_<split>.<part>.h5``) and refine the model.
+world model (``worldmodel.planning.CEMPlanner``), as ``downstream/plan.py`` evaluates it. The collector stores
+what the real env saw, in the layout of the random datasets (docs/CONTRACTS.md), so the episodes can join a
+dataset as a named part (``<task>_<split>.<part>.h5``) and refine the model.
 
 One episode of T agent steps (T as for random episodes: the horizon, or ``--episode-steps``):
 

@@ -87,7 +87,8 @@ def test_planning_is_deterministic_under_a_seed() -> None:
     noisy = {"horizon": 4, "candidates": 16, "elites": 4, "iterations": 2}
 
     def planned(seed: int) -> np.ndarray:
-        planner = CEMPlanner(PointModel(0.5), distance_reward, 1, PlannerConfig(**noisy), seed=seed)  # type: ignore[arg-type]
+        model: Any = PointModel(0.5)
+        planner = CEMPlanner(model, distance_reward, 1, PlannerConfig(**noisy), seed=seed)  # type: ignore[arg-type]
         return np.stack([planner.plan(carry, context).sequence for _ in range(3)])
 
     np.testing.assert_array_equal(planned(1), planned(1))
@@ -99,11 +100,12 @@ def test_every_candidate_sees_the_same_prior_draws() -> None:
     sequences = torch.tensor([[[0.5], [0.5]], [[0.5], [0.5]], [[1.0], [0.0]]])  # (3, 2, 1)
     carry, context = PointCarry(torch.zeros(1, 1)), torch.zeros(8, 1)
     noise = torch.tensor([[[1.0], [-2.0]]])  # (S=1, H=2, 1)
-    returns = imagined_returns(PointModel(1.0), distance_reward, carry, context, sequences, noise)  # type: ignore[arg-type]
+    model: Any = PointModel(1.0)
+    returns = imagined_returns(model, distance_reward, carry, context, sequences, noise)  # type: ignore[arg-type]
     # positions 0.5 + 1 = 1.5, then 1.5 + 0.5 - 2 = 0: rewards -2.25 and -9; the third: 2 then 0, -1 and -9
     assert returns.tolist() == pytest.approx([-11.25, -11.25, -1.0 - 9.0])
     two = torch.cat([noise, -noise])  # averaged over two samples: positions (1.5, 0) and (-0.5, 2)
-    averaged = imagined_returns(PointModel(1.0), distance_reward, carry, context, sequences[:1], two)  # type: ignore[arg-type]
+    averaged = imagined_returns(model, distance_reward, carry, context, sequences[:1], two)  # type: ignore[arg-type]
     assert averaged.tolist() == pytest.approx([(-11.25 + (-12.25 - 1.0)) / 2])
 
 

@@ -79,7 +79,9 @@ def load_planner_config(path: str | Path) -> PlannerConfig:
         ok = False
     names = {field.name for field in fields(PlannerConfig)}
     if not ok or not set(record) - {"format"} <= names:
-        raise InputError(f"{path} is not a planner file of this package; write one with worldmodel.planning.save_planner")
+        raise InputError(
+            f"{path} is not a planner file of this package; write one with worldmodel.planning.save_planner"
+        )
     config = PlannerConfig(**{name: value for name, value in record.items() if name in names})
     config.check()
     return config
