@@ -189,21 +189,21 @@ def test_a_planner_collects_deterministically_and_records_itself(
 ) -> None:
     """--policy planner.json: each action planned in the world model (worldmodel/planning.py); the part records the
     planner file and 'cem', replays like any other, and the same seed gives the same part (the planner's draws come
-    from the episode's seeds), noise 0 other actions than noise 0.3 once the planner acts."""
+    from the episode's seeds, and differ between episodes)."""
     from worldmodel.planning import PlannerConfig, save_planner
 
     planner = tmp_path / "cartpole-cem.planner.json"
     save_planner(planner, PlannerConfig(horizon=3, candidates=8, elites=2, iterations=1))
-    paths = [collect_part(dataset_copy(tiny_dataset, tmp_path / name), planner, imagination_run, noise=noise)
-             for name, noise in (("first", 0.3), ("again", 0.3), ("quiet", 0.0))]  # fmt: skip
+    paths = [collect_part(dataset_copy(tiny_dataset, tmp_path / name), planner, imagination_run, noise=0.0)
+             for name in ("first", "again")]  # fmt: skip
     attrs = storage.read_info(paths[0]).attrs
     assert attrs["policy_algorithm"] == "cem" and attrs["policy"] == str(planner.resolve())
     assert attrs["policy_sha256"] == hashlib.sha256(planner.read_bytes()).hexdigest()
-    first, again, quiet = (arrays(path) for path in paths)
+    first, again = (arrays(path) for path in paths)
     for name in storage.DATASET_NAMES:
         np.testing.assert_array_equal(again[name], first[name], err_msg=name)
-    np.testing.assert_array_equal(quiet["actions"][:, :WARMUP_STEPS], first["actions"][:, :WARMUP_STEPS])
-    assert not np.array_equal(quiet["actions"][:, WARMUP_STEPS:], first["actions"][:, WARMUP_STEPS:])
+    planned = first["actions"][:, WARMUP_STEPS:]
+    assert planned.std() > 0 and not np.array_equal(planned[0], planned[1])
     assert_replays(paths[0])
 
 
