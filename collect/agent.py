@@ -302,7 +302,10 @@ def policy_episode(settings: PolicySettings, index: int) -> tuple[storage.Episod
     runner = _runner(settings)
     seeds = policy_episode_seeds(settings, index)
     noise = np.random.default_rng(seeds.noise)
-    from worldmodel.planning import CEMPlanner  # (torch is loaded by _runner)
+    import torch  # (loaded by _runner already)
+
+    from envs.context import cpu_threads
+    from worldmodel.planning import CEMPlanner
 
     agent = runner.agent
     if isinstance(agent, CEMPlanner):  # its own draws, from the episode's seeds
@@ -310,7 +313,10 @@ def policy_episode(settings: PolicySettings, index: int) -> tuple[storage.Episod
     observation, _ = runner.env.reset(seed=seeds.filter, options={"episode_seed": seeds.env})
     while len(runner.recorder.actions) < settings.episode_steps:
         if isinstance(agent, CEMPlanner):
-            action = agent.plan(runner.env.carry, runner.env.context_hidden).action
+            # One torch thread, as the filter: the workers are the parallelism, and two threads per worker on
+            # cores the workers fill spin-wait on each other (a planned step took ~5 s instead of ~1.5 s).
+            with cpu_threads(1, torch.device(COLLECTION_DEVICE)):
+                action = agent.plan(runner.env.carry, runner.env.context_hidden).action
         else:
             action, _ = agent.predict(observation, deterministic=True)
         draw = noise.standard_normal(np.shape(action))
