@@ -3,13 +3,13 @@
     python downstream/plan.py --run runs/world_model --task cartpole --episodes 10
 
 No agent is trained: at every real step the planner (``worldmodel.planning.CEMPlanner``) imagines
-``--candidates`` action sequences of ``--horizon`` steps from the filter's state after the current real frame,
-scores them with the task's reward predictor, refits its sampling distribution to the best ``--elites``
-``--iterations`` times and takes the first action of the result. The real task is seen through the model
-as the agents of ``downstream/rl.py`` see it (``envs.imagined.RealTaskThroughModel``: real frames -> detect
--> posterior, after the same 7-step random warm-up), and the same episode seeds give the random policy's
-returns. Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``): the real returns
-(mean ± std), the imagined return of the plans (the elites' mean over ``--horizon`` steps, per planned step)
+``--planner.candidates`` action sequences of ``--planner.horizon`` steps from the filter's state after the current
+real frame, scores them with the task's reward predictor, refits its sampling distribution to the best
+``--planner.elites`` ``--planner.iterations`` times and takes the first action of the result. The real task is
+seen through the model as the agents of ``downstream/rl.py`` see it (``envs.imagined.RealTaskThroughModel``: real
+frames -> detect -> posterior, after the same 7-step random warm-up), and the same episode seeds give the random
+policy's returns. Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``): the real returns
+(mean ± std), the imagined return of the plans (the elites' mean over the horizon, per planned step)
 and the seconds per planned step; beside it ``<task>-cem.planner.json``, the planner's settings, with which
 ``collect/dmcs.py --policy`` collects episodes (and ``--gif``: one real episode beside the model's imagination).
 
@@ -35,7 +35,7 @@ from downstream import rl
 from envs.context import cpu_threads
 from envs.imagined import ImaginationModels, RealTaskThroughModel, load_imagination_models
 from worldmodel.atomic import atomic_write_text
-from worldmodel.errors import InputError, check_options, run_cli
+from worldmodel.errors import check_options, run_cli
 from worldmodel.planning import CEMPlanner, PlannerConfig, save_planner
 from worldmodel.tasks import get_task
 
@@ -50,18 +50,8 @@ class Args:
     """One task: acrobot, cartpole, cheetah, reacher, walker-stand or walker-walk."""
     episodes: int = 10
     """Real episodes for the planner and for the random policy each."""
-    horizon: int = 12
-    """Imagined agent steps per candidate sequence."""
-    candidates: int = 256
-    """Action sequences imagined per refit."""
-    elites: int = 32
-    """The best candidates the sampling distribution is refitted to."""
-    iterations: int = 4
-    """Refits per real step."""
-    min_std: float = 0.05
-    """Floor of the sampling std."""
-    samples: int = 1
-    """Prior samples per candidate, averaged."""
+    planner: PlannerConfig = PlannerConfig()
+    """The planner's settings (worldmodel.planning.PlannerConfig): --planner.horizon, --planner.candidates, ..."""
     threads: int | None = None
     """torch CPU threads while planning; default torch's."""
     gif: bool = False
@@ -127,22 +117,19 @@ def plan_and_evaluate(
 
 def main(args: Args) -> rl.Report:
     get_task(args.task, option="--task")
-    check_options(args, 1, "episodes", "horizon", "candidates", "elites", "iterations", "samples")
-    if args.elites > args.candidates:
-        raise InputError(f"--elites ({args.elites}) must be <= --candidates ({args.candidates})")
-    if not 0.0 <= args.min_std <= 1.0:
-        raise InputError(f"--min-std must be in [0, 1], got {args.min_std}")
+    check_options(args, 1, "episodes")
+    config = args.planner
+    config.check()
     models = load_imagination_models(args.task, args.run, device=args.device)
-    config = PlannerConfig(args.horizon, args.candidates, args.elites, args.iterations, args.min_std, args.samples)
     out = args.out or models.checkpoint.parent / RESULTS_DIR
     report = plan_and_evaluate(models, config, out, args.episodes, args.seed, args.gif, args.threads)
     seconds = json.loads(report.results_path.read_text())["seconds_per_step"]
     planned, random = report.real_agent, report.real_random
     print(f"\n{args.task}: real returns over {args.episodes} episodes (mean ± std)")
-    print(f"  planner ({args.candidates} x {args.horizon} steps, {args.iterations} refits)  "
+    print(f"  planner ({config.candidates} x {config.horizon} steps, {config.iterations} refits)  "
           f"{planned.mean:9.2f} ± {planned.std:.2f}")
     print(f"  random policy                               {random.mean:9.2f} ± {random.std:.2f}")
-    print(f"  imagined return of the plans ({args.horizon} steps)     {report.imagined_agent.mean:9.2f}")
+    print(f"  imagined return of the plans ({config.horizon} steps)     {report.imagined_agent.mean:9.2f}")
     print(f"  {seconds:.3f} s per planned step")
     print(f"wrote {report.results_path}, {report.agent_path}" + (f", {report.gif_path}" if report.gif_path else ""))
     return report

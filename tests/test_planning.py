@@ -186,8 +186,8 @@ def run_script(*options: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_script_plans_real_episodes_and_repeats_them_under_a_seed(imagination_run: Path, tmp_path: Path) -> None:
-    options = ["--run", str(imagination_run), "--task", TASK, "--episodes", "1", "--candidates", "8",
-               "--elites", "2", "--iterations", "1", "--horizon", "3", "--threads", "1"]  # fmt: skip
+    options = ["--run", str(imagination_run), "--task", TASK, "--episodes", "1", "--planner.candidates", "8",
+               "--planner.elites", "2", "--planner.iterations", "1", "--planner.horizon", "3", "--threads", "1"]  # fmt: skip
     first, second = tmp_path / "first", tmp_path / "second"
     for out in (first, second):
         result = run_script(*options, "--out", str(out))
@@ -203,7 +203,8 @@ def test_script_plans_real_episodes_and_repeats_them_under_a_seed(imagination_ru
 
 @pytest.mark.parametrize(
     ("options", "phrase"),
-    [(["--elites", "300"], "--elites"), (["--task", "pong"], "pong"), (["--candidates", "0"], "--candidates")],
+    [(["--planner.elites", "300"], "elites (300)"), (["--task", "pong"], "pong"), (["--episodes", "0"], "--episodes"),
+     (["--planner.candidates", "0"], "candidates must be >= 1")],
 )
 def test_bad_options_end_in_one_line(imagination_run: Path, options: list[str], phrase: str) -> None:
     result = run_script("--run", str(imagination_run), *options)

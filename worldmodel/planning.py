@@ -52,12 +52,13 @@ class PlannerConfig:
     """Prior samples per candidate, averaged (shared by all candidates)."""
 
     def check(self) -> None:
+        """InputError for settings that cannot plan, naming the field (``--planner.<field>`` on the command line)."""
         for name in ("horizon", "candidates", "elites", "iterations", "samples"):
             if getattr(self, name) < 1:
                 raise InputError(f"the planner's {name} must be >= 1, got {getattr(self, name)}")
         if self.elites > self.candidates:
             raise InputError(f"the planner's elites ({self.elites}) must be <= its candidates ({self.candidates})")
-        if not 0.0 <= self.min_std <= 1.0:
+        if not 0.0 <= self.min_std <= 1.0:  # also refuses nan
             raise InputError(f"the planner's min_std must be in [0, 1], got {self.min_std}")
 
 
