@@ -193,10 +193,9 @@ def check_args(args: Args) -> None:
         raise InputError(f"--noise must be a finite std >= 0, got {args.noise}")
     check_options(args, 0, "seed")
     if args.algo == "cem":
-        check_options(args, 8, "plan_candidates")
-        check_options(args, 1, "plan_iterations")
-        if args.horizon is None or args.horizon < 1:
-            raise InputError(f"--horizon is the planning horizon with --algo cem: give a positive number, got {args.horizon}")
+        if args.horizon is None:
+            raise InputError("--horizon is the planning horizon with --algo cem: give a number of steps")
+        planner_config(args).check()
         if args.keep_agent or args.observe_keypoints:
             raise InputError("--keep-agent and --observe-keypoints go with a trained agent (ppo, sac), not --algo cem")
     if args.out.exists() and not args.out.is_dir():
@@ -417,7 +416,7 @@ def train_agent(args: Args, index: int) -> rl.Report:
         return rl.main(rl_args(args, index))
     models = load_imagination_models(args.task, round_run(args.out, index), device=args.device)
     return plan.plan_and_evaluate(models, planner_config(args), round_dir(args.out, index) / RL_DIR,
-                                  args.eval_episodes, args.seed, gif=index == args.rounds)  # fmt: skip
+                                  args.eval_episodes, args.seed, gif=index == args.rounds).report  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -84,12 +85,17 @@ class PlanningPolicy:
         return plan.action
 
 
+class PlanResults(NamedTuple):
+    report: rl.Report  # its "agent" is the planner file, its imagined return the plans' (per step)
+    seconds_per_step: float  # planning time per real step
+
+
 def plan_and_evaluate(
     models: ImaginationModels, config: PlannerConfig, out: Path, episodes: int, seed: int,
     gif: bool = False, threads: int | None = None,
-) -> rl.Report:
+) -> PlanResults:
     """Write the planner file, plan ``episodes`` real episodes (and as many random ones, from the same starts),
-    write the results; the report's "agent" is the planner file, its imagined return the plans' (per step)."""
+    write the results."""
     task = models.task
     out.mkdir(parents=True, exist_ok=True)
     planner_path, results_path = out / f"{task}-cem.planner.json", out / f"{task}-cem.json"
@@ -112,7 +118,8 @@ def plan_and_evaluate(
         "seconds_per_step": policy.seconds / max(len(policy.imagined), 1),
     }  # fmt: skip
     atomic_write_text(results_path, json.dumps(record, indent=1) + "\n")
-    return rl.Report(planner_path, results_path, gif_path, planned, random, imagined._replace(values=[]))
+    report = rl.Report(planner_path, results_path, gif_path, planned, random, imagined._replace(values=[]))
+    return PlanResults(report, record["seconds_per_step"])
 
 
 def main(args: Args) -> rl.Report:
@@ -122,8 +129,7 @@ def main(args: Args) -> rl.Report:
     config.check()
     models = load_imagination_models(args.task, args.run, device=args.device)
     out = args.out or models.checkpoint.parent / RESULTS_DIR
-    report = plan_and_evaluate(models, config, out, args.episodes, args.seed, args.gif, args.threads)
-    seconds = json.loads(report.results_path.read_text())["seconds_per_step"]
+    report, seconds = plan_and_evaluate(models, config, out, args.episodes, args.seed, args.gif, args.threads)
     planned, random = report.real_agent, report.real_random
     print(f"\n{args.task}: real returns over {args.episodes} episodes (mean ± std)")
     print(f"  planner ({config.candidates} x {config.horizon} steps, {config.iterations} refits)  "

@@ -203,7 +203,9 @@ def test_a_loop_started_before_an_option_existed_continues_with_its_default(
     ("argv", "message"),
     [(["--task", "pendulum"], "--task"), (["--rounds", "-1"], "--rounds must be >= 0"),
      (["--noise", "nan"], "--noise"), (["--start-share", "nan"], "--start-share"), (["--rl-steps", "0"], "--rl-steps must be positive"),
-     (["--checkpoint", "/nonexistent/run"], "--checkpoint")],
+     (["--checkpoint", "/nonexistent/run"], "--checkpoint"),
+     (["--algo", "cem", "--plan-iterations", "0"], "iterations must be >= 1"),
+     (["--algo", "cem", "--keep-agent"], "--keep-agent")],
 )  # fmt: skip
 def test_bad_options_end_in_one_line(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
