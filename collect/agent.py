@@ -10,9 +10,9 @@ dataset as a named part (``<task>_<split>.<part>.h5``) and refine the model.
 One episode of T agent steps (T as for random episodes: the horizon, or ``--episode-steps``):
 
 1. the real env is reset from the episode's own environment seed (``PolicyEpisodeSeeds.env``);
-2. the world model's warm-up: ``WARMUP_STEPS`` (7) uniform random actions, filtered like an imagined
-   episode's context; they are stored as the episode's first actions (drawn from the filter seed, which
-   also seeds the posterior's noise);
+2. the world model's warm-up: ``WARMUP_STEPS`` (7) uniform random actions (zero actions for a planner whose
+   ``warmup`` is "zero"), filtered like an imagined episode's context; they are stored as the episode's first
+   actions (drawn from the filter seed, which also seeds the posterior's noise);
 3. T - 7 steps of the agent's deterministic action (a planner's planned action) plus Gaussian noise of std ``noise`` (one standard
    normal draw per action dimension and step from the episode's noise generator, also when the std is 0),
    clipped to [-1, 1]; the stored action is the applied one.
@@ -87,6 +87,7 @@ class PolicySettings(NamedTuple):
     world_model_fingerprint: str  # worldmodel.fingerprint.model_fingerprint of its weights
     observe_keypoints: bool  # whether the agent sees the keypoints beside the hidden state
     warmup_steps: int
+    refilter: bool  # RealTaskThroughModel's: each frame's state from the last 8 frames filtered afresh
 
     def record(self) -> dict[str, Any]:
         return self._asdict()
@@ -109,6 +110,7 @@ class PolicySettings(NamedTuple):
             "world_model_checkpoint": self.world_model_checkpoint,
             "world_model_fingerprint": self.world_model_fingerprint,
             "warmup_steps": self.warmup_steps,
+            "refilter": self.refilter,
         }
 
 
@@ -272,7 +274,7 @@ _RUNNERS: dict[tuple[Any, ...], PolicyRunner] = {}  # one per agent, model and t
 
 def _runner(settings: PolicySettings) -> PolicyRunner:
     key = (settings.policy_sha256, settings.world_model_fingerprint, settings.world_model_checkpoint, settings.task,
-           settings.action_repeat, settings.render["fast_render"], settings.observe_keypoints, settings.warmup_steps)  # fmt: skip
+           settings.action_repeat, settings.render["fast_render"], settings.observe_keypoints, settings.warmup_steps, settings.refilter)  # fmt: skip
     if key not in _RUNNERS:
         # (imported here for the reason given in identify_policy)
         from envs.imagined import RealTaskThroughModel, load_imagination_models
@@ -284,15 +286,18 @@ def _runner(settings: PolicySettings) -> PolicyRunner:
         real = RealPixelEnv(settings.task, action_repeat=settings.action_repeat,
                             fast_render=bool(settings.render["fast_render"]))  # fmt: skip
         recorder = EpisodeRecorder(real)
-        env = RealTaskThroughModel(recorder, models, settings.observe_keypoints, warmup_steps=settings.warmup_steps)
         agent: BaseAlgorithm | CEMPlanner
+        warmup_actions = "random"
         if settings.policy_algorithm == PLANNER_ALGORITHM:
             from worldmodel.planning import CEMPlanner, load_planner_config
 
             config = load_planner_config(settings.policy)
             agent = CEMPlanner(models.world_model, models.reward_predictor, get_task(settings.task).action_dim, config)
+            warmup_actions = config.warmup
         else:
             agent = load_agent(Path(settings.policy), settings.policy_algorithm)
+        env = RealTaskThroughModel(recorder, models, settings.observe_keypoints, warmup_steps=settings.warmup_steps,
+                                   warmup_actions=warmup_actions, refilter=settings.refilter)  # fmt: skip
         _RUNNERS[key] = PolicyRunner(env, recorder, agent, list(real.simulator.state_layout))
     return _RUNNERS[key]
 

@@ -322,7 +322,7 @@ def policy_group_settings(args: Args, tasks: Sequence[str], repeats: dict[str, i
         if episodes > 0:
             base = group_settings(args, task, split, repeats[task])._asdict()
             settings.append(PolicySettings(**{**base, "episodes": episodes}, part=args.part, noise=float(args.noise),
-                                           warmup_steps=WARMUP_STEPS, **identity._asdict()))  # fmt: skip
+                                           warmup_steps=WARMUP_STEPS, refilter=True, **identity._asdict()))  # fmt: skip
     return settings
 
 

@@ -7,8 +7,8 @@ No agent is trained: at every real step the planner (``worldmodel.planning.CEMPl
 real frame, scores them with the task's reward predictor, refits its sampling distribution to the best
 ``--planner.elites`` ``--planner.iterations`` times and takes the first action of the result. The real task is
 seen through the model as the agents of ``downstream/rl.py`` see it (``envs.imagined.RealTaskThroughModel``: real
-frames -> detect -> posterior, after the same 7-step random warm-up), and the same episode seeds give the random
-policy's returns. Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``): the real returns
+frames -> detect -> posterior, after a 7-step warm-up, of zero actions by default: ``--planner.warmup``), and the
+same episode seeds give the random policy's returns (random throughout, warm-up included). Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``): the real returns
 (mean ± std), the imagined return of the plans (the elites' mean over the horizon, per planned step)
 and the seconds per planned step; beside it ``<task>-cem.planner.json``, the planner's settings, with which
 ``collect/dmcs.py --policy`` collects episodes (and ``--gif``: one real episode beside the model's imagination).
@@ -53,6 +53,8 @@ class Args:
     """Real episodes for the planner and for the random policy each."""
     planner: PlannerConfig = PlannerConfig()
     """The planner's settings (worldmodel.planning.PlannerConfig): --planner.horizon, --planner.candidates, ..."""
+    refilter: bool = True
+    """Plan from the last 8 real frames filtered afresh, as an imagined episode's context is (--no-refilter: from one filter over the whole episode, as before 2026-12-04)."""
     threads: int | None = None
     """torch CPU threads while planning; default torch's."""
     gif: bool = False
@@ -92,7 +94,7 @@ class PlanResults(NamedTuple):
 
 def plan_and_evaluate(
     models: ImaginationModels, config: PlannerConfig, out: Path, episodes: int, seed: int,
-    gif: bool = False, threads: int | None = None,
+    gif: bool = False, threads: int | None = None, refilter: bool = True,
 ) -> PlanResults:
     """Write the planner file, plan ``episodes`` real episodes (and as many random ones, from the same starts),
     write the results."""
@@ -103,14 +105,16 @@ def plan_and_evaluate(
     torch.manual_seed(seed)
     planner = CEMPlanner(models.world_model, models.reward_predictor, get_task(task).action_dim, config, seed)
     policy = PlanningPolicy(planner, threads)
-    planned = rl.real_episode_returns(models, task, seed, episodes, policy, label="planner")
+    planned = rl.real_episode_returns(models, task, seed, episodes, policy, label="planner",
+                                      warmup_actions=config.warmup, refilter=refilter)  # fmt: skip
     random = rl.real_episode_returns(models, task, seed, episodes, None)
     imagined = rl.summarize(policy.imagined)
     gif_path = out / f"{task}-cem.gif" if gif else None
     if gif_path is not None:
-        rl.write_gif(gif_path, models, PlanningPolicy(planner, threads), task, seed)
+        rl.write_gif(gif_path, models, PlanningPolicy(planner, threads), task, seed, warmup_actions=config.warmup,
+                     refilter=refilter)  # fmt: skip
     record = {
-        "task": task, "planner": asdict(config), "episodes": episodes, "seed": seed,
+        "task": task, "planner": asdict(config), "episodes": episodes, "seed": seed, "refilter": refilter,
         "world_model": {"checkpoint": str(models.checkpoint), "fingerprint": models.fingerprint},
         "action_repeat": models.action_repeat,
         "real_planner": planned._asdict(), "real_random": random._asdict(),
@@ -129,7 +133,8 @@ def main(args: Args) -> rl.Report:
     config.check()
     models = load_imagination_models(args.task, args.run, device=args.device)
     out = args.out or models.checkpoint.parent / RESULTS_DIR
-    report, seconds = plan_and_evaluate(models, config, out, args.episodes, args.seed, args.gif, args.threads)
+    report, seconds = plan_and_evaluate(models, config, out, args.episodes, args.seed, args.gif, args.threads,
+                                        args.refilter)  # fmt: skip
     planned, random = report.real_agent, report.real_random
     print(f"\n{args.task}: real returns over {args.episodes} episodes (mean ± std)")
     print(f"  planner ({config.candidates} x {config.horizon} steps, {config.iterations} refits)  "

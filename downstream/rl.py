@@ -83,6 +83,8 @@ class Args:
     """Imagined steps per training episode, each from a fresh real context. 12 = the open-loop length the reward predictor is fit and tested on (downstream/reward.py); over the task's full horizon (None) the agent learns to exploit the model's errors instead (docs/DECISIONS.md)."""
     eval_episodes: int = 5
     """Real episodes for the agent and for the random policy each (and imagined ones for the agent)."""
+    refilter: bool = True
+    """On the real task, the agent's observation after each frame comes from the last 8 frames filtered afresh, as an imagined episode's context is (--no-refilter: one filter over the whole episode, as before 2026-12-04)."""
     gif: bool = False
     """Write a GIF of one real episode under the agent beside the model's open-loop imagination of it."""
     out: Path = Path("runs/rl")
@@ -100,7 +102,7 @@ class Args:
 
 
 # Options that do not change the trained agent: a rerun may change them and still continue a saved training.
-RESUME_FREE_OPTIONS = frozenset({"eval_episodes", "gif", "out", "save_every"})
+RESUME_FREE_OPTIONS = frozenset({"eval_episodes", "gif", "out", "save_every", "refilter"})
 
 
 class Returns(NamedTuple):
@@ -220,14 +222,18 @@ RealPolicy = Callable[[RealTaskThroughModel, np.ndarray, bool], np.ndarray]
 
 def real_episode_returns(
     models: ImaginationModels, task: str, seed: int, episodes: int, policy: RealPolicy | None,
-    observe_keypoints: bool = False, label: str = "agent",
+    observe_keypoints: bool = False, label: str = "agent", warmup_actions: str = "random", refilter: bool = True,
 ) -> Returns:
     """Returns on the real task seen through the model, of ``policy``, or of uniform random actions (None).
 
     A return is the task's whole episode, as published returns are: the warm-up's random steps, which fill
     the posterior before the policy acts (the same steps for every policy: they follow the episode's seed),
-    are counted with the policy's steps. Episode i starts from seed ``seed + 30_000 + i`` whatever the policy."""
-    env = RealTaskThroughModel(RealPixelEnv(task, action_repeat=models.action_repeat), models, observe_keypoints)
+    are counted with the policy's steps (``warmup_actions``: random, or zero for a policy that holds still
+    then); ``refilter`` as ``RealTaskThroughModel``'s. Episode i starts from seed ``seed + 30_000 + i`` whatever the policy."""
+    env = RealTaskThroughModel(
+        RealPixelEnv(task, action_repeat=models.action_repeat), models, observe_keypoints, warmup_actions=warmup_actions,
+        refilter=refilter,
+    )
     action_rng = np.random.default_rng(seed + 20_000)
     totals = []
     for episode in tqdm(range(episodes), desc=f"real episodes {label if policy else 'random'}", leave=False):
@@ -258,18 +264,21 @@ def real_returns(
 ) -> Returns:
     """``real_episode_returns`` of the agent (deterministic), or of uniform random actions (None)."""
     policy = None if agent is None else agent_policy(agent)
-    return real_episode_returns(models, args.task, args.seed, episodes, policy, args.observe_keypoints)
+    return real_episode_returns(models, args.task, args.seed, episodes, policy, args.observe_keypoints,
+                                refilter=args.refilter)  # fmt: skip
 
 
 @torch.inference_mode()
 def write_gif(
-    path: Path, models: ImaginationModels, policy: RealPolicy, task: str, seed: int, observe_keypoints: bool = False
+    path: Path, models: ImaginationModels, policy: RealPolicy, task: str, seed: int, observe_keypoints: bool = False,
+    warmup_actions: str = "random", refilter: bool = True,
 ) -> None:
     """One real episode under the policy; each frame: real (left) | imagined open loop, same actions (right)."""
     import imageio.v2 as imageio
 
     env = RealTaskThroughModel(
-        RealPixelEnv(task, action_repeat=models.action_repeat, render_mode="rgb_array"), models, observe_keypoints
+        RealPixelEnv(task, action_repeat=models.action_repeat, render_mode="rgb_array"), models, observe_keypoints,
+        warmup_actions=warmup_actions, refilter=refilter,
     )
     model = models.world_model
     observation, _ = env.reset(seed=seed + 40_000)
@@ -381,7 +390,8 @@ def main(args: Args) -> Report:
     real_random = real_returns(models, args, args.eval_episodes, None)
     gif_path = args.out / f"{stem}.gif" if args.gif else None
     if gif_path is not None:
-        write_gif(gif_path, models, agent_policy(agent), args.task, args.seed, args.observe_keypoints)
+        write_gif(gif_path, models, agent_policy(agent), args.task, args.seed, args.observe_keypoints,
+                  refilter=args.refilter)  # fmt: skip
 
     results_path = args.out / f"{stem}.json"
     record = {

@@ -41,6 +41,7 @@ from torch import Tensor
 from envs.context import (
     CONTEXT_LENGTH,
     ContextSource,
+    FilteredContext,
     context_source,
     cpu_threads,
     detect_frames,
@@ -55,6 +56,7 @@ from worldmodel.checkpoint import (
     find_checkpoint,
     load_world_model,
 )
+from worldmodel.config import WARMUP_ACTIONS
 from worldmodel.devices import resolve_device
 from worldmodel.dynamics_core import CoreCarry, DynamicsCore
 from worldmodel.errors import InputError, MissingInputError
@@ -667,7 +669,9 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
 
     Each real frame is detected and filtered with the posterior (best of S samples, as at the context of
     an imagined episode), so the observation is the same hidden state (and keypoints) an ``ImaginedEnv``
-    of the same model gives: a policy trained in imagination runs here unchanged.
+    of the same model gives: a policy trained in imagination runs here unchanged. By default (``refilter``)
+    the state after each frame is that of the last 8 frames filtered afresh from the core's initial state,
+    as an imagined episode's context is: the model and the agent never saw a state filtered longer.
 
     ## Action space
     The real env's: ``Box(-1, 1, (A,), float32)``.
@@ -679,8 +683,9 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
     The real task's reward (sum over the action repeat), unchanged.
 
     ## Starting state
-    The real env's reset, then ``warmup_steps`` (default 7) uniform random actions, filtered like an
-    imagined episode's 8-frame context; the agent acts from there. Warm-up rewards are not returned (they
+    The real env's reset, then ``warmup_steps`` (default 7) actions, uniform random (``warmup_actions="random"``,
+    the default) or zero (``"zero"``: the agent holds still while the filter fills), filtered like an imagined
+    episode's 8-frame context; the agent acts from there. Warm-up rewards are not returned (they
     are in ``info["warmup_return"]`` at reset), so an episode has ``horizon - warmup_steps`` agent steps.
 
     ## Episode end
@@ -692,7 +697,9 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
     | ``env`` | a ``StructVRNN-Real-<task>`` env (its action repeat must match the model's data) |
     | ``models`` | ``ImaginationModels`` of the same task (``load_imagination_models``) |
     | ``observe_keypoints`` | as ``ImaginedEnv`` |
-    | ``warmup_steps`` | random real steps filtered before the agent acts (default ``CONTEXT_LENGTH - 1``) |
+    | ``warmup_steps`` | real steps filtered before the agent acts (default ``CONTEXT_LENGTH - 1``) |
+    | ``warmup_actions`` | the warm-up's actions: ``"random"`` (uniform, default) or ``"zero"`` |
+    | ``refilter`` | each frame's state from the last 8 frames filtered afresh from the core's initial state, as imagined episodes start (default ``True``); ``False``: one filter over the whole episode |
     | ``threads`` | torch CPU threads inside the filter (as ``ImaginedEnv``) |
     """
 
@@ -703,6 +710,8 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         observe_keypoints: bool = False,
         warmup_steps: int = CONTEXT_LENGTH - 1,
         threads: int | None = 1,
+        warmup_actions: str = "random",
+        refilter: bool = True,
     ) -> None:
         super().__init__(env)
         simulator = getattr(env.unwrapped, "simulator", None)  # RealPixelEnv's; other envs are not checked
@@ -714,6 +723,10 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
             )
         if warmup_steps < 0:
             raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if warmup_actions not in WARMUP_ACTIONS:
+            raise InputError(f"warmup_actions must be one of {', '.join(WARMUP_ACTIONS)}, got {warmup_actions!r}")
+        self.warmup_actions = warmup_actions
+        self.refilter = refilter
         self.models = models
         self.model = models.world_model
         self.observe_keypoints = observe_keypoints
@@ -726,10 +739,13 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         self.first_frame: np.ndarray | None = None  # (64, 64, 3) the episode's first real frame
         self.first_keypoints: Tensor | None = None  # (1, K, 3) its detected keypoints
         self._recent_hidden: deque[Tensor] = deque(maxlen=CONTEXT_LENGTH)  # (H,) each, last frames'
+        # the last frames' posterior inputs: (1, F) normalised keypoints and (1, 6) the action that reached it
+        self._recent_inputs: deque[tuple[Tensor, Tensor]] = deque(maxlen=CONTEXT_LENGTH)
 
     @property
     def carry(self) -> CoreCarry:
-        """The filter's state after the current real frame (normalised keypoints; do not modify)."""
+        """The filter's state after the current real frame (normalised keypoints; do not modify); with ``refilter``
+        that of the last frames' window."""
         if self._carry is None:
             raise RuntimeError("call reset() first")
         return self._carry
@@ -741,6 +757,31 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         if self._carry is None:
             raise RuntimeError("call reset() first")
         return torch.stack(list(self._recent_hidden))
+
+    @torch.inference_mode()
+    def refiltered(self, generator: torch.Generator) -> FilteredContext:
+        """The last L <= ``CONTEXT_LENGTH`` real frames filtered afresh from the core's initial state, posterior
+        draws from ``generator``: carry (batch 1) after the current frame, hidden (1, L, H) the states that
+        predicted them.
+
+        What the model was trained on and what an imagined episode starts from: a window that begins at the
+        core's initial state (its first frame's action zero). With ``refilter`` the env's state after every
+        frame is this (draws from the env's generator); a filter stepped over the whole episode instead goes far
+        past the 16 steps of the training windows, and its state drifts from the states the dynamics, the reward
+        predictor and the agents know (docs/DECISIONS.md, "Re-filtering the last 8 frames").
+        """
+        if self._carry is None:
+            raise RuntimeError("call reset() first")
+        noise = posterior_noise(generator, self.model, length=len(self._recent_inputs)).to(self.models.device)
+        carry: CoreCarry | None = None
+        hidden = []
+        with torch.autocast(self.models.device.type, enabled=False):
+            for index, (target, action) in enumerate(self._recent_inputs):
+                first_action = torch.zeros_like(action) if index == 0 else action  # a window's first frame
+                carry, state = posterior_step(self.model, carry, first_action, target, noise[index][:, None])
+                hidden.append(state)
+        assert carry is not None
+        return FilteredContext(carry, torch.stack(hidden, dim=1))
 
     def _filter(self, frame: np.ndarray, action: np.ndarray | None) -> np.ndarray:
         """Filter one real frame reached by ``action`` (None for the first) and return the observation."""
@@ -757,12 +798,19 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         padded = torch.zeros(1, MAX_ACTION_DIM, device=device) if action is None else torch.from_numpy(
             pad_actions(np.asarray(action, np.float32)[None])
         ).to(device)
-        noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)
-        with torch.autocast(device.type, enabled=False):
-            self._carry, hidden = posterior_step(self.model, self._carry, padded, target, noise)
         if action is None:
             self._recent_hidden.clear()
-        self._recent_hidden.append(hidden[0])
+            self._recent_inputs.clear()
+        self._recent_inputs.append((target, padded))
+        if self.refilter and action is not None:
+            self._carry, hidden = self.refiltered(self._generator)  # the window's states, newest last
+            self._recent_hidden.clear()
+            self._recent_hidden.extend(hidden[0])
+        else:  # one more step of the filter (an episode's first frame: the window of one frame, the same)
+            noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)
+            with torch.autocast(device.type, enabled=False):
+                self._carry, state = posterior_step(self.model, self._carry, padded, target, noise)
+            self._recent_hidden.append(state[0])
         return observations_of(self.model, self._carry, self.observe_keypoints)[0]
 
     def reset(
@@ -776,6 +824,8 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         warmup_return = 0.0
         for _ in range(self.warmup_steps):
             action = rng.uniform(-1.0, 1.0, self.action_space.shape).astype(np.float32)
+            if self.warmup_actions == "zero":  # drawn all the same: the filter's draws do not depend on it
+                action = np.zeros_like(action)
             frame, reward, terminated, truncated, info = self.env.step(action)
             warmup_return += float(reward)
             observation = self._filter(frame, action)

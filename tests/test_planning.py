@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -111,7 +112,8 @@ def test_every_candidate_sees_the_same_prior_draws() -> None:
 
 @pytest.mark.parametrize(
     ("settings", "phrase"),
-    [({"elites": 300}, "elites"), ({"horizon": 0}, "horizon"), ({"min_std": 2.0}, "min_std")],
+    [({"elites": 300}, "elites"), ({"horizon": 0}, "horizon"), ({"min_std": 2.0}, "min_std"),
+     ({"warmup": "still"}, "warmup must be one of random, zero")],
 )
 def test_bad_settings_are_refused(settings: dict[str, Any], phrase: str) -> None:
     with pytest.raises(InputError, match=phrase):
@@ -160,7 +162,7 @@ def test_real_task_filter_keeps_the_states_that_predicted_the_last_frames(imagin
     from envs.real import RealPixelEnv
 
     models = load_imagination_models(TASK, imagination_run, device="cpu")
-    env = RealTaskThroughModel(RealPixelEnv(TASK, action_repeat=models.action_repeat), models)
+    env = RealTaskThroughModel(RealPixelEnv(TASK, action_repeat=models.action_repeat), models, refilter=False)
     observation, _ = env.reset(seed=0)
     assert env.context_hidden.shape == (8, models.world_model.dynamics.hidden_size)
     np.testing.assert_allclose(env.context_hidden[-1].numpy(), observation, atol=1e-6)
@@ -178,6 +180,70 @@ def test_real_task_filter_keeps_the_states_that_predicted_the_last_frames(imagin
     short.reset(seed=1)
     assert short.context_hidden.shape[0] == 3  # the new episode's frames only
     short.close()
+
+
+class ActionRecorder(gym.Wrapper):  # type: ignore[type-arg]
+    """Keeps every frame the wrapped real pixel env shows and every action it is given."""
+
+    def __init__(self, env: gym.Env) -> None:  # type: ignore[type-arg]
+        super().__init__(env)
+        self.frames: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
+
+    def reset(self, **kwargs: Any) -> Any:
+        frame, info = self.env.reset(**kwargs)
+        self.frames, self.actions = [frame], []
+        return frame, info
+
+    def step(self, action: np.ndarray) -> Any:
+        self.actions.append(np.array(action))
+        frame, *rest = self.env.step(action)
+        self.frames.append(frame)
+        return (frame, *rest)
+
+
+def test_refiltered_window_is_the_context_an_imagined_episode_starts_from(imagination_run: Path) -> None:
+    """Mid-episode, the env's state is what the imagination envs' context filter gives for the last 8 frames and
+    their actions with the same draws (a window from the core's initial state, its first action ignored), and
+    ``refiltered`` gives it for any draws; one filter over the whole episode (``refilter=False``) is another state.
+    Zero warm-up actions are zero."""
+    from envs.context import detect_frames, filter_context, posterior_noise
+    from envs.imagined import RealTaskThroughModel, load_imagination_models, observations_of
+    from envs.real import RealPixelEnv
+    from worldmodel.tasks import pad_actions
+
+    models = load_imagination_models(TASK, imagination_run, device="cpu")
+    model = models.world_model
+    recorder = ActionRecorder(RealPixelEnv(TASK, action_repeat=models.action_repeat))
+    env = RealTaskThroughModel(recorder, models, warmup_actions="zero")
+    running = RealTaskThroughModel(RealPixelEnv(TASK, action_repeat=models.action_repeat), models,
+                                   warmup_actions="zero", refilter=False)  # fmt: skip
+    env.reset(seed=3)
+    running.reset(seed=3)
+    assert len(recorder.actions) == 7 and not np.any(recorder.actions)
+    rng = np.random.default_rng(0)
+    for _ in range(11):
+        action = rng.uniform(-1, 1, (1,)).astype(np.float32)
+        env.step(action)
+        running.step(action)
+    draws = torch.Generator().set_state(env._generator.get_state())  # the draws the next frame's window takes
+    observation, *_ = env.step(np.full(1, 0.25, np.float32))
+    running.step(np.full(1, 0.25, np.float32))
+
+    keypoints = detect_frames(model, torch.from_numpy(np.stack(recorder.frames[-8:])))[None]  # (1, 8, K, 3)
+    actions = torch.from_numpy(pad_actions(np.stack(recorder.actions[-7:] + [np.zeros(1, np.float32)])))[None]
+    for generator, window in ((draws, (env.carry, env.context_hidden[None])),
+                              (torch.Generator().manual_seed(5), env.refiltered(torch.Generator().manual_seed(5)))):
+        expected = filter_context(model, keypoints, actions, posterior_noise(generator, model)[None])
+        torch.testing.assert_close(window[1], expected.hidden, atol=1e-4, rtol=1e-4)  # frames detected one by one
+        for part, expected_part in zip(window[0], expected.carry):
+            torch.testing.assert_close(part, expected_part, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(observation, observations_of(model, env.carry, False)[0], atol=1e-6)
+    assert not torch.allclose(running.context_hidden, env.context_hidden, atol=1e-3)  # the long filter drifted
+    env.close()
+    running.close()
+    with pytest.raises(InputError, match="warmup_actions must be one of random, zero"):
+        RealTaskThroughModel(RealPixelEnv(TASK), models, warmup_actions="still")
 
 
 def run_script(*options: str) -> subprocess.CompletedProcess[str]:
@@ -217,6 +283,9 @@ def test_planner_files_round_trip_and_others_are_refused(tmp_path: Path) -> None
     config = PlannerConfig(horizon=5, candidates=64, elites=8, iterations=2, min_std=0.1, samples=2)
     save_planner(tmp_path / "p.json", config)
     assert load_planner_config(tmp_path / "p.json") == config
+    old = tmp_path / "old.json"  # written before refilter and warmup existed: it planned without them
+    old.write_text('{"format": "structvrnn-cem-planner", "horizon": 5}')
+    assert load_planner_config(old) == PlannerConfig(horizon=5, warmup="random")
     for text in ('{"horizon": 5}', "not json", '{"format": "structvrnn-cem-planner", "depth": 3}'):
         (tmp_path / "q.json").write_text(text)
         with pytest.raises(InputError, match="not a planner file"):

@@ -15,6 +15,11 @@ of that length, so it always sees one (a state carried over a whole episode woul
 
 Every candidate of one ``plan`` call shares the same prior draws (common random numbers): the ranking then
 compares the actions, not the luck of their samples. All draws come from the planner's own generator.
+
+The planner starts from the state the real task's filter hands it (``envs.imagined.RealTaskThroughModel``: by
+default the last 8 real frames filtered afresh). Its ``warmup`` setting (default ``"zero"``) is what the filter's
+7 warm-up steps act before the first plan: zero actions hold the task still where random ones start it falling
+(docs/DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from worldmodel.atomic import atomic_write_text
+from worldmodel.config import WARMUP_ACTIONS
 from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError
 from worldmodel.model import WorldModel
@@ -50,6 +56,8 @@ class PlannerConfig:
     """Floor of the sampling std, so that the search never collapses onto one sequence."""
     samples: int = 1
     """Prior samples per candidate, averaged (shared by all candidates)."""
+    warmup: Literal["random", "zero"] = "zero"
+    """The actions of the 7 real warm-up steps before the first plan: 'zero' (hold still) or 'random'."""
 
     def check(self) -> None:
         """InputError for settings that cannot plan, naming the field (``--planner.<field>`` on the command line)."""
@@ -60,9 +68,13 @@ class PlannerConfig:
             raise InputError(f"the planner's elites ({self.elites}) must be <= its candidates ({self.candidates})")
         if not 0.0 <= self.min_std <= 1.0:  # also refuses nan
             raise InputError(f"the planner's min_std must be in [0, 1], got {self.min_std}")
+        if self.warmup not in WARMUP_ACTIONS:
+            raise InputError(f"the planner's warmup must be one of {', '.join(WARMUP_ACTIONS)}, got {self.warmup!r}")
 
 
 PLANNER_FORMAT = "structvrnn-cem-planner"  # the "format" of a planner file
+# Files written before ``warmup`` existed planned after random warm-ups: they keep meaning what they meant.
+FIELDS_BEFORE_WARMUP: dict[str, Any] = {"warmup": "random"}
 
 
 def save_planner(path: str | Path, config: PlannerConfig) -> None:
@@ -83,7 +95,7 @@ def load_planner_config(path: str | Path) -> PlannerConfig:
         raise InputError(
             f"{path} is not a planner file of this package; write one with worldmodel.planning.save_planner"
         )
-    config = PlannerConfig(**{name: value for name, value in record.items() if name in names})
+    config = PlannerConfig(**{**FIELDS_BEFORE_WARMUP, **{name: value for name, value in record.items() if name in names}})
     config.check()
     return config
 
