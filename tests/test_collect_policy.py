@@ -134,6 +134,7 @@ def test_part_has_the_dataset_layout_and_its_provenance(reference: Path, agent: 
         "world_model_checkpoint": str(loaded.info.path.resolve()),
         "world_model_fingerprint": model_fingerprint(loaded.model),
         "warmup_steps": WARMUP_STEPS,
+        "refilter": True,
     }
     assert {key: attrs[key] for key in provenance} == provenance
     settings = json.loads(attrs["collection_settings"])
@@ -187,8 +188,8 @@ def assert_replays(path: Path) -> None:
 def test_a_planner_collects_deterministically_and_records_itself(
     tiny_dataset: Path, imagination_run: Path, tmp_path: Path
 ) -> None:
-    """--policy planner.json: each action planned in the world model (worldmodel/planning.py); the part records the
-    planner file and 'cem', replays like any other, and the same seed gives the same part (the planner's draws come
+    """--policy planner.json: each action planned in the world model (worldmodel/planning.py) after a warm-up of
+    zero actions; the part records the planner file and 'cem', replays like any other, and the same seed gives the same part (the planner's draws come
     from the episode's seeds, and differ between episodes)."""
     from worldmodel.planning import PlannerConfig, save_planner
 
@@ -204,6 +205,7 @@ def test_a_planner_collects_deterministically_and_records_itself(
         np.testing.assert_array_equal(again[name], first[name], err_msg=name)
     planned = first["actions"][:, WARMUP_STEPS:]
     assert planned.std() > 0 and not np.array_equal(planned[0], planned[1])
+    assert not np.any(first["actions"][:, :WARMUP_STEPS])  # the planner's warm-up holds still (its default)
     assert_replays(paths[0])
 
 
