@@ -7,9 +7,10 @@ No agent is trained: at every real step the planner (``worldmodel.planning.CEMPl
 real frame, scores them with the task's reward predictor, refits its sampling distribution to the best
 ``--planner.elites`` ``--planner.iterations`` times and takes the first action of the result. The real task is
 seen through the model as the agents of ``downstream/rl.py`` see it (``envs.imagined.RealTaskThroughModel``: real
-frames -> detect -> posterior, after a 7-step warm-up, of zero actions by default: ``--planner.warmup``), and the
-same episode seeds give the random policy's returns (random throughout, warm-up included). Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``): the real returns
-(mean ± std), the imagined return of the plans (the elites' mean over the horizon, per planned step)
+frames -> detect -> the last 8 frames filtered afresh, after a 7-step warm-up of zero actions by default:
+``--planner.warmup``, ``--no-refilter``), and the same episode seeds give the random policy's returns (random
+throughout, warm-up included). Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``):
+the real returns (mean ± std), the imagined return of the plans (the elites' mean over the horizon, per planned step)
 and the seconds per planned step; beside it ``<task>-cem.planner.json``, the planner's settings, with which
 ``collect/dmcs.py --policy`` collects episodes (and ``--gif``: one real episode beside the model's imagination).
 
