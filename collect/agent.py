@@ -274,7 +274,8 @@ _RUNNERS: dict[tuple[Any, ...], PolicyRunner] = {}  # one per agent, model and t
 
 def _runner(settings: PolicySettings) -> PolicyRunner:
     key = (settings.policy_sha256, settings.world_model_fingerprint, settings.world_model_checkpoint, settings.task,
-           settings.action_repeat, settings.render["fast_render"], settings.observe_keypoints, settings.warmup_steps, settings.refilter)  # fmt: skip
+           settings.action_repeat, settings.render["fast_render"], settings.observe_keypoints, settings.warmup_steps,
+           settings.refilter)  # fmt: skip
     if key not in _RUNNERS:
         # (imported here for the reason given in identify_policy)
         from envs.imagined import RealTaskThroughModel, load_imagination_models

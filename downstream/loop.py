@@ -28,8 +28,8 @@ Every later round n first runs
 
 then ``reward`` and ``agent`` on the refined model. With ``--algo cem`` no agent is trained: the ``agent`` phase writes
 the round's planner file and evaluates planning in the round's model (downstream/plan.py), and the next round
-collects with that planner (each action planned in the model it names; collect/agent.py). Train parts feed the dynamics; test parts feed the reward
-fit and the imagined episodes' starting windows (the reward experiment's protocol fits on test windows, which
+collects with that planner (each action planned in the model it names; collect/agent.py). Train parts feed the
+dynamics; test parts feed the reward fit and the imagined episodes' starting windows (the reward experiment's protocol fits on test windows, which
 the dynamics never trained on), so both splits get agent episodes. ``--context simulator`` starts the imagined
 episodes from the real task's initial states instead.
 

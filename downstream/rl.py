@@ -229,11 +229,10 @@ def real_episode_returns(
     A return is the task's whole episode, as published returns are: the warm-up's random steps, which fill
     the posterior before the policy acts (the same steps for every policy: they follow the episode's seed),
     are counted with the policy's steps (``warmup_actions``: random, or zero for a policy that holds still
-    then); ``refilter`` as ``RealTaskThroughModel``'s. Episode i starts from seed ``seed + 30_000 + i`` whatever the policy."""
-    env = RealTaskThroughModel(
-        RealPixelEnv(task, action_repeat=models.action_repeat), models, observe_keypoints, warmup_actions=warmup_actions,
-        refilter=refilter,
-    )
+    then); ``refilter`` as ``RealTaskThroughModel``'s. Episode i starts from seed ``seed + 30_000 + i`` whatever
+    the policy."""
+    env = RealTaskThroughModel(RealPixelEnv(task, action_repeat=models.action_repeat), models, observe_keypoints,
+                               warmup_actions=warmup_actions, refilter=refilter)  # fmt: skip
     action_rng = np.random.default_rng(seed + 20_000)
     totals = []
     for episode in tqdm(range(episodes), desc=f"real episodes {label if policy else 'random'}", leave=False):

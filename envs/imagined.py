@@ -739,7 +739,7 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         self.first_frame: np.ndarray | None = None  # (64, 64, 3) the episode's first real frame
         self.first_keypoints: Tensor | None = None  # (1, K, 3) its detected keypoints
         self._recent_hidden: deque[Tensor] = deque(maxlen=CONTEXT_LENGTH)  # (H,) each, last frames'
-        # the last frames' posterior inputs: (1, F) normalised keypoints and (1, 6) the action that reached it
+        # the last frames' detected keypoints (1, K, 3) and the action that reached each (1, 6), zero for the first
         self._recent_inputs: deque[tuple[Tensor, Tensor]] = deque(maxlen=CONTEXT_LENGTH)
 
     @property
@@ -772,16 +772,12 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         """
         if self._carry is None:
             raise RuntimeError("call reset() first")
-        noise = posterior_noise(generator, self.model, length=len(self._recent_inputs)).to(self.models.device)
-        carry: CoreCarry | None = None
-        hidden = []
+        keypoints = torch.stack([frame for frame, _ in self._recent_inputs], dim=1)  # (1, L, K, 3)
+        reached = torch.stack([action for _, action in self._recent_inputs], dim=1)  # (1, L, 6)
+        applied = torch.cat([reached[:, 1:], torch.zeros_like(reached[:, :1])], dim=1)  # (1, L, 6) at each frame
+        noise = posterior_noise(generator, self.model, length=keypoints.shape[1])[None].to(self.models.device)
         with torch.autocast(self.models.device.type, enabled=False):
-            for index, (target, action) in enumerate(self._recent_inputs):
-                first_action = torch.zeros_like(action) if index == 0 else action  # a window's first frame
-                carry, state = posterior_step(self.model, carry, first_action, target, noise[index][:, None])
-                hidden.append(state)
-        assert carry is not None
-        return FilteredContext(carry, torch.stack(hidden, dim=1))
+            return filter_context(self.model, keypoints, applied, noise)  # (its first frame's action: zero)
 
     def _filter(self, frame: np.ndarray, action: np.ndarray | None) -> np.ndarray:
         """Filter one real frame reached by ``action`` (None for the first) and return the observation."""
@@ -794,19 +790,19 @@ class RealTaskThroughModel(gym.Wrapper[np.ndarray, np.ndarray, np.ndarray, np.nd
         keypoints = detect_frames(self.model, torch.from_numpy(np.ascontiguousarray(frame)).to(device)[None])
         if action is None:  # the episode's first frame: the reference for decoding (render, GIFs)
             self.first_frame, self.first_keypoints = np.array(frame), keypoints
-        target = self.model.normalizer.normalize(keypoints.flatten(1))  # (1, F)
         padded = torch.zeros(1, MAX_ACTION_DIM, device=device) if action is None else torch.from_numpy(
             pad_actions(np.asarray(action, np.float32)[None])
         ).to(device)
         if action is None:
             self._recent_hidden.clear()
             self._recent_inputs.clear()
-        self._recent_inputs.append((target, padded))
+        self._recent_inputs.append((keypoints, padded))
         if self.refilter and action is not None:
             self._carry, hidden = self.refiltered(self._generator)  # the window's states, newest last
             self._recent_hidden.clear()
             self._recent_hidden.extend(hidden[0])
         else:  # one more step of the filter (an episode's first frame: the window of one frame, the same)
+            target = self.model.normalizer.normalize(keypoints.flatten(1))  # (1, F)
             noise = posterior_noise(self._generator, self.model, length=1)[0][:, None].to(device)  # (S, 1, Z)
             with torch.autocast(device.type, enabled=False):
                 self._carry, state = posterior_step(self.model, self._carry, padded, target, noise)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -182,31 +181,12 @@ def test_real_task_filter_keeps_the_states_that_predicted_the_last_frames(imagin
     short.close()
 
 
-class ActionRecorder(gym.Wrapper):  # type: ignore[type-arg]
-    """Keeps every frame the wrapped real pixel env shows and every action it is given."""
-
-    def __init__(self, env: gym.Env) -> None:  # type: ignore[type-arg]
-        super().__init__(env)
-        self.frames: list[np.ndarray] = []
-        self.actions: list[np.ndarray] = []
-
-    def reset(self, **kwargs: Any) -> Any:
-        frame, info = self.env.reset(**kwargs)
-        self.frames, self.actions = [frame], []
-        return frame, info
-
-    def step(self, action: np.ndarray) -> Any:
-        self.actions.append(np.array(action))
-        frame, *rest = self.env.step(action)
-        self.frames.append(frame)
-        return (frame, *rest)
-
-
 def test_refiltered_window_is_the_context_an_imagined_episode_starts_from(imagination_run: Path) -> None:
     """Mid-episode, the env's state is what the imagination envs' context filter gives for the last 8 frames and
     their actions with the same draws (a window from the core's initial state, its first action ignored), and
     ``refiltered`` gives it for any draws; one filter over the whole episode (``refilter=False``) is another state.
     Zero warm-up actions are zero."""
+    from collect.agent import EpisodeRecorder
     from envs.context import detect_frames, filter_context, posterior_noise
     from envs.imagined import RealTaskThroughModel, load_imagination_models, observations_of
     from envs.real import RealPixelEnv
@@ -214,7 +194,7 @@ def test_refiltered_window_is_the_context_an_imagined_episode_starts_from(imagin
 
     models = load_imagination_models(TASK, imagination_run, device="cpu")
     model = models.world_model
-    recorder = ActionRecorder(RealPixelEnv(TASK, action_repeat=models.action_repeat))
+    recorder = EpisodeRecorder(RealPixelEnv(TASK, action_repeat=models.action_repeat))  # keeps frames, actions
     env = RealTaskThroughModel(recorder, models, warmup_actions="zero")
     running = RealTaskThroughModel(RealPixelEnv(TASK, action_repeat=models.action_repeat), models,
                                    warmup_actions="zero", refilter=False)  # fmt: skip

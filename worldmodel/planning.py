@@ -95,7 +95,8 @@ def load_planner_config(path: str | Path) -> PlannerConfig:
         raise InputError(
             f"{path} is not a planner file of this package; write one with worldmodel.planning.save_planner"
         )
-    config = PlannerConfig(**{**FIELDS_BEFORE_WARMUP, **{name: value for name, value in record.items() if name in names}})
+    settings = {name: value for name, value in record.items() if name in names}
+    config = PlannerConfig(**{**FIELDS_BEFORE_WARMUP, **settings})
     config.check()
     return config
 
