@@ -150,6 +150,8 @@ class Args:
     """With --algo cem: action sequences imagined per refit (the best eighth are the elites)."""
     plan_iterations: int = 4
     """With --algo cem: refits per real step."""
+    plan_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """With --algo cem: number format of the imagined rollouts ('auto': bf16 where the hardware runs it natively and the core is wide; worldmodel/planning.py)."""
     rl_steps: int = 100_000
     """Imagined steps the agent trains for each round, on that round's model."""
     keep_agent: bool = False
@@ -176,6 +178,8 @@ class Args:
 
 # Change nothing a round computes (the evaluation's episode count changes only how precisely it is measured).
 RESUME_FREE_OPTIONS = frozenset({"rounds", "out", "workers", "eval_episodes"})
+# Options whose default changed the behaviour when they were added: what a loop started before them did.
+OPTIONS_BEFORE_THEY_EXISTED: dict[str, Any] = {"plan_precision": "fp32"}
 
 
 def check_args(args: Args) -> None:
@@ -232,6 +236,8 @@ def loop_settings(args: Args, source: Path, data: Path, files: list[storage.Data
     random dataset's files of the task (a file added there later would enter the refinement unasked)."""
     options = plain_options(args)
     kept = {key: options[key] for key in sorted(options) if key not in RESUME_FREE_OPTIONS}
+    if args.algo != "cem":  # an agent's loop never plans: its precision must not refuse a loop started before it
+        del kept["plan_precision"]
     layout = [[info.path.name, info.num_episodes, info.episode_steps] for info in files]
     return {**kept, "checkpoint": str(source), "data": str(data), "random_files": layout}
 
@@ -248,8 +254,9 @@ def load_state(args: Args, settings: dict[str, Any]) -> LoopState:
         state = LoopState.from_dict(values)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{path} is unreadable ({error}); restore it, or choose another --out") from None
-    # An option added after the loop was started is not in its file: its default (the behaviour before) stands in.
-    defaults = {key: value for key, value in plain_options(Args()).items() if key in settings}
+    # An option added after the loop was started is not in its file: the behaviour before it stands in.
+    defaults = {key: value for key, value in {**plain_options(Args()), **OPTIONS_BEFORE_THEY_EXISTED}.items()
+                if key in settings}  # fmt: skip
     differences = changed_options(state.settings, settings, defaults, RESUME_FREE_OPTIONS)
     if differences:
         found = ", ".join(f"{key}={state.settings.get(key, defaults.get(key))!r}" for key in differences)
@@ -292,8 +299,8 @@ def agent_path(args: Args, index: int) -> Path:
 
 def planner_config(args: Args) -> PlannerConfig:
     assert args.horizon is not None  # check_args
-    return PlannerConfig(horizon=args.horizon, candidates=args.plan_candidates,
-                         elites=max(1, args.plan_candidates // 8), iterations=args.plan_iterations)  # fmt: skip
+    return PlannerConfig(horizon=args.horizon, candidates=args.plan_candidates, elites=max(1, args.plan_candidates // 8),
+                         iterations=args.plan_iterations, precision=args.plan_precision)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

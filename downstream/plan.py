@@ -105,6 +105,8 @@ def plan_and_evaluate(
     save_planner(planner_path, config)
     torch.manual_seed(seed)
     planner = CEMPlanner(models.world_model, models.reward_predictor, get_task(task).action_dim, config, seed)
+    precision = planner.precision(models.device)
+    print(f"planning: {precision.reason}", file=sys.stderr)
     policy = PlanningPolicy(planner, threads)
     planned = rl.real_episode_returns(models, task, seed, episodes, policy, label="planner",
                                       warmup_actions=config.warmup, refilter=refilter)  # fmt: skip
@@ -121,6 +123,7 @@ def plan_and_evaluate(
         "real_planner": planned._asdict(), "real_random": random._asdict(),
         "imagined_plan_return_mean": imagined.mean, "imagined_plan_return_std": imagined.std,
         "seconds_per_step": policy.seconds / max(len(policy.imagined), 1),
+        "precision": precision.dtype, "precision_reason": precision.reason,
     }  # fmt: skip
     atomic_write_text(results_path, json.dumps(record, indent=1) + "\n")
     report = rl.Report(planner_path, results_path, gif_path, planned, random, imagined._replace(values=[]))

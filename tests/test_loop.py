@@ -161,7 +161,7 @@ def test_first_refine_steps_fine_tune_round_zeros_dynamics_on_the_task(
 
 
 def test_a_planning_loop_collects_with_its_planner_and_evaluates_it(
-    smoke_run: Path, tiny_dataset: Path, tmp_path: Path
+    smoke_run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--algo cem: no agent is trained; each round writes its planner file, round 1's episodes are collected by
     round 0's planner (recorded in the part), and each round's line holds the planner's real returns."""
@@ -181,6 +181,14 @@ def test_a_planning_loop_collects_with_its_planner_and_evaluates_it(
     results = json.loads((out / "round-01" / loop.RL_DIR / f"{TASK}-cem.json").read_text())
     assert results["real_planner"]["mean"] == records[1]["real_return_mean"] and results["seconds_per_step"] > 0
     assert (out / loop.GIF_FILE).is_file() and (out / loop.PLOT_FILE).is_file()
+
+    # A planning loop started before --plan-precision existed planned in float32: resumed with the new default
+    # ('auto') it is refused in one line naming that value, and continues with it.
+    state = json.loads((out / loop.STATE_FILE).read_text())
+    assert state["settings"].pop("plan_precision") == "auto"
+    (out / loop.STATE_FILE).write_text(json.dumps(state))
+    assert loop.cli(options) == 2 and "plan_precision='fp32'" in capsys.readouterr().err
+    assert loop.cli([*options, "--plan-precision", "fp32"]) == 0
 
 
 def test_a_loop_started_before_an_option_existed_continues_with_its_default(

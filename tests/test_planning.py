@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,6 +48,8 @@ class PointCore:
 
 
 class PointModel:
+    config = SimpleNamespace(dynamics_width=1)  # narrow: the planner's rollouts stay float32
+
     def __init__(self, noise_scale: float = 0.0) -> None:
         self.dynamics = PointCore(noise_scale)
 
@@ -244,13 +247,14 @@ def test_script_plans_real_episodes_and_repeats_them_under_a_seed(imagination_ru
     assert len(record["real_planner"]["values"]) == 1 and len(record["real_random"]["values"]) == 1
     assert 0 <= record["real_random"]["mean"] <= 1000 and 0 <= record["real_planner"]["mean"] <= 1000
     assert record["seconds_per_step"] > 0 and np.isfinite(record["imagined_plan_return_mean"])
+    assert record["precision"] == "fp32" and "-> plans in fp32" in record["precision_reason"]  # the smoke GRU: 32
     assert not (imagination_run / "planning").exists()  # --out was given
 
 
 @pytest.mark.parametrize(
     ("options", "phrase"),
     [(["--planner.elites", "300"], "elites (300)"), (["--task", "pong"], "pong"), (["--episodes", "0"], "--episodes"),
-     (["--planner.candidates", "0"], "candidates must be >= 1")],
+     (["--planner.candidates", "0"], "candidates must be >= 1"), (["--planner.precision", "fp16"], "--planner.precision")],
 )
 def test_bad_options_end_in_one_line(imagination_run: Path, options: list[str], phrase: str) -> None:
     result = run_script("--run", str(imagination_run), *options)
@@ -263,9 +267,9 @@ def test_planner_files_round_trip_and_others_are_refused(tmp_path: Path) -> None
     config = PlannerConfig(horizon=5, candidates=64, elites=8, iterations=2, min_std=0.1, samples=2)
     save_planner(tmp_path / "p.json", config)
     assert load_planner_config(tmp_path / "p.json") == config
-    old = tmp_path / "old.json"  # written before refilter and warmup existed: it planned without them
+    old = tmp_path / "old.json"  # written before warmup and precision existed: random warm-ups, float32
     old.write_text('{"format": "structvrnn-cem-planner", "horizon": 5}')
-    assert load_planner_config(old) == PlannerConfig(horizon=5, warmup="random")
+    assert load_planner_config(old) == PlannerConfig(horizon=5, warmup="random", precision="fp32")
     for text in ('{"horizon": 5}', "not json", '{"format": "structvrnn-cem-planner", "depth": 3}'):
         (tmp_path / "q.json").write_text(text)
         with pytest.raises(InputError, match="not a planner file"):

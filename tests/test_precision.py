@@ -27,7 +27,8 @@ from worldmodel.config import ModelConfig
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
 from worldmodel.model import Schedule, WorldModel
-from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
+from worldmodel.planning import CEMPlanner, PlannerConfig
+from worldmodel.reward import RewardPredictor, RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.precision import Compute, CpuInfo, choose_compute
 
 AVX2 = CpuInfo(name="AMD EPYC 7B13", capability="AVX2", native_bf16=False)
@@ -215,3 +216,47 @@ def test_a_cpu_limited_to_avx2_has_no_native_bf16(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert precision._native_bf16(hardware, "AVX512")
     assert not precision._native_bf16({"avx512_bf16": False, "amx_bf16": False}, "AVX512")
+
+
+def wide_or_narrow_planner(rnn_size: int, precision_setting: str = "auto") -> tuple[CEMPlanner, Any, Tensor]:
+    """A planner on an untrained model whose GRU is ``rnn_size`` wide, with a reward head that is not zero."""
+    torch.manual_seed(0)
+    model = WorldModel(ModelConfig.smoke(rnn_size=rnn_size)).eval()
+    predictor = RewardPredictor(model.dynamics.hidden_size).eval()
+    torch.nn.init.normal_(predictor.dense_out.weight)
+    config = PlannerConfig(candidates=32, elites=4, iterations=1, precision=precision_setting)  # type: ignore[arg-type]
+    planner = CEMPlanner(model, predictor, 6, config, seed=0)
+    return planner, model.dynamics.initial_carry(1, torch.device("cpu")), torch.zeros(8, model.dynamics.hidden_size)
+
+
+def test_planning_without_native_bf16_computes_nothing_in_bf16(cpu_without_bf16: None, spy: Bf16Spy) -> None:
+    planner, carry, context = wide_or_narrow_planner(256)
+    assert planner.precision(torch.device("cpu")) == ("fp32", "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> plans in fp32")
+    assert np.isfinite(planner.plan(carry, context).action).all()
+    assert spy.operators == set()
+
+
+def test_planning_with_native_bf16_uses_it_where_the_core_is_wide(cpu_with_bf16: None, spy: Bf16Spy) -> None:
+    """The dynamics' training rule: bf16 products for a GRU of 256, float32 for the smoke GRU (32) or when asked."""
+    narrow, carry, context = wide_or_narrow_planner(32)
+    assert narrow.precision(torch.device("cpu")).reason.endswith("plans in fp32 (width 32 < 256: bf16 does not pay)")
+    narrow.plan(carry, context)
+    explicit, carry, context = wide_or_narrow_planner(256, "fp32")
+    explicit.plan(carry, context)
+    assert spy.operators == set()
+    wide, carry, context = wide_or_narrow_planner(256)
+    assert wide.precision(torch.device("cpu")).dtype == "bf16"
+    plan = wide.plan(carry, context)
+    # the core's products: linear under inference mode (the planner's), addmm/mm where autograd decomposes it
+    assert any("mm" in name or "linear" in name for name in spy.operators) and np.isfinite(plan.action).all()
+
+
+def test_bf16_plans_score_their_candidates_as_float32_does() -> None:
+    """Same draws, same candidates: the elites' mean imagined return agrees with float32's to a percent (bf16
+    keeps 8 bits of mantissa), and the elites are mostly the same sequences."""
+    plans = {}
+    for setting in ("fp32", "bf16"):
+        planner, carry, context = wide_or_narrow_planner(256, setting)
+        plans[setting] = planner.plan(carry, context)
+    fp32, bf16 = plans["fp32"].imagined_return, plans["bf16"].imagined_return
+    assert fp32 != bf16 and abs(bf16 - fp32) < 0.01 * abs(fp32) + 1e-3

@@ -21,7 +21,9 @@ faster in bf16 and as accurately; the hierarchical VRNN 1.2x; SRVP, whose widest
 the smoke sizes (32) 0.3-0.6x: narrow products cost more in conversions than they gain. The
 trainer enters ``compute.dynamics_training()``; ``dynamics_autocast`` is what the dynamics' unroll runs under:
 bf16 autocast inside that context, float32 everywhere else (inference, evaluation, the envs). The KL and
-every loss stay float32.
+every loss stay float32. The planner's imagined rollouts (worldmodel/planning.py) follow the same rule
+(``choose_compute(..., dynamics_precision=...).dynamics``): thousands of candidate steps per real step, where
+bf16 ranks the candidates as float32 does (docs/PERFORMANCE.md, "Planning").
 """
 
 from __future__ import annotations
