@@ -24,8 +24,8 @@ default the last 8 real frames filtered afresh). Its ``warmup`` setting (default
 The imagined rollouts are nearly all of a plan's time (a GRU of 512 over 256 x 12 steps, 4 times per real step).
 Their ``precision`` (default ``"auto"``) follows the rule of the dynamics' training (``worldmodel.precision``):
 bf16 products where the hardware runs them natively and the core is wide, float32 elsewhere. Measured
-(docs/PERFORMANCE.md, "Planning"): ~2.2x faster plans on a CPU with native bf16, the same elites, the same
-real returns within their spread. Planner files written before the setting existed plan in float32.
+(docs/PERFORMANCE.md, "Planning"): 1.4-1.7x faster plans on a CPU with native bf16, nearly the same elites, the
+same real returns within their spread. Planner files written before the setting existed plan in float32.
 """
 
 from __future__ import annotations
