@@ -97,6 +97,7 @@ from worldmodel.hidden_states import extract_window_features
 from worldmodel.machine import available_cores
 from worldmodel.options import changed_options, plain_options
 from worldmodel.planning import PlannerConfig
+from worldmodel.precision import DynamicsPrecision
 from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.tasks import get_task
 from worldmodel.training import config_from_dict
@@ -150,7 +151,7 @@ class Args:
     """With --algo cem: action sequences imagined per refit (the best eighth are the elites)."""
     plan_iterations: int = 4
     """With --algo cem: refits per real step."""
-    plan_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    plan_precision: DynamicsPrecision = "auto"
     """With --algo cem: number format of the imagined rollouts ('auto': bf16 where the hardware runs it natively and the core is wide; worldmodel/planning.py)."""
     rl_steps: int = 100_000
     """Imagined steps the agent trains for each round, on that round's model."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class PlannerConfig:
             raise InputError(f"the planner's precision must be one of {', '.join(PLANNING_PRECISIONS)}, got {self.precision!r}")
 
 
-PLANNING_PRECISIONS = ("auto", "fp32", "bf16")
+PLANNING_PRECISIONS: tuple[str, ...] = get_args(DynamicsPrecision)  # ("auto", "fp32", "bf16")
 PLANNER_FORMAT = "structvrnn-cem-planner"  # the "format" of a planner file
 # Files written before a setting existed keep meaning what they meant: random warm-ups, float32 rollouts.
 FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"warmup": "random", "precision": "fp32"}
