@@ -283,6 +283,50 @@ def test_torchrun_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     assert load_checkpoint(out)["complete"]
 
 
+def test_under_torchrun_rank_0_alone_detects_the_keypoints_with_every_core(
+    reference_run: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keypoint stage of a staged torchrun run: rank 0 detects (with all the machine's cores while the others
+    wait) and caches; another rank reads that cache and never detects, and without it says so in one line."""
+    import train.world_model as trainer
+
+    config, tasks = trainer.prepare(trainer.parse_config(smoke_args(tiny_dataset, tmp_path / "run")))
+    config.out.mkdir(parents=True)
+    model = WorldModel(config.model_config)
+    model.load_state_dict(load_checkpoint(reference_run)["model"])  # the vision weights of a finished run
+    detecting_threads: list[int] = []
+    real_detect = trainer.detect_split
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        detecting_threads.append(torch.get_num_threads())
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "detect_split", spy)
+    monkeypatch.setattr(trainer.distributed, "barrier", lambda: None)  # one process plays each rank in turn
+    monkeypatch.setattr(trainer, "available_cores", lambda: 2)
+
+    def run_as(rank: int) -> trainer.Run:
+        dist = trainer.distributed.DistInfo(rank, 2, rank, 2, CPU)
+        logger = trainer.RunLogger(config.out, rank == 0, None)
+        return trainer.Run(config, tasks, dist, Compute("cpu", "fp32", True, "test"), model, logger, None, {})
+
+    state = training.TrainState.first(config)
+    with pytest.raises(trainer.InputError, match="shared file system"):  # rank 1 before rank 0 cached them
+        trainer.keypoint_splits(run_as(1), state)
+    assert detecting_threads == []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchrun's share of the cores per process
+    try:
+        ours = trainer.keypoint_splits(run_as(0), state)
+        assert detecting_threads == [2, 2] and torch.get_num_threads() == 1  # one call per split, then restored
+        theirs = trainer.keypoint_splits(run_as(1), state)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(detecting_threads) == 2  # rank 1 read the cache
+    for split, keypoints in ours.items():
+        assert torch.equal(keypoints.keypoints, theirs[split].keypoints)
+
+
 # ---- bad input --------------------------------------------------------------------------------------
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)

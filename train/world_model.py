@@ -61,6 +61,7 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.config import STATE_VARIANT, ModelConfig  # noqa: E402
 from worldmodel.data import WindowDataset  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
+from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.options import changed_options  # noqa: E402
 from worldmodel.precision import Compute, announce, choose_compute  # noqa: E402
@@ -485,22 +486,38 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
     cache_path = config.out / KEYPOINT_CACHE_FILE
     fingerprint = vision_fingerprint(model)
     layout = data_layout(config.data, run.tasks)  # a cache of other files (e.g. before a part was added) is redone
+    distributed.barrier()  # rank 0 has copied a --vision-from cache, if there is one
     splits = load_keypoint_cache(cache_path, fingerprint, layout)
     if splits is not None:
         return splits
+    # Under torchrun rank 0 detects and caches the keypoints while the others wait and then read its cache:
+    # every rank detecting the whole dataset on its share of the cores took as long as one process alone with
+    # that share, and a rank that missed a --vision-from copy by a moment detected everything again.
+    if not run.dist.is_main:
+        distributed.barrier()
+        splits = load_keypoint_cache(cache_path, fingerprint, layout)
+        if splits is None:
+            raise InputError(f"rank {run.dist.rank} cannot read the keypoint cache {cache_path} that rank 0 wrote: "
+                             "under torchrun every process must see the same --out (a shared file system)")  # fmt: skip
+        return splits
     started = time.perf_counter()
     model.eval()
-    show = config.progress and run.dist.is_main
-    splits = {split: detect_split(model, config.data, run.tasks, split, run.dist.device, run.compute.precision, progress=show)
-              for split in storage.SPLITS}  # fmt: skip
+    threads = torch.get_num_threads()
+    if run.dist.device.type == "cpu":  # the other local ranks wait at the barrier: their cores are free
+        torch.set_num_threads(max(threads, available_cores()))
+    try:
+        splits = {split: detect_split(model, config.data, run.tasks, split, run.dist.device, run.compute.precision,
+                                      progress=config.progress) for split in storage.SPLITS}  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     model.train()
     seconds = time.perf_counter() - started
     state.stage_seconds[Stage.KEYPOINTS.value] = state.stage_seconds.get(Stage.KEYPOINTS.value, 0.0) + seconds
-    if run.dist.is_main:
-        save_keypoint_cache(cache_path, splits, fingerprint, layout)
-        frames = sum(int(split.keypoints.shape[0]) for split in splits.values())
-        run.logger.log("stage", Stage.KEYPOINTS.value, 0, Stage.KEYPOINTS.offset(config),
-                       {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds})  # fmt: skip
+    save_keypoint_cache(cache_path, splits, fingerprint, layout)
+    distributed.barrier()  # the other ranks read the cache now
+    frames = sum(int(split.keypoints.shape[0]) for split in splits.values())
+    run.logger.log("stage", Stage.KEYPOINTS.value, 0, Stage.KEYPOINTS.offset(config),
+                   {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds})  # fmt: skip
     return splits
 
 
