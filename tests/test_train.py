@@ -283,6 +283,35 @@ def test_torchrun_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     assert load_checkpoint(out)["complete"]
 
 
+def test_channels_last_model_trains_under_ddp_without_a_gradient_layout_warning(tmp_path: Path) -> None:
+    """The prepared (channels_last) model's 1x1 kernels keep plain strides, so DistributedDataParallel's gradient
+    buckets match its gradients: no "Grad strides do not match bucket view strides" on every torchrun start."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    config = training.profile_config("smoke")
+    compute = Compute("cpu", "fp32", channels_last=True, reason="the tests' choice")
+    model = compute.prepare(WorldModel(config.model_config))
+    one_by_one = [p for p in model.parameters() if p.dim() == 4 and p.shape[-2:] == (1, 1)]
+    assert one_by_one and all(p.stride() == torch.empty(p.shape).stride() for p in one_by_one)
+    stage = Stage.VISION
+    optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        objective = DistributedDataParallel(training.Objective(model, stage, config.observed_steps(stage)))
+        frames = torch.randint(0, 256, (2, config.vision_window, 64, 64, 3), dtype=torch.uint8)
+        batch = training.Batch(frames, torch.zeros(2, config.vision_window, 6))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            training.train_step(objective, optimizer, batch, schedule_at(1, 10, config, stage), compute)
+    finally:
+        dist.destroy_process_group()
+    assert [str(w.message) for w in caught if "strides" in str(w.message)] == []
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_under_torchrun_rank_0_alone_detects_the_keypoints_with_every_core(
     reference_run: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

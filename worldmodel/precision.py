@@ -68,7 +68,14 @@ class Compute(NamedTuple):
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` with its conv weights in the chosen memory format (activations follow the weights)."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        return model.to(memory_format=memory_format)
+        model = model.to(memory_format=memory_format)
+        # A 1x1 kernel is the same in both layouts, but .to() gives it channels_last strides that its gradients
+        # do not have, and DistributedDataParallel warns about every such mismatch ("Grad strides do not match
+        # bucket view strides"): plain strides for those weights are the same data, and nothing to warn about.
+        for parameter in model.parameters():
+            if parameter.dim() == 4 and parameter.shape[-2:] == (1, 1):
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+        return model
 
     def dynamics_training(self) -> contextlib.AbstractContextManager[Any]:
         """The context of a training step: inside it the dynamics' unroll computes in ``self.dynamics``."""
