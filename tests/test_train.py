@@ -332,7 +332,6 @@ def test_under_torchrun_rank_0_alone_detects_the_keypoints_with_every_core(
 
     monkeypatch.setattr(trainer, "detect_split", spy)
     monkeypatch.setattr(trainer.distributed, "barrier", lambda: None)  # one process plays each rank in turn
-    monkeypatch.setattr(trainer, "available_cores", lambda: 2)
 
     def run_as(rank: int) -> trainer.Run:
         dist = trainer.distributed.DistInfo(rank, 2, rank, 2, CPU)

@@ -61,7 +61,6 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.config import STATE_VARIANT, ModelConfig  # noqa: E402
 from worldmodel.data import WindowDataset  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
-from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.options import changed_options  # noqa: E402
 from worldmodel.precision import Compute, announce, choose_compute  # noqa: E402
@@ -503,8 +502,8 @@ def keypoint_splits(run: Run, state: TrainState) -> dict[str, KeypointSplit]:
     started = time.perf_counter()
     model.eval()
     threads = torch.get_num_threads()
-    if run.dist.device.type == "cpu":  # the other local ranks wait at the barrier: their cores are free
-        torch.set_num_threads(max(threads, available_cores()))
+    if run.dist.device.type == "cpu":  # the other local ranks wait at the barrier: their share of the cores is free
+        torch.set_num_threads(threads * run.dist.local_world_size)
     try:
         splits = {split: detect_split(model, config.data, run.tasks, split, run.dist.device, run.compute.precision,
                                       progress=config.progress) for split in storage.SPLITS}  # fmt: skip
