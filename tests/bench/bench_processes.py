@@ -28,31 +28,14 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from worldmodel import training  # noqa: E402
 from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
-from worldmodel.precision import choose_compute, cpu_info  # noqa: E402
+from worldmodel.precision import cpu_info  # noqa: E402
+from bench_train import build, real_or_random_batch  # noqa: E402  (this script's folder is on sys.path)
 
-CPU = torch.device("cpu")
 WARMUP_STEPS = 2  # oneDNN builds its kernels on the first calls
-
-
-def training_step(config: training.TrainConfig, stage: training.Stage, precision: str,
-                  inputs: torch.Tensor, actions: torch.Tensor, distributed: bool) -> Callable[[], None]:  # fmt: skip
-    """One optimizer step of ``stage`` on the fixed ``inputs`` (frames, or keypoints for the dynamics), the
-    objective wrapped in DistributedDataParallel when ``distributed``: the trainer's step either way."""
-    compute = choose_compute(CPU, precision, True, "auto", config.model_config.dynamics_width)  # type: ignore[arg-type]
-    torch.manual_seed(0)  # the same initial weights in every process, as the trainer's
-    model = compute.prepare(WorldModel(config.model_config))
-    optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
-    objective: torch.nn.Module = training.Objective(model, stage, config.observed_steps(stage))
-    if distributed:
-        objective = DistributedDataParallel(objective)
-    schedule = training.schedule_at(config.steps // 2, config.steps, config, stage)
-    batch = training.Batch(inputs, actions)
-    return lambda: training.train_step(objective, optimizer, batch, schedule, compute)
 
 
 def timed(step: Callable[[], None], steps: int) -> float:
@@ -72,9 +55,10 @@ def worker(rank: int, world_size: int, port: int, job: dict[str, Any], results: 
     try:
         share = job["inputs"].shape[0] // world_size
         rows = slice(rank * share, (rank + 1) * share)
-        step = training_step(job["config"], job["stage"], job["precision"], job["inputs"][rows], job["actions"][rows], True)
+        _, step = build(job["config"], job["stage"], job["precision"], True, "auto", distributed=True)
+        inputs, actions = job["inputs"][rows], job["actions"][rows]
         dist.barrier()
-        seconds = timed(step, job["steps"])
+        seconds = timed(lambda: step(inputs, actions), job["steps"])
         if rank == 0:
             results.put(seconds)
         dist.barrier()
@@ -93,17 +77,6 @@ def processes_seconds(job: dict[str, Any], world_size: int) -> float:
     results = context.SimpleQueue()
     mp.start_processes(worker, args=(world_size, free_port(), job, results), nprocs=world_size, start_method="spawn")
     return results.get()
-
-
-def real_batch(data: Path, config: training.TrainConfig, batch: int, length: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from worldmodel.data import WindowDataset
-
-    dataset = WindowDataset(data, config.tasks, "train", length=(length - 1) * stride + 1)
-    spacing = max(1, len(dataset) // batch)
-    windows = [dataset[i * spacing % len(dataset)] for i in range(batch)]
-    dataset.close()
-    frames = torch.stack([w.frames[::stride] for w in windows])
-    return frames, torch.stack([w.actions[::stride] for w in windows])
 
 
 def main() -> None:
@@ -130,14 +103,14 @@ def main() -> None:
     print(f"1 process x {processes} threads against {processes} processes x 1 thread; convolutions: --precision "
           f"{args.precision}; {args.steps} steps a block, {args.repeats} blocks each, in turns")  # fmt: skip
 
-    frames, actions = real_batch(args.data, config, config.vision_batch_size, config.vision_window, config.vision_frame_stride)
+    frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
     jobs: dict[str, tuple[dict[str, Any], int, str]] = {}
     if "vision" in args.stages:
         job = dict(config=config, stage=training.Stage.VISION, precision=args.precision, inputs=frames,
                    actions=torch.zeros(*frames.shape[:2], 6), steps=args.steps)  # fmt: skip
         jobs["vision"] = (job, frames.shape[0] * frames.shape[1], "frames/s")
     if "dynamics" in args.stages:
-        window_frames, window_actions = real_batch(args.data, config, config.batch_size, config.window, 1)
+        window_frames, window_actions, _ = real_or_random_batch(args.data, config, config.batch_size, config.window)
         detector = WorldModel(config.model_config).eval()  # untrained: the step's cost does not depend on the values
         with torch.no_grad():
             keypoints = detector.detect(window_frames)
@@ -147,7 +120,8 @@ def main() -> None:
 
     for stage, (job, per_step, unit) in jobs.items():
         torch.set_num_threads(processes)
-        single = training_step(config, job["stage"], args.precision, job["inputs"], job["actions"], False)
+        _, step = build(config, job["stage"], args.precision, True, "auto")
+        single = lambda step=step, job=job: step(job["inputs"], job["actions"])  # noqa: E731
         rates: dict[str, list[float]] = {"one process": [], "processes": []}
         for repeat in range(args.repeats):
             rates["one process"].append(per_step / timed(single, args.steps))

@@ -60,12 +60,19 @@ def real_or_random_batch(data: Path, config: training.TrainConfig, batch: int, l
         return frames, torch.rand(batch, length, 6, generator=generator) * 2 - 1, f"random frames ({error})"
 
 
-def build(config: training.TrainConfig, stage: training.Stage, precision: str, channels_last: bool, dynamics: str = "fp32"):  # noqa: ANN201
-    torch.manual_seed(0)
-    compute = choose_compute(CPU, precision, channels_last, dynamics)  # type: ignore[arg-type]
+def build(config: training.TrainConfig, stage: training.Stage, precision: str, channels_last: bool, dynamics: str = "fp32",
+          distributed: bool = False):  # noqa: ANN201
+    """The model and one optimizer step of ``stage``, the trainer's (its objective in DistributedDataParallel when
+    ``distributed``, inside a process group)."""
+    torch.manual_seed(0)  # the same initial weights in every process, as the trainer's
+    compute = choose_compute(CPU, precision, channels_last, dynamics, config.model_config.dynamics_width)  # type: ignore[arg-type]
     model = compute.prepare(WorldModel(config.model_config))
     optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
-    objective = training.Objective(model, stage, config.observed_steps(stage))
+    objective: torch.nn.Module = training.Objective(model, stage, config.observed_steps(stage))
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective)
     schedule = training.schedule_at(config.steps // 2, config.steps, config, stage)
 
     def step(inputs: torch.Tensor, actions: torch.Tensor | None = None) -> None:
