@@ -16,6 +16,7 @@ from worldmodel.model import (
     Schedule,
     WorldModel,
     frames_to_images,
+    reconstructed_frame_indices,
     previous_actions,
 )
 from worldmodel.training import Stage, TrainConfig, schedule_at
@@ -298,3 +299,30 @@ def test_short_fit_on_real_frames_lowers_image_loss_without_collapse() -> None:
     assert diagnostics.active_keypoints >= 6, diagnostics  # of 16; measured 12-14
     assert diagnostics.keypoint_spread > 0.1, diagnostics  # measured ~0.2
     assert diagnostics.mean_mu > 0.0, diagnostics
+
+
+def test_reconstructed_frame_indices_by_hand() -> None:
+    assert reconstructed_frame_indices(8, 4).tolist() == [1, 3, 5, 7]
+    assert reconstructed_frame_indices(8, 2).tolist() == [3, 7]
+    assert reconstructed_frame_indices(8, 7).tolist() == [1, 2, 3, 4, 5, 6, 7]  # all but the reference frame
+    assert reconstructed_frame_indices(8, 1).tolist() == [7]
+    assert reconstructed_frame_indices(8, 0) is None and reconstructed_frame_indices(8, 8) is None  # every frame
+
+
+def test_image_loss_reads_only_the_reconstructed_frames() -> None:
+    """With reconstructed_frames 2 of 4, L_image is the mean error of frames 1 and 3 (by hand, from decode): a
+    change to frame 2 moves only its keypoints, which nothing reconstructs, while one to frame 3 moves L_image."""
+    frames, _ = batch(t=4)
+    model = make(reconstructed_frames=2)
+    losses, _ = model.vision_losses(frames)
+    keypoints = model.detect(frames)
+    images = frames_to_images(frames).view(*frames.shape[:2], 3, 64, 64)
+    reconstruction = model.decode(keypoints, frames[:, 0], keypoints[:, 0])
+    per_frame = 0.5 * (reconstruction - images).square().sum((2, 3, 4))  # (B, T)
+    torch.testing.assert_close(losses.image, per_frame[:, [1, 3]].mean(), rtol=1e-3, atol=1e-3)
+    changed = frames.clone()
+    changed[:, 2] = 255 - changed[:, 2]
+    torch.testing.assert_close(model.vision_losses(changed)[0].image, losses.image)
+    changed[:, 3] = 255 - changed[:, 3]
+    assert not torch.isclose(model.vision_losses(changed)[0].image, losses.image)
+    assert make().vision_losses(frames)[0].image.item() != losses.image.item()  # the default reconstructs all four

@@ -147,6 +147,17 @@ def previous_actions(actions: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)
 
 
+def reconstructed_frame_indices(steps: int, count: int) -> Tensor | None:
+    """Which of a sequence's ``steps`` frames L_image reconstructs when it takes ``count`` of them (0 or
+    >= steps: all, None). Spread evenly from the last frame back, frame 0 last: the first frame is the
+    reference whose appearance the reconstructor copies, so its own reconstruction teaches the detector
+    least. steps 8, count 4 -> frames 1, 3, 5, 7; count 2 -> frames 3, 7."""
+    if count <= 0 or count >= steps:
+        return None
+    back = torch.arange(count) * (steps - 1) / count  # spacing >= 1: distinct frames after the floor
+    return (steps - 1 - back).floor().long().flip(0)
+
+
 class WorldModel(nn.Module):
     """Struct-VRNN and its baselines (``config.variant``), API of docs/CONTRACTS.md."""
 
@@ -257,14 +268,19 @@ class WorldModel(nn.Module):
             mix = float(schedule.amplitude_mix)
         images = frames_to_images(frames)  # (B*T, 3, H, W)
         keypoints = self.encode(images).view(batch, steps, cfg.num_keypoints, 3)  # (B, T, K, 3)
-        first_images = images.view(batch, steps, *images.shape[1:])[:, 0]  # (B, 3, H, W)
-        reconstruction = self.reconstruct(keypoints, first_images, keypoints[:, 0], mix)
+        sequences = images.view(batch, steps, *images.shape[1:])  # (B, T, 3, H, W)
+        # L_image on the frames reconstructed_frames picks (all by default): the reconstruction is most of
+        # a vision step's cost, and the detector still sees every frame through the other losses
+        chosen = reconstructed_frame_indices(steps, cfg.reconstructed_frames)  # (T',)
+        targets = sequences if chosen is None else sequences[:, chosen]  # (B, T', 3, H, W)
+        reconstruction = self.reconstruct(keypoints if chosen is None else keypoints[:, chosen], sequences[:, 0],
+                                          keypoints[:, 0], mix)  # (B*T', 3, H, W)  # fmt: skip
         zero = images.new_zeros(())
         frame_weights = None
         if cfg.relative_image_loss:  # each sequence against copying its first frame (config docstring)
-            sequences = images.view(batch, steps, *images.shape[1:])  # (B, T, 3, H, W)
-            frame_weights = relative_image_weights(sequences).repeat_interleave(steps)  # (B*T,), frames ordered (b, t)
-        image = image_loss(reconstruction, images, frame_weights)
+            # (B*T',), frames ordered (b, t)
+            frame_weights = relative_image_weights(sequences).repeat_interleave(targets.shape[1])
+        image = image_loss(reconstruction, targets.flatten(0, 1), frame_weights)
         if cfg.structured:
             observed = keypoints[:, : (steps if num_observed is None else num_observed)]
             separation = separation_loss(observed[..., :2], cfg.separation_sigma) if observed.shape[1] else zero
