@@ -19,12 +19,14 @@ on a machine shared with other jobs the minimum is the stable estimate of the un
    windows in parallel). Target: dynamics side and data <= 25% of a step.
 3. For staged training, on the automatic path: vision-stage steps/s at the profile's vision batch,
    dynamics-stage steps/s on cached keypoints, and keypoint extraction frames/s; and the vision stage
-   in fp32 (what an AVX2-only CPU runs), so it can be measured on a CPU that has native bf16 too.
+   in fp32 (what an AVX2-only CPU runs), so it can be measured on a CPU that has native bf16 too, beside
+   the same stage reconstructing half and a quarter of each sequence's frames (``--net.reconstructed-frames``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -211,15 +213,26 @@ def main() -> None:
     # 3. staged training figures
     if config.mode == "staged":
         vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
-        vision_choices = {"auto": (auto.precision, auto.channels_last), "fp32 channels_last": ("fp32", True)}
-        vision_steps = {name: build(config, training.Stage.VISION, *choice)[1] for name, choice in vision_choices.items()}
+        def reconstructing(frames_per_sequence: int) -> training.TrainConfig:
+            net = dataclasses.replace(config.net, reconstructed_frames=frames_per_sequence)
+            return dataclasses.replace(config, net=net)
+
+        fewer = [n for n in (config.vision_window // 2, config.vision_window // 4) if n >= 1]
+        vision_choices = {"auto": (config, auto.precision, auto.channels_last),
+                          "fp32 channels_last": (config, "fp32", True)}  # fmt: skip
+        for n in fewer:  # --net.reconstructed-frames: L_image on n frames of each sequence (docs/PERFORMANCE.md)
+            vision_choices[f"fp32 channels_last, {n} reconstructed"] = (reconstructing(n), "fp32", True)
+        vision_steps = {
+            name: build(chosen, training.Stage.VISION, *choice)[1] for name, (chosen, *choice) in vision_choices.items()
+        }
         seconds = interleaved_seconds(
             {name: lambda step=step: step(vision_frames) for name, step in vision_steps.items()}, args.steps
         )
         count = config.vision_batch_size * config.vision_window
         for name, value in seconds.items():
             print(f"staged vision step ({config.vision_batch_size} x {config.vision_window}), {name}: "
-                  f"{1 / value:.2f} steps/s, {count / value:.0f} frames/s")  # fmt: skip
+                  f"{1 / value:.2f} steps/s, {count / value:.0f} frames/s, "
+                  f"{seconds['fp32 channels_last'] / value:.2f}x fp32 channels_last")  # fmt: skip
         print(f"staged dynamics step ({config.batch_size} x {window}, cached keypoints): {1 / dynamics:.1f} steps/s")
         model.eval()
 
