@@ -213,15 +213,12 @@ def main() -> None:
     # 3. staged training figures
     if config.mode == "staged":
         vision_frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
-        def reconstructing(frames_per_sequence: int) -> training.TrainConfig:
-            net = dataclasses.replace(config.net, reconstructed_frames=frames_per_sequence)
-            return dataclasses.replace(config, net=net)
-
-        fewer = [n for n in (config.vision_window // 2, config.vision_window // 4) if n >= 1]
         vision_choices = {"auto": (config, auto.precision, auto.channels_last),
                           "fp32 channels_last": (config, "fp32", True)}  # fmt: skip
-        for n in fewer:  # --net.reconstructed-frames: L_image on n frames of each sequence (docs/PERFORMANCE.md)
-            vision_choices[f"fp32 channels_last, {n} reconstructed"] = (reconstructing(n), "fp32", True)
+        for n in sorted({config.vision_window // 2, config.vision_window // 4} - {0}, reverse=True):
+            # --net.reconstructed-frames: L_image on n frames of each sequence (docs/PERFORMANCE.md)
+            net = dataclasses.replace(config.net, reconstructed_frames=n)
+            vision_choices[f"fp32 channels_last, {n} reconstructed"] = (dataclasses.replace(config, net=net), "fp32", True)
         vision_steps = {
             name: build(chosen, training.Stage.VISION, *choice)[1] for name, (chosen, *choice) in vision_choices.items()
         }
