@@ -125,7 +125,7 @@ class ModelConfig:
     relative_image_loss: bool = False
     """Weight each sequence's L_image by the inverse of its copy-the-first-frame error (the squared change of its frames from v_1; ``losses.relative_image_weights``), normalised to mean 1 over the batch, so that a task whose bodies change few pixels (cartpole's thin pole) counts as much as the walkers; off: the paper's L_image, where a sequence counts by the pixels it changes."""
     reconstructed_frames: int = 0
-    """How many frames of each vision sequence L_image reconstructs (0: all, the paper): spread evenly back from the last frame (``model.reconstructed_frame_indices``; 4 of 8 -> frames 1, 3, 5, 7). The reconstructor is most of a vision step's cost on a CPU; the detector still sees every frame, through the separation and temporal losses and the reference frame. Faster per step, at a small cost in reconstruction: measured in docs/PERFORMANCE.md, "Fewer reconstructed frames"."""
+    """How many frames of each vision sequence L_image reconstructs (0: all, the paper): spread evenly back from the last frame (``model.reconstructed_frame_indices``; 4 of 8 -> frames 1, 3, 5, 7). The reconstructor is most of a vision step's cost on a CPU; the detector still sees every frame, through the separation and temporal losses and the reference frame. Faster per step, at a cost in reconstruction and in the reward information of the hidden states: measured in docs/PERFORMANCE.md, "Fewer reconstructed frames"."""
     kl_weight: float = 3e-3
     """beta, the weight of KL(posterior || prior) (Table S1 DMCS: 3e-3); the trainer anneals ``Schedule.kl_scale`` from 0 to 1 on top of it."""
     conv_weight_decay: float = 1e-4
