@@ -32,7 +32,8 @@ from worldmodel.reward import RewardPredictor, RewardTrainConfig, fit_reward_pre
 from worldmodel.precision import Compute, CpuInfo, choose_compute
 
 AVX2 = CpuInfo(name="AMD EPYC 7B13", capability="AVX2", native_bf16=False)
-AMX = CpuInfo(name="Intel Xeon", capability="AVX512", native_bf16=True)
+AMX = CpuInfo(name="Intel Xeon", capability="AVX512", native_bf16=True, amx_bf16=True)
+ZEN4 = CpuInfo(name="AMD EPYC 9B14", capability="AVX512", native_bf16=True)  # AVX512-BF16 without AMX
 
 
 @pytest.fixture
@@ -82,12 +83,19 @@ def test_dynamics_training_follows_the_same_rule(cpu_without_bf16: None, monkeyp
     assert asked.dynamics == "bf16" and asked.reason.endswith("dynamics trained in bf16 (asked for)")
     with pytest.raises(ValueError, match="--dynamics-precision must be auto, fp32 or bf16"):
         choose_compute("cpu", dynamics_precision="fp16")  # type: ignore[arg-type]
-    monkeypatch.setattr(precision, "cpu_info", lambda: AMX)
+    monkeypatch.setattr(precision, "cpu_info", lambda: ZEN4)
     assert choose_compute("cpu", dynamics_precision="auto", dynamics_width=512).dynamics == "bf16"
     assert choose_compute("cpu", dynamics_precision="auto", dynamics_width=256).dynamics == "bf16"
     narrow = choose_compute("cpu", dynamics_precision="auto", dynamics_width=128)  # srvp at the cpu sizes
     assert narrow.dynamics == "fp32" and narrow.reason.endswith("dynamics trained in fp32 (width 128 < 256: bf16 does not pay)")
     assert choose_compute("cpu", dynamics_precision="fp32", dynamics_width=512).dynamics == "fp32"
+    # With AMX the training steps stay fp32 (and the convolutions bf16); planning's wide batches use bf16
+    monkeypatch.setattr(precision, "cpu_info", lambda: AMX)
+    amx = choose_compute("cpu", dynamics_precision="auto", dynamics_width=512)
+    assert (amx.precision, amx.dynamics) == ("bf16", "fp32")
+    assert amx.reason.endswith("dynamics trained in fp32 (AMX: training steps of 32 rows run faster in fp32)")
+    assert choose_compute("cpu", dynamics_precision="auto", dynamics_width=512, dynamics_batch="planning").dynamics == "bf16"
+    assert choose_compute("cpu", dynamics_precision="bf16", dynamics_width=512).dynamics == "bf16"  # asked for
 
 
 def test_dynamics_compute_in_bf16_only_inside_a_bf16_training_step(spy: Bf16Spy) -> None:
@@ -165,9 +173,12 @@ def test_training_without_native_bf16_computes_nothing_in_bf16(
     assert summary["compute"] == "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last; dynamics trained in fp32"
 
 
-def test_training_with_native_bf16_uses_it(cpu_with_bf16: None, tiny_dataset: Path, tmp_path: Path, spy: Bf16Spy) -> None:
-    """The other answer, so that the spy above is known to see bf16 when there is some: the convs, and the
-    dynamics too once their GRU is wide enough for bf16 to pay."""
+def test_training_with_native_bf16_uses_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_dataset: Path, tmp_path: Path, spy: Bf16Spy
+) -> None:
+    """The other answer, so that the spy above is known to see bf16 when there is some: the convs, and, on a
+    CPU with AVX512-BF16 and no AMX, the dynamics too once their GRU is wide enough for bf16 to pay."""
+    monkeypatch.setattr(precision, "cpu_info", lambda: ZEN4)
     assert train_main(smoke_training(tiny_dataset, tmp_path / "run")) == 0
     assert any("convolution" in name for name in spy.operators)
     assert not any("mm" in name for name in spy.operators)  # the smoke GRU (32) stays in fp32
@@ -214,7 +225,9 @@ def test_a_cpu_limited_to_avx2_has_no_native_bf16(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
     assert not precision._native_bf16(hardware, "AVX512")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert precision._native_bf16(hardware, "AVX512")
+    assert precision._native_bf16(hardware, "AVX512") and precision._amx_bf16(hardware)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AVX512-BF16 kept, AMX turned off
+    assert precision._native_bf16(hardware, "AVX512") and not precision._amx_bf16(hardware)
     assert not precision._native_bf16({"avx512_bf16": False, "amx_bf16": False}, "AVX512")
 
 
@@ -237,7 +250,8 @@ def test_planning_without_native_bf16_computes_nothing_in_bf16(cpu_without_bf16:
 
 
 def test_planning_with_native_bf16_uses_it_where_the_core_is_wide(cpu_with_bf16: None, spy: Bf16Spy) -> None:
-    """The dynamics' training rule: bf16 products for a GRU of 256, float32 for the smoke GRU (32) or when asked."""
+    """The width rule of the dynamics' training (not its AMX exception: planning's batches are wide): bf16
+    products for a GRU of 256 on this AMX CPU, float32 for the smoke GRU (32) or when asked."""
     narrow, carry, context = wide_or_narrow_planner(32)
     assert narrow.precision(torch.device("cpu")).reason.endswith("plans in fp32 (width 32 < 256: bf16 does not pay)")
     narrow.plan(carry, context)

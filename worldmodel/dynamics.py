@@ -64,7 +64,9 @@ class GaussianHead(nn.Module):
 
     def forward(self, inputs: Tensor) -> Gaussian:
         mean, std = self.out(F.relu(self.hidden(inputs))).chunk(2, dim=-1)
-        return Gaussian(mean, F.softplus(std) + STD_OFFSET)
+        # float32 under bf16 autocast too: the std's log enters the KL, and bf16 softplus is slow on CPUs
+        # (5x float32's on a Xeon with AMX)
+        return Gaussian(mean.float(), F.softplus(std.float()) + STD_OFFSET)
 
 
 class KeypointDecoder(nn.Module):

@@ -50,7 +50,9 @@ class LevelHead(nn.Module):
         if self.from_above is not None and above is not None:
             pre = self.from_above(above) + pre  # (..., B, units)
         mean, std = self.out(F.relu(pre)).chunk(2, dim=-1)
-        return Gaussian(mean, F.softplus(std) + STD_OFFSET)
+        # float32 under bf16 autocast too: the std's log enters the KL, and bf16 softplus is slow on CPUs
+        # (5x float32's on a Xeon with AMX)
+        return Gaussian(mean.float(), F.softplus(std.float()) + STD_OFFSET)
 
 
 class HierarchicalVRNN(RecurrentKeypointCore):

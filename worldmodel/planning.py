@@ -187,7 +187,9 @@ class CEMPlanner:
         """The rollouts' number format on ``device`` (``config.precision`` resolved for this machine, once)."""
         if device not in self._precisions:
             width = self.model.config.dynamics_width
-            compute = choose_compute(device, dynamics_precision=self.config.precision, dynamics_width=width)
+            compute = choose_compute(
+                device, dynamics_precision=self.config.precision, dynamics_width=width, dynamics_batch="planning"
+            )
             found, _, chosen = compute.reason.partition(" -> ")
             reason = f"{found} -> plans in {chosen.partition('; dynamics trained in ')[2]}"
             self._precisions[device] = PlanningPrecision(compute.dynamics, reason)

@@ -15,10 +15,13 @@ GPUs, so it is on by default everywhere.
         keypoints = model.detect(frames)
 
 The dynamics' *training* has its own choice (``dynamics_precision``, training only): bf16 where the hardware
-runs it natively *and* the core's products are wide (``ModelConfig.dynamics_width`` >= 256). Measured on a
-native-bf16 CPU (docs/PERFORMANCE.md, "Dynamics on cached keypoints"): the VRNN with a GRU of 512 trains 1.9x
-faster in bf16 and as accurately; the hierarchical VRNN 1.2x; SRVP, whose widest products are 128, 0.89x, and
-the smoke sizes (32) 0.3-0.6x: narrow products cost more in conversions than they gain. The
+runs it natively with AVX512-BF16 but without AMX, *and* the core's products are wide
+(``ModelConfig.dynamics_width`` >= 256). Measured (docs/PERFORMANCE.md, "Dynamics on cached keypoints"): on
+AMD EPYC Zen 4 and Zen 5 (AVX512-BF16, no AMX) the VRNN with a GRU of 512 trains 1.1-1.9x faster in bf16 and as
+accurately, the hierarchical VRNN 1.2x; SRVP, whose widest products are 128, 0.89x, and the smoke sizes (32)
+0.3-0.6x: narrow products cost more in conversions than they gain. On a Xeon with AMX the training steps of 32
+rows are 0.88-0.95x in bf16 (its element-wise work slows down more than its products speed up), so training
+stays fp32 there, while its planner's rollouts of 256 candidates are 1.33x faster in bf16. The
 trainer enters ``compute.dynamics_training()``; ``dynamics_autocast`` is what the dynamics' unroll runs under:
 bf16 autocast inside that context, float32 everywhere else (inference, evaluation, the envs). The KL and
 every loss stay float32. The planner's imagined rollouts (worldmodel/planning.py) follow the same rule
@@ -50,6 +53,7 @@ class CpuInfo(NamedTuple):
     name: str  # model name, e.g. "AMD EPYC 7B13"
     capability: str  # the widest vector ISA torch dispatches to: "AVX2", "AVX512", "DEFAULT", ...
     native_bf16: bool  # bf16 matrix/vector instructions in hardware (AVX512-BF16 or AMX-BF16)
+    amx_bf16: bool = False  # AMX tiles with bf16, and oneDNN allowed to use them (ONEDNN_MAX_CPU_ISA)
 
 
 class Compute(NamedTuple):
@@ -113,7 +117,8 @@ def cpu_info() -> CpuInfo:
             capabilities = dict(get_capabilities())
     name = _cpu_model_name() or str(capabilities.get("cpu_name", "unknown CPU"))
     capability = torch.backends.cpu.get_cpu_capability()
-    return CpuInfo(name=name, capability=capability, native_bf16=_native_bf16(capabilities, capability))
+    native = _native_bf16(capabilities, capability)
+    return CpuInfo(name=name, capability=capability, native_bf16=native, amx_bf16=native and _amx_bf16(capabilities))
 
 
 def _native_bf16(capabilities: dict[str, Any], capability: str) -> bool:
@@ -128,6 +133,17 @@ def _native_bf16(capabilities: dict[str, Any], capability: str) -> bool:
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") or capabilities.get("bf16"))
     flags = _cpuinfo_field("flags") or _cpuinfo_field("Features") or ""
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()))
+
+
+def _amx_bf16(capabilities: dict[str, Any]) -> bool:
+    """AMX-BF16 tiles in hardware, and oneDNN allowed to use them (an ``ONEDNN_MAX_CPU_ISA`` cap below AMX
+    leaves AVX512-BF16 alone)."""
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if isa_cap != "ALL" and "AMX" not in isa_cap:
+        return False
+    if capabilities:
+        return bool(capabilities.get("amx_bf16"))
+    return "amx_bf16" in (_cpuinfo_field("flags") or "").split()
 
 
 def _cpu_model_name() -> str | None:
@@ -163,12 +179,14 @@ def choose_compute(
     channels_last: bool = True,
     dynamics_precision: DynamicsPrecision | None = None,
     dynamics_width: int = 0,
+    dynamics_batch: Literal["training", "planning"] = "training",
 ) -> Compute:
     """The precision and memory format for ``device``. ``precision='auto'``: bf16 where the hardware runs
     it natively (a CPU with AVX512-BF16/AMX, a CUDA GPU with bf16), else fp32. An explicit precision wins;
     fp16 needs CUDA (ValueError otherwise, with the fix in the message). ``dynamics_precision`` (training
-    only; None: fp32 and not mentioned in the reason): 'auto' is bf16 where the hardware runs it natively and
-    ``dynamics_width`` (``ModelConfig.dynamics_width``) is at least ``BF16_DYNAMICS_MIN_WIDTH``."""
+    and planning; None: fp32 and not mentioned in the reason): 'auto' is bf16 where the hardware runs it
+    natively and ``dynamics_width`` (``ModelConfig.dynamics_width``) is at least ``BF16_DYNAMICS_MIN_WIDTH``,
+    except for ``dynamics_batch='training'`` steps (32 rows) on a CPU with AMX, where fp32 is faster."""
     device = torch.device(device)
     layout = "channels_last" if channels_last else "NCHW"
     if device.type == "cuda":
@@ -196,6 +214,8 @@ def choose_compute(
             dynamics, why = dynamics_precision, " (asked for)"
         elif native and dynamics_width < BF16_DYNAMICS_MIN_WIDTH:
             dynamics, why = "fp32", f" (width {dynamics_width} < {BF16_DYNAMICS_MIN_WIDTH}: bf16 does not pay)"
+        elif native and dynamics_batch == "training" and device.type == "cpu" and cpu_info().amx_bf16:
+            dynamics, why = "fp32", " (AMX: training steps of 32 rows run faster in fp32)"
         else:
             dynamics, why = ("bf16" if native else "fp32"), ""
         reason += f"; dynamics trained in {dynamics}{why}"

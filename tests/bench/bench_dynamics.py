@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=2 python tests/bench/bench_dynamics.py [--threads 2] [--steps 60] [--profile cpu]
 
 The trainer's automatic dynamics precision (``--dynamics-precision
-auto``: bf16 where the CPU runs it natively and the core is wide enough) picks one of the two: each core is
+auto``: bf16 where the CPU runs it natively without AMX and the core is wide enough) picks one of the two: each core is
 timed in float32 and in bf16, in turns of ``--steps // 3`` steps, best of 3 turns each, and the pick is named.
 
 Under each figure, the ceiling this CPU puts on it: the step's matrix products (forward and backward, recorded
@@ -145,8 +145,9 @@ def main() -> None:
     print(f"{info.name} ({info.capability}), torch {torch.__version__}, {args.threads} threads, "
           f"{args.profile} sizes, batch {args.batch} x ({args.observed} + {args.predicted})")
     native = "yes" if info.native_bf16 else "no"
-    print(f"--dynamics-precision auto: bf16 where the CPU runs it natively ({native} here) and the core's width is "
-          f">= {BF16_DYNAMICS_MIN_WIDTH}, else fp32")
+    amx = "yes" if info.amx_bf16 else "no"
+    print(f"--dynamics-precision auto: bf16 where the CPU runs it natively ({native} here) and has no AMX (AMX: {amx} here), "
+          f"if the core's width is >= {BF16_DYNAMICS_MIN_WIDTH}; else fp32")
     computes = {precision: choose_compute("cpu", dynamics_precision=precision) for precision in ("fp32", "bf16")}
     for name in DYNAMICS:
         config = factory(dynamics=name)
@@ -159,6 +160,7 @@ def main() -> None:
         print(f"  {name:6s} steps/s: {figures} (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}x; auto: {auto.dynamics}, "
               f"{rates[auto.dynamics]:.1f})   (width {config.dynamics_width}, hidden {core.hidden_size}, "
               f"noise {core.noise_size}, best of {core.best_of}, {size / 1e3:.0f}k parameters)")
+        print(f"         auto: {max(rates.values()) / rates[auto.dynamics]:.2f}x the fastest's time (target <= 1.10)")
         for label, compute in computes.items():
             count, flops, seconds = products_alone(step, compute)
             print(f"         {label}: its {count} matrix products ({flops / 1e9:.2f} GFLOP a step) alone take "
