@@ -49,7 +49,8 @@ it, compressed, atomically to ``<out>/.partial/<task>_<split>/episode_NNNNN.h5``
 task and split exist, a worker assembles the final file under a temporary name (copying the compressed
 chunks) and renames it into place, then deletes the partials. So a file under a final name is always
 complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
-giving the same dataset as an uninterrupted run. Each partial folder keeps a settings.json; a rerun with
+giving the same dataset as an uninterrupted run. A worker that dies mid-run is replaced, its jobs redone
+(up to ``MAX_WORKER_RESTARTS`` times per run), with the same result. Each partial folder keeps a settings.json; a rerun with
 other settings (seed, counts, action repeat, episode steps, render settings) is refused.
 
 Agent episodes derive theirs from another spawn key, which includes the part's name (collect/agent.py).
@@ -97,6 +98,9 @@ from collect.agent import WARMUP_STEPS, PolicySettings, identify_policy, policy_
 
 PROGRAM = "collect/dmcs.py"
 EXIT_FAILED = 1
+# A worker that dies (killed, or crashed: a glibc heap-corruption abort in a worker ended a full collection on
+# 2026-12-05) is replaced and its jobs redone, this often per run; a worker that dies every time ends the run.
+MAX_WORKER_RESTARTS = 3
 EXIT_INTERRUPTED = 130
 PARTIAL_FOLDER = ".partial"
 SETTINGS_FILE = "settings.json"
@@ -474,14 +478,20 @@ def collection_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def prepare_partials(states: Sequence[GroupState]) -> None:
-    """Create the partial folders of unfinished groups, record their settings, remove leftovers of
-    killed runs (temporary files, and partials of groups whose final file was already written)."""
-    for state in states:
-        group = state.group
+def remove_temporaries(groups: Sequence[Group]) -> None:
+    """Delete the half-written files (episodes, final files) that killed workers left behind."""
+    for group in groups:
         temporary_episodes = group.partial_dir.glob(f".*{TEMP_MARKER}*")
         for temp in [*stale_temporaries(group.path), *temporary_episodes]:
             temp.unlink(missing_ok=True)
+
+
+def prepare_partials(states: Sequence[GroupState]) -> None:
+    """Create the partial folders of unfinished groups, record their settings, remove leftovers of
+    killed runs (temporary files, and partials of groups whose final file was already written)."""
+    remove_temporaries([state.group for state in states])
+    for state in states:
+        group = state.group
         if state.complete:
             shutil.rmtree(group.partial_dir, ignore_errors=True)
             continue
@@ -564,6 +574,9 @@ def random_episode(settings: GroupSettings, index: int) -> tuple[storage.Episode
 
 def assemble_group(job: AssemblyJob) -> AssemblyResult:
     """Join a group's episode files into its final file, then delete the partials."""
+    if Path(job.path).exists():  # written (atomically) by a worker that died before it could report it
+        shutil.rmtree(job.partial_dir, ignore_errors=True)
+        return AssemblyResult(Path(job.path).stem, job.path)
     expected_settings = json.dumps(job.settings.record(), sort_keys=True)
     layouts = set()
     for index, path in enumerate(job.episode_paths):
@@ -651,20 +664,31 @@ def run_jobs(states: Sequence[GroupState], workers: int) -> None:
         f"with {workers} workers",
         file=sys.stderr,
     )
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: safe with EGL
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(),))
+    pool = start_pool(workers)
     in_flight: dict[Future[Any], EpisodeJob | AssemblyJob] = {}
     bar = tqdm(total=frames_total, unit="frame", desc="collecting", dynamic_ncols=True, smoothing=0.05)
     episodes_left = len(episodes)
+    restarts = 0
     try:
         while episodes or assemblies or in_flight:
+            broken = False
             while len(in_flight) < 2 * workers and (assemblies or episodes):
                 job = assemblies.popleft() if assemblies else episodes.popleft()
-                in_flight[pool.submit(run_job, job)] = job
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                try:
+                    in_flight[pool.submit(run_job, job)] = job
+                except BrokenProcessPool:  # a worker died while it had nothing to do
+                    (assemblies if isinstance(job, AssemblyJob) else episodes).appendleft(job)
+                    broken = True
+                    break
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED) if in_flight else (set(), set())
             for future in done:
                 job = in_flight.pop(future)
-                result = future.result()
+                try:
+                    result = future.result()
+                except BrokenProcessPool:  # a worker died: every job still in the pool is lost with it
+                    broken = True
+                    (assemblies if isinstance(job, AssemblyJob) else episodes).appendleft(job)
+                    continue
                 if isinstance(result, EpisodeResult):
                     episodes_left -= 1
                     bar.update(result.frames)
@@ -672,14 +696,40 @@ def run_jobs(states: Sequence[GroupState], workers: int) -> None:
                     missing[result.group] -= 1
                     if missing[result.group] == 0:
                         assemblies.append(assembly_job(groups[result.group]))
+            if broken:
+                restarts += 1
+                if restarts > MAX_WORKER_RESTARTS:
+                    raise BrokenProcessPool(f"workers died {restarts} times")
+                for job in in_flight.values():
+                    (assemblies if isinstance(job, AssemblyJob) else episodes).appendleft(job)
+                in_flight.clear()
+                stop_pool(pool)
+                remove_temporaries(list(groups.values()))  # the dead workers' half-written files
+                tqdm.write(f"{PROGRAM}: a worker process died (killed, or crashed); restarting "
+                           f"the workers and redoing their jobs ({restarts} of {MAX_WORKER_RESTARTS} restarts)",
+                           file=sys.stderr)
+                pool = start_pool(workers)
     except BaseException:
-        for process in multiprocessing.active_children():  # our workers: stop them now, not after their job
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop_pool(pool)
         raise
     finally:
         bar.close()
     pool.shutdown()
+
+
+def start_pool(workers: int) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: safe with EGL
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(),))
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill our workers now, not after their job, and wait until they are gone (nothing writes after)."""
+    children = multiprocessing.active_children()
+    for process in children:
+        process.kill()
+    for process in children:
+        process.join()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Summary(NamedTuple):

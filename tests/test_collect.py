@@ -22,7 +22,7 @@ from collect.dmcs import episode_seeds
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator
 from worldmodel import storage
 from worldmodel.tasks import TASK_NAMES, TASKS
-from tests.process_tree import alive, descendants, start, wait_for, wait_until_gone
+from tests.process_tree import alive, descendants, log_tail, start, wait_for, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLLECTOR = REPO_ROOT / "collect" / "dmcs.py"
@@ -301,6 +301,29 @@ def test_workers_of_a_main_process_killed_while_they_start_end_on_their_own(tmp_
         for pid in alive(workers):
             os.kill(pid, signal.SIGKILL)
     assert not final_files(out) and not partial_episodes(out)
+
+
+def test_a_worker_that_dies_is_replaced_and_the_dataset_is_the_uninterrupted_one(tmp_path: Path) -> None:
+    """SIGKILL one worker mid-run (as a crash in its C libraries or the OOM killer ends one): the run replaces
+    the workers, redoes the lost jobs, and ends (exit 0) with the dataset of an uninterrupted run."""
+    options = ["--domains", "cartpole", "--train-episodes", "12", "--test-episodes", "2", "--episode-steps", "40",
+               "--seed", "3", "--workers", "2"]
+    reference, out, log = tmp_path / "reference", tmp_path / "out", tmp_path / "collector.log"
+    assert run_collector(reference, *options).returncode == 0
+    process = start(collector_command(out, *options), REPO_ROOT, log=log)
+    try:
+        assert wait_for(lambda: len(partial_episodes(out)) >= 1, process, timeout=120), log_tail(log)
+        workers = spawned_workers(process.pid)
+        assert workers and process.poll() is None, "the run ended before a worker could be killed"
+        os.kill(min(workers), signal.SIGKILL)
+        assert process.wait(timeout=300) == 0, log_tail(log)
+    finally:
+        if process.poll() is None:  # a failing run must not outlive the test
+            kill_process_tree(process)
+    assert "a worker process died (killed, or crashed); restarting the workers" in log.read_text(), log_tail(log)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # no .partial left
+    for path in final_files(reference):
+        assert_same_dataset(path, out / path.name)
 
 
 # --------------------------------------------------------------------------------------------------
