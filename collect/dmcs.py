@@ -49,9 +49,10 @@ it, compressed, atomically to ``<out>/.partial/<task>_<split>/episode_NNNNN.h5``
 task and split exist, a worker assembles the final file under a temporary name (copying the compressed
 chunks) and renames it into place, then deletes the partials. So a file under a final name is always
 complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
-giving the same dataset as an uninterrupted run. A worker that dies mid-run is replaced, its jobs redone
-(up to ``MAX_WORKER_RESTARTS`` times per run), with the same result. Each partial folder keeps a settings.json; a rerun with
-other settings (seed, counts, action repeat, episode steps, render settings) is refused.
+giving the same dataset as an uninterrupted run. A worker that dies mid-run is replaced and its jobs
+redone (up to ``MAX_WORKER_RESTARTS`` times per run), with the same result. Each partial folder keeps a
+settings.json; a rerun with other settings (seed, counts, action repeat, episode steps, render settings) is
+refused.
 
 Agent episodes derive theirs from another spawn key, which includes the part's name (collect/agent.py).
 

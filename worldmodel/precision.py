@@ -15,17 +15,17 @@ GPUs, so it is on by default everywhere.
         keypoints = model.detect(frames)
 
 The dynamics' *training* has its own choice (``dynamics_precision``, training only): bf16 where the hardware
-runs it natively with AVX512-BF16 but without AMX, *and* the core's products are wide
+runs it natively, except on a CPU with AMX, *and* the core's products are wide
 (``ModelConfig.dynamics_width`` >= 256). Measured (docs/PERFORMANCE.md, "Dynamics on cached keypoints"): on
 AMD EPYC Zen 4 and Zen 5 (AVX512-BF16, no AMX) the VRNN with a GRU of 512 trains 1.1-1.9x faster in bf16 and as
 accurately, the hierarchical VRNN 1.2x; SRVP, whose widest products are 128, 0.89x, and the smoke sizes (32)
 0.3-0.6x: narrow products cost more in conversions than they gain. On a Xeon with AMX the training steps of 32
-rows are 0.88-0.95x in bf16 (its element-wise work slows down more than its products speed up), so training
-stays fp32 there, while its planner's rollouts of 256 candidates are 1.33x faster in bf16. The
+rows are 0.88-0.96x in bf16 with 2 threads (its element-wise work slows down more than its products speed
+up), so training stays fp32 there, while its planner's rollouts of 256 candidates are 1.33x faster in bf16. The
 trainer enters ``compute.dynamics_training()``; ``dynamics_autocast`` is what the dynamics' unroll runs under:
 bf16 autocast inside that context, float32 everywhere else (inference, evaluation, the envs). The KL and
-every loss stay float32. The planner's imagined rollouts (worldmodel/planning.py) follow the same rule
-(``choose_compute(..., dynamics_precision=...).dynamics``): thousands of candidate steps per real step, where
+every loss stay float32. The planner's imagined rollouts (worldmodel/planning.py) follow the same rule less
+the AMX exception (``choose_compute(..., dynamics_precision=..., dynamics_batch="planning").dynamics``): thousands of candidate steps per real step, where
 bf16 ranks the candidates as float32 does (docs/PERFORMANCE.md, "Planning").
 """
 
