@@ -672,14 +672,13 @@ def run_jobs(states: Sequence[GroupState], workers: int) -> None:
     restarts = 0
     try:
         while episodes or assemblies or in_flight:
-            broken = False
+            lost: list[EpisodeJob | AssemblyJob] = []  # when a worker dies: every job the pool held
             while len(in_flight) < 2 * workers and (assemblies or episodes):
                 job = assemblies.popleft() if assemblies else episodes.popleft()
                 try:
                     in_flight[pool.submit(run_job, job)] = job
                 except BrokenProcessPool:  # a worker died while it had nothing to do
-                    (assemblies if isinstance(job, AssemblyJob) else episodes).appendleft(job)
-                    broken = True
+                    lost.append(job)
                     break
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED) if in_flight else (set(), set())
             for future in done:
@@ -687,8 +686,7 @@ def run_jobs(states: Sequence[GroupState], workers: int) -> None:
                 try:
                     result = future.result()
                 except BrokenProcessPool:  # a worker died: every job still in the pool is lost with it
-                    broken = True
-                    (assemblies if isinstance(job, AssemblyJob) else episodes).appendleft(job)
+                    lost.append(job)
                     continue
                 if isinstance(result, EpisodeResult):
                     episodes_left -= 1
@@ -697,11 +695,11 @@ def run_jobs(states: Sequence[GroupState], workers: int) -> None:
                     missing[result.group] -= 1
                     if missing[result.group] == 0:
                         assemblies.append(assembly_job(groups[result.group]))
-            if broken:
+            if lost:
                 restarts += 1
                 if restarts > MAX_WORKER_RESTARTS:
                     raise BrokenProcessPool(f"workers died {restarts} times")
-                for job in in_flight.values():
+                for job in [*lost, *in_flight.values()]:
                     (assemblies if isinstance(job, AssemblyJob) else episodes).appendleft(job)
                 in_flight.clear()
                 stop_pool(pool)

@@ -63,10 +63,15 @@ class GaussianHead(nn.Module):
         self.out = dense(units, 2 * latent_size)
 
     def forward(self, inputs: Tensor) -> Gaussian:
-        mean, std = self.out(F.relu(self.hidden(inputs))).chunk(2, dim=-1)
-        # float32 under bf16 autocast too: the std's log enters the KL, and bf16 softplus is slow on CPUs
-        # (5x float32's on a Xeon with AMX)
-        return Gaussian(mean.float(), F.softplus(std.float()) + STD_OFFSET)
+        return gaussian_from(self.out(F.relu(self.hidden(inputs))))
+
+
+def gaussian_from(outputs: Tensor) -> Gaussian:
+    """A head's outputs (..., 2Z) -> Gaussian(mean, std = softplus(.) + 1e-4), (..., Z) each. In float32 under
+    bf16 autocast too: the std's log enters the KL, and bf16 softplus is slow on CPUs (5x float32's on a Xeon
+    with AMX)."""
+    mean, std = outputs.float().chunk(2, dim=-1)
+    return Gaussian(mean, F.softplus(std) + STD_OFFSET)
 
 
 class KeypointDecoder(nn.Module):

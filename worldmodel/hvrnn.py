@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
-from worldmodel.dynamics import STD_OFFSET, Carry, Gaussian, KeypointDecoder, RecurrentKeypointCore, dense
+from worldmodel.dynamics import Carry, Gaussian, KeypointDecoder, RecurrentKeypointCore, dense, gaussian_from
 from worldmodel.dynamics_core import Sampling, Step
 from worldmodel.losses import gaussian_kl, keypoint_error
 
@@ -49,10 +49,7 @@ class LevelHead(nn.Module):
         pre = frame_part
         if self.from_above is not None and above is not None:
             pre = self.from_above(above) + pre  # (..., B, units)
-        mean, std = self.out(F.relu(pre)).chunk(2, dim=-1)
-        # float32 under bf16 autocast too: the std's log enters the KL, and bf16 softplus is slow on CPUs
-        # (5x float32's on a Xeon with AMX)
-        return Gaussian(mean.float(), F.softplus(std.float()) + STD_OFFSET)
+        return gaussian_from(self.out(F.relu(pre)))
 
 
 class HierarchicalVRNN(RecurrentKeypointCore):

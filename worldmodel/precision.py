@@ -126,24 +126,28 @@ def _native_bf16(capabilities: dict[str, Any], capability: str) -> bool:
     and ``ONEDNN_MAX_CPU_ISA=AVX2`` (how to make a bf16 CPU run like an AVX2-only one) turn them off."""
     if capability in ("AVX2", "DEFAULT", "NO AVX"):
         return False
-    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if isa_cap != "ALL" and "BF16" not in isa_cap and "AMX" not in isa_cap:
-        return False
-    if capabilities:  # x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension
-        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") or capabilities.get("bf16"))
-    flags = _cpuinfo_field("flags") or _cpuinfo_field("Features") or ""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()))
+    # x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension
+    return _onednn_allows("BF16", "AMX") and _has_flag(capabilities, "avx512_bf16", "amx_bf16", "bf16")
 
 
 def _amx_bf16(capabilities: dict[str, Any]) -> bool:
     """AMX-BF16 tiles in hardware, and oneDNN allowed to use them (an ``ONEDNN_MAX_CPU_ISA`` cap below AMX
     leaves AVX512-BF16 alone)."""
+    return _onednn_allows("AMX") and _has_flag(capabilities, "amx_bf16")
+
+
+def _onednn_allows(*isa_names: str) -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (unset: all) lets oneDNN use an ISA whose name holds one of ``isa_names``."""
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if isa_cap != "ALL" and "AMX" not in isa_cap:
-        return False
+    return isa_cap == "ALL" or any(name in isa_cap for name in isa_names)
+
+
+def _has_flag(capabilities: dict[str, Any], *flags: str) -> bool:
+    """Any of ``flags`` in torch's CPU capabilities, or else in /proc/cpuinfo's flags (x86) or Features (Arm)."""
     if capabilities:
-        return bool(capabilities.get("amx_bf16"))
-    return "amx_bf16" in (_cpuinfo_field("flags") or "").split()
+        return any(capabilities.get(flag) for flag in flags)
+    found = _cpuinfo_field("flags") or _cpuinfo_field("Features") or ""
+    return bool(set(flags) & set(found.split()))
 
 
 def _cpu_model_name() -> str | None:
