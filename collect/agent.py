@@ -1,7 +1,7 @@
 """Episodes acted by a trained agent on the real task, seen through a world model (``collect/dmcs.py --policy``).
 
 An agent of ``downstream/rl.py`` (a stable-baselines3 PPO or SAC zip) acts on the real task exactly as in
-its evaluation: ``envs.imagined.RealTaskThroughModel`` turns each real frame into the world model's hidden
+its evaluation: ``envs.through_model.RealTaskThroughModel`` turns each real frame into the world model's hidden
 state. A planner file (JSON, ``worldmodel.planning.save_planner``) acts instead by planning each action in the
 world model (``worldmodel.planning.CEMPlanner``), as ``downstream/plan.py`` evaluates it. The collector stores
 what the real env saw, in the layout of the random datasets (docs/CONTRACTS.md), so the episodes can join a
@@ -52,7 +52,7 @@ from worldmodel.tasks import get_task, task_id
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
-    from envs.imagined import RealTaskThroughModel
+    from envs.through_model import RealTaskThroughModel
     from worldmodel.planning import CEMPlanner
 
 POLICY_SEED_TAG = 1_000  # first spawn-key word of agent episodes; random episodes have a task index (0..5) there
@@ -191,9 +191,10 @@ def load_agent(path: Path, algorithm: str) -> BaseAlgorithm:
 def identify_policy(policy: Path, checkpoint: Path | None, task: str, action_repeat: int) -> PolicyIdentity:
     """Load the agent and the world model once to check that they fit each other, the task and the action
     repeat (InputError otherwise), and return what identifies them."""
-    # envs.imagined pulls in torch and the world model: imported here so that random collection (which
+    # the imagination modules pull in torch and the world model: imported here so that random collection (which
     # imports this module through collect/dmcs.py) and its worker processes never load them.
-    from envs.imagined import load_imagination_models, observation_space
+    from envs.imagination_batch import observation_space
+    from envs.imagination_models import load_imagination_models
 
     if not policy.is_file():
         raise InputError(f"--policy {policy} is not a file; give the agent .zip written by downstream/rl.py")
@@ -278,8 +279,9 @@ def _runner(settings: PolicySettings) -> PolicyRunner:
            settings.refilter)  # fmt: skip
     if key not in _RUNNERS:
         # (imported here for the reason given in identify_policy)
-        from envs.imagined import RealTaskThroughModel, load_imagination_models
+        from envs.imagination_models import load_imagination_models
         from envs.real import RealPixelEnv
+        from envs.through_model import RealTaskThroughModel
 
         models = load_imagination_models(settings.task, settings.world_model_checkpoint, device=COLLECTION_DEVICE)
         if models.fingerprint != settings.world_model_fingerprint:

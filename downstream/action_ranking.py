@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from envs.imagined import load_imagination_models
+from envs.imagination_models import load_imagination_models
 from envs.simulator import Simulator
 from worldmodel import storage
 from worldmodel.atomic import atomic_write_text

@@ -84,13 +84,13 @@ from tqdm.auto import tqdm
 
 from collect.dmcs import collect_with_policy
 from downstream import plan, rl
-from envs.imagined import REWARD_PREDICTOR_DIR, load_imagination_models
+from envs.imagination_models import REWARD_PREDICTOR_DIR, load_imagination_models
 from train import world_model as trainer
 from worldmodel import storage
 from worldmodel.atomic import atomic_write, atomic_write_text
+from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_checkpoint, load_world_model
 from worldmodel.config import STATE_VARIANT
 from worldmodel.devices import resolve_device
-from worldmodel.checkpoint import CHECKPOINT_FILE, CheckpointError, find_checkpoint, load_checkpoint, load_world_model
 from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features

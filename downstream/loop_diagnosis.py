@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 from downstream.loop import DATA_DIR, STATE_FILE, part_name, round_run
-from envs.imagined import REWARD_PREDICTOR_DIR
+from envs.imagination_models import REWARD_PREDICTOR_DIR
 from worldmodel import storage
 from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import load_world_model

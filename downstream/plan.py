@@ -6,7 +6,7 @@ No agent is trained: at every real step the planner (``worldmodel.planning.CEMPl
 ``--planner.candidates`` action sequences of ``--planner.horizon`` steps from the filter's state after the current
 real frame, scores them with the task's reward predictor, refits its sampling distribution to the best
 ``--planner.elites`` ``--planner.iterations`` times and takes the first action of the result. The real task is
-seen through the model as the agents of ``downstream/rl.py`` see it (``envs.imagined.RealTaskThroughModel``: real
+seen through the model as the agents of ``downstream/rl.py`` see it (``envs.through_model.RealTaskThroughModel``: real
 frames -> detect -> the last 8 frames filtered afresh, after a 7-step warm-up of zero actions by default:
 ``--planner.warmup``, ``--no-refilter``), and the same episode seeds give the random policy's returns (random
 throughout, warm-up included). Printed, and written to ``<run>/planning/<task>-cem.json`` (or into ``--out``):
@@ -35,7 +35,8 @@ import torch
 
 from downstream import rl
 from envs.context import cpu_threads
-from envs.imagined import ImaginationModels, RealTaskThroughModel, load_imagination_models
+from envs.imagination_models import ImaginationModels, load_imagination_models
+from envs.through_model import RealTaskThroughModel
 from worldmodel.atomic import atomic_write_text
 from worldmodel.errors import check_options, run_cli
 from worldmodel.planning import CEMPlanner, PlannerConfig, save_planner

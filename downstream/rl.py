@@ -6,7 +6,7 @@
    batch (``envs.sb3.ImaginedSB3VecEnv``) train a stable-baselines3 SAC or PPO agent on the world model's
    hidden states and its learned reward; the agent is saved to ``<out>/<task>-<algo>.zip``.
 2. The agent then acts on the real task ``StructVRNN-Real-<task>`` seen through the same world model
-   (``envs.imagined.RealTaskThroughModel``: real frames -> detect -> posterior, step by step, after a
+   (``envs.through_model.RealTaskThroughModel``: real frames -> detect -> posterior, step by step, after a
    7-step random warm-up like an imagined episode's context) for ``--eval-episodes`` episodes, and so
    does a uniform random policy; both real returns are reported (mean ± std), with the agent's return in
    imagination beside them (how much the model's reward flatters the agent). Results go to
@@ -40,17 +40,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm.auto import tqdm
 
-from envs.imagined import (
-    ImaginationModels,
-    ImaginationOptions,
-    RealTaskThroughModel,
-    decode_frames,
-    load_imagination_models,
-    prior_step,
-)
+from envs.imagination_batch import ImaginationOptions, decode_frames, prior_step
+from envs.imagination_models import ImaginationModels, load_imagination_models
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
 from envs.sb3_snapshot import PeriodicSnapshots, SnapshotError, load_snapshot, read_snapshot, save_snapshot
+from envs.through_model import RealTaskThroughModel
 from worldmodel.atomic import atomic_write, atomic_write_stream, atomic_write_text
 from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.options import changed_options, plain_options
@@ -194,7 +189,7 @@ def summarize(values: list[float]) -> Returns:
 
 
 def imagination_options(args: Args) -> dict[str, Any]:
-    """The imagined envs' keyword arguments (``envs.imagined.ImaginationOptions``) these options ask for."""
+    """The imagined envs' keyword arguments (``envs.imagination_batch.ImaginationOptions``) these options ask for."""
     return asdict(ImaginationOptions(
         checkpoint=args.checkpoint, reward_predictor=args.reward_predictor, data=args.data, context=args.context,
         start_share=args.start_share, observe_keypoints=args.observe_keypoints, horizon=args.horizon, device=args.device,

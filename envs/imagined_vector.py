@@ -15,7 +15,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.imagined import RENDER_MODES, ImaginationBatch, ImaginationOptions, build_batch, check_actions
+from envs.imagination_batch import RENDER_MODES, ImaginationBatch, ImaginationOptions, build_batch, check_actions
 from worldmodel.errors import InputError
 
 

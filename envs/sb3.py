@@ -21,7 +21,7 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
-from envs.imagined import ImaginationBatch, ImaginationOptions, build_batch, check_actions
+from envs.imagination_batch import ImaginationBatch, ImaginationOptions, build_batch, check_actions
 
 
 def generator_from_state(state: dict[str, Any]) -> np.random.Generator:
@@ -39,7 +39,7 @@ class ImaginedSB3VecEnv(VecEnv):
     """
 
     def __init__(self, task: str, num_envs: int = 1, **options: Any) -> None:
-        """``options``: the fields of ``envs.imagined.ImaginationOptions``."""
+        """``options``: the fields of ``envs.imagination_batch.ImaginationOptions``."""
         settings = ImaginationOptions(**options)
         self.batch: ImaginationBatch = build_batch(task, num_envs, settings)
         self.render_mode = settings.render_mode  # read by VecEnv.__init__ through get_attr

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from envs.imagined import NOISE_BLOCK, ImaginedEnv, prior_step
+from envs.imagination_batch import NOISE_BLOCK, prior_step
+from envs.imagined import ImaginedEnv
 
 
 def assert_step_is_the_cores_prior_step(env: ImaginedEnv) -> None:

@@ -66,7 +66,7 @@ def test_imagined_returns_read_rewards_as_the_reward_experiment(imagination_run:
     """Under the recorded actions, the imagined return is the reward predictor's output on the reward
     experiment's window (observe_then_imagine) over its predicted frames: the step into frame t is read from
     the state that predicts frame t."""
-    from envs.imagined import load_imagination_models
+    from envs.imagination_models import load_imagination_models
 
     models = load_imagination_models(TASK, imagination_run, device="cpu")
     model, predictor = models.world_model, models.reward_predictor

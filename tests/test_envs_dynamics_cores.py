@@ -18,8 +18,11 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401  (registers the ids)
 from envs.context import filter_context, posterior_noise
-from envs.imagined import ImaginedEnv, RealTaskThroughModel, load_imagination_models, prior_step
+from envs.imagination_batch import prior_step
+from envs.imagination_models import load_imagination_models
+from envs.imagined import ImaginedEnv
 from envs.real import RealPixelEnv
+from envs.through_model import RealTaskThroughModel
 from tests.env_relations import assert_step_is_the_cores_prior_step
 from worldmodel.checkpoint import load_checkpoint, model_config_from_dict, save_checkpoint
 from worldmodel.config import DYNAMICS

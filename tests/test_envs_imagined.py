@@ -18,16 +18,13 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401  (registers the ids)
-from envs.imagined import (
-    CHECKPOINT_ENV,
-    ImaginedEnv,
-    RealTaskThroughModel,
-    load_imagination_models,
-)
 from envs.context import CONTEXT_LENGTH
+from envs.imagination_models import CHECKPOINT_ENV, load_imagination_models
+from envs.imagined import ImaginedEnv
 from envs.imagined_vector import ImaginedVectorEnv
 from envs.real import RealPixelEnv
 from envs.sb3 import ImaginedSB3VecEnv
+from envs.through_model import RealTaskThroughModel
 from tests.env_relations import assert_step_is_the_cores_prior_step
 from worldmodel.checkpoint import CheckpointError, load_world_model
 from worldmodel.reward import (

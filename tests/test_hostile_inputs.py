@@ -23,8 +23,9 @@ import pytest
 import torch
 
 import envs  # noqa: F401  (registers the ids)
-from envs.imagined import RealTaskThroughModel, load_imagination_models
+from envs.imagination_models import load_imagination_models
 from envs.real import RealPixelEnv
+from envs.through_model import RealTaskThroughModel
 from worldmodel import storage
 from worldmodel.checkpoint import load_world_model
 from worldmodel.data import WindowDataset

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from envs.imagined import prior_step
+from envs.imagination_batch import prior_step
 from worldmodel.errors import InputError
 from worldmodel.planning import CEMPlanner, PlannerConfig, imagined_returns, load_planner_config
 
@@ -126,7 +126,7 @@ def test_bad_settings_are_refused(settings: dict[str, Any], phrase: str) -> None
 def test_imagined_returns_read_rewards_as_the_imagination_envs(imagination_run: Path) -> None:
     """The predictor warmed up on the context and stepped on each imagined state (the planner) gives what one
     pass of it over the context's and the imagined frames' hidden states gives, with the envs' prior step."""
-    from envs.imagined import load_imagination_models
+    from envs.imagination_models import load_imagination_models
 
     models = load_imagination_models(TASK, imagination_run, device="cpu")
     model, predictor = models.world_model, models.reward_predictor
@@ -160,8 +160,9 @@ def test_imagined_returns_read_rewards_as_the_imagination_envs(imagination_run: 
 def test_real_task_filter_keeps_the_states_that_predicted_the_last_frames(imagination_run: Path) -> None:
     """After a real step, the newest context state is the new observation (h_t, the state that predicted the new
     frame, from the frames before it and the action), and the context holds the last 8 frames'."""
-    from envs.imagined import RealTaskThroughModel, load_imagination_models
+    from envs.imagination_models import load_imagination_models
     from envs.real import RealPixelEnv
+    from envs.through_model import RealTaskThroughModel
 
     models = load_imagination_models(TASK, imagination_run, device="cpu")
     env = RealTaskThroughModel(RealPixelEnv(TASK, action_repeat=models.action_repeat), models, refilter=False)
@@ -191,8 +192,10 @@ def test_refiltered_window_is_the_context_an_imagined_episode_starts_from(imagin
     Zero warm-up actions are zero."""
     from collect.agent import EpisodeRecorder
     from envs.context import detect_frames, filter_context, posterior_noise
-    from envs.imagined import RealTaskThroughModel, load_imagination_models, observations_of
+    from envs.imagination_batch import observations_of
+    from envs.imagination_models import load_imagination_models
     from envs.real import RealPixelEnv
+    from envs.through_model import RealTaskThroughModel
     from worldmodel.tasks import pad_actions
 
     models = load_imagination_models(TASK, imagination_run, device="cpu")

@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import envs  # noqa: F401  (registers the ids)
-from envs.imagined import RealTaskThroughModel, load_imagination_models
+from envs.imagination_models import load_imagination_models
 from envs.real import RealPixelEnv
+from envs.through_model import RealTaskThroughModel
 from train.world_model import main as train_main
 from worldmodel import precision
 from worldmodel.checkpoint import load_world_model
@@ -28,8 +29,8 @@ from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features
 from worldmodel.model import Schedule, WorldModel
 from worldmodel.planning import CEMPlanner, PlannerConfig
-from worldmodel.reward import RewardPredictor, RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.precision import Compute, CpuInfo, choose_compute
+from worldmodel.reward import RewardPredictor, RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 
 AVX2 = CpuInfo(name="AMD EPYC 7B13", capability="AVX2", native_bf16=False)
 AMX = CpuInfo(name="Intel Xeon", capability="AVX512", native_bf16=True, amx_bf16=True)

@@ -163,7 +163,7 @@ def test_the_prediction_of_frame_t_plus_1_reads_a_t_and_not_a_t_plus_1(state_run
 
 
 def test_pixel_uses_the_imagination_envs_and_the_keypoint_benchmark_refuse_it(state_run: Path) -> None:
-    from envs.imagined import load_imagination_models
+    from envs.imagination_models import load_imagination_models
 
     model = load_world_model(state_run).model
     with pytest.raises(ValueError, match="state-space bound"):

@@ -28,7 +28,7 @@ from worldmodel.tasks import IMAGE_SIZE, MAX_ACTION_DIM, TASK_NAMES
 OBSERVED_STEPS = 8
 """Frames observed through the posterior before the open-loop prediction: the training windows (8 observed + 8
 predicted, S1.2), the reward experiment's windows (8 of 20, the paper's Figure 8), the imagination envs' context."""
-WARMUP_ACTIONS = ("random", "zero")  # what a real episode acts while the filter fills (envs.imagined)
+WARMUP_ACTIONS = ("random", "zero")  # what a real episode acts while the filter fills (envs.through_model)
 
 Variant = Literal["struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn", "state-vrnn"]
 VARIANTS: tuple[Variant, ...] = ("struct-vrnn", "struct-vrnn-nobom", "struct-rnn", "cnn-vrnn")  # world models on frames

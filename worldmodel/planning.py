@@ -7,7 +7,7 @@ predictor, and the sampling distribution (a diagonal Gaussian per step, clipped 
 best ``elites``; after ``iterations`` refits the first action of the mean is taken, and the rest of the mean
 starts the next step's search (shifted by one).
 
-What a candidate's return is, exactly as the imagination envs compute it (``envs.imagined.ImaginationBatch``):
+What a candidate's return is, exactly as the imagination envs compute it (``envs.imagination_batch.ImaginationBatch``):
 the reward predictor is warmed up from its zero state on the hidden states of the last ``CONTEXT_LENGTH`` real
 frames (those that predicted them, as the posterior gave them), then reads the hidden state after each imagined
 frame; the reward of step t is read from the state that predicts frame t+1. The predictor was fitted on windows
@@ -16,7 +16,7 @@ of that length, so it always sees one (a state carried over a whole episode woul
 Every candidate of one ``plan`` call shares the same prior draws (common random numbers): the ranking then
 compares the actions, not the luck of their samples. All draws come from the planner's own generator.
 
-The planner starts from the state the real task's filter hands it (``envs.imagined.RealTaskThroughModel``: by
+The planner starts from the state the real task's filter hands it (``envs.through_model.RealTaskThroughModel``: by
 default the last 8 real frames filtered afresh). Its ``warmup`` setting (default ``"zero"``) is what the filter's
 7 warm-up steps act before the first plan: zero actions hold the task still where random ones start it falling
 (docs/DECISIONS.md).

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import tyro  # noqa: E402
 
 import envs  # noqa: E402, F401  (registers the ids)
-from envs.imagined import REWARD_PREDICTOR_DIR, load_imagination_models  # noqa: E402
+from envs.imagination_models import REWARD_PREDICTOR_DIR, load_imagination_models
 from worldmodel.checkpoint import CheckpointError, find_checkpoint, load_world_model, save_checkpoint  # noqa: E402
 from worldmodel.config import ModelConfig  # noqa: E402
 from worldmodel.fingerprint import model_fingerprint  # noqa: E402

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from envs.imagined import load_imagination_models  # noqa: E402
+from envs.imagination_models import load_imagination_models
 from worldmodel.config import ModelConfig  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.planning import CEMPlanner, PlannerConfig, imagined_returns, repeat_carry  # noqa: E402
