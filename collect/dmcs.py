@@ -42,12 +42,13 @@ Randomness: everything flows from ``--seed``. Random episode e of task k (its in
 subset of tasks gets the same episodes as ``all``) in split s draws from
 ``np.random.SeedSequence(seed, spawn_key=(k, s, e))``: one child gives the environment seed (its lowest
 bit is the split, so train and test seeds are disjoint), the other the uniform random actions, one draw
-per agent step, held for action_repeat control steps by ``envs.simulator.Simulator``.
+per agent step, held for action_repeat control steps by ``envs.simulator.Simulator``
+(``collect/random_episodes.py``).
 
-Work and safety: worker processes ('spawn', one render thread each) collect one episode per job and write
-it, compressed, atomically to ``<out>/.partial/<task>_<split>/episode_NNNNN.h5``; once all episodes of a
-task and split exist, a worker assembles the final file under a temporary name (copying the compressed
-chunks) and renames it into place, then deletes the partials. So a file under a final name is always
+Work and safety: worker processes (``collect/workers.py``: 'spawn', one render thread each) collect one
+episode per job and write it, compressed, atomically to ``<out>/.partial/<task>_<split>/episode_NNNNN.h5``;
+once all episodes of a task and split exist, a worker assembles the final file under a temporary name
+(copying the compressed chunks) and renames it into place, then deletes the partials. So a file under a final name is always
 complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
 giving the same dataset as an uninterrupted run. A worker that dies mid-run is replaced and its jobs
 redone (up to ``MAX_WORKER_RESTARTS`` times per run), with the same result. Each partial folder keeps a
@@ -61,20 +62,16 @@ Exit codes: 0 done; 2 bad input (one line on stderr); 1 a worker failed; 130 int
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import fcntl
 import json
-import multiprocessing
-import os
 import shutil
-import signal
 import sys
 import time
 import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -89,16 +86,26 @@ if __name__ in ("__main__", "__mp_main__"):  # run as a script: make the reposit
 import numpy as np  # noqa: E402
 
 import worldmodel  # noqa: E402
-from envs.simulator import CAMERA_ID, Simulator, render_settings  # noqa: E402  (dm_control loads in workers only)
+from collect.agent import WARMUP_STEPS, PolicySettings, identify_policy  # noqa: E402  (torch: lazily)
+from collect.random_episodes import GroupSettings  # noqa: E402
+from collect.workers import (  # noqa: E402
+    EXIT_FAILED,
+    AssemblyJob,
+    EpisodeJob,
+    EpisodeResult,
+    Settings,
+    run_job,
+    start_pool,
+    stop_pool,
+)
+from envs.simulator import render_settings  # noqa: E402  (dm_control loads in workers only)
 from worldmodel import storage  # noqa: E402
 from worldmodel.atomic import TEMP_MARKER, atomic_write_text, stale_temporaries  # noqa: E402
-from worldmodel.errors import InputError, detail, report  # noqa: E402
+from worldmodel.errors import InputError, closed_output, report  # noqa: E402
 from worldmodel.machine import available_cores  # noqa: E402
-from worldmodel.tasks import IMAGE_SIZE, TASK_NAMES, get_task, parse_tasks, task_id  # noqa: E402
-from collect.agent import WARMUP_STEPS, PolicySettings, identify_policy, policy_episode  # noqa: E402  (torch: lazily)
+from worldmodel.tasks import TASK_NAMES, get_task, parse_tasks  # noqa: E402
 
 PROGRAM = "collect/dmcs.py"
-EXIT_FAILED = 1
 # A worker that dies (killed, or crashed: a glibc heap-corruption abort in a worker ended a full collection on
 # 2026-12-05) is replaced and its jobs redone, this often per run; a worker that dies every time ends the run.
 MAX_WORKER_RESTARTS = 3
@@ -156,36 +163,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class GroupSettings(NamedTuple):
-    """Everything that determines the contents of one <task>_<split>.h5 (stored with it as JSON)."""
-
-    format_version: int
-    task: str
-    split: str
-    seed: int
-    episodes: int
-    episode_steps: int  # T, agent steps per stored episode
-    episode_steps_cap: int | None  # the --episode-steps option
-    action_repeat: int
-    render: dict[str, Any]
-
-    def record(self) -> dict[str, Any]:
-        return self._asdict()
-
-    @property
-    def name(self) -> str:
-        return f"{self.task}_{self.split}"
-
-    def env_seed(self, episode: int) -> int:
-        return episode_seeds(self.seed, self.task, self.split, episode)[0]
-
-    def extra_attrs(self) -> dict[str, Any]:
-        return {}  # random episodes: nothing beside the attrs every dataset file has
-
-
-Settings = GroupSettings | PolicySettings
-
-
 class Group(NamedTuple):
     """One output file: a task and split (and part), with where its final and partial files live."""
 
@@ -199,31 +176,6 @@ class Group(NamedTuple):
 
     def episode_path(self, index: int) -> Path:
         return self.partial_dir / f"episode_{index:05d}.h5"
-
-
-class EpisodeJob(NamedTuple):
-    settings: Settings
-    index: int
-    path: str  # the episode file to write
-
-
-class AssemblyJob(NamedTuple):
-    settings: Settings
-    episode_paths: tuple[str, ...]
-    path: str  # the final dataset file
-    partial_dir: str
-    attrs: dict[str, Any]
-
-
-class EpisodeResult(NamedTuple):
-    group: str  # <task>_<split>[.<part>]
-    index: int
-    frames: int
-
-
-class AssemblyResult(NamedTuple):
-    group: str
-    path: str  # the final file written
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,23 +302,6 @@ def make_group(out: Path, settings: Settings) -> Group:
     part = settings.part if isinstance(settings, PolicySettings) else ""
     path = storage.dataset_path(out, settings.task, settings.split, part)
     return Group(settings, path, out / PARTIAL_FOLDER / settings.name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Seeds
-
-
-def episode_seeds(seed: int, task: str, split: str, episode: int) -> tuple[int, np.random.SeedSequence]:
-    """The environment seed and the action-noise seed sequence of one episode.
-
-    Derived from (seed, task index, split, episode index) only, so any subset of tasks, order of work
-    or resume yields the same episodes. The environment seed's lowest bit is the split index: train and
-    test seeds never coincide.
-    """
-    split_index = storage.SPLITS.index(split)
-    episode_sequence = np.random.SeedSequence(seed, spawn_key=(task_id(task), split_index, episode))
-    env_sequence, action_sequence = episode_sequence.spawn(2)
-    return storage.episode_env_seed(env_sequence, split), action_sequence  # 32-bit, lowest bit the split
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -503,107 +438,6 @@ def prepare_partials(states: Sequence[GroupState]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Worker side
-
-_SIMULATORS: dict[tuple[str, int, bool], Simulator] = {}  # one Simulator per task in each worker, reused
-
-
-def init_worker(parent_pid: int) -> None:
-    """Runs first in each worker: one render thread (workers give the parallelism), Ctrl-C handled by
-    the main process only, and death with the main process (so a killed run leaves no orphan writers)."""
-    for variable in ("LP_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = "1"
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    import absl.logging  # dm_control's deprecation warnings would garble the progress bar
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the main process died before prctl took effect
-        os._exit(EXIT_FAILED)
-
-
-def run_job(job: EpisodeJob | AssemblyJob) -> EpisodeResult | AssemblyResult:
-    return collect_episode(job) if isinstance(job, EpisodeJob) else assemble_group(job)
-
-
-def _simulator(settings: GroupSettings) -> Simulator:
-    key = (settings.task, settings.action_repeat, settings.render["fast_render"])
-    if key not in _SIMULATORS:
-        _SIMULATORS[key] = Simulator(settings.task, settings.action_repeat, fast_render=key[2], camera_id=CAMERA_ID)
-    return _SIMULATORS[key]
-
-
-def collect_episode(job: EpisodeJob) -> EpisodeResult:
-    """Run one episode (random actions, or an agent's) and write it, compressed, to its partial file."""
-    settings = job.settings
-    if isinstance(settings, GroupSettings):
-        episode, state_layout = random_episode(settings, job.index)
-    else:
-        episode, state_layout = policy_episode(settings, job.index)  # loads torch and the models in this worker
-    keys, sizes = zip(*state_layout)
-    attrs = {
-        "episode_index": job.index,
-        "state_keys": list(keys),
-        "state_sizes": list(sizes),
-        "collection_settings": json.dumps(settings.record(), sort_keys=True),
-    }
-    storage.write_episode(job.path, episode, attrs)
-    return EpisodeResult(settings.name, job.index, len(episode.frames))
-
-
-def random_episode(settings: GroupSettings, index: int) -> tuple[storage.Episode, list[tuple[str, int]]]:
-    """One uniform-random-action episode and the simulator's state layout."""
-    simulator = _simulator(settings)
-    env_seed, action_sequence = episode_seeds(settings.seed, settings.task, settings.split, index)
-    steps = settings.episode_steps
-    # One uniform draw per agent step; float32 so the stored action is exactly the applied one.
-    actions = np.random.default_rng(action_sequence).uniform(
-        simulator.action_low, simulator.action_high, size=(steps, len(simulator.action_low))
-    ).astype(np.float32)
-    frames = np.empty((steps + 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    states = np.empty((steps + 1, simulator.state_dim), np.float32)
-    rewards = np.empty(steps, np.float32)
-    frames[0], states[0] = simulator.reset(env_seed)
-    for t in range(steps):
-        transition = simulator.step(actions[t])
-        frames[t + 1], rewards[t], states[t + 1] = transition.frame, transition.reward, transition.state
-    return storage.Episode(frames, actions, rewards, states, env_seed), simulator.state_layout
-
-
-def assemble_group(job: AssemblyJob) -> AssemblyResult:
-    """Join a group's episode files into its final file, then delete the partials."""
-    if Path(job.path).exists():  # written (atomically) by a worker that died before it could report it
-        shutil.rmtree(job.partial_dir, ignore_errors=True)
-        return AssemblyResult(Path(job.path).stem, job.path)
-    expected_settings = json.dumps(job.settings.record(), sort_keys=True)
-    layouts = set()
-    for index, path in enumerate(job.episode_paths):
-        try:
-            attrs = storage.read_attrs(path)
-        except OSError as error:  # e.g. truncated by a full disk or an interrupted copy of the folder
-            raise storage.InvalidDatasetError(
-                f"{path} is damaged ({detail(error)}); delete it and rerun the same command to collect it again"
-            ) from None
-        seed = job.settings.env_seed(index)
-        found = (attrs.get("collection_settings"), attrs.get("episode_index"), attrs.get("episode_seed"))
-        if found != (expected_settings, index, seed):
-            raise storage.InvalidDatasetError(
-                f"{path} does not belong to this collection; delete it and rerun the same command"
-            )
-        layouts.add((tuple(attrs["state_keys"]), tuple(attrs["state_sizes"])))
-    if len(layouts) != 1:
-        raise storage.InvalidDatasetError(f"episodes of {job.path} disagree on the state layout")
-    (keys, sizes), = layouts
-    attrs = {**job.attrs, "state_keys": list(keys), "state_sizes": list(sizes), "state_dim": sum(sizes)}
-    storage.assemble_dataset(job.episode_paths, job.path, attrs)
-    shutil.rmtree(job.partial_dir)
-    return AssemblyResult(Path(job.path).stem, job.path)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Main side
 
 
@@ -716,21 +550,6 @@ def run_jobs(states: Sequence[GroupState], workers: int) -> None:
     pool.shutdown()
 
 
-def start_pool(workers: int) -> ProcessPoolExecutor:
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: safe with EGL
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(),))
-
-
-def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Kill our workers now, not after their job, and wait until they are gone (nothing writes after)."""
-    children = multiprocessing.active_children()
-    for process in children:
-        process.kill()
-    for process in children:
-        process.join()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
 class Summary(NamedTuple):
     file: str
     episodes: int
@@ -824,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenProcessPool:
         print(f"{PROGRAM}: error: a worker process died; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # `--help | head`
+        return closed_output()
     except Exception:  # a worker's bug or a disk error: show the traceback, what is written is kept
         traceback.print_exc()
         print(f"{PROGRAM}: error: collection failed; finished episodes are kept, rerun to resume", file=sys.stderr)

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 import worldmodel
-from collect.dmcs import episode_seeds
+from collect.random_episodes import episode_seeds
 from envs.simulator import FAST_RENDER_SETTINGS, Simulator
+from tests.process_tree import alive, descendants, log_tail, start, wait_for, wait_until_gone
 from worldmodel import storage
 from worldmodel.tasks import TASK_NAMES, TASKS
-from tests.process_tree import alive, descendants, log_tail, start, wait_for, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLLECTOR = REPO_ROOT / "collect" / "dmcs.py"

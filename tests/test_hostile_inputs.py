@@ -462,6 +462,22 @@ def test_dynamics_benchmark_refuses_a_damaged_checkpoint(smoke_run: Path, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script", ["collect/dmcs.py", "train/world_model.py", "downstream/reward.py"])
+def test_help_into_a_closed_pipe_ends_quietly(script: str) -> None:
+    """``script --help | head -3``: the reader goes away while the help is printed. The script stops with the
+    shell's code for it (141) and no traceback. The reading end is closed before the script starts, so its very
+    first write fails (a real ``| head`` only sometimes closes before the help is out)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr[-3000:]
+    assert result.stderr == "", result.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # The env constructors and the data API (library callers get the InputError)
 # ----------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from worldmodel.checkpoint import (  # noqa: E402
     seed_rng,
 )
 from worldmodel.dynamics_benchmark import benchmark_record, choose_window_starts, open_loop  # noqa: E402
-from worldmodel.errors import InputError, report  # noqa: E402
+from worldmodel.errors import InputError, closed_output, report  # noqa: E402
 from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, load_eval_set  # noqa: E402
 from worldmodel.config import STATE_VARIANT, ModelConfig  # noqa: E402
 from worldmodel.data import WindowDataset  # noqa: E402
@@ -563,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         config, tasks = prepare(parse_config(argv))
     except ValueError as error:  # InputError, or a ModelConfig check run while parsing
         return report(error)
+    except BrokenPipeError:  # `--help | head`
+        return closed_output()
     try:
         return run(config, tasks)
     except InputError as error:

@@ -11,10 +11,12 @@ working.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
+EXIT_CLOSED_OUTPUT = 141  # 128 + SIGPIPE: what a shell tool exits with when the reader of its output goes away
 DETAIL_CHARS = 200  # a foreign library's message quoted in ours is cut to this length
 
 
@@ -47,12 +49,23 @@ def report(error: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
+def closed_output() -> int:
+    """The reader of our stdout went away (``script --help | head -3``): stop quietly, as Unix tools do, instead
+    of a traceback. stdout goes to /dev/null first, or Python reports the pipe again when it flushes at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_CLOSED_OUTPUT
+
+
 def run_script(main: Callable[[], int | None]) -> int:
-    """Run a script's main; bad input ends in one line on stderr and exit code 2 instead of a traceback."""
+    """Run a script's main; bad input ends in one line on stderr and exit code 2 instead of a traceback, a closed
+    output pipe quietly (``closed_output``)."""
     try:
         return main() or 0
     except InputError as error:
         return report(error)
+    except BrokenPipeError:
+        return closed_output()
 
 
 def check_options(options: object, minimum: float, *names: str) -> None:
