@@ -41,12 +41,12 @@ from worldmodel.dynamics_benchmark import (
     probe_task,
 )
 from worldmodel.errors import InputError, check_options, one_line, run_cli
-from worldmodel.storage import checked_dataset_files
+from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 from worldmodel.precision import inference_compute
 from worldmodel.probes import MLP_STEPS, READOUTS
+from worldmodel.storage import checked_dataset_files
 from worldmodel.tasks import task_id
 from worldmodel.training import detect_split
-from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 
 DEFAULT_RUNS = (Path("runs/world_model"),)
 

@@ -100,7 +100,7 @@ from worldmodel.planning import PlannerConfig
 from worldmodel.precision import DynamicsPrecision
 from worldmodel.reward import RewardTrainConfig, fit_reward_predictor, save_reward_predictor
 from worldmodel.tasks import get_task
-from worldmodel.training import config_from_dict
+from worldmodel.train_config import config_from_dict
 
 STATE_FILE = "loop.json"
 ROUNDS_FILE = "rounds.jsonl"

@@ -17,7 +17,8 @@ from worldmodel.hvrnn import HierarchicalVRNN, LevelHead
 from worldmodel.losses import gaussian_kl, keypoint_error
 from worldmodel.model import Schedule, WorldModel, frames_to_images, previous_actions
 from worldmodel.srvp import SRVP, SRVPCarry
-from worldmodel.training import Stage, TrainConfig, schedule_at
+from worldmodel.train_config import Stage, TrainConfig
+from worldmodel.training import schedule_at
 
 CORES = list(DYNAMICS)
 SPEED = 0.3  # keypoint units per frame per unit of action (synthetic motion)
@@ -300,7 +301,7 @@ def test_config_and_checkpoints_record_the_core(tmp_path: pytest.TempPathFactory
 
 def test_train_cli_takes_dynamics() -> None:
     from train.world_model import parse_config
-    from worldmodel.training import validate
+    from worldmodel.train_config import validate
 
     config = parse_config(["--profile", "smoke", "--dynamics", "srvp", "--model", "cnn-vrnn"])
     assert config.model_config.dynamics == "srvp" and config.model_config.variant == "cnn-vrnn"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -11,15 +10,16 @@ from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.losses import relative_image_weights
 from worldmodel.model import (
     Diagnostics,
-    Losses,
     GuidedPrediction,
+    Losses,
     Schedule,
     WorldModel,
     frames_to_images,
-    reconstructed_frame_indices,
     previous_actions,
+    reconstructed_frame_indices,
 )
-from worldmodel.training import Stage, TrainConfig, schedule_at
+from worldmodel.train_config import Stage, TrainConfig
+from worldmodel.training import schedule_at
 
 B, T, OBS = 2, 5, 3
 

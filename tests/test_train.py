@@ -19,16 +19,9 @@ from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.data import WindowDataset
 from worldmodel.model import Losses, Schedule, WorldModel
 from worldmodel.precision import Compute
-from worldmodel import training
-from worldmodel.training import (
-    Stage,
-    TrainConfig,
-    kl_scale_at,
-    learning_rate_at,
-    paper_profile,
-    schedule_at,
-    teacher_forcing_at,
-)
+from worldmodel import train_config, training
+from worldmodel.train_config import Stage, TrainConfig, paper_profile
+from worldmodel.training import kl_scale_at, learning_rate_at, schedule_at, teacher_forcing_at
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train" / "world_model.py"
@@ -291,7 +284,7 @@ def test_channels_last_model_trains_under_ddp_without_a_gradient_layout_warning(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    config = training.profile_config("smoke")
+    config = train_config.profile_config("smoke")
     compute = Compute("cpu", "fp32", channels_last=True, reason="the tests' choice")
     model = compute.prepare(WorldModel(config.model_config))
     one_by_one = [p for p in model.parameters() if p.dim() == 4 and p.shape[-2:] == (1, 1)]
@@ -449,7 +442,7 @@ def test_init_from_a_finished_run_fine_tunes_its_core_on_another_folder(
 
 def test_a_checkpoint_from_before_new_options_still_resumes(reference_run: Path, tiny_dataset: Path) -> None:
     """Options added later (the dynamics core, --vision-from, ...) count as their defaults for old runs."""
-    from worldmodel.training import config_differences, profile_config
+    from worldmodel.train_config import config_differences, profile_config
 
     saved = load_checkpoint(reference_run)["train_config"]
     for name in ("dynamics", "vision_from", "init_from"):
@@ -501,7 +494,7 @@ def test_quick_profile_has_the_cpu_detector_and_smaller_dynamics() -> None:
     vision weights load into a cpu-profile model as they are (``--vision-from``), only the dynamics differ."""
     from worldmodel.model import vision_modules
 
-    cpu, quick = training.cpu_profile().net, training.quick_profile().net
+    cpu, quick = train_config.cpu_profile().net, train_config.quick_profile().net
     torch.manual_seed(0)
     cpu_model, quick_model = WorldModel(cpu), WorldModel(quick)
     for cpu_part, quick_part in zip(vision_modules(cpu_model), vision_modules(quick_model), strict=True):

@@ -15,7 +15,7 @@ summary.json (final evaluation, per-stage wall time, final losses).
 
 Reading order (``train``): parse and check the config, the run directory and the data; build the model,
 then start it or restore it from the checkpoint with its TrainState (stage, step, timings, last losses
-and evaluation); then one loop over the stages (worldmodel.training.Stage) until the run is done. Joint
+and evaluation); then one loop over the stages (worldmodel.train_config.Stage) until the run is done. Joint
 mode has one stage; staged mode has vision -> keypoints -> dynamics. A stage that trains is one plain
 loop (``optimise_stage``): schedule -> batch -> step -> log / evaluate / checkpoint.
 Bad input (worldmodel.errors.InputError) ends with a one-line error and exit code 2, before anything is
@@ -74,24 +74,26 @@ from worldmodel.keypoint_cache import (  # noqa: E402
     save_keypoint_cache,
     vision_fingerprint,
 )
-from worldmodel.training import (  # noqa: E402
+from worldmodel.train_config import (  # noqa: E402
     PROFILES,
+    Stage,
+    TrainConfig,
+    config_differences,
+    config_to_dict,
+    profile_config,
+    validate,
+)
+from worldmodel.training import (  # noqa: E402
     Batch,
     Objective,
     ResumableBatchSampler,
-    Stage,
     StageOptimizer,
-    TrainConfig,
     TrainState,
-    config_differences,
-    config_to_dict,
     detect_split,
     learning_rate_at,
-    profile_config,
     schedule_at,
     seeded_loader,
     train_step,
-    validate,
 )
 from worldmodel.visualize import save_keypoint_png, save_prediction_gif  # noqa: E402
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from worldmodel import training  # noqa: E402
+from worldmodel import train_config  # noqa: E402
 from worldmodel.machine import available_cores  # noqa: E402
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.precision import cpu_info  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="blocks of each layout, in turns")
     parser.add_argument("--stages", nargs="+", default=["vision", "dynamics"], choices=("vision", "dynamics"))
     args = parser.parse_args()
-    config = training.profile_config(args.profile)
+    config = train_config.profile_config(args.profile)
     processes = args.processes or available_cores()
     if processes < 2:
         sys.exit("bench_processes.py: one core here; the comparison needs at least 2 (--processes)")
@@ -106,7 +106,7 @@ def main() -> None:
     frames, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
     jobs: dict[str, tuple[dict[str, Any], int, str]] = {}
     if "vision" in args.stages:
-        job = dict(config=config, stage=training.Stage.VISION, precision=args.precision, inputs=frames,
+        job = dict(config=config, stage=train_config.Stage.VISION, precision=args.precision, inputs=frames,
                    actions=torch.zeros(*frames.shape[:2], 6), steps=args.steps)  # fmt: skip
         jobs["vision"] = (job, frames.shape[0] * frames.shape[1], "frames/s")
     if "dynamics" in args.stages:
@@ -114,7 +114,7 @@ def main() -> None:
         detector = WorldModel(config.model_config).eval()  # untrained: the step's cost does not depend on the values
         with torch.no_grad():
             keypoints = detector.detect(window_frames)
-        job = dict(config=config, stage=training.Stage.DYNAMICS, precision=args.precision, inputs=keypoints,
+        job = dict(config=config, stage=train_config.Stage.DYNAMICS, precision=args.precision, inputs=keypoints,
                    actions=window_actions, steps=args.steps)  # fmt: skip
         jobs["dynamics"] = (job, 1, "steps/s")
 

@@ -42,12 +42,12 @@ import torch  # noqa: E402
 
 from worldmodel.model import WorldModel  # noqa: E402
 from worldmodel.precision import choose_compute, cpu_info  # noqa: E402
-from worldmodel import training  # noqa: E402
+from worldmodel import train_config, training  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
-def real_or_random_batch(data: Path, config: training.TrainConfig, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def real_or_random_batch(data: Path, config: train_config.TrainConfig, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
         from worldmodel.data import WindowDataset
 
@@ -62,7 +62,7 @@ def real_or_random_batch(data: Path, config: training.TrainConfig, batch: int, l
         return frames, torch.rand(batch, length, 6, generator=generator) * 2 - 1, f"random frames ({error})"
 
 
-def build(config: training.TrainConfig, stage: training.Stage, precision: str, channels_last: bool, dynamics: str = "fp32",
+def build(config: train_config.TrainConfig, stage: train_config.Stage, precision: str, channels_last: bool, dynamics: str = "fp32",
           distributed: bool = False):  # noqa: ANN201
     """The model and one optimizer step of ``stage``, the trainer's (its objective in DistributedDataParallel when
     ``distributed``, inside a process group)."""
@@ -119,7 +119,7 @@ def conv_share(step: Callable[[], None]) -> float:
     return conv / total
 
 
-def data_wait(data: Path, config: training.TrainConfig, length: int, step_seconds: float, steps: int) -> float | None:
+def data_wait(data: Path, config: train_config.TrainConfig, length: int, step_seconds: float, steps: int) -> float | None:
     """Mean seconds the loop waits for a batch when each step takes ``step_seconds`` of compute."""
     try:
         from worldmodel.data import WindowDataset
@@ -148,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = training.profile_config(args.profile)
+    config = train_config.profile_config(args.profile)
     window = config.window
     frames, actions, source = real_or_random_batch(args.data, config, config.batch_size, window)
     print(f"profile {args.profile}: {config.model_config}")
@@ -168,8 +168,8 @@ def main() -> None:
     candidates = {"fp32 NCHW": ("fp32", False, "fp32"), "fp32 channels_last": ("fp32", True, "fp32"),
                   "bf16 channels_last": ("bf16", True, "bf16"),
                   auto_name: (auto.precision, auto.channels_last, auto.dynamics)}  # fmt: skip
-    steps = {name: build(config, training.Stage.JOINT, *choice)[1] for name, choice in candidates.items()}
-    _, vision_step = build(config, training.Stage.VISION, auto.precision, auto.channels_last)
+    steps = {name: build(config, train_config.Stage.JOINT, *choice)[1] for name, choice in candidates.items()}
+    _, vision_step = build(config, train_config.Stage.VISION, auto.precision, auto.channels_last)
     timed: dict[str, Callable[[], None]] = {
         f"joint, {name}": lambda step=step: step(frames, actions) for name, step in steps.items()
     }
@@ -194,7 +194,7 @@ def main() -> None:
     vision_only = seconds["vision losses only, auto"]
     # The dynamics side timed on its own (the joint step's dynamics read detached keypoints, so this is the
     # same work): the difference joint - vision-only is smaller than a shared machine's noise.
-    model, dynamics_step = build(config, training.Stage.DYNAMICS, auto.precision, auto.channels_last, auto.dynamics)
+    model, dynamics_step = build(config, train_config.Stage.DYNAMICS, auto.precision, auto.channels_last, auto.dynamics)
     keypoints = model.detect(frames)
     dynamics = interleaved_seconds({"dynamics side alone": lambda: dynamics_step(keypoints, actions)}, 3 * args.steps)[
         "dynamics side alone"
@@ -220,7 +220,7 @@ def main() -> None:
             net = dataclasses.replace(config.net, reconstructed_frames=n)
             vision_choices[f"fp32 channels_last, {n} reconstructed"] = (dataclasses.replace(config, net=net), "fp32", True)
         vision_steps = {
-            name: build(chosen, training.Stage.VISION, *choice)[1] for name, (chosen, *choice) in vision_choices.items()
+            name: build(chosen, train_config.Stage.VISION, *choice)[1] for name, (chosen, *choice) in vision_choices.items()
         }
         seconds = interleaved_seconds(
             {name: lambda step=step: step(vision_frames) for name, step in vision_steps.items()}, args.steps
