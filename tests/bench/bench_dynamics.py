@@ -7,6 +7,9 @@
 The trainer's automatic dynamics precision (``--dynamics-precision
 auto``: bf16 where the CPU runs it natively without AMX and the core is wide enough) picks one of the two: each core is
 timed in float32 and in bf16, in turns of ``--steps // 3`` steps, best of 3 turns each, and the pick is named.
+``--bf32`` adds a third candidate, not offered by the trainer: float32 tensors whose matrix products oneDNN
+computes from bf16-rounded inputs (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, on CPUs with native
+bf16; docs/PERFORMANCE.md, "A CPU with AMX").
 
 Under each figure, the ceiling this CPU puts on it: the step's matrix products (forward and backward, recorded
 with their shapes, strides and dtypes) replayed alone, one after the other, on fresh tensors. No change to the
@@ -17,6 +20,7 @@ Measure on free cores: with other jobs on them, OpenMP threads wait for each oth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -30,6 +34,27 @@ from worldmodel.precision import BF16_DYNAMICS_MIN_WIDTH, Compute, choose_comput
 
 
 Step = Callable[[Compute], None]
+
+
+class Candidate(NamedTuple):
+    """A way to run the dynamics' training step: the trainer's ``Compute`` and, for bf32, oneDNN's bf16 products."""
+
+    compute: Compute
+    bf16_products: bool = False
+
+    def context(self) -> contextlib.AbstractContextManager[None]:
+        return bf16_products() if self.bf16_products else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def bf16_products():  # type: ignore[no-untyped-def]
+    """fp32 tensors, matrix products computed by oneDNN from bf16-rounded inputs with fp32 accumulation."""
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
 def training_step(config: ModelConfig, batch: int, observed: int, predicted: int) -> Step:
@@ -54,19 +79,21 @@ def training_step(config: ModelConfig, batch: int, observed: int, predicted: int
     return step
 
 
-def steps_per_second(step: Step, steps: int, computes: dict[str, Compute]) -> dict[str, float]:
+def steps_per_second(step: Step, steps: int, candidates: dict[str, Candidate]) -> dict[str, float]:
     """Training steps per second for each dynamics precision, timed in turns (best of 3)."""
-    for compute in computes.values():
-        for _ in range(3):  # warm-up: allocator, autograd graph caches, oneDNN kernels
-            step(compute)
-    best = {name: float("inf") for name in computes}
+    for candidate in candidates.values():
+        with candidate.context():
+            for _ in range(3):  # warm-up: allocator, autograd graph caches, oneDNN kernels
+                step(candidate.compute)
+    best = {name: float("inf") for name in candidates}
     turn = max(1, steps // 3)
     for _ in range(3):
-        for name, compute in computes.items():
-            start = time.perf_counter()
-            for _ in range(turn):
-                step(compute)
-            best[name] = min(best[name], (time.perf_counter() - start) / turn)
+        for name, candidate in candidates.items():
+            with candidate.context():
+                start = time.perf_counter()
+                for _ in range(turn):
+                    step(candidate.compute)
+                best[name] = min(best[name], (time.perf_counter() - start) / turn)
     return {name: 1.0 / seconds for name, seconds in best.items()}
 
 
@@ -112,21 +139,22 @@ class ProductRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def products_alone(step: Step, compute: Compute, repeats: int = 5) -> tuple[int, int, float]:
+def products_alone(step: Step, candidate: Candidate, repeats: int = 5) -> tuple[int, int, float]:
     """The matrix products of one step replayed alone, on fresh tensors of the same shapes, strides and dtypes:
     -> (number of products, FLOPs, best seconds for all of them). No step can run faster than that on this
     machine's BLAS, whatever the element-wise work around the products costs."""
-    with ProductRecorder() as recorder:
-        step(compute)
-    calls = [(product.op, product.inputs()) for product in recorder.products]
-    for op, inputs in calls:  # warm-up: the BLAS's first calls at each shape
-        op(*inputs)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for op, inputs in calls:
+    with candidate.context():
+        with ProductRecorder() as recorder:
+            step(candidate.compute)
+        calls = [(product.op, product.inputs()) for product in recorder.products]
+        for op, inputs in calls:  # warm-up: the BLAS's first calls at each shape
             op(*inputs)
-        best = min(best, time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for op, inputs in calls:
+                op(*inputs)
+            best = min(best, time.perf_counter() - start)
     return len(calls), sum(product.flops() for product in recorder.products), best
 
 
@@ -138,6 +166,7 @@ def main() -> None:
     parser.add_argument("--observed", type=int, default=8)
     parser.add_argument("--predicted", type=int, default=8)
     parser.add_argument("--profile", choices=("cpu", "paper", "smoke"), default="cpu")
+    parser.add_argument("--bf32", action="store_true", help="also time fp32 tensors with oneDNN's bf16 products")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     factory = {"cpu": ModelConfig.cpu, "paper": ModelConfig.paper, "smoke": ModelConfig.smoke}[args.profile]
@@ -148,12 +177,14 @@ def main() -> None:
     amx = "yes" if info.amx_bf16 else "no"
     print(f"--dynamics-precision auto: bf16 where the CPU runs it natively ({native} here) and has no AMX (AMX: {amx} here), "
           f"if the core's width is >= {BF16_DYNAMICS_MIN_WIDTH}; else fp32")
-    computes = {precision: choose_compute("cpu", dynamics_precision=precision) for precision in ("fp32", "bf16")}
+    candidates = {precision: Candidate(choose_compute("cpu", dynamics_precision=precision)) for precision in ("fp32", "bf16")}
+    if args.bf32:
+        candidates["bf32"] = Candidate(candidates["fp32"].compute, bf16_products=True)
     for name in DYNAMICS:
         config = factory(dynamics=name)
         auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.dynamics_width)
         step = training_step(config, args.batch, args.observed, args.predicted)
-        rates = steps_per_second(step, args.steps, computes)
+        rates = steps_per_second(step, args.steps, candidates)
         core = WorldModel(config).dynamics
         size = sum(p.numel() for p in core.parameters())
         figures = ", ".join(f"{label} {rate:5.1f}" for label, rate in rates.items())
@@ -161,8 +192,8 @@ def main() -> None:
               f"{rates[auto.dynamics]:.1f})   (width {config.dynamics_width}, hidden {core.hidden_size}, "
               f"noise {core.noise_size}, best of {core.best_of}, {size / 1e3:.0f}k parameters)")
         print(f"         auto: {max(rates.values()) / rates[auto.dynamics]:.2f}x the fastest's time (target <= 1.10)")
-        for label, compute in computes.items():
-            count, flops, seconds = products_alone(step, compute)
+        for label, candidate in candidates.items():
+            count, flops, seconds = products_alone(step, candidate)
             print(f"         {label}: its {count} matrix products ({flops / 1e9:.2f} GFLOP a step) alone take "
                   f"{seconds * 1e3:.0f} ms ({flops / seconds / 1e9:.0f} GFLOP/s): at most {1 / seconds:.1f} steps/s here "
                   f"(the step runs at {rates[label] * seconds:.0%} of that)")
