@@ -47,11 +47,11 @@ per agent step, held for action_repeat control steps by ``envs.simulator.Simulat
 
 Work and safety: worker processes (``collect/workers.py``: 'spawn', one render thread each) collect one
 episode per job and write it, compressed, atomically to ``<out>/.partial/<task>_<split>/episode_NNNNN.h5``;
-once all episodes of a task and split exist, a worker assembles the final file under a temporary name
-(copying the compressed chunks) and renames it into place, then deletes the partials. So a file under a final name is always
-complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
-giving the same dataset as an uninterrupted run. A worker that dies mid-run is replaced and its jobs
-redone (up to ``MAX_WORKER_RESTARTS`` times per run), with the same result. Each partial folder keeps a
+once all episodes of a task and split exist, a worker assembles the final file under a temporary name (copying
+the compressed chunks) and renames it into place, then deletes the partials. So a file under a final name is
+always complete, and a killed run (SIGKILL included) resumes where it stopped when the same command is rerun,
+giving the same dataset as an uninterrupted run. A worker that dies mid-run is replaced and its jobs redone
+(up to ``MAX_WORKER_RESTARTS`` times per run), with the same result. Each partial folder keeps a
 settings.json; a rerun with other settings (seed, counts, action repeat, episode steps, render settings) is
 refused.
 
