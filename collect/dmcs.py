@@ -635,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         rows = collect(args)
+        print_summary(rows, time.perf_counter() - started)  # inside: its reader may be gone too
     except InputError as error:  # also a foreign or damaged episode file found while assembling
         return report(error)
     except KeyboardInterrupt:
@@ -643,13 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenProcessPool:
         print(f"{PROGRAM}: error: a worker process died; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
-    except BrokenPipeError:  # `--help | head`
+    except BrokenPipeError:  # the reader of our output went away (`--help | head`, `... | head -3`)
         return closed_output()
     except Exception:  # a worker's bug or a disk error: show the traceback, what is written is kept
         traceback.print_exc()
         print(f"{PROGRAM}: error: collection failed; finished episodes are kept, rerun to resume", file=sys.stderr)
         return EXIT_FAILED
-    print_summary(rows, time.perf_counter() - started)
     return 0
 
 
