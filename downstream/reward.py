@@ -10,7 +10,9 @@ low-dimensional states (upper bound) and the actions alone; a third with ``--sta
 states of a dynamics core trained on the true states (``train/world_model.py --model state-vrnn``), the
 best a world model with perfect perception reaches through the same protocol. With several ``--run``s, the
 first is also compared with each other one fold by fold (every input is tested on the same folds, so their
-difference is measured against its own spread, not each model's). Writes results.json,
+difference is measured against its own spread, not each model's); with several independently trained runs of
+one kind (variant and dynamics core: other ``--seed``s), the kinds are compared over seeds too (Welch's t-test
+on the runs' scores, ``worldmodel/seed_report.py``), which is what tells two models apart. Writes results.json,
 results.md and figure8.png to ``--out``, and each run's fold-0 predictors to
 ``<run>/reward_predictors/<task>.pt`` (tagged with the world model's fingerprint, which the imagination
 envs check; none for the state-space bound, which has no imagination env).
@@ -56,6 +58,7 @@ from worldmodel.reward_report import (
     summarize,
     write_json,
 )
+from worldmodel.seed_report import RunKind, seed_groups, seed_json, seed_table
 from worldmodel.state_bound import StateSizeMismatch, check_state_dim
 from worldmodel.model import WorldModel
 from worldmodel.storage import DatasetInfo, checked_dataset_files
@@ -107,6 +110,7 @@ class ProbedModel(NamedTuple):
     model: WorldModel
     fingerprint: str  # model_fingerprint: names its hidden-state cache and tags its saved predictors
     run_dir: Path
+    kind: RunKind | None  # its sample in the comparison over seeds; None for the state-space bound
 
 
 def check_args(args: Args) -> dict[str, list[DatasetInfo]]:
@@ -148,7 +152,9 @@ def load_runs(args: Args, test_files: dict[str, list[DatasetInfo]], device: torc
         label = loaded.config.variant
         if any(label == other.label for other in runs):
             label = f"{label} ({Path(run_path).name})"
-        runs.append(ProbedModel(label, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent))
+        kind = RunKind(label, f"{loaded.config.variant} / {loaded.config.dynamics}",
+                       model_fingerprint(loaded.model, leave_out="dynamics"))  # fmt: skip
+        runs.append(ProbedModel(label, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent, kind))
     return runs
 
 
@@ -164,7 +170,7 @@ def load_bound(path: Path, test_files: dict[str, list[DatasetInfo]], device: tor
             check_state_dim(loaded.config, task, main_file.state_dim, main_file.path)
         except StateSizeMismatch as error:
             raise InputError(f"--state-bound {path}: {error}") from None
-    return ProbedModel(STATE_BOUND, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent)
+    return ProbedModel(STATE_BOUND, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent, None)
 
 
 def hidden_state_cache(args: Args, probed: ProbedModel, task: str, device: torch.device) -> Path:
@@ -243,10 +249,11 @@ def write_report(args: Args, results: Results, runs: list[ProbedModel], bound: P
         "length": WINDOW_LENGTH,
     }  # fmt: skip
     meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
-    write_json(args.out / "results.json", results, meta)
+    groups = seed_groups([probed.kind for probed in runs if probed.kind is not None])
+    write_json(args.out / "results.json", results, meta, seeds=seed_json(results, groups))
     table = markdown_table(results)
-    paired = paired_table(results)  # '' with one world model
-    table += f"\n{paired}" if paired else ""
+    for section in (paired_table(results), seed_table(results, groups)):  # '' where there is nothing to compare
+        table += f"\n{section}" if section else ""
     atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)
     plot_figure8(args.out / "figure8.png", results, num_observed=NUM_OBSERVED)
     print(table)

@@ -104,6 +104,7 @@ def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset:
             assert np.isfinite(numbers["observed"]) and np.isfinite(numbers["predicted"])
     assert "| cartpole |" in (out / "results.md").read_text()
     assert report["paired_predicted"] == {}  # one world model: nothing to pair it with
+    assert report["seeds"] == {"samples": {"struct-vrnn / vrnn": ["struct-vrnn"]}, "left_out": {}, "comparisons": {}}
     assert (out / "figure8.png").stat().st_size > 10_000
 
     fingerprint = model_fingerprint(load_world_model(run, "cpu").model)

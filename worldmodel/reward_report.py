@@ -112,7 +112,8 @@ def verdict(difference: PairedDifference) -> str:
     return "within spread"
 
 
-def write_json(path: Path, results: Results, meta: dict) -> None:
+def write_json(path: Path, results: Results, meta: dict, seeds: dict | None = None) -> None:
+    """results.json; ``seeds``: the comparison over training seeds (``seed_report.seed_json``), if any."""
     models = world_models(results)
     payload = {
         "meta": meta,
@@ -140,6 +141,7 @@ def write_json(path: Path, results: Results, meta: dict) -> None:
             }
             for other in models[1:]
         },
+        "seeds": seeds or {},
     }
     atomic_write_text(path, json.dumps(payload, indent=2))
 
