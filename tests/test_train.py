@@ -292,6 +292,7 @@ def test_channels_last_model_trains_under_ddp_without_a_gradient_layout_warning(
     stage = Stage.VISION
     optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    objective = None
     try:
         objective = DistributedDataParallel(training.Objective(model, stage, config.observed_steps(stage)))
         frames = torch.randint(0, 256, (2, config.vision_window, 64, 64, 3), dtype=torch.uint8)
@@ -300,6 +301,10 @@ def test_channels_last_model_trains_under_ddp_without_a_gradient_layout_warning(
             warnings.simplefilter("always")
             training.train_step(objective, optimizer, batch, schedule_at(1, 10, config, stage), compute)
     finally:
+        # DDP's reducer holds the gloo group: drop it while the group exists (as the trainer does, whose stage
+        # returns before distributed.cleanup). Freed after destroy_process_group, the group's destructor hung
+        # once in a full suite run, in pthread_mutex_lock (py-spy, 2026-12-05).
+        objective = None
         dist.destroy_process_group()
     assert [str(w.message) for w in caught if "strides" in str(w.message)] == []
     assert all(torch.isfinite(p).all() for p in model.parameters())

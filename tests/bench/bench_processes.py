@@ -52,6 +52,7 @@ def worker(rank: int, world_size: int, port: int, job: dict[str, Any], results: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    step = None
     try:
         share = job["inputs"].shape[0] // world_size
         rows = slice(rank * share, (rank + 1) * share)
@@ -63,6 +64,7 @@ def worker(rank: int, world_size: int, port: int, job: dict[str, Any], results: 
             results.put(seconds)
         dist.barrier()
     finally:
+        step = None  # its DDP reducer holds the group: free it first (tests/test_train.py, the DDP layout test)
         dist.destroy_process_group()
 
 
