@@ -106,8 +106,10 @@ def seed_verdict(comparison: SeedComparison) -> str:
 def comparable_pairs(groups: SeedGroups) -> list[tuple[str, str]]:
     """The first kind against each other kind, where both have >= 2 independent runs."""
     kinds = [kind for kind, labels in groups.samples.items() if len(labels) >= 2]
-    first = next(iter(groups.samples), None)
-    return [(first, other) for other in kinds if first in kinds and other != first]
+    first = next(iter(groups.samples), None)  # the first run's kind
+    if first is None or first not in kinds:
+        return []
+    return [(first, other) for other in kinds if other != first]
 
 
 def seed_json(results: Results, groups: SeedGroups) -> dict:
