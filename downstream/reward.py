@@ -40,12 +40,15 @@ from tqdm.auto import tqdm
 
 from worldmodel.atomic import atomic_write_text
 from worldmodel.checkpoint import check_dataset_fits, find_checkpoint, load_world_model
+from worldmodel.config import OBSERVED_STEPS
 from worldmodel.devices import resolve_device
 from worldmodel.errors import InputError, check_options, run_cli
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import extract_window_features, save_features
-from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
+from worldmodel.keypoint_cache import vision_fingerprint
 from worldmodel.machine import available_cores
+from worldmodel.model import WorldModel
+from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
 from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, run_fit_jobs
 from worldmodel.reward_report import (
     ACTIONS_ONLY,
@@ -58,12 +61,10 @@ from worldmodel.reward_report import (
     summarize,
     write_json,
 )
-from worldmodel.seed_report import RunKind, seed_groups, seed_json, seed_table
+from worldmodel.seed_report import RunKind, seed_comparisons, seed_groups, seed_json, seed_table
 from worldmodel.state_bound import StateSizeMismatch, check_state_dim
-from worldmodel.model import WorldModel
 from worldmodel.storage import DatasetInfo, checked_dataset_files
 from worldmodel.tasks import parse_tasks
-from worldmodel.config import OBSERVED_STEPS
 
 PREDICTOR_DIR = "reward_predictors"
 DEFAULT_RUNS = (Path("runs/world_model"),)
@@ -152,8 +153,7 @@ def load_runs(args: Args, test_files: dict[str, list[DatasetInfo]], device: torc
         label = loaded.config.variant
         if any(label == other.label for other in runs):
             label = f"{label} ({Path(run_path).name})"
-        kind = RunKind(label, f"{loaded.config.variant} / {loaded.config.dynamics}",
-                       model_fingerprint(loaded.model, leave_out="dynamics"))  # fmt: skip
+        kind = RunKind(label, f"{loaded.config.variant} / {loaded.config.dynamics}", vision_fingerprint(loaded.model))
         runs.append(ProbedModel(label, loaded.model, model_fingerprint(loaded.model), loaded.info.path.parent, kind))
     return runs
 
@@ -250,9 +250,10 @@ def write_report(args: Args, results: Results, runs: list[ProbedModel], bound: P
     }  # fmt: skip
     meta["args"]["run"] = [str(path) for path in args.run or DEFAULT_RUNS]
     groups = seed_groups([probed.kind for probed in runs if probed.kind is not None])
-    write_json(args.out / "results.json", results, meta, seeds=seed_json(results, groups))
+    comparisons = seed_comparisons(results, groups)
+    write_json(args.out / "results.json", results, meta, seeds=seed_json(groups, comparisons))
     table = markdown_table(results)
-    for section in (paired_table(results), seed_table(results, groups)):  # '' where there is nothing to compare
+    for section in (paired_table(results), seed_table(groups, comparisons)):  # '' where there is nothing to compare
         table += f"\n{section}" if section else ""
     atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)
     plot_figure8(args.out / "figure8.png", results, num_observed=NUM_OBSERVED)

@@ -147,4 +147,3 @@ def test_paired_difference_is_taken_fold_by_fold() -> None:
     assert "| cheetah | -0.083 ± 0.024 | 3 of 3 | lower |" in table
     assert "struct lower beyond the paired spread on 1 of 1 tasks." in table
     assert paired_table({"cheetah": {"struct": struct, TRUE_STATES: cnn}}) == ""  # one world model: no pairs
-

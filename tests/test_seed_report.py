@@ -11,12 +11,14 @@ import torch
 
 from worldmodel.config import ModelConfig
 from worldmodel.fingerprint import model_fingerprint
+from worldmodel.keypoint_cache import vision_fingerprint
 from worldmodel.model import WorldModel
 from worldmodel.reward_report import InputResult, summarize, write_json
 from worldmodel.seed_report import (
     RunKind,
     comparable_pairs,
     compare_over_seeds,
+    seed_comparisons,
     seed_groups,
     seed_json,
     seed_table,
@@ -76,22 +78,25 @@ def test_seed_table_compares_kinds_with_two_runs_each(tmp_path: Path) -> None:
         RunKind("struct", "struct-vrnn / vrnn", "d1"), RunKind("cnn", "cnn-vrnn / vrnn", "e1"),
         RunKind("struct (s2)", "struct-vrnn / vrnn", "d2"), RunKind("cnn (s2)", "cnn-vrnn / vrnn", "e2"),
     ])  # fmt: skip
-    table = seed_table(results, groups)
+    comparisons = seed_comparisons(results, groups)
+    table = seed_table(groups, comparisons)
     assert "- struct-vrnn / vrnn: 2 independent runs (struct, struct (s2))" in table
     assert "| cartpole | 0.600 ± 0.141 | 1.100 ± 0.141 | -0.500 ± 0.141 | 0.072 | not separable |" in table
     assert "struct-vrnn / vrnn lower over seeds on 0 of 2 tasks (2 and 2 runs)." in table
-    payload = seed_json(results, groups)
+    payload = seed_json(groups, comparisons)
     cheetah = payload["comparisons"]["struct-vrnn / vrnn - cnn-vrnn / vrnn"]["cheetah"]
     assert np.isclose(cheetah["first_mean"], 0.7) and cheetah["verdict"] == "not separable"
     # identical runs within each kind: no spread, so any gap is a difference (and JSON gets null, not Infinity)
     flat = {"cartpole": {"struct": _scores(0.5), "cnn": _scores(1.0), "struct (s2)": _scores(0.5), "cnn (s2)": _scores(1.0)}}
-    flat_json = seed_json(flat, groups)["comparisons"]["struct-vrnn / vrnn - cnn-vrnn / vrnn"]["cartpole"]
+    flat_seeds = seed_json(groups, seed_comparisons(flat, groups))
+    flat_json = flat_seeds["comparisons"]["struct-vrnn / vrnn - cnn-vrnn / vrnn"]["cartpole"]
     assert flat_json["degrees_of_freedom"] is None and flat_json["verdict"] == "lower"
-    write_json(tmp_path / "results.json", flat, {}, seeds=seed_json(flat, groups))
+    write_json(tmp_path / "results.json", flat, {}, seeds=flat_seeds)
     assert json.loads((tmp_path / "results.json").read_text())["seeds"]["samples"] == groups.samples
     assert "Infinity" not in (tmp_path / "results.json").read_text()
     # one run per kind: no section at all
-    assert seed_table(results, seed_groups([RunKind("struct", "s", "d1"), RunKind("cnn", "c", "e1")])) == ""
+    single = seed_groups([RunKind("struct", "s", "d1"), RunKind("cnn", "c", "e1")])
+    assert seed_table(single, seed_comparisons(results, single)) == ""
 
 
 def test_the_perception_fingerprint_ignores_the_dynamics_core_only() -> None:
@@ -99,10 +104,10 @@ def test_the_perception_fingerprint_ignores_the_dynamics_core_only() -> None:
     detector trained apart does not."""
     torch.manual_seed(0)
     model = WorldModel(ModelConfig.smoke(variant="struct-vrnn"))
-    perception, whole = model_fingerprint(model, leave_out="dynamics"), model_fingerprint(model)
+    perception, whole = vision_fingerprint(model), model_fingerprint(model)
     with torch.no_grad():
         next(model.dynamics.parameters()).add_(1.0)
-    assert model_fingerprint(model, leave_out="dynamics") == perception and model_fingerprint(model) != whole
+    assert vision_fingerprint(model) == perception and model_fingerprint(model) != whole
     with torch.no_grad():
         next(model.detector.parameters()).add_(1.0)
-    assert model_fingerprint(model, leave_out="dynamics") != perception
+    assert vision_fingerprint(model) != perception

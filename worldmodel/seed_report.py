@@ -7,8 +7,8 @@ that over seeds: each kind (variant and dynamics core, e.g. ``struct-vrnn / vrnn
 independently trained runs, each run scored by its mean over the folds, and two kinds are compared by
 Welch's t-test on those scores (unequal variances; the paper averaged 5 initialisations per model).
 
-Independent means trained apart: a run whose perception (everything but the dynamics core) is the same as
-an earlier run's, as with ``train/world_model.py --vision-from``, shares that run's detector and would
+Independent means trained apart: a run whose perception (the vision weights, ``vision_fingerprint``) is the
+same as an earlier run's, as with ``train/world_model.py --vision-from``, shares that run's detector and would
 understate the spread, so it is left out of its kind's sample and named in the report.
 """
 
@@ -30,7 +30,7 @@ class RunKind(NamedTuple):
 
     label: str  # its column in the report
     kind: str  # variant and dynamics core, e.g. "struct-vrnn / vrnn"
-    perception: str  # fingerprint of everything but the dynamics core: runs that share one are not independent
+    perception: str  # keypoint_cache.vision_fingerprint: runs that share one are not independent
 
 
 class SeedGroups(NamedTuple):
@@ -112,21 +112,28 @@ def comparable_pairs(groups: SeedGroups) -> list[tuple[str, str]]:
     return [(first, other) for other in kinds if other != first]
 
 
-def seed_json(results: Results, groups: SeedGroups) -> dict:
+def seed_comparisons(results: Results, groups: SeedGroups) -> dict[tuple[str, str], dict[str, SeedComparison]]:
+    """(first kind, other kind) -> per task comparison, for every comparable pair."""
+    return {
+        (first, second): compare_over_seeds(results, groups.samples[first], groups.samples[second])
+        for first, second in comparable_pairs(groups)
+    }
+
+
+def seed_json(groups: SeedGroups, comparisons: dict[tuple[str, str], dict[str, SeedComparison]]) -> dict:
     return {
         "samples": groups.samples,
         "left_out": groups.left_out,
         "comparisons": {
             f"{first} - {second}": {
-                task: {**_finite_or_none(c._asdict()), "verdict": seed_verdict(c)}
-                for task, c in compare_over_seeds(results, groups.samples[first], groups.samples[second]).items()
+                task: {**_finite_or_none(c._asdict()), "verdict": seed_verdict(c)} for task, c in by_task.items()
             }
-            for first, second in comparable_pairs(groups)
+            for (first, second), by_task in comparisons.items()
         },
     }
 
 
-def seed_table(results: Results, groups: SeedGroups) -> str:
+def seed_table(groups: SeedGroups, comparisons: dict[tuple[str, str], dict[str, SeedComparison]]) -> str:
     """The report's section on seeds: which runs form each kind's sample and, where two kinds have >= 2 runs
     each, the comparison per task; '' when every kind has a single run and nothing was left out."""
     if all(len(labels) < 2 for labels in groups.samples.values()) and not groups.left_out:
@@ -136,11 +143,9 @@ def seed_table(results: Results, groups: SeedGroups) -> str:
         lines.append(f"- {kind}: {len(labels)} independent run{'s' * (len(labels) != 1)} ({', '.join(labels)})")
     for label, shares in groups.left_out.items():
         lines.append(f"- left out: {label}, whose perception is that of {shares} (not an independent seed)")
-    pairs = comparable_pairs(groups)
-    if not pairs:
+    if not comparisons:
         lines.append("\nNo two kinds have 2 or more independent runs each: nothing to compare over seeds.")
-    for first, second in pairs:
-        comparisons = compare_over_seeds(results, groups.samples[first], groups.samples[second])
+    for (first, second), by_task in comparisons.items():
         lines += [
             "",
             f"{first} - {second}, predicted frames (mean ± std over runs; p: two-sided, "
@@ -149,14 +154,14 @@ def seed_table(results: Results, groups: SeedGroups) -> str:
             f"| task | {first} | {second} | difference | p | verdict |",
             "|---|---|---|---|---|---|",
         ]
-        for task, c in comparisons.items():
+        for task, c in by_task.items():
             lines.append(
                 f"| {task} | {c.first_mean:.3f} ± {c.first_std:.3f} | {c.second_mean:.3f} ± {c.second_std:.3f} "
                 f"| {c.difference:+.3f} ± {c.standard_error:.3f} | {c.p_value:.3f} | {seed_verdict(c)} |"
             )
-        lower = sum(seed_verdict(c) == "lower" for c in comparisons.values())
+        lower = sum(seed_verdict(c) == "lower" for c in by_task.values())
         runs = f"{len(groups.samples[first])} and {len(groups.samples[second])} runs"
-        lines.append(f"\n{first} lower over seeds on {lower} of {len(comparisons)} tasks ({runs}).")
+        lines.append(f"\n{first} lower over seeds on {lower} of {len(by_task)} tasks ({runs}).")
     return "\n".join(lines) + "\n"
 
 
