@@ -147,3 +147,39 @@ def test_paired_difference_is_taken_fold_by_fold() -> None:
     assert "| cheetah | -0.083 ± 0.024 | 3 of 3 | lower |" in table
     assert "struct lower beyond the paired spread on 1 of 1 tasks." in table
     assert paired_table({"cheetah": {"struct": struct, TRUE_STATES: cnn}}) == ""  # one world model: no pairs
+
+
+def test_a_fit_job_runs_on_one_thread_whatever_the_caller_set_and_gives_the_same_result(tmp_path, monkeypatch) -> None:
+    # The thread count changes the order of floating-point sums, which moved an acrobot fold 2x: a fit's
+    # result must not depend on how many threads the machine (or the caller) uses.
+    from worldmodel import reward_jobs
+    from worldmodel.hidden_states import WindowFeatures, save_features
+
+    inputs, episodes = synthetic_windows(200, 12, 8, seed=4)
+    rewards = torch.sigmoid(torch.roll(inputs, shifts=-1, dims=1)[..., 0])
+    features = WindowFeatures(inputs, rewards, torch.zeros(200, 12, 6), torch.zeros(200, 12, 2), episodes)
+    save_features(tmp_path / "task.npz", features)
+    train, test = episode_folds(episodes, num_folds=5, seed=0)[0]
+    config = RewardTrainConfig(epochs=3, batch_size=64, patience=5, seed=0)
+    threads_in_fit: list[int] = []
+    real_fit = reward_jobs.fit_reward_predictor
+
+    def recording_fit(*args, **kwargs):
+        threads_in_fit.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(reward_jobs, "fit_reward_predictor", recording_fit)
+    caller_threads = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            job = reward_jobs.FitJob("task", "model", tmp_path / "task.npz", "hidden", 0, train, test,
+                                     tmp_path / f"result-{threads}.npy")  # fmt: skip
+            results.append(reward_jobs.run_fit_job(job, config))
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+            np.testing.assert_array_equal(np.load(job.result), results[-1])
+    finally:
+        torch.set_num_threads(caller_threads)
+    assert threads_in_fit == [reward_jobs.FIT_THREADS] * 2 == [1, 1]
+    np.testing.assert_array_equal(results[0], results[1])

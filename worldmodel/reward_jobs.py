@@ -25,7 +25,6 @@ import torch
 
 from worldmodel.atomic import atomic_write_stream
 from worldmodel.hidden_states import load_features
-from worldmodel.machine import available_cores
 from worldmodel.reward import (
     RewardTrainConfig,
     evaluate_mse,
@@ -36,6 +35,7 @@ from worldmodel.reward import (
 
 InputKind = Literal["hidden", "states", "actions"]
 RESULT_FORMAT = 2  # what a result file holds; part of the key of the result cache (downstream/reward.py)
+FIT_THREADS = 1  # torch threads per fit: fits run in parallel processes, and one thread keeps results machine-independent
 
 
 class SavedPredictor(NamedTuple):
@@ -61,11 +61,23 @@ class FitJob(NamedTuple):
         return self.result.is_file() and (self.predictor is None or self.predictor.path.is_file())
 
 
-def run_fit_job(job: FitJob, config: RewardTrainConfig, threads: int | None = None) -> np.ndarray:
+def run_fit_job(job: FitJob, config: RewardTrainConfig) -> np.ndarray:
     """Fit and score one job; write its result (and predictor). -> (2, L): per-frame test MSE of the
-    predictor (row 0) and of the null model (row 1); frame 0 (no target) is NaN."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    predictor (row 0) and of the null model (row 1); frame 0 (no target) is NaN.
+
+    The fit runs on ``FIT_THREADS`` torch threads whatever the caller's setting (restored afterwards): the
+    thread count changes the order of floating-point sums, and on a task with rare large rewards (acrobot)
+    that alone moved a fold's figure by 2x (docs/DYNAMICS.md), so results must not depend on the machine.
+    """
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(FIT_THREADS)
+    try:
+        return _fit_and_score(job, config)
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+def _fit_and_score(job: FitJob, config: RewardTrainConfig) -> np.ndarray:
     features = load_features(job.features)
     inputs = getattr(features, job.kind)
     fit = fit_reward_predictor(
@@ -87,8 +99,9 @@ def run_fit_jobs(
     results of those that are; ``on_done(job, errors)`` gets each job's errors (2, L) (see ``run_fit_job``)
     as it finishes or is loaded.
 
-    Each worker process uses ``cores // workers`` torch threads: on a small machine one-thread processes side
-    by side beat threads inside one process (the GRU's steps are too small to split well).
+    Each fit uses ``FIT_THREADS`` (1) torch thread, so ``workers`` processes use that many cores: one-thread
+    processes side by side beat threads inside one process (the GRU's steps are too small to split well), and a
+    fit's result does not depend on the thread count (see ``run_fit_job``).
     """
     pending = []
     for job in jobs:
@@ -101,11 +114,10 @@ def run_fit_jobs(
             on_done(job, run_fit_job(job, config))
         return
 
-    threads = max(1, available_cores() // workers)
     # spawn, not fork: the parent has torch's thread pools running, which a forked child must not inherit.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
-        running = {pool.submit(run_fit_job, job, config, threads): job for job in pending}
+        running = {pool.submit(run_fit_job, job, config): job for job in pending}
         try:
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
