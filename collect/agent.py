@@ -312,7 +312,7 @@ def policy_episode(settings: PolicySettings, index: int) -> tuple[storage.Episod
     noise = np.random.default_rng(seeds.noise)
     import torch  # (loaded by _runner already)
 
-    from envs.context import cpu_threads
+    from worldmodel.devices import cpu_threads
     from worldmodel.planning import CEMPlanner
 
     agent = runner.agent

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from downstream import rl
-from envs.context import cpu_threads
 from envs.imagination_models import ImaginationModels, load_imagination_models
 from envs.through_model import RealTaskThroughModel
 from worldmodel.atomic import atomic_write_text
+from worldmodel.devices import cpu_threads
 from worldmodel.errors import check_options, run_cli
 from worldmodel.planning import CEMPlanner, PlannerConfig, save_planner
 from worldmodel.tasks import get_task

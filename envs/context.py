@@ -30,11 +30,9 @@ Choices written down here:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -77,25 +75,6 @@ class ContextSource(Protocol):
     def sample(self, rng: np.random.Generator, with_frame: bool, from_start: bool = False) -> Context:
         """A context drawn with ``rng``; ``from_start``: the first frames of an episode (its initial state)."""
         ...
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
-    """Run torch's CPU ops with ``count`` threads (restored after); None or a CUDA device: leave it.
-
-    The envs' per-step tensors are small, so one thread is the default: more threads spin-wait on each
-    other when other processes hold the cores (docs/DECISIONS.md). On an idle machine with more cores,
-    more may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
-    """
-    if count is None or device.type != "cpu" or torch.get_num_threads() == count:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @torch.inference_mode()

@@ -18,8 +18,9 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
-from envs.context import ContextSource, context_source, cpu_threads, filter_context, posterior_noise
+from envs.context import ContextSource, context_source, filter_context, posterior_noise
 from envs.imagination_models import ImaginationModels, load_imagination_models
+from worldmodel.devices import cpu_threads
 from worldmodel.dynamics_core import CoreCarry, DynamicsCore
 from worldmodel.errors import InputError
 from worldmodel.model import WorldModel, inference_autocast

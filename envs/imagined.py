@@ -75,7 +75,7 @@ class ImaginedEnv(gym.Env[np.ndarray, np.ndarray]):
     | ``observe_keypoints`` | append the current keypoints to the observation (default ``False``) |
     | ``horizon`` | imagined steps per episode; default ``1000 // action_repeat`` |
     | ``device`` | ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``, ... |
-    | ``threads`` | torch CPU threads inside the env's calls (default 1: its tensors are small, see ``envs.context.cpu_threads``); ``None`` leaves torch's setting |
+    | ``threads`` | torch CPU threads inside the env's calls (default 1: its tensors are small, see ``worldmodel.devices.cpu_threads``); ``None`` leaves torch's setting |
     | ``render_mode`` | ``"rgb_array"``: the imagined 64x64 frame decoded from the current keypoints |
 
     ``info`` at reset says where the context came from: ``context_episode`` and ``context_start`` (dataset)

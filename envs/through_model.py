@@ -17,7 +17,6 @@ from torch import Tensor
 from envs.context import (
     CONTEXT_LENGTH,
     FilteredContext,
-    cpu_threads,
     detect_frames,
     filter_context,
     posterior_noise,
@@ -26,6 +25,7 @@ from envs.context import (
 from envs.imagination_batch import check_actions, observation_space, observations_of
 from envs.imagination_models import ImaginationModels
 from worldmodel.config import WARMUP_ACTIONS
+from worldmodel.devices import cpu_threads
 from worldmodel.dynamics_core import CoreCarry
 from worldmodel.errors import InputError
 from worldmodel.tasks import MAX_ACTION_DIM, pad_actions

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from worldmodel.errors import InputError
@@ -22,3 +25,22 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None, device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops with ``count`` threads (restored after); None or a CUDA device: leave it.
+
+    The envs' per-step tensors are small, so one thread is the default: more threads spin-wait on each
+    other when other processes hold the cores (docs/DECISIONS.md). On an idle machine with more cores,
+    more may pay off for large batches: pass ``threads=None`` (torch's setting) or a count.
+    """
+    if count is None or device.type != "cpu" or torch.get_num_threads() == count:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

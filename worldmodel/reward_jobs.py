@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from worldmodel.atomic import atomic_write_stream
+from worldmodel.devices import cpu_threads
 from worldmodel.hidden_states import load_features
 from worldmodel.reward import (
     RewardTrainConfig,
@@ -69,27 +70,19 @@ def run_fit_job(job: FitJob, config: RewardTrainConfig) -> np.ndarray:
     thread count changes the order of floating-point sums, and on a task with rare large rewards (acrobot)
     that alone moved a fold's figure by 2x (docs/DYNAMICS.md), so results must not depend on the machine.
     """
-    caller_threads = torch.get_num_threads()
-    torch.set_num_threads(FIT_THREADS)
-    try:
-        return _fit_and_score(job, config)
-    finally:
-        torch.set_num_threads(caller_threads)
-
-
-def _fit_and_score(job: FitJob, config: RewardTrainConfig) -> np.ndarray:
-    features = load_features(job.features)
-    inputs = getattr(features, job.kind)
-    fit = fit_reward_predictor(
-        inputs[job.train], features.rewards[job.train], features.episodes[job.train], config
-    )
-    mse = evaluate_mse(fit.predictor, inputs[job.test], features.rewards[job.test])
-    null = null_model_mse(features.rewards[job.train], features.rewards[job.test])
-    errors = torch.stack([mse, null]).numpy()  # (2, L)
-    if job.predictor is not None:
-        save_reward_predictor(job.predictor.path, fit.predictor, job.task, job.predictor.world_model)
-    atomic_write_stream(job.result, lambda handle: np.save(handle, errors))
-    return errors
+    with cpu_threads(FIT_THREADS, torch.device("cpu")):  # the fits run on the CPU (the cached features are there)
+        features = load_features(job.features)
+        inputs = getattr(features, job.kind)
+        fit = fit_reward_predictor(
+            inputs[job.train], features.rewards[job.train], features.episodes[job.train], config
+        )
+        mse = evaluate_mse(fit.predictor, inputs[job.test], features.rewards[job.test])
+        null = null_model_mse(features.rewards[job.train], features.rewards[job.test])
+        errors = torch.stack([mse, null]).numpy()  # (2, L)
+        if job.predictor is not None:
+            save_reward_predictor(job.predictor.path, fit.predictor, job.task, job.predictor.world_model)
+        atomic_write_stream(job.result, lambda handle: np.save(handle, errors))
+        return errors
 
 
 def run_fit_jobs(
