@@ -183,3 +183,36 @@ def test_a_fit_job_runs_on_one_thread_whatever_the_caller_set_and_gives_the_same
         torch.set_num_threads(caller_threads)
     assert threads_in_fit == [reward_jobs.FIT_THREADS] * 2 == [1, 1]
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_a_fit_runs_on_one_thread_for_every_caller_and_its_weights_do_not_depend_on_the_callers_count(
+    monkeypatch,
+) -> None:
+    # Not only the reward experiment's jobs: downstream/loop.py fits in its own process with the machine's
+    # thread count, so the pin has to live in the fit itself.
+    from worldmodel import reward
+
+    inputs, episodes = synthetic_windows(120, 10, 6, seed=5)
+    rewards = torch.sigmoid(torch.roll(inputs, shifts=-1, dims=1)[..., 1])
+    config = RewardTrainConfig(epochs=3, batch_size=32, patience=5, seed=0)
+    threads_in_fit: list[int] = []
+    real_evaluate = reward.evaluate_mse
+
+    def recording_evaluate(*args, **kwargs):  # called once before and once per epoch, inside the fit
+        threads_in_fit.append(torch.get_num_threads())
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "evaluate_mse", recording_evaluate)
+    caller_threads = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            fit = reward.fit_reward_predictor(inputs, rewards, episodes, config)
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+            weights.append(fit.predictor.state_dict())
+    finally:
+        torch.set_num_threads(caller_threads)
+    assert len(threads_in_fit) == 2 * (1 + 3) and set(threads_in_fit) == {reward.FIT_THREADS} == {1}
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)

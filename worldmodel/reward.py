@@ -22,12 +22,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.atomic import UnreadableTorchFile, atomic_torch_save, load_torch_file
+from worldmodel.devices import cpu_threads
 from worldmodel.errors import InputError, MissingInputError, detail
 
 
 # Bumped whenever a change to the predictor or its training changes the numbers it gives, so that cached
 # fit results of an older version are not reused (downstream/reward.py keys its result cache on it).
 FIT_VERSION = 2
+# Torch threads of every fit, whatever the caller or the machine: the thread count changes the order of
+# floating-point sums, and on a task with rare large rewards (acrobot) that alone moved a fold's figure by 2x
+# (docs/DYNAMICS.md), so a fit's result must not depend on the core count. One thread also suits the fits' use:
+# several run side by side in processes (worldmodel/reward_jobs.py), and a GRU step this small splits badly.
+FIT_THREADS = 1
 
 
 class RewardPredictor(nn.Module):
@@ -145,7 +151,16 @@ class FitResult(NamedTuple):
 def fit_reward_predictor(
     inputs: Tensor, rewards: Tensor, episodes: np.ndarray, config: RewardTrainConfig
 ) -> FitResult:
-    """Train a RewardPredictor on windows: inputs (N, L, F), window rewards (N, L), episode id per window."""
+    """Train a RewardPredictor on windows: inputs (N, L, F), window rewards (N, L), episode id per window.
+
+    Runs on ``FIT_THREADS`` torch threads (the caller's setting is restored), so the result is the same on
+    every machine for the same inputs and seed.
+    """
+    with cpu_threads(FIT_THREADS, torch.device("cpu")):  # the predictor lives on the CPU
+        return _fit(inputs, rewards, episodes, config)
+
+
+def _fit(inputs: Tensor, rewards: Tensor, episodes: np.ndarray, config: RewardTrainConfig) -> FitResult:
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     predictor = RewardPredictor(inputs.shape[-1], config.units)

@@ -27,6 +27,7 @@ from worldmodel.atomic import atomic_write_stream
 from worldmodel.devices import cpu_threads
 from worldmodel.hidden_states import load_features
 from worldmodel.reward import (
+    FIT_THREADS,
     RewardTrainConfig,
     evaluate_mse,
     fit_reward_predictor,
@@ -36,7 +37,6 @@ from worldmodel.reward import (
 
 InputKind = Literal["hidden", "states", "actions"]
 RESULT_FORMAT = 2  # what a result file holds; part of the key of the result cache (downstream/reward.py)
-FIT_THREADS = 1  # torch threads per fit: fits run in parallel processes, and one thread keeps results machine-independent
 
 
 class SavedPredictor(NamedTuple):
@@ -66,9 +66,8 @@ def run_fit_job(job: FitJob, config: RewardTrainConfig) -> np.ndarray:
     """Fit and score one job; write its result (and predictor). -> (2, L): per-frame test MSE of the
     predictor (row 0) and of the null model (row 1); frame 0 (no target) is NaN.
 
-    The fit runs on ``FIT_THREADS`` torch threads whatever the caller's setting (restored afterwards): the
-    thread count changes the order of floating-point sums, and on a task with rare large rewards (acrobot)
-    that alone moved a fold's figure by 2x (docs/DYNAMICS.md), so results must not depend on the machine.
+    The fit and the scoring run on ``reward.FIT_THREADS`` torch threads whatever the caller's setting (restored
+    afterwards), so results do not depend on the machine (see ``fit_reward_predictor``).
     """
     with cpu_threads(FIT_THREADS, torch.device("cpu")):  # the fits run on the CPU (the cached features are there)
         features = load_features(job.features)
