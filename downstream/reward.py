@@ -23,8 +23,6 @@ an interrupted experiment continues where it stopped, and a rerun with the same 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -48,12 +46,11 @@ from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.keypoint_cache import vision_fingerprint
 from worldmodel.machine import available_cores
 from worldmodel.model import WorldModel
-from worldmodel.reward import FIT_VERSION, RewardTrainConfig, episode_folds
-from worldmodel.reward_jobs import RESULT_FORMAT, FitJob, InputKind, SavedPredictor, run_fit_jobs
+from worldmodel.reward import RewardTrainConfig, episode_folds
+from worldmodel.reward_experiment import CONTROL_KEYS, features_path, fits_directory, result_path
+from worldmodel.reward_jobs import FitJob, InputKind, SavedPredictor, run_fit_jobs
 from worldmodel.reward_report import (
-    ACTIONS_ONLY,
     STATE_BOUND,
-    TRUE_STATES,
     Results,
     markdown_table,
     paired_table,
@@ -175,7 +172,7 @@ def load_bound(path: Path, test_files: dict[str, list[DatasetInfo]], device: tor
 
 def hidden_state_cache(args: Args, probed: ProbedModel, task: str, device: torch.device) -> Path:
     """The model's hidden states of the task's test windows, extracted once into ``--out/cache``."""
-    cache = args.out / "cache" / f"{probed.fingerprint[:16]}-s{args.seed}-n{args.sequences}" / f"{task}.npz"
+    cache = features_path(args.out, probed.fingerprint, args.seed, args.sequences, task)
     if not cache.is_file():
         extracted = extract_window_features(
             probed.model, args.data, task, args.sequences, length=WINDOW_LENGTH, num_observed=NUM_OBSERVED,
@@ -199,13 +196,12 @@ def task_jobs(
     if bound is not None:  # its own hidden states, of the same windows (no predictor: it has no env)
         inputs.append((STATE_BOUND, bound.fingerprint[:16], hidden_state_cache(args, bound, task, device), "hidden", None))
     if args.controls:  # the same windows for every run: take them from the first run's cache
-        inputs += [(TRUE_STATES, "true-states", caches[0], "states", None),
-                   (ACTIONS_ONLY, "actions-only", caches[0], "actions", None)]  # fmt: skip
+        inputs += [(label, key, caches[0], kind, None) for label, (key, kind) in CONTROL_KEYS.items()]  # type: ignore[misc]
     with np.load(caches[0]) as cached:
         episodes = cached["episodes"]
     folds = episode_folds(episodes, args.folds, args.seed)[: args.folds_run]
     jobs = [
-        FitJob(task, label, cache, kind, fold, train, test, fits_dir / task / f"{key}-fold{fold}.npy",
+        FitJob(task, label, cache, kind, fold, train, test, result_path(fits_dir, task, key, fold),
                predictor if fold == 0 else None)  # fold 0's predictor is the one the imagination env uses
         for label, key, cache, kind, predictor in inputs
         for fold, (train, test) in enumerate(folds)
@@ -268,8 +264,7 @@ def main(args: Args) -> None:
     runs = load_runs(args, test_files, device)
     bound = None if args.state_bound is None else load_bound(args.state_bound, test_files, device)
     train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
-    fit_key = hashlib.sha256(json.dumps([FIT_VERSION, RESULT_FORMAT, asdict(train_config)]).encode()).hexdigest()[:8]
-    fits_dir = args.out / "cache" / f"fits-s{args.seed}-n{args.sequences}-f{args.folds}-{fit_key}"
+    fits_dir = fits_directory(args.out, args.seed, args.sequences, args.folds, train_config)
     jobs: list[FitJob] = []
     labels: dict[str, list[str]] = {}
     for task in test_files:  # per task: hidden states of every model (cached), then one fit job per input and fold

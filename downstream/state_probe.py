@@ -33,7 +33,7 @@ from worldmodel.atomic import atomic_write_text
 from worldmodel.errors import InputError, run_cli
 from worldmodel.probes import MLP_STEPS, fit_probe, r_squared_per_dim
 from worldmodel.reward import episode_folds
-from worldmodel.reward_report import STATE_BOUND
+from worldmodel.reward_experiment import cached_inputs, read_meta
 
 
 @dataclass(frozen=True)
@@ -47,24 +47,6 @@ class Args:
     """Comma-separated tasks of the experiment, or 'all'."""
     steps: int = MLP_STEPS
     """Training minibatches of each MLP probe."""
-
-
-def read_experiment(out: Path) -> dict[str, Any]:
-    path = out / "results.json"
-    if not path.is_file():
-        raise InputError(f"no {path}: run the reward experiment first (python downstream/reward.py --out {out})")
-    try:
-        return json.loads(path.read_text())["meta"]
-    except (ValueError, KeyError) as error:
-        raise InputError(f"{path} is not a report of downstream/reward.py ({error}); run the experiment again") from None
-
-
-def probed_inputs(meta: dict[str, Any]) -> dict[str, str]:
-    """Label -> fingerprint of every model whose hidden states the experiment cached."""
-    inputs = {label: run["fingerprint"] for label, run in meta["runs"].items()}
-    if meta.get("state_bound"):
-        inputs[STATE_BOUND] = meta["state_bound"]["fingerprint"]
-    return inputs
 
 
 def probe_frames(cache: Path, frames: tuple[int, ...], folds: int, seed: int, steps: int) -> dict[int, list[float]]:
@@ -97,20 +79,18 @@ def markdown(report: dict[str, dict[str, dict[int, list[float]]]], frames: tuple
 def main(args: Args) -> dict[str, Any]:
     if args.steps < 1 or not args.frames or min(args.frames) < 0:
         raise InputError("--steps must be >= 1 and --frames non-negative frame numbers")
-    meta = read_experiment(args.reward_out)
+    meta = read_meta(args.reward_out)
     experiment = meta["args"]
-    inputs = probed_inputs(meta)
     cached_tasks = sorted({path.stem for path in (args.reward_out / "cache").glob("*/*.npz")})
     tasks = cached_tasks if args.tasks == "all" else [task.strip() for task in args.tasks.split(",")]
+    inputs = {task: cached_inputs(args.reward_out, meta, task, hidden_only=True) for task in tasks}  # missing: InputError
     report: dict[str, dict[str, dict[int, list[float]]]] = {}
-    progress = tqdm(total=len(tasks) * len(inputs), desc="state probes", unit="model")
-    for task in tasks:
-        for label, fingerprint in inputs.items():
-            cache = args.reward_out / "cache" / f"{fingerprint[:16]}-s{experiment['seed']}-n{experiment['sequences']}" / f"{task}.npz"
-            if not cache.is_file():
-                raise InputError(f"no cached hidden states of {label} for {task} ({cache}); rerun the reward experiment "
-                                 f"with this task (downstream/reward.py --out {args.reward_out})")  # fmt: skip
-            report.setdefault(task, {})[label] = probe_frames(cache, args.frames, experiment["folds"], experiment["seed"], args.steps)
+    progress = tqdm(total=sum(len(task_inputs) for task_inputs in inputs.values()), desc="state probes", unit="model")
+    for task, task_inputs in inputs.items():
+        for cached in task_inputs:
+            report.setdefault(task, {})[cached.label] = probe_frames(
+                cached.features, args.frames, experiment["folds"], experiment["seed"], args.steps
+            )
             progress.update(1)
     progress.close()
     record = {"frames": list(args.frames), "num_observed": meta["num_observed"], "steps": args.steps, "tasks": report}

@@ -24,7 +24,7 @@ def write_experiment(out: Path, windows: int = 400, length: int = 20) -> None:
     states = rng.normal(size=(windows, length, 3)).astype(np.float32)
     holds = np.concatenate([states[:, :8], rng.normal(size=(windows, length - 8, 3)).astype(np.float32)], 1)
     episodes = np.repeat(np.arange(windows // 20), 20)
-    meta = {"args": {"seed": 0, "sequences": windows, "folds": 5}, "num_observed": 8,
+    meta = {"args": {"seed": 0, "sequences": windows, "folds": 5, "epochs": 60}, "num_observed": 8,
             "runs": {"struct-vrnn": {"fingerprint": "a" * 64}}, "state_bound": {"fingerprint": "b" * 64}}
     (out / "cache" / f"{'a' * 16}-s0-n{windows}").mkdir(parents=True)
     (out / "cache" / f"{'b' * 16}-s0-n{windows}").mkdir(parents=True)

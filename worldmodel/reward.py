@@ -210,24 +210,30 @@ def _fit(inputs: Tensor, rewards: Tensor, episodes: np.ndarray, config: RewardTr
 
 
 @torch.no_grad()
+def predict_rewards(predictor: RewardPredictor, inputs: Tensor, batch_size: int = 1024) -> Tensor:
+    """The predictor's rewards (N, L) of windows (N, L, F), in batches; compare with ``align_rewards``' targets."""
+    predictor.eval()
+    return torch.cat([predictor(inputs[i : i + batch_size])[0] for i in range(0, len(inputs), batch_size)])
+
+
 def evaluate_mse(predictor: RewardPredictor, inputs: Tensor, rewards: Tensor, batch_size: int = 1024) -> Tensor:
     """Per-frame MSE (L,) over windows; frame 0 (no target) is NaN."""
-    predictor.eval()
     targets, mask = align_rewards(rewards)
-    squared = torch.cat([
-        (predictor(inputs[i : i + batch_size])[0] - targets[i : i + batch_size]) ** 2
-        for i in range(0, len(inputs), batch_size)
-    ])
-    per_frame = squared.mean(0)
+    per_frame = ((predict_rewards(predictor, inputs, batch_size) - targets) ** 2).mean(0)
     per_frame[~mask] = float("nan")
     return per_frame
+
+
+def null_reward(train_rewards: Tensor) -> float:
+    """What the null model predicts at every step: the mean of the training windows' reward targets."""
+    targets, mask = align_rewards(train_rewards)
+    return float(targets[:, mask].mean())
 
 
 def null_model_mse(train_rewards: Tensor, test_rewards: Tensor) -> Tensor:
     """Per-frame MSE (L,) of predicting the mean training reward at every step; frame 0 is NaN."""
     targets, mask = align_rewards(test_rewards)
-    train_targets, _ = align_rewards(train_rewards)
-    mean_reward = train_targets[:, mask].mean()
+    mean_reward = align_rewards(train_rewards)[0][:, mask].mean()  # null_reward's, kept a tensor (same sums)
     per_frame = ((targets - mean_reward) ** 2).mean(0)
     per_frame[~mask] = float("nan")
     return per_frame

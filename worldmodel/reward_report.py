@@ -72,6 +72,45 @@ def summarize(errors: np.ndarray, num_observed: int) -> InputResult:
 Results = dict[str, dict[str, InputResult]]  # task -> input label -> result
 
 
+class EpisodeError(NamedTuple):
+    """One test episode's part in a fold's predicted-step error (``episode_errors``)."""
+
+    episode: int
+    windows: int  # the fold's test windows cut from it
+    share: float  # of the fold's summed squared error on predicted frames
+    fold_without: float  # the fold's predicted-step normalized MSE with this episode's windows left out
+    max_reward: float  # the highest true reward on its windows' predicted frames
+    max_predicted: float  # the highest reward the predictor gave there
+
+
+def episode_errors(
+    predicted: np.ndarray, targets: np.ndarray, null_reward: float, episodes: np.ndarray, num_observed: int
+) -> tuple[float, list[EpisodeError]]:
+    """A fold's predicted-step normalized MSE, and each test episode's part in it, largest share first.
+
+    predicted, targets (N, L): the predictor's rewards and the aligned true ones (``reward.align_rewards``) of the
+    fold's N test windows; null_reward: the null model's constant prediction; episodes (N,): each window's
+    episode. Over frames num_observed .. L-1, as ``summarize``'s predicted-step figure (a ratio of sums).
+
+    Why per episode: on heavy-tailed rewards one false imagined swing-up can carry nearly all of a fold's error
+    (docs/DYNAMICS.md), and the fold's figure alone cannot show it.
+    """
+    squared = ((predicted - targets)[:, num_observed:] ** 2).sum(1)  # (N,)
+    null_squared = ((targets[:, num_observed:] - null_reward) ** 2).sum(1)  # (N,)
+    total, null_total = squared.sum(), null_squared.sum()
+    rows = []
+    for episode in np.unique(episodes):
+        mine = episodes == episode
+        rest = null_total - null_squared[mine].sum()
+        rows.append(EpisodeError(
+            int(episode), int(mine.sum()), float(squared[mine].sum() / total) if total > 0 else 0.0,
+            float((total - squared[mine].sum()) / rest) if rest > 0 else float("nan"),
+            float(targets[mine, num_observed:].max()), float(predicted[mine, num_observed:].max()),
+        ))  # fmt: skip
+    rows.sort(key=lambda row: -row.share)
+    return float(total / null_total) if null_total > 0 else float("nan"), rows
+
+
 def fold_mean_and_spread(normalized_mse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame mean and std over folds (L,), NaN where no fold has a value (frame 0) without a warning."""
     with warnings.catch_warnings():
