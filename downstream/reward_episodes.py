@@ -10,7 +10,7 @@ it, and the highest true and predicted rewards on its predicted frames.
 
 Why: random-policy rewards are heavy-tailed, so the null model's error (the normaliser) is small and one
 confident false prediction can decide a fold. On acrobot, one test episode that the world models imagine as a
-swing-up carries 95-99% of the error of the folds that blew up (docs/DYNAMICS.md). Writes
+swing-up carries 90-98% of the error of the folds that blew up (docs/DYNAMICS.md). Writes
 ``episodes-<task>.json`` and ``episodes-<task>.md`` to ``--reward-out``.
 """
 
