@@ -16,7 +16,6 @@ swing-up carries 90-98% of the error of the folds that blew up (docs/DYNAMICS.md
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 from tqdm.auto import tqdm
 
-from worldmodel.atomic import atomic_write_text
 from worldmodel.errors import InputError, run_cli
 from worldmodel.hidden_states import load_features
 from worldmodel.reward import (
@@ -39,7 +37,14 @@ from worldmodel.reward import (
     null_reward,
     predict_rewards,
 )
-from worldmodel.reward_experiment import CachedInput, cached_inputs, fits_directory, read_meta, result_path
+from worldmodel.reward_experiment import (
+    CachedInput,
+    cached_inputs,
+    fits_directory,
+    read_meta,
+    result_path,
+    write_analysis,
+)
 from worldmodel.reward_report import EpisodeError, episode_errors
 
 
@@ -134,10 +139,7 @@ def main(args: Args) -> dict[str, Any]:
             progress.update(1)
     progress.close()
     record = {"task": args.task, "num_observed": num_observed, "inputs": report}
-    atomic_write_text(args.reward_out / f"episodes-{args.task}.json", json.dumps(record, indent=1))
-    table = markdown(args.task, report)
-    atomic_write_text(args.reward_out / f"episodes-{args.task}.md", table)
-    print(table)
+    write_analysis(args.reward_out, f"episodes-{args.task}", record, markdown(args.task, report))
     return record
 
 

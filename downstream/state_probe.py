@@ -16,7 +16,6 @@ over the imagined ones points at the dynamics; one that never holds it, at perce
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -29,11 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from worldmodel.atomic import atomic_write_text
 from worldmodel.errors import InputError, run_cli
 from worldmodel.probes import MLP_STEPS, fit_probe, r_squared_per_dim
 from worldmodel.reward import episode_folds
-from worldmodel.reward_experiment import cached_inputs, read_meta
+from worldmodel.reward_experiment import cached_inputs, read_meta, write_analysis
 
 
 @dataclass(frozen=True)
@@ -94,10 +92,7 @@ def main(args: Args) -> dict[str, Any]:
             progress.update(1)
     progress.close()
     record = {"frames": list(args.frames), "num_observed": meta["num_observed"], "steps": args.steps, "tasks": report}
-    atomic_write_text(args.reward_out / "state_probe.json", json.dumps(record, indent=1))
-    table = markdown(report, args.frames, meta["num_observed"])
-    atomic_write_text(args.reward_out / "state_probe.md", table)
-    print(table)
+    write_analysis(args.reward_out, "state_probe", record, markdown(report, args.frames, meta["num_observed"]))
     return record
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from worldmodel.atomic import atomic_write_text
 from worldmodel.errors import InputError
 from worldmodel.reward import FIT_VERSION, RewardTrainConfig
 from worldmodel.reward_jobs import RESULT_FORMAT, InputKind
@@ -86,3 +87,11 @@ def cached_inputs(out: Path, meta: dict[str, Any], task: str, hidden_only: bool 
             raise InputError(f"no cached hidden states of {cached.label} for {task} ({cached.features}); rerun the reward "
                              f"experiment with this task (downstream/reward.py --out {out})")  # fmt: skip
     return inputs
+
+
+def write_analysis(out: Path, name: str, record: dict[str, Any], table: str) -> None:
+    """Write an analysis of the experiment beside its report: ``<name>.json`` (the record) and ``<name>.md`` (the
+    table, also printed)."""
+    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=1))
+    atomic_write_text(out / f"{name}.md", table)
+    print(table)
