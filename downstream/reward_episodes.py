@@ -94,20 +94,21 @@ def refit_fold(cached: CachedInput, fold: tuple[np.ndarray, np.ndarray], config:
     fit = fit_reward_predictor(inputs[train], features.rewards[train], features.episodes[train], config)
     predicted = predict_rewards(fit.predictor, inputs[test]).numpy()  # (N, L)
     targets = align_rewards(features.rewards[test])[0].numpy()  # (N, L)
-    return episode_errors(predicted, targets, null_reward(features.rewards[train]), features.episodes[test], num_observed)
+    null = null_reward(features.rewards[train])
+    return episode_errors(predicted, targets, null, features.episodes[test], num_observed)
 
 
 def markdown(task: str, report: dict[str, dict[int, dict[str, Any]]]) -> str:
-    lines = [f"{task}: predicted-step normalized reward MSE per fold, and the test episode with the largest share of it",
-             "", "| input | fold | figure | experiment's fit | worst episode | its share | fold without it | its max reward |"
-             " max predicted there |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"{task}: predicted-step normalized reward MSE per fold, and the test episode with the largest share",
+             "", "| input | fold | figure | experiment's fit | worst episode | its share | fold without it "
+             "| its max reward | max predicted there |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, per_fold in report.items():
         for fold, entry in per_fold.items():
             worst = entry["episodes"][0]
             cached = "-" if entry["experiment"] is None else f"{entry['experiment']:.3f}"
-            lines.append(f"| {label} | {fold} | {entry['figure']:.3f} | {cached} | {worst['episode']} ({worst['windows']} "
-                         f"windows) | {worst['share']:.0%} | {worst['fold_without']:.3f} | {worst['max_reward']:.3f} | "
-                         f"{worst['max_predicted']:.3f} |")  # fmt: skip
+            lines.append(f"| {label} | {fold} | {entry['figure']:.3f} | {cached} | {worst['episode']} "
+                         f"({worst['windows']} windows) | {worst['share']:.0%} | {worst['fold_without']:.3f} | "
+                         f"{worst['max_reward']:.3f} | {worst['max_predicted']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -63,8 +63,8 @@ def test_refits_reproduce_the_experiments_fit_and_find_the_episode_that_carries_
     # The experiment's own fit of fold 0, as downstream/reward.py runs it; fold 1 has none on disk.
     train, test = episode_folds(episodes, 5, 0)[0]
     result = result_path(fits_directory(tmp_path, 0, len(episodes), 5, config), "cartpole", "a" * 16, 0)
-    errors = run_fit_job(FitJob("cartpole", "struct-vrnn", features_path(tmp_path, "a" * 64, 0, len(episodes), "cartpole"),
-                                "hidden", 0, train, test, result), config)  # fmt: skip
+    cache = features_path(tmp_path, "a" * 64, 0, len(episodes), "cartpole")
+    errors = run_fit_job(FitJob("cartpole", "struct-vrnn", cache, "hidden", 0, train, test, result), config)
 
     record = main(Args(task="cartpole", reward_out=tmp_path, top=3))
     folds = record["inputs"]["struct-vrnn"]
@@ -98,7 +98,8 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         main(Args(task="cartpole", reward_out=tmp_path, folds="one"))
     with pytest.raises(InputError, match="--inputs: cnn-vrnn not in the experiment"):
         main(Args(task="cartpole", reward_out=tmp_path, inputs="cnn-vrnn"))
-    result = subprocess.run([sys.executable, "downstream/reward_episodes.py", "--task", "cartpole", "--reward-out",
-                             str(tmp_path / "none")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    missing = str(tmp_path / "none")  # no experiment there
+    command = [sys.executable, "downstream/reward_episodes.py", "--task", "cartpole", "--reward-out", missing]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "run the reward experiment first" in result.stderr

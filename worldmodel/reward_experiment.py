@@ -24,7 +24,8 @@ from worldmodel.reward import FIT_VERSION, RewardTrainConfig
 from worldmodel.reward_jobs import RESULT_FORMAT, InputKind
 from worldmodel.reward_report import ACTIONS_ONLY, STATE_BOUND, TRUE_STATES
 
-CONTROL_KEYS = {TRUE_STATES: ("true-states", "states"), ACTIONS_ONLY: ("actions-only", "actions")}  # label -> (key, kind)
+# The controls' report rows -> (the key naming their fits, the cached array they read).
+CONTROL_KEYS = {TRUE_STATES: ("true-states", "states"), ACTIONS_ONLY: ("actions-only", "actions")}
 
 
 def features_path(out: Path, fingerprint: str, seed: int, sequences: int, task: str) -> Path:
@@ -53,7 +54,8 @@ def read_meta(out: Path) -> dict[str, Any]:
         missing = [key for key in ("seed", "sequences", "folds", "epochs") if key not in meta["args"]]
         missing += [key for key in ("runs", "num_observed") if key not in meta]
     except (ValueError, KeyError, TypeError) as error:
-        raise InputError(f"{path} is not a report of downstream/reward.py ({error!r}); run the experiment again") from None
+        raise InputError(f"{path} is not a report of downstream/reward.py ({error!r}); "
+                         "run the experiment again") from None
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: it is not a report of this version of "
                          f"downstream/reward.py; run the experiment again (python downstream/reward.py --out {out})")
@@ -76,16 +78,18 @@ def cached_inputs(out: Path, meta: dict[str, Any], task: str, hidden_only: bool 
     models = [(label, run["fingerprint"]) for label, run in meta["runs"].items()]
     if meta.get("state_bound"):
         models.append((STATE_BOUND, meta["state_bound"]["fingerprint"]))
+    seed, sequences = settings["seed"], settings["sequences"]
     inputs = [
-        CachedInput(label, fingerprint[:16], features_path(out, fingerprint, settings["seed"], settings["sequences"], task), "hidden")
+        CachedInput(label, fingerprint[:16], features_path(out, fingerprint, seed, sequences, task), "hidden")
         for label, fingerprint in models
-    ]  # fmt: skip
+    ]
     if settings.get("controls") and not hidden_only and inputs:
-        inputs += [CachedInput(label, key, inputs[0].features, kind) for label, (key, kind) in CONTROL_KEYS.items()]  # type: ignore[misc]
+        first = inputs[0].features
+        inputs += [CachedInput(label, key, first, kind) for label, (key, kind) in CONTROL_KEYS.items()]  # type: ignore[misc]
     for cached in inputs:
         if not cached.features.is_file():
-            raise InputError(f"no cached hidden states of {cached.label} for {task} ({cached.features}); rerun the reward "
-                             f"experiment with this task (downstream/reward.py --out {out})")  # fmt: skip
+            raise InputError(f"no cached hidden states of {cached.label} for {task} ({cached.features}); rerun the "
+                             f"reward experiment with this task (downstream/reward.py --out {out})")  # fmt: skip
     return inputs
 
 
