@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from worldmodel.errors import InputError, run_cli
-from worldmodel.hidden_states import load_features
+from worldmodel.hidden_states import WindowFeatures, load_features
 from worldmodel.reward import (
     RewardTrainConfig,
     align_rewards,
@@ -38,13 +38,13 @@ from worldmodel.reward import (
     predict_rewards,
 )
 from worldmodel.reward_experiment import (
-    CachedInput,
     cached_inputs,
     fits_directory,
     read_meta,
     result_path,
     write_analysis,
 )
+from worldmodel.reward_jobs import InputKind
 from worldmodel.reward_report import EpisodeError, episode_errors
 
 
@@ -85,11 +85,11 @@ def cached_figure(path: Path, num_observed: int) -> float | None:
     return float(np.nansum(mse[num_observed:]) / np.nansum(null[num_observed:]))
 
 
-def refit_fold(cached: CachedInput, fold: tuple[np.ndarray, np.ndarray], config: RewardTrainConfig,
-               num_observed: int) -> tuple[float, list[EpisodeError]]:  # fmt: skip
-    """Fit the input's predictor on the fold's training windows and split its test error by episode."""
-    features = load_features(cached.features)
-    inputs = getattr(features, cached.kind)
+def refit_fold(features: WindowFeatures, kind: InputKind, fold: tuple[np.ndarray, np.ndarray],
+               config: RewardTrainConfig, num_observed: int) -> tuple[float, list[EpisodeError]]:  # fmt: skip
+    """Fit a predictor on the fold's training windows of one input (``kind`` of the cached features) and split
+    its test error by episode."""
+    inputs = getattr(features, kind)
     train, test = fold
     fit = fit_reward_predictor(inputs[train], features.rewards[train], features.episodes[train], config)
     predicted = predict_rewards(fit.predictor, inputs[test]).numpy()  # (N, L)
@@ -129,8 +129,9 @@ def main(args: Args) -> dict[str, Any]:
     report: dict[str, dict[int, dict[str, Any]]] = {}
     progress = tqdm(total=len(labels) * len(folds), desc=f"{args.task} refits", unit="fit")
     for label in labels:
+        features = load_features(inputs[label].features)  # once per input: a task's cache is ~200 MB
         for fold in folds:
-            figure, episodes = refit_fold(inputs[label], splits[fold], config, num_observed)
+            figure, episodes = refit_fold(features, inputs[label].kind, splits[fold], config, num_observed)
             experiment = cached_figure(result_path(fits_dir, args.task, inputs[label].key, fold), num_observed)
             report.setdefault(label, {})[fold] = {
                 "figure": figure, "experiment": experiment,
