@@ -4,7 +4,7 @@ episodes acted by a trained agent as a named part of such a dataset.
 Usage (from the repository root)::
 
     python collect/dmcs.py --domains all                   # full datasets into data/dmcs (564,300 frames,
-                                                           # ~1.1 GB, ~1.5 h on 2 free cores: README)
+                                                           # ~1.1 GB, 37-52 min on 2 free cores: README)
     python collect/dmcs.py --preset quick --out data/quick  # a few short episodes per task, ~1 min
     python collect/dmcs.py --help                           # every option, documented
     python collect/dmcs.py --domains cheetah --policy runs/rl/cheetah-ppo.zip --checkpoint runs/world_model \

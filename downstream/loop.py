@@ -140,7 +140,7 @@ class Args:
     """Round 0 first fine-tunes the given model's dynamics on the task's random data for this many steps, with the
     run's own training settings (train/world_model.py --init-from CHECKPOINT --tasks TASK --dynamics-steps N); 0: round
     0 uses the given model as it is. A model trained on six tasks may not know what one task's actions do
-    (downstream/action_ranking.py; README, "A real run")."""
+    (downstream/action_ranking.py; docs/RESULTS.md)."""
     reward_windows: int = 2_000
     """Test windows (length 20) the reward predictor is fit on each round."""
     reward_epochs: int = 30

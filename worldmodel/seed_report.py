@@ -2,7 +2,7 @@
 
 The fold-paired test of ``reward_report`` asks whether two *runs* differ on the same test folds. Reseeding
 the dynamics stage alone moves a run's predicted-step error by a few hundredths, beyond that test's spread
-on half the tasks (README, "A real run"), so it cannot say whether two *models* differ. This module asks
+on half the tasks (docs/RESULTS.md), so it cannot say whether two *models* differ. This module asks
 that over seeds: each kind (variant and dynamics core, e.g. ``struct-vrnn / vrnn``) is a sample of
 independently trained runs, each run scored by its mean over the folds, and two kinds are compared by
 Welch's t-test on those scores (unequal variances; the paper averaged 5 initialisations per model).
