@@ -45,7 +45,7 @@ from worldmodel.reward_experiment import (
     write_analysis,
 )
 from worldmodel.reward_jobs import InputKind
-from worldmodel.reward_report import EpisodeError, episode_errors
+from worldmodel.reward_report import EpisodeError, episode_errors, summarize
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,7 @@ def cached_figure(path: Path, num_observed: int) -> float | None:
     """The experiment's own predicted-step figure of a fit, from its result file (None if it has none)."""
     if not path.is_file():
         return None
-    mse, null = np.load(path)  # (L,), (L,)
-    return float(np.nansum(mse[num_observed:]) / np.nansum(null[num_observed:]))
+    return summarize(np.load(path)[None], num_observed).predicted_mean  # (2, L) -> one fold of (folds, 2, L)
 
 
 def refit_fold(features: WindowFeatures, kind: InputKind, fold: tuple[np.ndarray, np.ndarray],
