@@ -90,6 +90,26 @@ def test_training_state_round_trips_through_a_weights_only_file(tmp_path: Path) 
     assert (state.stage, state.step, state.global_step(config)) == (Stage.DONE, 0, 80)
 
 
+def test_the_trainers_adam_is_fused_on_cpu_and_makes_adams_first_step() -> None:
+    config = TrainConfig(mode="staged", learning_rate=1e-3)
+    compute = Compute("cpu", "fp32", channels_last=False, reason="the test's choice")
+    models = [WorldModel(ModelConfig.smoke()) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = training.StageOptimizer.for_stage(models[0], Stage.DYNAMICS, config, compute)
+    plain = training.StageOptimizer.for_stage(models[1], Stage.DYNAMICS, config, compute, fused=False)
+    assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
+    before = [p.detach().clone() for p in fused.parameters]
+    for parameter, twin in zip(fused.parameters, plain.parameters):
+        # |g| >= 5e-3 >> eps: Adam's first step is lr * sign(g) (to 1e-6 relative)
+        gradient = torch.randn_like(parameter).sign() * (0.5 + torch.rand_like(parameter)) * 1e-2
+        parameter.grad, twin.grad = gradient, gradient.clone()
+    fused.optimizer.step()
+    plain.optimizer.step()
+    for start, parameter, twin in zip(before, fused.parameters, plain.parameters):
+        assert torch.allclose(parameter - start, -1e-3 * parameter.grad.sign(), atol=1e-6)
+        assert torch.allclose(parameter, twin, atol=1e-7)
+
+
 # ---- sampling -------------------------------------------------------------------------------------
 def test_batch_sampler_resumes_and_splits_across_ranks() -> None:
     stream = iter(training.ResumableBatchSampler(10, 4, seed=3))

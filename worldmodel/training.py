@@ -194,9 +194,16 @@ def freeze_for_stage(model: WorldModel, stage: Stage) -> list[nn.Parameter]:
     return trained
 
 
-def make_optimizer(parameters: Sequence[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam with the paper's betas; the L2 on conv kernels is a loss term (see module docstring)."""
-    fused = device.type == "cuda"  # one kernel for all parameters on GPU
+def make_optimizer(
+    parameters: Sequence[nn.Parameter], config: TrainConfig, device: torch.device, fused: bool | None = None
+) -> torch.optim.Adam:
+    """Adam with the paper's betas; the L2 on conv kernels is a loss term (see module docstring).
+
+    ``fused`` (default: on CPU and GPU) updates every parameter in one kernel instead of a few operations per
+    parameter tensor: the same update up to float rounding, and fewer small operations in a step
+    (``tests/bench/bench_optimizer.py``; docs/PERFORMANCE.md, "Adam")."""
+    if fused is None:
+        fused = device.type in ("cpu", "cuda")
     return torch.optim.Adam(
         list(parameters), lr=config.learning_rate, betas=tuple(config.adam_betas), fused=fused or None
     )
@@ -211,12 +218,16 @@ class StageOptimizer(NamedTuple):
     clip_norm: float  # clip the gradient to this global L2 norm; <= 0: no clipping
 
     @staticmethod
-    def for_stage(model: WorldModel, stage: Stage, config: TrainConfig, compute: Compute) -> StageOptimizer:
-        """A fresh optimizer for the stage's parameters, which alone keep requires_grad."""
+    def for_stage(
+        model: WorldModel, stage: Stage, config: TrainConfig, compute: Compute, fused: bool | None = None
+    ) -> StageOptimizer:
+        """A fresh optimizer for the stage's parameters, which alone keep requires_grad (``fused``: see
+        ``make_optimizer``)."""
         parameters = freeze_for_stage(model, stage)
         device = torch.device(compute.device_type)
         scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
-        return StageOptimizer(make_optimizer(parameters, config, device), scaler, parameters, config.grad_clip_norm)
+        optimizer = make_optimizer(parameters, config, device, fused)
+        return StageOptimizer(optimizer, scaler, parameters, config.grad_clip_norm)
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -63,13 +63,13 @@ def real_or_random_batch(data: Path, config: train_config.TrainConfig, batch: in
 
 
 def build(config: train_config.TrainConfig, stage: train_config.Stage, precision: str, channels_last: bool, dynamics: str = "fp32",
-          distributed: bool = False):  # noqa: ANN201
+          distributed: bool = False, fused_adam: bool | None = None):  # noqa: ANN201
     """The model and one optimizer step of ``stage``, the trainer's (its objective in DistributedDataParallel when
-    ``distributed``, inside a process group)."""
+    ``distributed``, inside a process group; ``fused_adam``: ``training.make_optimizer``'s ``fused``)."""
     torch.manual_seed(0)  # the same initial weights in every process, as the trainer's
     compute = choose_compute(CPU, precision, channels_last, dynamics, config.model_config.dynamics_width)  # type: ignore[arg-type]
     model = compute.prepare(WorldModel(config.model_config))
-    optimizer = training.StageOptimizer.for_stage(model, stage, config, compute)
+    optimizer = training.StageOptimizer.for_stage(model, stage, config, compute, fused_adam)
     objective: torch.nn.Module = training.Objective(model, stage, config.observed_steps(stage))
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
