@@ -15,7 +15,9 @@ one kind (variant and dynamics core: other ``--seed``s), the kinds are compared 
 on the runs' scores, ``worldmodel/seed_report.py``), which is what tells two models apart. Writes results.json,
 results.md and figure8.png to ``--out``, and each run's fold-0 predictors to
 ``<run>/reward_predictors/<task>.pt`` (tagged with the world model's fingerprint, which the imagination
-envs check; none for the state-space bound, which has no imagination env).
+envs check, and with this experiment's ``--out``; none for the state-space bound, which has no imagination env).
+Predictors that another experiment saved are never replaced: an experiment on other data (a validation set)
+runs with ``--no-save-predictors``, which leaves every run's predictors as they are.
 
 The fits run as independent jobs in ``--workers`` processes, each writing its result under ``--out/cache``:
 an interrupted experiment continues where it stopped, and a rerun with the same settings fits nothing.
@@ -46,8 +48,8 @@ from worldmodel.hidden_states import extract_window_features, save_features
 from worldmodel.keypoint_cache import vision_fingerprint
 from worldmodel.machine import available_cores
 from worldmodel.model import WorldModel
-from worldmodel.reward import RewardTrainConfig, episode_folds
-from worldmodel.reward_experiment import CONTROL_KEYS, features_path, fits_directory, result_path
+from worldmodel.reward import RewardTrainConfig, episode_folds, predictor_experiment
+from worldmodel.reward_experiment import CONTROL_KEYS, features_path, fit_config, fits_directory, result_path
 from worldmodel.reward_jobs import FitJob, InputKind, SavedPredictor, run_fit_jobs
 from worldmodel.reward_report import (
     STATE_BOUND,
@@ -93,12 +95,16 @@ class Args:
     """Also fit the controls: true low-dimensional states (upper bound) and actions only."""
     seed: int = 0
     """Seeds window choice, prior samples, splits and predictor training."""
+    predictor_seed: int | None = None
+    """Seeds the reward predictors alone (initialisation, early-stopping split, batch order); default: --seed. Another value fits other predictors on the same hidden states and folds (cached apart): how far the figures move is the predictors' own noise."""
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
     batch_size: int = 256
     """Windows per batch when extracting hidden states."""
     workers: int = available_cores()
     """Processes fitting reward predictors side by side (default: one per CPU core); 1 fits in this process."""
+    save_predictors: bool = True
+    """Save each run's fold-0 predictors to <run>/reward_predictors/ for the imagination envs. Predictors that another experiment (another --out) saved are not replaced: this experiment stops first and says so. --no-save-predictors leaves them all as they are (an experiment on a validation set, say)."""
 
 
 class ProbedModel(NamedTuple):
@@ -117,9 +123,13 @@ def check_args(args: Args) -> dict[str, list[DatasetInfo]]:
     if args.folds_run > args.folds or args.folds < 2:
         raise InputError(f"need 2 <= --folds and --folds-run <= --folds, got {args.folds} and {args.folds_run}")
     check_options(args, 0, "seed")
+    if args.predictor_seed is not None and args.predictor_seed < 0:
+        raise InputError(f"--predictor-seed must be >= 0, got {args.predictor_seed}")
     tasks = parse_tasks(args.tasks)
     for run_path in args.run or DEFAULT_RUNS:
-        find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded, and checked, later)
+        checkpoint = find_checkpoint(run_path)  # missing: CheckpointError saying how to train one (loaded later)
+        if args.save_predictors:
+            check_predictors_are_ours(args, checkpoint.parent, tasks)
     # Absent, damaged or mismatched files and parts: InputError.
     test_files = {task: checked_dataset_files(args.data, task, "test") for task in tasks}
     for files in test_files.values():  # enough test data for the folds and the windows
@@ -135,6 +145,24 @@ def check_args(args: Args) -> dict[str, list[DatasetInfo]]:
                 "windows of this experiment; collect longer episodes (collect/dmcs.py --episode-steps)"
             )
     return test_files
+
+
+def experiment_name(args: Args) -> str:
+    """How this experiment signs the predictors it saves: its --out, absolute."""
+    return str(args.out.resolve())
+
+
+def check_predictors_are_ours(args: Args, run_dir: Path, tasks: list[str]) -> None:
+    """Refuse to replace a run's predictors that another experiment saved (the imagination envs read them)."""
+    for task in tasks:
+        path = run_dir / PREDICTOR_DIR / f"{task}.pt"
+        owner = predictor_experiment(path)
+        if owner is not None and owner != experiment_name(args):
+            raise InputError(
+                f"{path} was saved by the reward experiment in {owner}, and this one (--out {args.out}) would "
+                f"replace it: pass --no-save-predictors to leave every run's predictors as they are, or delete "
+                f"{path.parent} to let this experiment save its own"
+            )
 
 
 def load_runs(args: Args, test_files: dict[str, list[DatasetInfo]], device: torch.device) -> list[ProbedModel]:
@@ -188,11 +216,13 @@ def task_jobs(
     """One fit job per input (each run, the bound, the controls) and fold of a task, and the inputs' labels."""
     caches = [hidden_state_cache(args, probed, task, device) for probed in runs]
     # Fits always read the cache (hidden states in float16), so a rerun gives the same numbers.
+    def saved(probed: ProbedModel) -> SavedPredictor | None:
+        path = probed.run_dir / PREDICTOR_DIR / f"{task}.pt"
+        return SavedPredictor(path, probed.fingerprint, experiment_name(args)) if args.save_predictors else None
+
     inputs: list[tuple[str, str, Path, InputKind, SavedPredictor | None]] = [
-        (probed.label, probed.fingerprint[:16], cache, "hidden",
-         SavedPredictor(probed.run_dir / PREDICTOR_DIR / f"{task}.pt", probed.fingerprint))
-        for probed, cache in zip(runs, caches)
-    ]  # fmt: skip
+        (probed.label, probed.fingerprint[:16], cache, "hidden", saved(probed)) for probed, cache in zip(runs, caches)
+    ]
     if bound is not None:  # its own hidden states, of the same windows (no predictor: it has no env)
         inputs.append((STATE_BOUND, bound.fingerprint[:16], hidden_state_cache(args, bound, task, device), "hidden", None))
     if args.controls:  # the same windows for every run: take them from the first run's cache
@@ -263,7 +293,7 @@ def main(args: Args) -> None:
     device = resolve_device(args.device)
     runs = load_runs(args, test_files, device)
     bound = None if args.state_bound is None else load_bound(args.state_bound, test_files, device)
-    train_config = RewardTrainConfig(epochs=args.epochs, seed=args.seed)
+    train_config = fit_config(asdict(args))
     fits_dir = fits_directory(args.out, args.seed, args.sequences, args.folds, train_config)
     jobs: list[FitJob] = []
     labels: dict[str, list[str]] = {}

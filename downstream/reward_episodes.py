@@ -39,6 +39,7 @@ from worldmodel.reward import (
 )
 from worldmodel.reward_experiment import (
     cached_inputs,
+    fit_config,
     fits_directory,
     read_meta,
     result_path,
@@ -120,7 +121,7 @@ def main(args: Args) -> dict[str, Any]:
     labels = chosen(args.inputs, list(inputs), "inputs")
     folds_run = settings.get("folds_run", settings["folds"])
     folds = chosen(args.folds, list(range(folds_run)), "folds")
-    config = RewardTrainConfig(epochs=settings["epochs"], seed=settings["seed"])  # as downstream/reward.py fits
+    config = fit_config(settings)  # as downstream/reward.py fits
     fits_dir = fits_directory(args.reward_out, settings["seed"], settings["sequences"], settings["folds"], config)
     with np.load(inputs[labels[0]].features) as cached:
         splits = episode_folds(cached["episodes"], settings["folds"], settings["seed"])  # the experiment's folds

@@ -203,6 +203,8 @@ def test_reward_experiment_killed_after_a_fit_reports_the_uninterrupted_numbers(
         assert len(list((out / "cache").rglob("*.npy"))) == 9  # 3 inputs x 3 folds
     assert numbers["resumed"] == numbers["reference"]
     predictors = [torch.load(tmp_path / name / "run" / "reward_predictors" / "cartpole.pt") for name in numbers]
+    for name, predictor in zip(numbers, predictors):  # each signed by its own experiment (--out)
+        assert predictor.pop("experiment") == str((tmp_path / name / "report").resolve())
     assert_same_tensors(predictors[1], predictors[0], "predictor")
 
 

@@ -16,10 +16,13 @@ from worldmodel.checkpoint import load_world_model
 from worldmodel.data import WindowDataset
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import observe_then_imagine
+from worldmodel.reward_experiment import fit_config
 from worldmodel.reward import (
     RewardPredictor,
     RewardPredictorMismatch,
+    RewardTrainConfig,
     load_reward_predictor,
+    predictor_experiment,
     save_reward_predictor,
 )
 
@@ -134,6 +137,51 @@ def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset:
     for task, by_input in report["tasks"].items():
         for label, numbers in by_input.items():
             np.testing.assert_allclose(resumed_tasks[task][label]["observed"], numbers["observed"], rtol=1e-4)
+
+
+def test_predictors_another_experiment_saved_are_never_replaced(
+    smoke_run: Path, reward_dataset: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    options = ["--run", str(run), "--data", str(reward_dataset), "--tasks", "cartpole", "--sequences", "12",
+               "--epochs", "1", "--folds", "3", "--folds-run", "1", "--no-controls", "--device", "cpu",
+               "--workers", "1"]
+    main, validation = tmp_path / "main", tmp_path / "validation"
+    assert run_reward(*options, "--out", str(main)).returncode == 0
+    saved = run / "reward_predictors" / "cartpole.pt"
+    assert predictor_experiment(saved) == str(main.resolve())
+    contents = saved.read_bytes()
+
+    refused = run_reward(*options, "--out", str(validation))  # e.g. the same model on a validation set
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert str(main.resolve()) in refused.stderr and "--no-save-predictors" in refused.stderr
+    assert not validation.exists() and saved.read_bytes() == contents  # refused before writing anything
+
+    kept = run_reward(*options, "--out", str(validation), "--no-save-predictors")
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert (validation / "results.json").is_file() and saved.read_bytes() == contents
+    again = run_reward(*options, "--out", str(main))  # its own experiment may rewrite them (here: nothing to fit)
+    assert again.returncode == 0 and saved.read_bytes() == contents
+
+
+def test_a_predictor_seed_refits_the_same_hidden_states_apart(
+    smoke_run: Path, reward_dataset: Path, tmp_path: Path
+) -> None:
+    assert fit_config({"epochs": 5, "seed": 2}) == RewardTrainConfig(epochs=5, seed=2)  # reports from before it
+    assert fit_config({"epochs": 5, "seed": 2, "predictor_seed": 7}) == RewardTrainConfig(epochs=5, seed=7)
+    out = tmp_path / "report"
+    options = ["--run", str(smoke_run), "--data", str(reward_dataset), "--out", str(out), "--tasks", "cartpole",
+               "--sequences", "12", "--epochs", "2", "--folds", "3", "--folds-run", "1", "--no-controls",
+               "--device", "cpu", "--workers", "1", "--no-save-predictors"]
+    assert run_reward(*options).returncode == 0
+    cache = next((out / "cache").rglob("*.npz"))
+    stamp = cache.stat().st_mtime_ns
+    assert run_reward(*options, "--predictor-seed", "0").returncode == 0  # = --seed: the same fits, nothing new
+    assert len(list((out / "cache").glob("fits-*"))) == 1
+    assert run_reward(*options, "--predictor-seed", "1").returncode == 0
+    assert len(list((out / "cache").glob("fits-*"))) == 2 and cache.stat().st_mtime_ns == stamp  # same hidden states
+    assert json.loads((out / "results.json").read_text())["meta"]["args"]["predictor_seed"] == 1
 
 
 @pytest.mark.parametrize(

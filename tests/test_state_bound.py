@@ -208,8 +208,9 @@ def one_error_line(stderr: str) -> bool:
 def test_reward_report_has_the_state_space_bound_column(
     smoke_run: Path, state_run: Path, reward_dataset: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "report"
-    result = run_reward("--run", str(smoke_run), "--state-bound", str(state_run), "--data", str(reward_dataset),
+    out, run = tmp_path / "report", tmp_path / "run"
+    shutil.copytree(smoke_run, run)  # it saves the run's predictors: not into the run other tests share
+    result = run_reward("--run", str(run), "--state-bound", str(state_run), "--data", str(reward_dataset),
                         "--out", str(out), "--tasks", "cartpole,cheetah", "--sequences", "24", "--epochs", "2",
                         "--folds", "3", "--folds-run", "2", "--device", "cpu", "--workers", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

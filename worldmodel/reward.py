@@ -243,16 +243,33 @@ class RewardPredictorMismatch(InputError):
     """A saved reward predictor belongs to another world model (or task) than the one it is used with."""
 
 
-def save_reward_predictor(path: str | Path, predictor: RewardPredictor, task: str, world_model: str) -> None:
-    """Write a predictor with the fingerprint of the world model whose hidden states it reads (atomically)."""
+def save_reward_predictor(
+    path: str | Path, predictor: RewardPredictor, task: str, world_model: str, experiment: str | None = None
+) -> None:
+    """Write a predictor with the fingerprint of the world model whose hidden states it reads (atomically), and
+    ``experiment``, what fitted it (a reward experiment's ``--out``; read back by ``predictor_experiment``)."""
     payload = {
         "state_dict": predictor.state_dict(),
         "input_size": predictor.input_size,
         "units": predictor.units,
         "task": task,
         "world_model_fingerprint": world_model,
+        "experiment": experiment,
     }
     atomic_torch_save(payload, Path(path))
+
+
+def predictor_experiment(path: str | Path) -> str | None:
+    """What fitted the predictor saved at ``path`` (``save_reward_predictor``'s ``experiment``); None where there
+    is no readable predictor there, or it does not say (those saved before it was recorded)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        payload = load_torch_file(path, "cpu")
+    except UnreadableTorchFile:
+        return None
+    experiment = payload.get("experiment") if isinstance(payload, dict) else None
+    return experiment if isinstance(experiment, str) else None
 
 
 def load_reward_predictor(

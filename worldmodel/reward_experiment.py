@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from worldmodel.atomic import atomic_write_text
@@ -31,6 +32,13 @@ CONTROL_KEYS = {TRUE_STATES: ("true-states", "states"), ACTIONS_ONLY: ("actions-
 def features_path(out: Path, fingerprint: str, seed: int, sequences: int, task: str) -> Path:
     """Where the experiment caches a model's hidden states (and the windows' rewards, states and actions)."""
     return out / "cache" / f"{fingerprint[:16]}-s{seed}-n{sequences}" / f"{task}.npz"
+
+
+def fit_config(settings: Mapping[str, Any]) -> RewardTrainConfig:
+    """The predictors' training settings of an experiment, from its options (``downstream/reward.py``'s as a dict,
+    or a report's meta "args"): ``predictor_seed`` seeds them where given (reports from before it: ``seed``)."""
+    seed = settings.get("predictor_seed")
+    return RewardTrainConfig(epochs=settings["epochs"], seed=settings["seed"] if seed is None else seed)
 
 
 def fits_directory(out: Path, seed: int, sequences: int, folds: int, config: RewardTrainConfig) -> Path:

@@ -40,10 +40,12 @@ RESULT_FORMAT = 2  # what a result file holds; part of the key of the result cac
 
 
 class SavedPredictor(NamedTuple):
-    """Where a job saves its predictor, and the world model (fingerprint) whose hidden states it reads."""
+    """Where a job saves its predictor, the world model (fingerprint) whose hidden states it reads, and the
+    experiment that fits it (its ``--out``, recorded in the file)."""
 
     path: Path
     world_model: str
+    experiment: str | None = None
 
 
 class FitJob(NamedTuple):
@@ -79,7 +81,8 @@ def run_fit_job(job: FitJob, config: RewardTrainConfig) -> np.ndarray:
         null = null_model_mse(features.rewards[job.train], features.rewards[job.test])
         errors = torch.stack([mse, null]).numpy()  # (2, L)
         if job.predictor is not None:
-            save_reward_predictor(job.predictor.path, fit.predictor, job.task, job.predictor.world_model)
+            saved = job.predictor
+            save_reward_predictor(saved.path, fit.predictor, job.task, saved.world_model, saved.experiment)
         atomic_write_stream(job.result, lambda handle: np.save(handle, errors))
         return errors
 
