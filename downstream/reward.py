@@ -96,7 +96,7 @@ class Args:
     seed: int = 0
     """Seeds window choice, prior samples, splits and predictor training."""
     predictor_seed: int | None = None
-    """Seeds the reward predictors alone (initialisation, early-stopping split, batch order); default: --seed. Another value fits other predictors on the same hidden states and folds (cached apart): how far the figures move is the predictors' own noise."""
+    """Seeds the reward predictors alone (initialisation, early-stopping split, batch order); default: --seed. Another value fits other predictors on the same hidden states and folds (cached apart): how far the figures move is the predictors' own noise. The runs' saved predictors become this seed's, unless --no-save-predictors."""
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
     batch_size: int = 256

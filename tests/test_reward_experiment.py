@@ -16,7 +16,6 @@ from worldmodel.checkpoint import load_world_model
 from worldmodel.data import WindowDataset
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import observe_then_imagine
-from worldmodel.reward_experiment import fit_config
 from worldmodel.reward import (
     RewardPredictor,
     RewardPredictorMismatch,
@@ -25,6 +24,7 @@ from worldmodel.reward import (
     predictor_experiment,
     save_reward_predictor,
 )
+from worldmodel.reward_experiment import fit_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from worldmodel.atomic import atomic_write_text
