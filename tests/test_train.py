@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -109,6 +110,28 @@ def test_the_trainers_adam_is_fused_on_cpu_and_makes_adams_first_step() -> None:
         assert torch.allclose(parameter - start, -1e-3 * parameter.grad.sign(), atol=1e-6)
         assert torch.allclose(parameter, twin, atol=1e-7)
 
+
+
+def test_a_checkpoint_of_the_per_tensor_adam_resumes_with_the_fused_kernel() -> None:
+    config = TrainConfig(mode="staged", learning_rate=1e-3)
+    compute = Compute("cpu", "fp32", channels_last=False, reason="the test's choice")
+    models = [WorldModel(ModelConfig.smoke()) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    old = training.StageOptimizer.for_stage(models[0], Stage.DYNAMICS, config, compute, fused=False)
+    for parameter in old.parameters:  # one step, so that the checkpoint holds moments and a step count
+        parameter.grad = torch.full_like(parameter, 1e-2)
+    old.optimizer.step()
+    models[1].load_state_dict(models[0].state_dict())
+    resumed = training.StageOptimizer.for_stage(models[1], Stage.DYNAMICS, config, compute)
+    saved = copy.deepcopy(old.optimizer.state_dict())  # as from a file: no tensors shared with the old optimizer
+    resumed.restore({"optimizer": saved, "extra": {}})
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    for optimizer in (old, resumed):  # the second step continues the first one's moments in both
+        for parameter in optimizer.parameters:
+            parameter.grad = torch.full_like(parameter, -1e-2)
+        optimizer.optimizer.step()
+    for parameter, twin in zip(old.parameters, resumed.parameters):
+        assert torch.allclose(parameter, twin, atol=1e-7)
 
 # ---- sampling -------------------------------------------------------------------------------------
 def test_batch_sampler_resumes_and_splits_across_ranks() -> None:

@@ -255,7 +255,12 @@ class StageOptimizer(NamedTuple):
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint of this stage (the layout of ``TrainState.checkpoint_fields``)."""
         if checkpoint["optimizer"] is not None:
+            # Which Adam kernel runs (fused or not) is this machine's choice (make_optimizer), not training state:
+            # a checkpoint restores the moments and step counts, and the kernel stays the one chosen here.
+            kernels = [{key: group[key] for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            for group, kernel in zip(self.optimizer.param_groups, kernels):
+                group.update(kernel)
             if checkpoint["extra"].get("scaler"):
                 self.scaler.load_state_dict(checkpoint["extra"]["scaler"])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train (which puts the repository first)
@@ -24,6 +25,17 @@ from bench_train import build, interleaved_seconds, real_or_random_batch  # noqa
 from worldmodel import train_config  # noqa: E402
 from worldmodel.config import DYNAMICS  # noqa: E402
 from worldmodel.precision import choose_compute, cpu_info  # noqa: E402
+
+Step = Callable[[], None]
+
+
+def fused_against_per_tensor(name: str, build_step: Callable[[bool | None], Step],
+                             repeats: int) -> tuple[float, float]:
+    """Seconds per step (best of ``repeats``, timed in turns) of the trainer's optimizer and of the per-tensor Adam;
+    ``build_step(fused)`` makes the step with ``make_optimizer``'s ``fused``."""
+    steps = {f"{name}, fused": build_step(None), f"{name}, per tensor": build_step(False)}
+    fused, per_tensor = interleaved_seconds(steps, repeats).values()
+    return fused, per_tensor
 
 
 def main() -> None:
@@ -39,14 +51,15 @@ def main() -> None:
     config = train_config.profile_config("cpu")
     auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.model_config.dynamics_width)
     vision = train_config.Stage.VISION
-    frames, actions, source = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
+    frames, _, source = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
     print(f"vision batch: {config.vision_batch_size} x {config.vision_window} frames, {source}")
     rows: list[tuple[str, float]] = []
     for precision, channels_last in dict.fromkeys([(auto.precision, auto.channels_last), ("fp32", True)]):
-        steps = {fused: build(config, vision, precision, channels_last, fused_adam=fused)[1] for fused in (None, False)}
-        seconds = interleaved_seconds({f"vision {precision}, {'fused' if fused is None else 'per parameter'}":
-                                       lambda step=step: step(frames) for fused, step in steps.items()}, args.steps)
-        fused_s, plain_s = seconds.values()
+        def vision_step(fused: bool | None, precision: str = precision, layout: bool = channels_last) -> Step:
+            step = build(config, vision, precision, layout, fused_adam=fused)[1]
+            return lambda: step(frames)
+
+        fused_s, plain_s = fused_against_per_tensor(f"vision {precision}", vision_step, args.steps)
         count = frames.shape[0] * frames.shape[1]
         label = f"vision stage, {precision}: {count / plain_s:.0f} -> {count / fused_s:.0f} frames/s"
         rows.append((label, plain_s / fused_s))
@@ -54,15 +67,16 @@ def main() -> None:
     moves = torch.rand(config.batch_size, config.window, config.model_config.action_dim) * 2 - 1
     for core in DYNAMICS:
         chosen = dataclasses.replace(config, dynamics=core)
-        steps = {fused: build(chosen, train_config.Stage.DYNAMICS, auto.precision, auto.channels_last, auto.dynamics,
-                              fused_adam=fused)[1] for fused in (None, False)}
-        seconds = interleaved_seconds({f"{core} {'fused' if fused is None else 'per parameter'}":
-                                       lambda step=step: step(keypoints, moves) for fused, step in steps.items()},
-                                      5 * args.steps)
-        fused_s, plain_s = seconds.values()
+
+        def dynamics_step(fused: bool | None, chosen: train_config.TrainConfig = chosen) -> Step:
+            step = build(chosen, train_config.Stage.DYNAMICS, auto.precision, auto.channels_last, auto.dynamics,
+                         fused_adam=fused)[1]
+            return lambda: step(keypoints, moves)
+
+        fused_s, plain_s = fused_against_per_tensor(core, dynamics_step, 5 * args.steps)
         rows.append((f"dynamics stage, {core} ({auto.dynamics}): {1 / plain_s:.1f} -> {1 / fused_s:.1f} steps/s",
                      plain_s / fused_s))
-    print("Adam one parameter at a time -> fused (the trainer's), best of the turns:")
+    print("Adam one parameter tensor at a time -> fused (the trainer's), best of the turns:")
     for label, ratio in rows:
         print(f"  {label:60s} {ratio:.2f}x")
 
