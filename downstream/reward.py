@@ -49,7 +49,7 @@ from worldmodel.keypoint_cache import vision_fingerprint
 from worldmodel.machine import available_cores
 from worldmodel.model import WorldModel
 from worldmodel.reward import RewardTrainConfig, episode_folds, predictor_experiment
-from worldmodel.reward_experiment import CONTROL_KEYS, features_path, fit_config, fits_directory, result_path
+from worldmodel.reward_experiment import CONTROL_KEYS, features_path, fit_configs, fits_directory, result_path
 from worldmodel.reward_jobs import FitJob, InputKind, SavedPredictor, run_fit_jobs
 from worldmodel.reward_report import (
     STATE_BOUND,
@@ -97,6 +97,8 @@ class Args:
     """Seeds window choice, prior samples, splits and predictor training."""
     predictor_seed: int | None = None
     """Seeds the reward predictors alone (initialisation, early-stopping split, batch order); default: --seed. Another value fits other predictors on the same hidden states and folds (cached apart): how far the figures move is the predictors' own noise. The runs' saved predictors become this seed's, unless --no-save-predictors."""
+    predictor_repeats: int = 1
+    """Reward predictors fitted per input and fold, seeded --predictor-seed, +1, +2, ...; each fold's figure is the mean of their test errors, so the predictors' own noise (up to 0.1 per task on a validation-sized test set) shrinks. Each seed's fits are cached apart, and reused by a later experiment with more repeats. Saved predictors are the first seed's."""
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
     batch_size: int = 256
@@ -119,7 +121,7 @@ class ProbedModel(NamedTuple):
 
 def check_args(args: Args) -> dict[str, list[DatasetInfo]]:
     """The test files of each task (the main file, then its parts), once every option is known to be usable."""
-    check_options(args, 1, "sequences", "epochs", "folds", "folds_run", "batch_size", "workers")
+    check_options(args, 1, "sequences", "epochs", "folds", "folds_run", "batch_size", "workers", "predictor_repeats")
     if args.folds_run > args.folds or args.folds < 2:
         raise InputError(f"need 2 <= --folds and --folds-run <= --folds, got {args.folds} and {args.folds_run}")
     check_options(args, 0, "seed")
@@ -211,14 +213,21 @@ def hidden_state_cache(args: Args, probed: ProbedModel, task: str, device: torch
 
 
 def task_jobs(
-    args: Args, task: str, runs: list[ProbedModel], bound: ProbedModel | None, fits_dir: Path, device: torch.device
+    args: Args,
+    task: str,
+    runs: list[ProbedModel],
+    bound: ProbedModel | None,
+    fits_dir: Path,
+    device: torch.device,
+    save_predictors: bool,
 ) -> tuple[list[FitJob], list[str]]:
-    """One fit job per input (each run, the bound, the controls) and fold of a task, and the inputs' labels."""
+    """One fit job per input (each run, the bound, the controls) and fold of a task, and the inputs' labels;
+    ``save_predictors``: fold 0's jobs of the runs save their predictors for the imagination envs."""
     caches = [hidden_state_cache(args, probed, task, device) for probed in runs]
     # Fits always read the cache (hidden states in float16), so a rerun gives the same numbers.
     def saved(probed: ProbedModel) -> SavedPredictor | None:
         path = probed.run_dir / PREDICTOR_DIR / f"{task}.pt"
-        return SavedPredictor(path, probed.fingerprint, experiment_name(args)) if args.save_predictors else None
+        return SavedPredictor(path, probed.fingerprint, experiment_name(args)) if save_predictors else None
 
     inputs: list[tuple[str, str, Path, InputKind, SavedPredictor | None]] = [
         (probed.label, probed.fingerprint[:16], cache, "hidden", saved(probed)) for probed, cache in zip(runs, caches)
@@ -239,27 +248,31 @@ def task_jobs(
     return jobs, [label for label, *_ in inputs]
 
 
-def fit_all(args: Args, jobs: list[FitJob], labels: dict[str, list[str]], train_config: RewardTrainConfig) -> Results:
-    """Run the fit jobs (a line per input once its folds are done) and summarise them per task and input."""
-    progress = tqdm(total=len(jobs), desc="reward predictors", unit="fit")
-    by_input: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+def fit_all(
+    args: Args, jobs: list[tuple[RewardTrainConfig, list[FitJob]]], labels: dict[str, list[str]]
+) -> Results:
+    """Run the fit jobs of every predictor seed (a line per input once its folds are done) and summarise them per
+    task and input: each fold's errors are the mean over the predictor seeds (the null model's are the same)."""
+    progress = tqdm(total=sum(len(seed_jobs) for _, seed_jobs in jobs), desc="reward predictors", unit="fit")
+    by_input: dict[tuple[str, str], dict[int, list[np.ndarray]]] = {}
+
+    def fold_errors(done: dict[int, list[np.ndarray]]) -> np.ndarray:
+        return np.stack([np.mean(done[fold], axis=0) for fold in range(args.folds_run)])  # (folds, 2, L)
 
     def on_done(job: FitJob, errors: np.ndarray) -> None:
         progress.update(1)
-        folds_done = by_input.setdefault((job.task, job.label), {})
-        folds_done[job.fold] = errors
-        if len(folds_done) == args.folds_run:
-            summary = summarize(np.stack([folds_done[f] for f in sorted(folds_done)]), NUM_OBSERVED)
+        done = by_input.setdefault((job.task, job.label), {})
+        done.setdefault(job.fold, []).append(errors)
+        if sum(map(len, done.values())) == args.folds_run * len(jobs):  # every fold of every predictor seed
+            summary = summarize(fold_errors(done), NUM_OBSERVED)
             progress.write(f"{job.task:13s} {job.label:28s} observed {summary.observed_mean:.3f}"
                            f"  predicted {summary.predicted_mean:.3f}")  # fmt: skip
 
-    run_fit_jobs(jobs, train_config, args.workers, on_done)
+    for train_config, seed_jobs in jobs:
+        run_fit_jobs(seed_jobs, train_config, args.workers, on_done)
     progress.close()
     return {
-        task: {
-            label: summarize(np.stack([by_input[task, label][f] for f in range(args.folds_run)]), NUM_OBSERVED)
-            for label in task_labels
-        }
+        task: {label: summarize(fold_errors(by_input[task, label]), NUM_OBSERVED) for label in task_labels}
         for task, task_labels in labels.items()
     }
 
@@ -281,7 +294,9 @@ def write_report(args: Args, results: Results, runs: list[ProbedModel], bound: P
     table = markdown_table(results)
     for section in (paired_table(results), seed_table(groups, comparisons)):  # '' where there is nothing to compare
         table += f"\n{section}" if section else ""
-    atomic_write_text(args.out / "results.md", "Normalized reward MSE (mean ± spread over folds; 1 = null model)\n\n" + table)
+    repeats = "" if args.predictor_repeats == 1 else f"; each fold the mean of {args.predictor_repeats} predictors"
+    heading = f"Normalized reward MSE (mean ± spread over folds{repeats}; 1 = null model)"
+    atomic_write_text(args.out / "results.md", f"{heading}\n\n{table}")
     plot_figure8(args.out / "figure8.png", results, num_observed=NUM_OBSERVED)
     print(table)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'figure8.png'}")
@@ -293,14 +308,18 @@ def main(args: Args) -> None:
     device = resolve_device(args.device)
     runs = load_runs(args, test_files, device)
     bound = None if args.state_bound is None else load_bound(args.state_bound, test_files, device)
-    train_config = fit_config(asdict(args))
-    fits_dir = fits_directory(args.out, args.seed, args.sequences, args.folds, train_config)
-    jobs: list[FitJob] = []
+    jobs: list[tuple[RewardTrainConfig, list[FitJob]]] = []
     labels: dict[str, list[str]] = {}
-    for task in test_files:  # per task: hidden states of every model (cached), then one fit job per input and fold
-        task_job_list, labels[task] = task_jobs(args, task, runs, bound, fits_dir, device)
-        jobs += task_job_list
-    results = fit_all(args, jobs, labels, train_config)
+    for repeat, train_config in enumerate(fit_configs(asdict(args))):  # each predictor seed fits apart
+        fits_dir = fits_directory(args.out, args.seed, args.sequences, args.folds, train_config)
+        seed_jobs: list[FitJob] = []
+        for task in test_files:  # hidden states of every model (extracted once), then a fit job per input and fold
+            task_job_list, labels[task] = task_jobs(
+                args, task, runs, bound, fits_dir, device, args.save_predictors and repeat == 0
+            )
+            seed_jobs += task_job_list
+        jobs.append((train_config, seed_jobs))
+    results = fit_all(args, jobs, labels)
     write_report(args, results, runs, bound)
 
 

@@ -4,7 +4,8 @@
 
 Refits the experiment's reward predictors (downstream/reward.py, the same ``--out``) on its cached hidden states
 for one task and the chosen folds, with the experiment's own settings (a fit runs on one torch thread, so it
-gives the experiment's numbers again: the report says whether it did), and splits each fold's predicted-step
+gives the experiment's numbers again: the report says whether it did; of an experiment with --predictor-repeats,
+those of its first predictor seed), and splits each fold's predicted-step
 normalized MSE by test episode: each episode's share of the summed squared error, the fold's figure without
 it, and the highest true and predicted rewards on its predicted frames.
 

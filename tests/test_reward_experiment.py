@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from worldmodel.checkpoint import load_world_model
+from worldmodel.config import OBSERVED_STEPS
 from worldmodel.data import WindowDataset
 from worldmodel.fingerprint import model_fingerprint
 from worldmodel.hidden_states import observe_then_imagine
@@ -24,7 +25,7 @@ from worldmodel.reward import (
     predictor_experiment,
     save_reward_predictor,
 )
-from worldmodel.reward_experiment import fit_config
+from worldmodel.reward_experiment import fit_config, fit_configs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +183,24 @@ def test_a_predictor_seed_refits_the_same_hidden_states_apart(
     assert run_reward(*options, "--predictor-seed", "1").returncode == 0
     assert len(list((out / "cache").glob("fits-*"))) == 2 and cache.stat().st_mtime_ns == stamp  # same hidden states
     assert json.loads((out / "results.json").read_text())["meta"]["args"]["predictor_seed"] == 1
+
+    # Two repeats from seed 0 are the two fits above, reused, and each fold's figure is the mean of their errors.
+    assert run_reward(*options, "--predictor-repeats", "2").returncode == 0
+    assert len(list((out / "cache").glob("fits-*"))) == 2 and cache.stat().st_mtime_ns == stamp
+    seed0, seed1 = (np.load(next(fits.rglob("*-fold0.npy"))) for fits in sorted((out / "cache").glob("fits-*")))
+    assert np.array_equal(seed0[1], seed1[1], equal_nan=True)  # the same null model: the same fold
+    assert not np.allclose(seed0[0], seed1[0], equal_nan=True)  # two different predictors
+    mse, null = (seed0[0] + seed1[0]) / 2, seed0[1]
+    expected = mse[OBSERVED_STEPS:].sum() / null[OBSERVED_STEPS:].sum()  # the predicted frames of the window
+    report = json.loads((out / "results.json").read_text())
+    assert report["tasks"]["cartpole"]["struct-vrnn"]["predicted_folds"] == pytest.approx([expected], rel=1e-6)
+    assert "the mean of 2 predictors" in (out / "results.md").read_text()
+
+
+def test_predictor_repeats_count_up_from_the_predictor_seed() -> None:
+    settings = {"epochs": 5, "seed": 2, "predictor_seed": 7, "predictor_repeats": 3}
+    assert [config.seed for config in fit_configs(settings)] == [7, 8, 9]
+    assert fit_configs({"epochs": 5, "seed": 2}) == [RewardTrainConfig(epochs=5, seed=2)]  # reports from before it
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
     <out>/results.json                                   the report; its "meta" names the inputs and the settings
     <out>/cache/<model>-s<seed>-n<windows>/<task>.npz    a model's hidden states of the task's test windows
     <out>/cache/fits-s<seed>-n<windows>-f<folds>-<fit key>/<task>/<input>-fold<k>.npy   one fit's test errors
+                                                         (one fits folder per predictor seed)
 
 ``<model>`` is the first 16 characters of the world model's fingerprint; ``<fit key>`` hashes everything that
 changes a fit's numbers (the predictor's version, the result format and the training settings), so a change
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,6 +40,13 @@ def fit_config(settings: Mapping[str, Any]) -> RewardTrainConfig:
     or a report's meta "args"): ``predictor_seed`` seeds them where given (reports from before it: ``seed``)."""
     seed = settings.get("predictor_seed")
     return RewardTrainConfig(epochs=settings["epochs"], seed=settings["seed"] if seed is None else seed)
+
+
+def fit_configs(settings: Mapping[str, Any]) -> list[RewardTrainConfig]:
+    """The settings of every predictor the experiment fits per input and fold: ``predictor_repeats`` of them
+    (reports from before it: 1), seeded ``fit_config``'s seed, seed + 1, ...; the first is ``fit_config``'s."""
+    first = fit_config(settings)
+    return [replace(first, seed=first.seed + repeat) for repeat in range(settings.get("predictor_repeats", 1))]
 
 
 def fits_directory(out: Path, seed: int, sequences: int, folds: int, config: RewardTrainConfig) -> Path:
