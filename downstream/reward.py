@@ -249,11 +249,11 @@ def task_jobs(
 
 
 def fit_all(
-    args: Args, jobs: list[tuple[RewardTrainConfig, list[FitJob]]], labels: dict[str, list[str]]
+    args: Args, jobs_by_seed: list[tuple[RewardTrainConfig, list[FitJob]]], labels: dict[str, list[str]]
 ) -> Results:
     """Run the fit jobs of every predictor seed (a line per input once its folds are done) and summarise them per
     task and input: each fold's errors are the mean over the predictor seeds (the null model's are the same)."""
-    progress = tqdm(total=sum(len(seed_jobs) for _, seed_jobs in jobs), desc="reward predictors", unit="fit")
+    progress = tqdm(total=sum(len(seed_jobs) for _, seed_jobs in jobs_by_seed), desc="reward predictors", unit="fit")
     by_input: dict[tuple[str, str], dict[int, list[np.ndarray]]] = {}
 
     def fold_errors(done: dict[int, list[np.ndarray]]) -> np.ndarray:
@@ -263,12 +263,12 @@ def fit_all(
         progress.update(1)
         done = by_input.setdefault((job.task, job.label), {})
         done.setdefault(job.fold, []).append(errors)
-        if sum(map(len, done.values())) == args.folds_run * len(jobs):  # every fold of every predictor seed
+        if sum(map(len, done.values())) == args.folds_run * len(jobs_by_seed):  # every fold of every predictor seed
             summary = summarize(fold_errors(done), NUM_OBSERVED)
             progress.write(f"{job.task:13s} {job.label:28s} observed {summary.observed_mean:.3f}"
                            f"  predicted {summary.predicted_mean:.3f}")  # fmt: skip
 
-    for train_config, seed_jobs in jobs:
+    for train_config, seed_jobs in jobs_by_seed:
         run_fit_jobs(seed_jobs, train_config, args.workers, on_done)
     progress.close()
     return {
@@ -308,7 +308,7 @@ def main(args: Args) -> None:
     device = resolve_device(args.device)
     runs = load_runs(args, test_files, device)
     bound = None if args.state_bound is None else load_bound(args.state_bound, test_files, device)
-    jobs: list[tuple[RewardTrainConfig, list[FitJob]]] = []
+    jobs_by_seed: list[tuple[RewardTrainConfig, list[FitJob]]] = []
     labels: dict[str, list[str]] = {}
     for repeat, train_config in enumerate(fit_configs(asdict(args))):  # each predictor seed fits apart
         fits_dir = fits_directory(args.out, args.seed, args.sequences, args.folds, train_config)
@@ -318,8 +318,8 @@ def main(args: Args) -> None:
                 args, task, runs, bound, fits_dir, device, args.save_predictors and repeat == 0
             )
             seed_jobs += task_job_list
-        jobs.append((train_config, seed_jobs))
-    results = fit_all(args, jobs, labels)
+        jobs_by_seed.append((train_config, seed_jobs))
+    results = fit_all(args, jobs_by_seed, labels)
     write_report(args, results, runs, bound)
 
 

@@ -91,11 +91,17 @@ def test_training_state_round_trips_through_a_weights_only_file(tmp_path: Path) 
     assert (state.stage, state.step, state.global_step(config)) == (Stage.DONE, 0, 80)
 
 
-def test_the_trainers_adam_is_fused_on_cpu_and_makes_adams_first_step() -> None:
+def twin_models() -> tuple[TrainConfig, Compute, list[WorldModel]]:
+    """A staged config (lr 1e-3), fp32 CPU compute, and two smoke models with the same weights."""
     config = TrainConfig(mode="staged", learning_rate=1e-3)
     compute = Compute("cpu", "fp32", channels_last=False, reason="the test's choice")
     models = [WorldModel(ModelConfig.smoke()) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
+    return config, compute, models
+
+
+def test_the_trainers_adam_is_fused_on_cpu_and_makes_adams_first_step() -> None:
+    config, compute, models = twin_models()
     fused = training.StageOptimizer.for_stage(models[0], Stage.DYNAMICS, config, compute)
     plain = training.StageOptimizer.for_stage(models[1], Stage.DYNAMICS, config, compute, fused=False)
     assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
@@ -111,12 +117,8 @@ def test_the_trainers_adam_is_fused_on_cpu_and_makes_adams_first_step() -> None:
         assert torch.allclose(parameter, twin, atol=1e-7)
 
 
-
 def test_a_checkpoint_of_the_per_tensor_adam_resumes_with_the_fused_kernel() -> None:
-    config = TrainConfig(mode="staged", learning_rate=1e-3)
-    compute = Compute("cpu", "fp32", channels_last=False, reason="the test's choice")
-    models = [WorldModel(ModelConfig.smoke()) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
+    config, compute, models = twin_models()
     old = training.StageOptimizer.for_stage(models[0], Stage.DYNAMICS, config, compute, fused=False)
     for parameter in old.parameters:  # one step, so that the checkpoint holds moments and a step count
         parameter.grad = torch.full_like(parameter, 1e-2)
