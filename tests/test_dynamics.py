@@ -106,7 +106,8 @@ def test_best_of_many_picks_the_closest_sample(error: str) -> None:
     belief = Gaussian(torch.zeros(batch, z), torch.ones(batch, z))
     hidden = torch.zeros(batch, config.rnn_size)
     target = torch.full((batch, config.feature_size), 0.5)
-    latent, x = vrnn.sample(belief, hidden, target, Sampling(n, torch.Generator().manual_seed(3)))
+    latent = vrnn.sample(belief, hidden, target, Sampling(n, torch.Generator().manual_seed(3)))
+    x = vrnn.decode(latent, hidden, None)
     # The same draws by hand: the sample whose first 6 entries are closest to the target.
     noise = torch.randn((n, batch, z), generator=torch.Generator().manual_seed(3))
     difference = noise[..., : config.feature_size] - target
@@ -117,7 +118,7 @@ def test_best_of_many_picks_the_closest_sample(error: str) -> None:
     chosen = (x - target).square() if error == "squared" else (x - target).abs()
     assert (chosen.sum(-1)[None] <= distances + 1e-6).all()
     # Without a target (imagination) a single sample is drawn.
-    latent, _ = vrnn.sample(belief, hidden, None, Sampling(n, torch.Generator().manual_seed(3)))
+    latent = vrnn.sample(belief, hidden, None, Sampling(n, torch.Generator().manual_seed(3)))
     torch.testing.assert_close(latent, torch.randn((1, batch, z), generator=torch.Generator().manual_seed(3))[0])
 
 
@@ -139,7 +140,7 @@ def test_best_of_many_gradient_is_the_chosen_samples_own() -> None:
         """d loss / d (mean, std, decoder weights): through vrnn.sample (None), or one given noise (B, Z)."""
         mean, std = mean0.clone().requires_grad_(), std0.clone().requires_grad_()
         if chosen is None:
-            _, x = vrnn.sample(Gaussian(mean, std), hidden, target, Sampling(n, None, noise))
+            x = vrnn.decode(vrnn.sample(Gaussian(mean, std), hidden, target, Sampling(n, None, noise)), hidden, None)
         else:
             x = vrnn.decoder(mean + std * chosen, hidden)
         loss = (x - target).square().sum()

@@ -167,6 +167,46 @@ def test_single_steps_reproduce_unroll_exactly(dynamics: str) -> None:
     assert carry is not None and all(torch.equal(a, b) for a, b in zip(carry, unroll.final))
 
 
+@pytest.mark.parametrize("dynamics", CORES)
+@pytest.mark.parametrize("feed_detected", [True, False])
+def test_a_deferred_readout_gives_the_frame_by_frame_losses_and_gradients(dynamics: str, feed_detected: bool) -> None:
+    """Training reads the observed frames' decoded keypoints and KL terms out after the loop, all frames at once,
+    where nothing in the next step reads them: the same unroll, losses and gradients to float rounding; a core
+    whose next step reads them (fed-back predictions, or SRVP) computes them frame by frame, exactly as before."""
+    model = smoke_model(dynamics, feed_detected=feed_detected, residual_keypoints=True)
+    core = model.dynamics
+    keypoints, actions, targets = random_window(model, batch=3, steps=8)
+    inputs = previous_actions(actions)
+    assert core.defers_readout() == (feed_detected and dynamics != "srvp")
+
+    def unroll(deferred: bool) -> Unroll:
+        return core.unroll(inputs, targets, num_observed=5, num_samples=core.best_of, teacher_forcing=(0.6, 0.4),
+                           generator=torch.Generator().manual_seed(9), deferred_readout=deferred)
+
+    frame_by_frame, deferred = unroll(False), unroll(True)
+    compare = torch.testing.assert_close if core.defers_readout() else lambda a, b: torch.equal(a, b) or pytest.fail()
+    for field in ("keypoints", "hidden", "kl_terms", "regulariser"):
+        compare(getattr(deferred, field), getattr(frame_by_frame, field))
+    for a, b in zip(deferred.final, frame_by_frame.final):
+        compare(a, b)
+    assert not torch.equal(deferred.keypoints[:, 0], deferred.keypoints[:, 1])  # every frame read out, in order
+
+    parameters = list(core.parameters())
+
+    def gradients(deferred: bool) -> tuple[Tensor, list[Tensor | None]]:
+        losses = model.dynamics_losses(keypoints, actions, 5, Schedule(1.0, 0.6, 0.4), torch.Generator().manual_seed(3),
+                                       deferred_readout=deferred)
+        return losses.total, list(torch.autograd.grad(losses.total, parameters, allow_unused=True))
+
+    (total, grads), (reference, reference_grads) = gradients(True), gradients(False)
+    torch.testing.assert_close(total, reference)
+    assert sum(g is not None for g in grads) > len(parameters) // 2
+    for g, r in zip(grads, reference_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def same_posterior_and_prior(core: DynamicsCore) -> None:
     """Make every posterior head output the same constant Gaussian as its prior head."""
 

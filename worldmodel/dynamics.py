@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
-from worldmodel.dynamics_core import DynamicsCore, Sampling, Step, Unroll
+from worldmodel.dynamics_core import DeferredObserve, DynamicsCore, Sampling, Step, Unroll
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 __all__ = ["VRNN", "Carry", "Gaussian", "GaussianHead", "KeypointDecoder", "KeypointNormalizer", "Unroll", "dense"]
@@ -135,13 +135,26 @@ class Carry(NamedTuple):
     latent: Tensor  # (B, Z) z_t (Z = 0 for struct-rnn)
 
 
+class Readout(NamedTuple):
+    """What an observed frame's read-out needs, row by row: the decoded keypoints and the KL terms."""
+
+    hidden: Tensor  # (B, H) h_t
+    latent: Tensor  # (B, Z) the chosen posterior sample z_t
+    base: Tensor | None  # (B, F) what the decoded keypoints are added to (residual keypoints), or None
+    posterior_mean: Tensor  # (B, Z) (the VRNN) or (B, L, Z) (the hierarchical VRNN, level by level)
+    posterior_std: Tensor  # same shape
+
+
 class RecurrentKeypointCore(DynamicsCore):
     """What the VRNN and the hierarchical VRNN share: a GRU state h_t over [x_{t-1}, z_{t-1}, a_{t-1}], and
     a ``Carry`` of h_t, the keypoints fed in and the latent sample (all levels of it, concatenated).
-    Subclasses set ``rnn`` and ``noise_size`` (the latent's width)."""
+    Subclasses set ``rnn``, ``noise_size`` (the latent's width) and ``decoder``, and implement
+    ``observe_deferred`` (the state and the posterior sample) and ``readout`` (decoded keypoints and KL terms
+    from a ``Readout``): an observe step is the one followed by the other."""
 
     rnn: nn.GRUCell
     noise_size: int
+    decoder: KeypointDecoder
 
     def initial_carry(self, batch_size: int, device: torch.device) -> Carry:
         """The zero state before any frame (only its hidden part is used; see ``unroll``)."""
@@ -163,6 +176,22 @@ class RecurrentKeypointCore(DynamicsCore):
         if carry is None:
             return action.new_zeros(action.shape[0], self.config.rnn_size)
         return self.rnn(torch.cat([carry.keypoints, carry.latent, action], dim=-1), carry.hidden)  # (B, H)
+
+    def decode(self, latent: Tensor, hidden: Tensor, base: Tensor | None) -> Tensor:
+        """x^_t = phi_dec(z_t, h_t) (S8), plus ``base`` (B, F) with residual keypoints: (..., B, Z) -> (..., B, F)."""
+        decoded = self.decoder(latent, hidden)
+        return decoded if base is None else decoded + base
+
+    def defers_readout(self) -> bool:
+        # The next GRU step reads the keypoints fed in: the detected ones, or this frame's decoded ones.
+        return self.config.feed_detected
+
+    def _observe(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
+        deferred = self.observe_deferred(carry, action, target, sampling)
+        prediction, kl = self.readout(deferred.readout)
+        fed = target if self.config.feed_detected else prediction  # what the next GRU step reads as x_t
+        new_carry = deferred.carry._replace(keypoints=fed)  # type: ignore[attr-defined]
+        return Step(new_carry, prediction, deferred.hidden, kl, deferred.hidden.new_zeros(target.shape[0]))
 
 
 class VRNN(RecurrentKeypointCore):
@@ -191,8 +220,8 @@ class VRNN(RecurrentKeypointCore):
         target: Tensor | None,
         sampling: Sampling,
         base: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Draw z and decode it: -> z (B, Z), x^ (B, F).
+    ) -> Tensor:
+        """Draw z: -> z (B, Z) (decode it with ``decode``).
 
         ``sampling.noise`` (N, B, Z), when given, replaces the standard normal draws (callers that keep one random
         stream per batch row, like the imagination envs, draw it themselves).
@@ -200,36 +229,41 @@ class VRNN(RecurrentKeypointCore):
         Best of many (eq. 8): with a target (B, F) and more than one sample, N samples are decoded at once and the
         one closest to the target (``ModelConfig.keypoint_error`` in normalised space) is kept; gradients flow through the
         chosen sample only (it is decoded again with grad). Without a target the first sample is used.
-        ``base`` (B, F), when given, is added to every decoded output (residual keypoints).
+        ``base`` (B, F), when given, is added to every candidate's decoded output (residual keypoints).
         """
         batch = hidden.shape[0]
-        offset: Tensor | float = 0.0 if base is None else base
         if belief is None:  # struct-rnn: deterministic
-            latent = hidden.new_zeros(batch, 0)
-            return latent, self.decoder(latent, hidden) + offset
+            return hidden.new_zeros(batch, 0)
         noise = sampling.draws(batch, belief.mean.shape[-1], hidden, target)
         n = noise.shape[0]
         if n > 1:
             with torch.no_grad():
-                candidates = self.decoder(belief.mean + belief.std * noise, hidden) + offset  # (N, B, F)
+                candidates = self.decode(belief.mean + belief.std * noise, hidden, base)  # (N, B, F)
                 best = keypoint_error(candidates, target, self.config.keypoint_error).argmin(0)  # (B,)
             noise = noise[best, torch.arange(batch, device=hidden.device)]  # (B, Z)
         else:
             noise = noise[0]
-        latent = belief.mean + belief.std * noise  # reparameterised: (B, Z)
-        return latent, self.decoder(latent, hidden) + offset
+        return belief.mean + belief.std * noise  # reparameterised: (B, Z)
 
-    def _observe(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
+    def observe_deferred(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> DeferredObserve:  # type: ignore[override]
         hidden = self.transition(carry, action)
+        base = self.residual_base(carry)
         belief = None
-        kl = hidden.new_zeros(hidden.shape[0], 1)
-        if self.prior is not None and self.posterior is not None:
-            prior = self.prior(hidden)  # S6
+        if self.posterior is not None:
             belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
-            kl = gaussian_kl(belief.mean, belief.std, prior.mean, prior.std)[:, None]  # (B, 1)
-        latent, prediction = self.sample(belief, hidden, target, sampling, self.residual_base(carry))  # S8, eq. 8
-        fed = target if self.config.feed_detected else prediction  # what the next GRU step reads as x_t
-        return Step(Carry(hidden, fed, latent), prediction, hidden, kl, hidden.new_zeros(hidden.shape[0]))
+        latent = self.sample(belief, hidden, target, sampling, base)  # eq. 8
+        empty = latent  # (B, 0): struct-rnn has no posterior
+        readout = Readout(hidden, latent, base, empty if belief is None else belief.mean,
+                          empty if belief is None else belief.std)
+        return DeferredObserve(Carry(hidden, target, latent), hidden, readout)
+
+    def readout(self, inputs: Readout) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        prediction = self.decode(inputs.latent, inputs.hidden, inputs.base)  # S8
+        if self.prior is None:
+            return prediction, inputs.hidden.new_zeros(inputs.hidden.shape[0], 1)
+        prior = self.prior(inputs.hidden)  # S6
+        kl = gaussian_kl(inputs.posterior_mean, inputs.posterior_std, prior.mean, prior.std)[:, None]  # (N, 1)
+        return prediction, kl
 
     def _imagine(self, carry: Carry | None, action: Tensor, target: Tensor | None, sampling: Sampling) -> Step:  # type: ignore[override]
         hidden = self.transition(carry, action)
@@ -238,6 +272,8 @@ class VRNN(RecurrentKeypointCore):
         belief = self.prior(hidden) if self.prior is not None else None
         if belief is not None and not self.config.prior_future_gradient:
             belief = belief.detach()
-        latent, prediction = self.sample(belief, hidden, target, sampling, self.residual_base(carry))
+        base = self.residual_base(carry)
+        latent = self.sample(belief, hidden, target, sampling, base)
+        prediction = self.decode(latent, hidden, base)
         zero = hidden.new_zeros(hidden.shape[0])
         return Step(Carry(hidden, prediction, latent), prediction, hidden, zero[:, None], zero)

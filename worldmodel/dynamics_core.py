@@ -17,6 +17,12 @@ envs: one seeded generator per sub-env) pass it as ``noise`` (N, B, noise_size) 
 ``unroll`` is nothing but a loop over the two steps (plus scheduled sampling where a core feeds its own
 predictions back), so a hand-written loop reproduces it exactly. ``losses`` turns an unroll into the
 typed loss terms. Code outside ``worldmodel/`` (training, hidden states, envs) only uses this class.
+
+Training asks ``unroll`` for a ``deferred_readout``: where the next step does not read an observed frame's
+decoded keypoints (the detected ones are fed back), a core's observe step splits into the part the recurrence
+needs (the state and the latent sample) and its read-out (the decoded keypoints and the KL terms), which is
+row by row and so runs after the loop on all observed frames at once: the same numbers (to float rounding),
+from fewer and larger operations (docs/DYNAMICS.md, "Speed").
 """
 
 from __future__ import annotations
@@ -41,6 +47,14 @@ class Step(NamedTuple):
     hidden: Tensor  # (B, H) the hidden state that predicts this frame
     kl: Tensor  # (B, L) the core's KL terms for this frame (zero on imagined frames)
     regulariser: Tensor  # (B,) the core's own penalty for this frame (zero where it has none)
+
+
+class DeferredObserve(NamedTuple):
+    """An observe step without its read-out (``DynamicsCore.observe_deferred``)."""
+
+    carry: CoreCarry  # after this frame
+    hidden: Tensor  # (B, H) the hidden state that predicts this frame
+    readout: tuple[Tensor | None, ...]  # the core's own NamedTuple of (B, ...) tensors its read-out needs
 
 
 class Sampling(NamedTuple):
@@ -146,6 +160,20 @@ class DynamicsCore(nn.Module):
         """(B, H): the vector this core exposes for the frame the carry stands at."""
         raise NotImplementedError
 
+    def defers_readout(self) -> bool:
+        """Whether ``observe_deferred`` applies: nothing in the next step reads an observed frame's read-out."""
+        return False
+
+    def observe_deferred(self, carry: CoreCarry | None, action: Tensor, target: Tensor, sampling: Sampling) -> DeferredObserve:
+        """``observe_step`` up to the read-out: the carry and hidden state it returns, and the inputs of
+        ``readout``, which gives its prediction and KL terms (where ``defers_readout``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not defer its read-out")
+
+    def readout(self, inputs: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor]:
+        """An observe step's read-out from ``DeferredObserve.readout`` of N rows (any number of frames'
+        batches concatenated): -> prediction (N, F), KL terms (N, L)."""
+        raise NotImplementedError(f"{type(self).__name__} does not defer its read-out")
+
     def keypoints(self, carry: CoreCarry) -> Tensor:
         """(B, F): the normalised keypoints of the frame the carry stands at (decoded or fed back)."""
         raise NotImplementedError
@@ -171,6 +199,7 @@ class DynamicsCore(nn.Module):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         imagined_samples: int | None = None,
+        deferred_readout: bool = False,
     ) -> Unroll:
         """Run T frames: ``observe_step`` for the first ``num_observed``, ``imagine_step`` after.
 
@@ -192,11 +221,23 @@ class DynamicsCore(nn.Module):
                 raise ValueError("observed steps need target keypoints")
             batch, steps = actions.shape[:2]
             carry = initial
-            predictions, hiddens, kls, regularisers = [], [], [], []
+            defer = deferred_readout and self.defers_readout()
+            predictions: list[Tensor | None] = []
+            hiddens, kls, regularisers, readouts = [], [], [], []
             for t in range(steps):
                 target = None if targets is None else targets[:, t]  # (B, F)
                 step_noise = None if noise is None else noise[t]
                 observed = t < num_observed
+                if observed and defer:
+                    assert target is not None
+                    deferred = self.observe_deferred(carry, actions[:, t], target,
+                                                     Sampling(num_samples, generator, step_noise))
+                    carry = deferred.carry
+                    readouts.append(deferred.readout)
+                    predictions.append(None)  # filled in after the loop
+                    hiddens.append(deferred.hidden)
+                    regularisers.append(deferred.hidden.new_zeros(batch))
+                    continue  # the detected keypoints are fed: no scheduled sampling on this frame
                 if observed:
                     assert target is not None
                     out = self.observe_step(carry, actions[:, t], target, num_samples, generator, step_noise)
@@ -213,6 +254,10 @@ class DynamicsCore(nn.Module):
                 predictions.append(out.prediction)
                 hiddens.append(out.hidden)
                 regularisers.append(out.regulariser)
+            if readouts:  # all observed frames' read-outs as one batch of (frames * B) rows
+                decoded, frame_kls = self.readout(concatenate_rows(readouts))
+                predictions[: len(readouts)] = list(decoded.split(batch))
+                kls = list(frame_kls.split(batch))
             terms = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0, len(self.kl_names))
             assert carry is not None
             terms = terms.float()
@@ -239,6 +284,19 @@ class DynamicsCore(nn.Module):
         if self.regulariser_weight > 0:
             total = total + self.regulariser_weight * regulariser
         return DynamicsLosses(total, keypoint, future, kl, terms, regulariser)
+
+
+def concatenate_rows(readouts: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...]:
+    """Frames' read-out inputs (each a NamedTuple of (B, ...) tensors) -> one of (frames * B, ...), frame by
+    frame. A field that is None on some frames (the residual base before the first frame) is zero there."""
+    fields = []
+    for values in zip(*readouts):
+        present = [v for v in values if v is not None]
+        if not present:
+            fields.append(None)
+            continue
+        fields.append(torch.cat([torch.zeros_like(present[0]) if v is None else v for v in values]))
+    return type(readouts[0])(*fields)
 
 
 def make_dynamics(config: ModelConfig) -> DynamicsCore:

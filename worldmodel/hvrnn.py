@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.config import ModelConfig
-from worldmodel.dynamics import Carry, Gaussian, KeypointDecoder, RecurrentKeypointCore, dense, gaussian_from
-from worldmodel.dynamics_core import Sampling, Step
+from worldmodel.dynamics import Carry, Gaussian, KeypointDecoder, Readout, RecurrentKeypointCore, dense, gaussian_from
+from worldmodel.dynamics_core import DeferredObserve, Sampling, Step
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 
@@ -95,62 +95,60 @@ class HierarchicalVRNN(RecurrentKeypointCore):
             beliefs.append(belief)
         return torch.cat(levels, dim=-1), beliefs
 
-    def level_kl(self, prior_parts: list[Tensor], latent: Tensor, posteriors: list[Gaussian]) -> Tensor:
+    def level_kl(self, hidden: Tensor, latent: Tensor, posterior_mean: Tensor, posterior_std: Tensor) -> Tensor:
         """KL(q(z^l | z^{<l}, x, h) || p(z^l | z^{<l}, h)) of every level, both conditioned on the posterior
-        sample latent (B, L*Z) of the levels above; posteriors: L x (B, Z) -> (B, L), one KL for all levels."""
+        sample latent (N, L*Z) of the levels above; hidden (N, H), the posteriors' means and stds (N, L, Z)
+        -> (N, L), one KL for all levels."""
         z = self.level_size
+        prior_parts = self.prior_frame(hidden).chunk(self.levels, dim=-1)  # L x (N, prior units)
         priors = [head(prior_parts[l], latent[:, : l * z] if l else None) for l, head in enumerate(self.priors)]
-        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731  L x (B, Z) -> (B, L, Z)
-        return gaussian_kl(  # (B, L)
-            stack([q.mean for q in posteriors]), stack([q.std for q in posteriors]),
-            stack([p.mean for p in priors]), stack([p.std for p in priors]),
+        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731  L x (N, Z) -> (N, L, Z)
+        return gaussian_kl(  # (N, L)
+            posterior_mean, posterior_std, stack([p.mean for p in priors]), stack([p.std for p in priors])
         )
 
-    def _step(
-        self,
-        carry: Carry | None,
-        action: Tensor,
-        target: Tensor | None,
-        observed: bool,
-        sampling: Sampling,
-    ) -> Step:
-        batch = action.shape[0]
-        hidden = self.transition(carry, action)  # (B, H)
-        # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
-        base = self.residual_base(carry)
-        # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
-        prior_parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
+    def sample(
+        self, heads: nn.ModuleList, parts: list[Tensor], hidden: Tensor, base: Tensor | None, target: Tensor | None,
+        sampling: Sampling, detach: bool = False,
+    ) -> tuple[Tensor, list[Gaussian]]:
+        """One top-down sample from ``heads`` given each level's frame part: -> latent (B, L*Z) and the levels'
+        Gaussians. Best of many with a target and more than one draw: N whole top-down samples are decoded
+        and the closest to the target is redrawn with gradient."""
+        batch = hidden.shape[0]
         noise = sampling.draws(batch, self.noise_size, hidden, target)
-        posterior_parts = None
-        if observed and target is not None:
-            frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
-            posterior_parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))
-        # The posterior on observed frames; on imagined frames the prior, trained by the KL only (unless
-        # prior_future_gradient).
-        heads, parts = (self.priors, prior_parts) if posterior_parts is None else (self.posteriors, posterior_parts)
-        detach = posterior_parts is None and not self.config.prior_future_gradient
         if noise.shape[0] > 1 and target is not None:  # best of many over whole top-down samples
             with torch.no_grad():
-                candidates = self.decoder(self.top_down(heads, parts, noise)[0], hidden)  # (N, B, F)
-                if base is not None:
-                    candidates = candidates + base
+                candidates = self.decode(self.top_down(heads, parts, noise)[0], hidden, base)  # (N, B, F)
                 best = keypoint_error(candidates, target, self.config.keypoint_error).argmin(0)  # (B,)
             chosen = noise[best, torch.arange(batch, device=hidden.device)]  # (B, L*Z)
         else:
             chosen = noise[0]
-        latent, beliefs = self.top_down(heads, parts, chosen, detach)  # the chosen sample, with gradient
-        prediction = self.decoder(latent, hidden)  # (B, F)
-        if base is not None:
-            prediction = prediction + base
-        if posterior_parts is not None:
-            kl = self.level_kl(prior_parts, latent, beliefs)
-        else:
-            kl = hidden.new_zeros(batch, self.levels)
-        fed = target if observed and target is not None and self.config.feed_detected else prediction
-        return Step(Carry(hidden, fed, latent), prediction, hidden, kl, hidden.new_zeros(batch))
+        return self.top_down(heads, parts, chosen, detach)  # the chosen sample, with gradient
 
-    def _observe(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> Step:  # type: ignore[override]
-        return self._step(carry, action, target, True, sampling)
+    def observe_deferred(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> DeferredObserve:  # type: ignore[override]
+        hidden = self.transition(carry, action)  # (B, H)
+        # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
+        base = self.residual_base(carry)
+        # Each level's first-layer part that reads the frame: once per frame, shared by all samples.
+        frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
+        parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))  # L x (B, posterior units)
+        latent, posteriors = self.sample(self.posteriors, parts, hidden, base, target, sampling)
+        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731  L x (B, Z) -> (B, L, Z)
+        readout = Readout(hidden, latent, base, stack([q.mean for q in posteriors]), stack([q.std for q in posteriors]))
+        return DeferredObserve(Carry(hidden, target, latent), hidden, readout)
+
+    def readout(self, inputs: Readout) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        prediction = self.decode(inputs.latent, inputs.hidden, inputs.base)  # (N, F)
+        return prediction, self.level_kl(inputs.hidden, inputs.latent, inputs.posterior_mean, inputs.posterior_std)
 
     def _imagine(self, carry: Carry | None, action: Tensor, target: Tensor | None, sampling: Sampling) -> Step:  # type: ignore[override]
-        return self._step(carry, action, target, False, sampling)
+        hidden = self.transition(carry, action)  # (B, H)
+        base = self.residual_base(carry)
+        parts = list(self.prior_frame(hidden).chunk(self.levels, dim=-1))  # L x (B, prior units)
+        # The prior, trained by the KL only (detached) unless prior_future_gradient.
+        detach = not self.config.prior_future_gradient
+        latent, _ = self.sample(self.priors, parts, hidden, base, target, sampling, detach)
+        prediction = self.decode(latent, hidden, base)  # (B, F)
+        batch = hidden.shape[0]
+        return Step(Carry(hidden, prediction, latent), prediction, hidden, hidden.new_zeros(batch, self.levels),
+                    hidden.new_zeros(batch))

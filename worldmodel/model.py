@@ -328,13 +328,16 @@ class WorldModel(nn.Module):
         num_observed: int,
         schedule: Schedule,
         generator: torch.Generator | None = None,
+        deferred_readout: bool = True,
     ) -> Losses:
         """L_VRNN + L_future on detected keypoints (B, T, K, 3) (no gradient reaches them) and actions (B, T, 6).
 
         The first ``num_observed`` frames use the posterior (keypoint error + beta * kl_scale * KL), the rest
         the prior (L_future), with the core's best of many (eq. 8) and scheduled sampling. A core that trains
         on the posterior at every frame (``posterior_in_training``: SRVP) has KL terms on all frames and no
-        L_future. The core's own penalty (SRVP's residual norm) is added with its weight.
+        L_future. The core's own penalty (SRVP's residual norm) is added with its weight. ``deferred_readout``:
+        the observed frames' decoded keypoints and KL terms after the loop, where the core allows it
+        (``DynamicsCore.unroll``); False computes them frame by frame (the same numbers to float rounding).
         """
         core = self.dynamics
         targets = self.normalizer.normalize(keypoints.detach().flatten(2))  # (B, T, F), stop-gradient
@@ -347,6 +350,7 @@ class WorldModel(nn.Module):
             teacher_forcing=(schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted),
             generator=generator,
             imagined_samples=None if self.config.future_best_of else 1,
+            deferred_readout=deferred_readout,
         )
         d: DynamicsLosses = core.losses(unroll, targets, observed, schedule.kl_scale)
         zero = d.keypoint.new_zeros(())

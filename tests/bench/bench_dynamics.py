@@ -7,7 +7,9 @@
 The trainer's automatic dynamics precision (``--dynamics-precision
 auto``: bf16 where the CPU runs it natively without AMX and the core is wide enough) picks one of the two: each core is
 timed in float32 and in bf16, in turns of ``--steps // 3`` steps, best of 3 turns each, and the pick is named.
-``--bf32`` adds a third candidate, not offered by the trainer: float32 tensors whose matrix products oneDNN
+Each core is also timed in fp32 with its observed frames' read-out (decoded keypoints, KL terms) computed frame by
+frame instead of after the loop (``deferred_readout``, docs/DYNAMICS.md, "Speed"): the ratio is what the deferral buys.
+``--bf32`` adds another candidate, not offered by the trainer: float32 tensors whose matrix products oneDNN
 computes from bf16-rounded inputs (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, on CPUs with native
 bf16; docs/PERFORMANCE.md, "A CPU with AMX").
 
@@ -31,16 +33,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from worldmodel.config import DYNAMICS, ModelConfig
 from worldmodel.model import Schedule, WorldModel
 from worldmodel.precision import BF16_DYNAMICS_MIN_WIDTH, Compute, choose_compute, cpu_info
-
-
-Step = Callable[[Compute], None]
+from worldmodel.train_config import cpu_profile
+from worldmodel.training import make_optimizer
 
 
 class Candidate(NamedTuple):
-    """A way to run the dynamics' training step: the trainer's ``Compute`` and, for bf32, oneDNN's bf16 products."""
+    """A way to run the dynamics' training step: the trainer's ``Compute``, for bf32 oneDNN's bf16 products, and
+    whether the observed frames' read-out waits until after the loop (the trainer's way) or runs frame by frame."""
 
     compute: Compute
     bf16_products: bool = False
+    deferred_readout: bool = True
 
     def context(self) -> contextlib.AbstractContextManager[None]:
         return bf16_products() if self.bf16_products else contextlib.nullcontext()
@@ -62,16 +65,17 @@ def training_step(config: ModelConfig, batch: int, observed: int, predicted: int
     torch.manual_seed(0)
     model = WorldModel(config)
     parameters = list(model.dynamics.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    optimizer = make_optimizer(parameters, cpu_profile(), torch.device("cpu"))  # the trainer's Adam (fused on CPU)
     length = observed + predicted
     keypoints = torch.rand(batch, length, config.num_keypoints, 3) * 2 - 1
     actions = torch.rand(batch, length, config.action_dim) * 2 - 1
     schedule = Schedule(kl_scale=1.0, teacher_forcing_observed=0.5, teacher_forcing_predicted=0.75)
 
-    def step(compute: Compute) -> None:
+    def step(candidate: Candidate) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with compute.dynamics_training():
-            loss = model.dynamics_losses(keypoints, actions, observed, schedule).total
+        with candidate.compute.dynamics_training():
+            loss = model.dynamics_losses(keypoints, actions, observed, schedule,
+                                         deferred_readout=candidate.deferred_readout).total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -79,12 +83,15 @@ def training_step(config: ModelConfig, batch: int, observed: int, predicted: int
     return step
 
 
+Step = Callable[[Candidate], None]
+
+
 def steps_per_second(step: Step, steps: int, candidates: dict[str, Candidate]) -> dict[str, float]:
     """Training steps per second for each dynamics precision, timed in turns (best of 3)."""
     for candidate in candidates.values():
         with candidate.context():
             for _ in range(3):  # warm-up: allocator, autograd graph caches, oneDNN kernels
-                step(candidate.compute)
+                step(candidate)
     best = {name: float("inf") for name in candidates}
     turn = max(1, steps // 3)
     for _ in range(3):
@@ -92,7 +99,7 @@ def steps_per_second(step: Step, steps: int, candidates: dict[str, Candidate]) -
             with candidate.context():
                 start = time.perf_counter()
                 for _ in range(turn):
-                    step(candidate.compute)
+                    step(candidate)
                 best[name] = min(best[name], (time.perf_counter() - start) / turn)
     return {name: 1.0 / seconds for name, seconds in best.items()}
 
@@ -145,7 +152,7 @@ def products_alone(step: Step, candidate: Candidate, repeats: int = 5) -> tuple[
     machine's BLAS, whatever the element-wise work around the products costs."""
     with candidate.context():
         with ProductRecorder() as recorder:
-            step(candidate.compute)
+            step(candidate)
         calls = [(product.op, product.inputs()) for product in recorder.products]
         for op, inputs in calls:  # warm-up: the BLAS's first calls at each shape
             op(*inputs)
@@ -180,18 +187,27 @@ def main() -> None:
     candidates = {precision: Candidate(choose_compute("cpu", dynamics_precision=precision)) for precision in ("fp32", "bf16")}
     if args.bf32:
         candidates["bf32"] = Candidate(candidates["fp32"].compute, bf16_products=True)
+    frame_by_frame = Candidate(candidates["fp32"].compute, deferred_readout=False)
     for name in DYNAMICS:
         config = factory(dynamics=name)
         auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.dynamics_width)
         step = training_step(config, args.batch, args.observed, args.predicted)
-        rates = steps_per_second(step, args.steps, candidates)
         core = WorldModel(config).dynamics
+        defers = core.defers_readout()
+        extra = {"fp32, read-out frame by frame": frame_by_frame} if defers else {}
+        rates = steps_per_second(step, args.steps, {**candidates, **extra})
+        by_frame = rates.pop("fp32, read-out frame by frame", None)
         size = sum(p.numel() for p in core.parameters())
         figures = ", ".join(f"{label} {rate:5.1f}" for label, rate in rates.items())
         print(f"  {name:6s} steps/s: {figures} (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}x; auto: {auto.dynamics}, "
               f"{rates[auto.dynamics]:.1f})   (width {config.dynamics_width}, hidden {core.hidden_size}, "
               f"noise {core.noise_size}, best of {core.best_of}, {size / 1e3:.0f}k parameters)")
         print(f"         auto: {max(rates.values()) / rates[auto.dynamics]:.2f}x the fastest's time (target <= 1.10)")
+        if by_frame is not None:
+            print(f"         fp32 with the observed frames' read-out frame by frame: {by_frame:5.1f} steps/s "
+                  f"(read-out after the loop: {rates['fp32'] / by_frame:.2f}x)")
+        else:
+            print("         (this core reads its observed frames out frame by frame)")
         for label, candidate in candidates.items():
             count, flops, seconds = products_alone(step, candidate)
             print(f"         {label}: its {count} matrix products ({flops / 1e9:.2f} GFLOP a step) alone take "
