@@ -228,7 +228,7 @@ class VRNN(RecurrentKeypointCore):
 
         Best of many (eq. 8): with a target (B, F) and more than one sample, N samples are decoded at once and the
         one closest to the target (``ModelConfig.keypoint_error`` in normalised space) is kept; gradients flow through the
-        chosen sample only (it is decoded again with grad). Without a target the first sample is used.
+        chosen sample only (the caller decodes it again, with grad). Without a target the first sample is used.
         ``base`` (B, F), when given, is added to every candidate's decoded output (residual keypoints).
         """
         batch = hidden.shape[0]
@@ -252,7 +252,7 @@ class VRNN(RecurrentKeypointCore):
         if self.posterior is not None:
             belief = self.posterior(torch.cat([target, hidden], dim=-1))  # S7
         latent = self.sample(belief, hidden, target, sampling, base)  # eq. 8
-        empty = latent  # (B, 0): struct-rnn has no posterior
+        empty = latent  # struct-rnn has no posterior: its latent is (B, 0), and so are the posterior's fields
         readout = Readout(hidden, latent, base, empty if belief is None else belief.mean,
                           empty if belief is None else belief.std)
         return DeferredObserve(Carry(hidden, target, latent), hidden, readout)
