@@ -207,6 +207,32 @@ def test_a_deferred_readout_gives_the_frame_by_frame_losses_and_gradients(dynami
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dynamics", CORES)
+@pytest.mark.parametrize("overrides", [{}, {"feed_detected": False}, {"future_best_of": True}, {"variant": "struct-rnn"}])
+def test_draws_made_beforehand_reproduce_the_generators_unroll_exactly(dynamics: str, overrides: dict[str, object]) -> None:
+    """``draw_randomness`` makes the unroll's draws (latent noise, scheduled-sampling coins) in the order the unroll
+    makes them, so the unroll on them is the generator's, bit for bit (what lets the trainer compile the loop)."""
+    if dynamics == "hvrnn" and overrides.get("variant") == "struct-rnn":
+        pytest.skip("the hierarchical VRNN needs a latent")
+    model = smoke_model(dynamics, **overrides)
+    core = model.dynamics
+    _, actions, targets = random_window(model, batch=3, steps=8)
+    inputs, forcing = previous_actions(actions), (0.6, 0.4)
+    observed = 8 if core.posterior_in_training else 5
+    imagined = None if model.config.future_best_of else 1
+    reference = core.unroll(inputs, targets, num_observed=observed, num_samples=core.best_of, teacher_forcing=forcing,
+                            generator=torch.Generator().manual_seed(9), imagined_samples=imagined)
+    randomness = core.draw_randomness(3, 8, observed, core.best_of, forcing, torch.Generator().manual_seed(9),
+                                      imagined_samples=imagined)
+    drawn = core.unroll(inputs, targets, num_observed=observed, num_samples=core.best_of, imagined_samples=imagined,
+                        randomness=randomness)
+    for field in ("keypoints", "hidden", "kl_terms", "regulariser"):
+        assert torch.equal(getattr(drawn, field), getattr(reference, field)), field
+    assert any(mask is not None for mask in randomness.feed_target) == (core.scheduled_sampling and dynamics != "srvp")
+    with pytest.raises(ValueError, match="draws made beforehand"):
+        core.unroll(inputs, targets, num_observed=observed, compiled=True)
+
+
 def same_posterior_and_prior(core: DynamicsCore) -> None:
     """Make every posterior head output the same constant Gaussian as its prior head."""
 

@@ -20,7 +20,7 @@ from worldmodel.config import VARIANTS, ModelConfig
 from worldmodel.data import WindowDataset
 from worldmodel.model import Losses, Schedule, WorldModel
 from worldmodel.precision import Compute
-from worldmodel import train_config, training
+from worldmodel import compilation, dynamics_core, train_config, training
 from worldmodel.train_config import Stage, TrainConfig, paper_profile
 from worldmodel.training import kl_scale_at, learning_rate_at, schedule_at, teacher_forcing_at
 
@@ -427,6 +427,41 @@ def test_bad_options_exit_2(
     assert main(smoke_args(tiny_dataset, tmp_path / "run", *extra)) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
+
+
+def test_compile_dynamics_on_without_a_cpp_compiler_exits_2(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(compilation, "cxx_compiler", lambda: None)
+    assert main(smoke_args(tiny_dataset, tmp_path / "run", "--compile-dynamics", "on")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "needs a C++ compiler" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_compile_that_fails_on_the_first_dynamics_step_leaves_the_run_uncompiled_and_unchanged(
+    reference_run: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A C++ toolchain torch.compile cannot use fails inside the first compiled step: the trainer says so in one
+    line, puts the random state back and trains uncompiled, so the run is the uncompiled reference run."""
+    calls: list[int] = []
+
+    def broken_compile(core: object) -> object:
+        calls.append(1)
+        raise RuntimeError("C++ compile error: cannot find Python.h\n(and 200 more lines)")
+
+    monkeypatch.setattr(compilation, "cxx_compiler", lambda: "g++")
+    monkeypatch.setattr(dynamics_core, "compiled_loop", broken_compile)
+    out = tmp_path / "run"
+    assert main(smoke_args(tiny_dataset, out, "--compile-dynamics", "on")) == 0
+    assert len(calls) == 1  # tried once, then never again
+    error = capsys.readouterr().err
+    assert "torch.compile of the dynamics failed (RuntimeError: C++ compile error: cannot find Python.h)" in error
+    assert records(out, "train") == records(reference_run, "train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dynamics_compile"].startswith("dynamics compiled")  # the plan; the log above says what happened
+    assert json.loads((reference_run / "summary.json").read_text())["dynamics_compile"].startswith("dynamics uncompiled")
 
 
 def test_a_finished_run_is_never_rewritten(reference_run: Path, tiny_dataset: Path) -> None:

@@ -43,7 +43,7 @@ import tyro  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from worldmodel import distributed, storage  # noqa: E402
+from worldmodel import compilation, distributed, storage  # noqa: E402
 from worldmodel.atomic import atomic_write, atomic_write_text  # noqa: E402
 from worldmodel.checkpoint import (  # noqa: E402
     CHECKPOINT_FILE,
@@ -52,6 +52,7 @@ from worldmodel.checkpoint import (  # noqa: E402
     save_checkpoint,
     seed_rng,
 )
+from worldmodel.compilation import CompileDecision, decide_compile  # noqa: E402
 from worldmodel.dynamics_benchmark import benchmark_record, choose_window_starts, open_loop  # noqa: E402
 from worldmodel.errors import InputError, closed_output, report  # noqa: E402
 from worldmodel.run_sources import check_same_data, existing_run, take_run, take_vision  # noqa: E402
@@ -313,7 +314,11 @@ def optimise_stage(
     which writes a checkpoint; returns the steps taken. Logs, evaluates and checkpoints on the way."""
     config, dist, logger = run.config, run.dist, run.logger
     stage, total, offset = state.stage, state.stage.steps(config), state.stage.offset(config)
-    objective: nn.Module = Objective(run.model, stage, config.observed_steps(stage))
+    decision = compile_decision(run) if stage == Stage.DYNAMICS else None
+    inner = Objective(run.model, stage, config.observed_steps(stage), compiled=decision is not None and decision.compiled)
+    if decision is not None and dist.is_main:
+        print(decision.reason, file=sys.stderr)
+    objective: nn.Module = inner
     if dist.is_distributed:
         objective = DistributedDataParallel(objective, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     # frames (joint, vision) or keypoint frames (dynamics) per step over all processes (the batch sizes are
@@ -333,7 +338,20 @@ def optimise_stage(
             break
         optimizer.set_learning_rate(learning_rate_at(state.step, total, config))
         schedule = schedule_at(state.step, total, config, stage)
-        out = train_step(objective, optimizer, next(batches), schedule, run.compute)
+        batch = next(batches)
+        if inner.compiled and taken == 0:  # the step that compiles: a toolchain torch.compile cannot use fails here
+            rng = capture_rng_state()
+            try:
+                out = train_step(objective, optimizer, batch, schedule, run.compute)
+            except Exception as error:  # noqa: BLE001 - any compiler failure; the stage goes on uncompiled
+                restore_rng_state(rng)  # the retry draws what the failed step drew
+                inner.compiled = False
+                first_line = (str(error).strip().splitlines() or [""])[0][:200]
+                print(f"torch.compile of the dynamics failed ({type(error).__name__}: {first_line}); "
+                      "the stage runs uncompiled (--compile-dynamics off skips the attempt)", file=sys.stderr)
+                out = train_step(objective, optimizer, batch, schedule, run.compute)
+        else:
+            out = train_step(objective, optimizer, batch, schedule, run.compute)
         state.step, taken, since_log = state.step + 1, taken + 1, since_log + 1
         if state.step % config.log_every == 0 or state.step == total:
             terms = torch.stack([*out.losses, out.grad_norm.float(), out.penalty.float()])
@@ -425,6 +443,13 @@ def stage_batches(run: Run, state: TrainState, splits: dict[str, KeypointSplit] 
     return frame_batches(config, tasks, config.window, config.batch_size, state.step, dist, salt=0)
 
 
+def compile_decision(run: Run) -> CompileDecision:
+    """Whether the dynamics stage runs through torch.compile (``--compile-dynamics``; worldmodel/compilation.py)."""
+    config = run.config
+    return decide_compile(config.compile_dynamics, run.dist.device.type, run.compute.dynamics, config.dynamics_steps,
+                          compilation.cxx_compiler())
+
+
 def write_summary(run: Run, state: TrainState, splits: dict[str, KeypointSplit] | None) -> None:
     """summary.json (rank 0): final evaluation, per-stage wall time, final losses, the dynamics benchmark."""
     config = run.config
@@ -434,6 +459,7 @@ def write_summary(run: Run, state: TrainState, splits: dict[str, KeypointSplit] 
         "model": config.model,
         "mode": config.mode,
         "compute": run.compute.reason,
+        "dynamics_compile": compile_decision(run).reason if config.mode == "staged" else None,
         "global_steps": state.global_step(config),
         "stage_seconds": {name: round(value, 1) for name, value in state.stage_seconds.items()},
         "final_losses": state.final_losses,
@@ -496,7 +522,9 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         compute = choose_compute(
             dist.device, config.precision, config.channels_last, config.dynamics_precision, config.model_config.dynamics_width
         )
-    except ValueError as error:
+        decide_compile(config.compile_dynamics, dist.device.type, compute.dynamics, config.dynamics_steps,
+                       compilation.cxx_compiler())
+    except ValueError as error:  # e.g. --compile-dynamics on without a C++ compiler
         raise InputError(str(error)) from None
     checkpoint = existing_run(config)
     if checkpoint is not None and checkpoint["complete"]:  # a rerun of finished work, like the collector's

@@ -27,6 +27,8 @@ from fewer and larger operations (docs/DYNAMICS.md, "Speed").
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -55,6 +57,14 @@ class DeferredObserve(NamedTuple):
     carry: CoreCarry  # after this frame
     hidden: Tensor  # (B, H) the hidden state that predicts this frame
     readout: tuple[Tensor | None, ...]  # the core's own NamedTuple of (B, ...) tensors its read-out needs
+
+
+class Randomness(NamedTuple):
+    """Every random draw of one training unroll, made before it (``DynamicsCore.draw_randomness``), so that the
+    unroll itself is a fixed computation that ``torch.compile`` can capture whole."""
+
+    noise: tuple[Tensor, ...]  # per frame: (N_t, B, noise_size) standard normals
+    feed_target: tuple[Tensor | None, ...]  # per frame: (B, 1) bool, scheduled sampling feeds the target; None: no coin
 
 
 class Sampling(NamedTuple):
@@ -200,6 +210,8 @@ class DynamicsCore(nn.Module):
         noise: Tensor | None = None,
         imagined_samples: int | None = None,
         deferred_readout: bool = False,
+        randomness: Randomness | None = None,
+        compiled: bool = False,
     ) -> Unroll:
         """Run T frames: ``observe_step`` for the first ``num_observed``, ``imagine_step`` after.
 
@@ -214,61 +226,121 @@ class DynamicsCore(nn.Module):
         ``Compute.dynamics_training`` chose bf16 (``worldmodel.precision.dynamics_autocast``): then the products
         run in bf16, and the outputs are returned in float32 all the same.
         """
+        if compiled and randomness is None:
+            raise ValueError("a compiled unroll needs its draws made beforehand: pass randomness=draw_randomness(...)")
         with dynamics_autocast(actions.device.type):
             actions = actions.float()
             targets = None if targets is None else targets.float()
             if num_observed > 0 and targets is None:
                 raise ValueError("observed steps need target keypoints")
-            batch, steps = actions.shape[:2]
-            carry = initial
-            defer = deferred_readout and self.defers_readout()
-            predictions: list[Tensor | None] = []
-            hiddens, kls, regularisers, readouts = [], [], [], []
-            for t in range(steps):
-                target = None if targets is None else targets[:, t]  # (B, F)
+            loop = compiled_loop(self) if compiled else self._loop
+            return loop(actions, targets, initial, num_observed, num_samples, teacher_forcing, generator, noise,
+                        imagined_samples, deferred_readout and self.defers_readout(), randomness)
+
+    def _loop(
+        self,
+        actions: Tensor,
+        targets: Tensor | None,
+        initial: CoreCarry | None,
+        num_observed: int,
+        num_samples: int,
+        teacher_forcing: tuple[float, float],
+        generator: torch.Generator | None,
+        noise: Tensor | None,
+        imagined_samples: int | None,
+        defer: bool,
+        randomness: Randomness | None,
+    ) -> Unroll:
+        """``unroll``'s loop over the frames (its arguments as there; ``defer``: read out after the loop)."""
+        batch, steps = actions.shape[:2]
+        carry = initial
+        predictions: list[Tensor | None] = []
+        hiddens, kls, regularisers, readouts = [], [], [], []
+        for t in range(steps):
+            target = None if targets is None else targets[:, t]  # (B, F)
+            if randomness is not None:
+                step_noise: Tensor | None = randomness.noise[t]
+            else:
                 step_noise = None if noise is None else noise[t]
-                observed = t < num_observed
-                if observed and defer:
+            observed = t < num_observed
+            if observed and defer:
+                assert target is not None
+                deferred = self.observe_deferred(carry, actions[:, t], target, Sampling(num_samples, generator, step_noise))
+                carry = deferred.carry
+                readouts.append(deferred.readout)
+                predictions.append(None)  # filled in after the loop
+                hiddens.append(deferred.hidden)
+                regularisers.append(deferred.hidden.new_zeros(batch))
+                continue  # the detected keypoints are fed: no scheduled sampling on this frame
+            if observed:
+                assert target is not None
+                out = self.observe_step(carry, actions[:, t], target, num_samples, generator, step_noise)
+                kls.append(out.kl)
+            else:
+                samples = num_samples if imagined_samples is None else imagined_samples
+                out = self.imagine_step(carry, actions[:, t], target, samples, generator, step_noise)
+            carry = out.carry
+            if randomness is not None:
+                feed_target = randomness.feed_target[t]
+                if feed_target is not None:
                     assert target is not None
-                    deferred = self.observe_deferred(carry, actions[:, t], target,
-                                                     Sampling(num_samples, generator, step_noise))
-                    carry = deferred.carry
-                    readouts.append(deferred.readout)
-                    predictions.append(None)  # filled in after the loop
-                    hiddens.append(deferred.hidden)
-                    regularisers.append(deferred.hidden.new_zeros(batch))
-                    continue  # the detected keypoints are fed: no scheduled sampling on this frame
-                if observed:
-                    assert target is not None
-                    out = self.observe_step(carry, actions[:, t], target, num_samples, generator, step_noise)
-                    kls.append(out.kl)
-                else:
-                    samples = num_samples if imagined_samples is None else imagined_samples
-                    out = self.imagine_step(carry, actions[:, t], target, samples, generator, step_noise)
-                carry = out.carry
+                    carry = self.feed(carry, torch.where(feed_target, target, out.prediction))
+            elif self.coin_drawn(observed, target is not None, teacher_forcing):
+                coin = torch.rand((batch, 1), generator=generator, device=actions.device)
                 p_target = teacher_forcing[0] if observed else teacher_forcing[1]
-                fed_already = observed and self.config.feed_detected
-                if self.scheduled_sampling and target is not None and p_target > 0.0 and not fed_already:
-                    coin = torch.rand((batch, 1), generator=generator, device=actions.device)
-                    carry = self.feed(carry, torch.where(coin < p_target, target, out.prediction))
-                predictions.append(out.prediction)
-                hiddens.append(out.hidden)
-                regularisers.append(out.regulariser)
-            if readouts:  # all observed frames' read-outs as one batch of (frames * B) rows
-                decoded, frame_kls = self.readout(concatenate_rows(readouts))
-                predictions[: len(readouts)] = list(decoded.split(batch))
-                kls = list(frame_kls.split(batch))
-            terms = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0, len(self.kl_names))
-            assert carry is not None
-            terms = terms.float()
-            return Unroll(
-                keypoints=torch.stack(predictions, dim=1).float(),  # (B, T, F)
-                hidden=torch.stack(hiddens, dim=1).float(),  # (B, T, H)
-                kl=terms.sum(-1),  # (B, T_observed)
-                kl_terms=terms,  # (B, T_observed, L)
-                regulariser=torch.stack(regularisers, dim=1).float(),  # (B, T)
-                final=carry,
-            )
+                carry = self.feed(carry, torch.where(coin < p_target, target, out.prediction))
+            predictions.append(out.prediction)
+            hiddens.append(out.hidden)
+            regularisers.append(out.regulariser)
+        if readouts:  # all observed frames' read-outs as one batch of (frames * B) rows
+            decoded, frame_kls = self.readout(concatenate_rows(readouts))
+            predictions[: len(readouts)] = list(decoded.split(batch))
+            kls = list(frame_kls.split(batch))
+        terms = torch.stack(kls, dim=1) if kls else actions.new_zeros(batch, 0, len(self.kl_names))
+        assert carry is not None
+        terms = terms.float()
+        return Unroll(
+            keypoints=torch.stack(predictions, dim=1).float(),  # type: ignore[arg-type]  # (B, T, F)
+            hidden=torch.stack(hiddens, dim=1).float(),  # (B, T, H)
+            kl=terms.sum(-1),  # (B, T_observed)
+            kl_terms=terms,  # (B, T_observed, L)
+            regulariser=torch.stack(regularisers, dim=1).float(),  # (B, T)
+            final=carry,
+        )
+
+    def coin_drawn(self, observed: bool, has_target: bool, teacher_forcing: tuple[float, float]) -> bool:
+        """Whether scheduled sampling draws a coin after this frame: a core that feeds its predictions back,
+        a target to feed instead, a probability above 0, and not an observed frame whose detected keypoints
+        are fed already (``feed_detected``)."""
+        p_target = teacher_forcing[0] if observed else teacher_forcing[1]
+        fed_already = observed and self.config.feed_detected
+        return self.scheduled_sampling and has_target and p_target > 0.0 and not fed_already
+
+    def draw_randomness(
+        self,
+        batch: int,
+        steps: int,
+        num_observed: int,
+        num_samples: int,
+        teacher_forcing: tuple[float, float],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        imagined_samples: int | None = None,
+    ) -> Randomness:
+        """The draws of a training unroll with targets on every frame (float32 dynamics), in the order the unroll
+        makes them from ``generator``: per frame the latent noise, then the scheduled-sampling coin."""
+        noise: list[Tensor] = []
+        feed_target: list[Tensor | None] = []
+        for t in range(steps):
+            observed = t < num_observed
+            count = num_samples if observed or imagined_samples is None else imagined_samples
+            noise.append(torch.randn((count, batch, self.noise_size), generator=generator, device=device))
+            if self.coin_drawn(observed, True, teacher_forcing):
+                coin = torch.rand((batch, 1), generator=generator, device=device)
+                feed_target.append(coin < (teacher_forcing[0] if observed else teacher_forcing[1]))
+            else:
+                feed_target.append(None)
+        return Randomness(tuple(noise), tuple(feed_target))
 
     def losses(self, unroll: Unroll, targets: Tensor, num_observed: int, kl_scale: float) -> DynamicsLosses:
         """The loss terms of an unroll against its normalised targets (B, T, F); ``kl_scale`` multiplies beta."""
@@ -284,6 +356,16 @@ class DynamicsCore(nn.Module):
         if self.regulariser_weight > 0:
             total = total + self.regulariser_weight * regulariser
         return DynamicsLosses(total, keypoint, future, kl, terms, regulariser)
+
+
+_COMPILED: weakref.WeakKeyDictionary[DynamicsCore, Callable[..., Unroll]] = weakref.WeakKeyDictionary()
+
+
+def compiled_loop(core: DynamicsCore) -> Callable[..., Unroll]:
+    """``core._loop`` through ``torch.compile``, made once per core (kept apart from the module's state)."""
+    if core not in _COMPILED:
+        _COMPILED[core] = torch.compile(core._loop)
+    return _COMPILED[core]
 
 
 def concatenate_rows(readouts: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...]:

@@ -329,6 +329,7 @@ class WorldModel(nn.Module):
         schedule: Schedule,
         generator: torch.Generator | None = None,
         deferred_readout: bool = True,
+        compiled: bool = False,
     ) -> Losses:
         """L_VRNN + L_future on detected keypoints (B, T, K, 3) (no gradient reaches them) and actions (B, T, 6).
 
@@ -338,19 +339,30 @@ class WorldModel(nn.Module):
         L_future. The core's own penalty (SRVP's residual norm) is added with its weight. ``deferred_readout``:
         the observed frames' decoded keypoints and KL terms after the loop, where the core allows it
         (``DynamicsCore.unroll``); False computes them frame by frame (the same numbers to float rounding).
+        ``compiled``: the unroll through ``torch.compile``, its random draws made first from the same generator
+        in the same order (``DynamicsCore.draw_randomness``): the same figures to float rounding in float32.
         """
         core = self.dynamics
         targets = self.normalizer.normalize(keypoints.detach().flatten(2))  # (B, T, F), stop-gradient
         observed = targets.shape[1] if core.posterior_in_training else num_observed
+        teacher_forcing = (schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted)
+        imagined_samples = None if self.config.future_best_of else 1
+        randomness = None
+        if compiled:  # the draws first, so that the compiled loop holds no random number generator
+            batch, steps = targets.shape[:2]
+            randomness = core.draw_randomness(batch, steps, observed, core.best_of, teacher_forcing, generator,
+                                              targets.device, imagined_samples)
         unroll = core.unroll(
             previous_actions(actions),
             targets,
             num_observed=observed,
             num_samples=core.best_of,
-            teacher_forcing=(schedule.teacher_forcing_observed, schedule.teacher_forcing_predicted),
+            teacher_forcing=(0.0, 0.0) if compiled else teacher_forcing,  # compiled: in the randomness
             generator=generator,
-            imagined_samples=None if self.config.future_best_of else 1,
+            imagined_samples=imagined_samples,
             deferred_readout=deferred_readout,
+            randomness=randomness,
+            compiled=compiled,
         )
         d: DynamicsLosses = core.losses(unroll, targets, observed, schedule.kl_scale)
         zero = d.keypoint.new_zeros(())

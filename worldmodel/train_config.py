@@ -17,6 +17,7 @@ from worldmodel.checkpoint import model_config_from_dict
 from worldmodel.config import OBSERVED_STEPS, STATE_VARIANT, Dynamics, ModelConfig, Variant
 from worldmodel.errors import InputError, check_options
 from worldmodel.options import changed_options
+from worldmodel.compilation import CompileChoice
 from worldmodel.precision import DynamicsPrecision, Precision
 
 Profile = Literal["paper", "cpu", "quick", "smoke"]
@@ -58,6 +59,8 @@ class TrainConfig:
     """Autocast dtype of the convs: 'auto' is bf16 where the hardware runs it natively (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), else fp32; 'fp16' (CUDA only) uses a gradient scaler. The losses always run in fp32."""
     dynamics_precision: DynamicsPrecision = "auto"
     """Products of the dynamics' training steps: 'auto' is bf16 where the hardware runs it natively and the core's widest products are >= 256 (the cpu VRNN: ~1.9x faster there, same accuracy: docs/PERFORMANCE.md), else fp32. Evaluation, extraction and the envs always run the dynamics in fp32; the KL and losses are fp32 either way. Runs from before this option resume with 'auto'."""
+    compile_dynamics: CompileChoice = field(default="auto", metadata=RESUME_FREE)
+    """Run the dynamics stage's unroll through torch.compile: 'auto' where it pays (a CPU with a C++ compiler, fp32 dynamics, a stage of >= 5,000 steps: 1.1-1.5x steps/s after a compile of up to a minute; docs/PERFORMANCE.md, "Compiled dynamics"), 'on' or 'off'. The same figures to float rounding; the decision is printed and stored in summary.json."""
     channels_last: bool = True
     """Keep conv weights and activations in channels_last memory format (faster convs in fp32 and bf16: docs/PERFORMANCE.md)."""
     resume: bool = field(default=False, metadata=RESUME_FREE)

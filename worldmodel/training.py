@@ -278,17 +278,19 @@ class Objective(nn.Module):
 
     forward(inputs, actions, schedule) -> (Losses, Diagnostics | None, penalty): penalty is the conv-kernel
     L2 term (zero in the dynamics stage, which trains no conv). ``num_observed``: the config's
-    ``observed_steps(stage)``.
+    ``observed_steps(stage)``. ``compiled``: the dynamics stage's unroll through torch.compile
+    (``worldmodel.compilation``); the trainer turns it off if the first compiled step fails.
     """
 
-    def __init__(self, model: WorldModel, stage: Stage, num_observed: int) -> None:
+    def __init__(self, model: WorldModel, stage: Stage, num_observed: int, compiled: bool = False) -> None:
         super().__init__()
         self.model, self.stage, self.num_observed = model, stage, num_observed
+        self.compiled = compiled and stage == Stage.DYNAMICS
 
     def forward(self, inputs: Tensor, actions: Tensor, schedule: Schedule) -> tuple[Losses, Diagnostics | None, Tensor]:
         model = self.model
         if self.stage == Stage.DYNAMICS:
-            losses = model.dynamics_losses(inputs, actions, self.num_observed, schedule)
+            losses = model.dynamics_losses(inputs, actions, self.num_observed, schedule, compiled=self.compiled)
             return losses, None, losses.total.new_zeros(())
         if self.stage == Stage.VISION:
             losses, diagnostics = model.vision_losses(inputs, schedule, self.num_observed)

@@ -7,7 +7,8 @@
 The trainer's automatic dynamics precision (``--dynamics-precision
 auto``: bf16 where the CPU runs it natively without AMX and the core is wide enough) picks one of the two: each core is
 timed in float32 and in bf16, in turns of ``--steps // 3`` steps, best of 3 turns each, and the pick is named.
-Each core is also timed in fp32 with its observed frames' read-out (decoded keypoints, KL terms) computed frame by
+Each core is also timed in fp32 through ``torch.compile`` (``--compile-dynamics``; the first step, which
+compiles, is timed apart; ``--no-compile`` leaves it out), and in fp32 with its observed frames' read-out (decoded keypoints, KL terms) computed frame by
 frame instead of after the loop (``deferred_readout``, docs/DYNAMICS.md, "Speed"): the ratio is what the deferral buys.
 ``--bf32`` adds another candidate, not offered by the trainer: float32 tensors whose matrix products oneDNN
 computes from bf16-rounded inputs (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, on CPUs with native
@@ -30,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from worldmodel.compilation import cxx_compiler, decide_compile
 from worldmodel.config import DYNAMICS, ModelConfig
 from worldmodel.model import Schedule, WorldModel
 from worldmodel.precision import BF16_DYNAMICS_MIN_WIDTH, Compute, choose_compute, cpu_info
@@ -44,6 +46,7 @@ class Candidate(NamedTuple):
     compute: Compute
     bf16_products: bool = False
     deferred_readout: bool = True
+    compiled: bool = False
 
     def context(self) -> contextlib.AbstractContextManager[None]:
         return bf16_products() if self.bf16_products else contextlib.nullcontext()
@@ -75,7 +78,7 @@ def training_step(config: ModelConfig, batch: int, observed: int, predicted: int
         optimizer.zero_grad(set_to_none=True)
         with candidate.compute.dynamics_training():
             loss = model.dynamics_losses(keypoints, actions, observed, schedule,
-                                         deferred_readout=candidate.deferred_readout).total
+                                         deferred_readout=candidate.deferred_readout, compiled=candidate.compiled).total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -174,6 +177,8 @@ def main() -> None:
     parser.add_argument("--predicted", type=int, default=8)
     parser.add_argument("--profile", choices=("cpu", "paper", "smoke"), default="cpu")
     parser.add_argument("--bf32", action="store_true", help="also time fp32 tensors with oneDNN's bf16 products")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled fp32 step (its compile takes "
+                        "1-2 minutes per core)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     factory = {"cpu": ModelConfig.cpu, "paper": ModelConfig.paper, "smoke": ModelConfig.smoke}[args.profile]
@@ -188,6 +193,7 @@ def main() -> None:
     if args.bf32:
         candidates["bf32"] = Candidate(candidates["fp32"].compute, bf16_products=True)
     frame_by_frame = Candidate(candidates["fp32"].compute, deferred_readout=False)
+    compiled = Candidate(candidates["fp32"].compute, compiled=True)
     for name in DYNAMICS:
         config = factory(dynamics=name)
         auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.dynamics_width)
@@ -195,8 +201,15 @@ def main() -> None:
         core = WorldModel(config).dynamics
         defers = core.defers_readout()
         extra = {"fp32, read-out frame by frame": frame_by_frame} if defers else {}
+        if not args.no_compile:
+            torch._dynamo.reset()  # each core compiled afresh: the cores share their loop's code, and its cache limit
+            started = time.perf_counter()
+            step(compiled)  # the compile, timed apart
+            compile_seconds = time.perf_counter() - started
+            extra["fp32, compiled"] = compiled
         rates = steps_per_second(step, args.steps, {**candidates, **extra})
         by_frame = rates.pop("fp32, read-out frame by frame", None)
+        compiled_rate = rates.pop("fp32, compiled", None)
         size = sum(p.numel() for p in core.parameters())
         figures = ", ".join(f"{label} {rate:5.1f}" for label, rate in rates.items())
         print(f"  {name:6s} steps/s: {figures} (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}x; auto: {auto.dynamics}, "
@@ -208,6 +221,11 @@ def main() -> None:
                   f"(read-out after the loop: {rates['fp32'] / by_frame:.2f}x)")
         else:
             print("         (this core reads its observed frames out frame by frame)")
+        if compiled_rate is not None:
+            decision = decide_compile("auto", "cpu", auto.dynamics, cpu_profile().dynamics_steps, cxx_compiler())
+            print(f"         fp32 compiled (torch.compile, first step {compile_seconds:.0f} s): {compiled_rate:5.1f} steps/s "
+                  f"({compiled_rate / rates['fp32']:.2f}x fp32 uncompiled); the trainer's cpu profile: "
+                  f"{'compiled' if decision.compiled else 'uncompiled'}")
         for label, candidate in candidates.items():
             count, flops, seconds = products_alone(step, candidate)
             print(f"         {label}: its {count} matrix products ({flops / 1e9:.2f} GFLOP a step) alone take "

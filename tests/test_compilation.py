@@ -1,0 +1,58 @@
+"""When the dynamics stage runs through torch.compile (worldmodel/compilation.py), and that it computes the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worldmodel.compilation import MIN_COMPILED_STEPS, decide_compile
+from worldmodel.config import ModelConfig
+from worldmodel.model import Schedule, WorldModel
+
+LONG = MIN_COMPILED_STEPS
+
+
+def test_auto_compiles_float32_dynamics_on_a_cpu_with_a_compiler_for_long_stages() -> None:
+    decision = decide_compile("auto", "cpu", "fp32", 24_000, compiler="g++")
+    assert decision.compiled and "g++" in decision.reason and "24,000 steps" in decision.reason
+    assert decide_compile("auto", "cpu", "fp32", LONG, compiler="clang++").compiled
+    refused = {
+        "no compiler": decide_compile("auto", "cpu", "fp32", LONG, compiler=None),
+        "short stage": decide_compile("auto", "cpu", "fp32", LONG - 1, compiler="g++"),
+        "bf16": decide_compile("auto", "cpu", "bf16", LONG, compiler="g++"),
+        "cuda": decide_compile("auto", "cuda", "fp32", LONG, compiler="g++"),
+        "off": decide_compile("off", "cpu", "fp32", LONG, compiler="g++"),
+    }
+    assert not any(decision.compiled for decision in refused.values())
+    assert "no C++ compiler" in refused["no compiler"].reason and "too few" in refused["short stage"].reason
+    assert "bf16" in refused["bf16"].reason and "cuda" in refused["cuda"].reason and "off" in refused["off"].reason
+
+
+def test_on_compiles_at_any_precision_and_length_but_needs_a_compiler_on_a_cpu() -> None:
+    assert decide_compile("on", "cpu", "bf16", 10, compiler="clang++").compiled
+    assert decide_compile("on", "cuda", "fp32", 10, compiler=None).compiled
+    with pytest.raises(ValueError, match="needs a C.. compiler.*--compile-dynamics auto or off"):
+        decide_compile("on", "cpu", "fp32", LONG, compiler=None)
+
+
+def test_a_compiled_training_step_gives_the_uncompiled_losses_and_gradients() -> None:
+    """The compiled unroll (its draws made first, from the same generator) against the eager one: the same losses
+    and gradients to float rounding. The first call compiles (~45 s on 2 CPU cores)."""
+    torch.manual_seed(0)
+    model = WorldModel(ModelConfig.smoke(dynamics="vrnn"))
+    g = torch.Generator().manual_seed(1)
+    keypoints = torch.rand(3, 10, 8, 3, generator=g) * 2 - 1
+    actions = torch.rand(3, 10, 6, generator=g) * 2 - 1
+    parameters = list(model.dynamics.parameters())
+
+    def losses_and_gradients(compiled: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        losses = model.dynamics_losses(keypoints, actions, 5, Schedule(1.0, 0.6, 0.4), torch.Generator().manual_seed(3),
+                                       compiled=compiled)
+        stacked = torch.stack([losses.total, losses.keypoint, losses.kl, losses.future])
+        return stacked, list(torch.autograd.grad(losses.total, parameters, allow_unused=True))
+
+    (compiled, compiled_grads), (eager, eager_grads) = losses_and_gradients(True), losses_and_gradients(False)
+    torch.testing.assert_close(compiled, eager)
+    assert sum(g is not None for g in eager_grads) == len(parameters)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
