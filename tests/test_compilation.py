@@ -35,6 +35,7 @@ def test_on_compiles_at_any_precision_and_length_but_needs_a_compiler_on_a_cpu()
         decide_compile("on", "cpu", "fp32", LONG, compiler=None)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own use of torch.jit internals
 def test_a_compiled_training_step_gives_the_uncompiled_losses_and_gradients() -> None:
     """The compiled unroll (its draws made first, from the same generator) against the eager one: the same losses
     and gradients to float rounding. The first call compiles (~45 s on 2 CPU cores)."""

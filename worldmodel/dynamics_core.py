@@ -234,6 +234,8 @@ class DynamicsCore(nn.Module):
             if num_observed > 0 and targets is None:
                 raise ValueError("observed steps need target keypoints")
             loop = compiled_loop(self) if compiled else self._loop
+            if randomness is not None:  # it replaces these; constants keep the compiled loop from recompiling
+                teacher_forcing, generator, noise = (0.0, 0.0), None, None
             return loop(actions, targets, initial, num_observed, num_samples, teacher_forcing, generator, noise,
                         imagined_samples, deferred_readout and self.defers_readout(), randomness)
 

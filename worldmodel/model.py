@@ -357,7 +357,7 @@ class WorldModel(nn.Module):
             targets,
             num_observed=observed,
             num_samples=core.best_of,
-            teacher_forcing=(0.0, 0.0) if compiled else teacher_forcing,  # compiled: in the randomness
+            teacher_forcing=teacher_forcing,
             generator=generator,
             imagined_samples=imagined_samples,
             deferred_readout=deferred_readout,
