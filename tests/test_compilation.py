@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worldmodel.compilation import MIN_COMPILED_STEPS, decide_compile
+from worldmodel.compilation import MIN_COMPILED_STEPS, cxx_compiler, decide_compile
 from worldmodel.config import ModelConfig
 from worldmodel.model import Schedule, WorldModel
 
 LONG = MIN_COMPILED_STEPS
 
 
-def test_auto_compiles_float32_dynamics_on_a_cpu_with_a_compiler_for_long_stages() -> None:
+def test_auto_compiles_float32_dynamics_on_a_cpu_with_a_compiler_for_long_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     decision = decide_compile("auto", "cpu", "fp32", 24_000, compiler="g++")
     assert decision.compiled and "g++" in decision.reason and "24,000 steps" in decision.reason
     assert decide_compile("auto", "cpu", "fp32", LONG, compiler="clang++").compiled
@@ -28,6 +29,15 @@ def test_auto_compiles_float32_dynamics_on_a_cpu_with_a_compiler_for_long_stages
     assert "bf16" in refused["bf16"].reason and "cuda" in refused["cuda"].reason and "off" in refused["off"].reason
 
 
+def test_auto_leaves_a_capped_cpu_capability_uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's compile cache does not key kernels on ATEN_CPU_CAPABILITY (an AVX-512 kernel from the cache aborted
+    a run capped at AVX2), so auto does not compile under the cap; 'on' still does."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    decision = decide_compile("auto", "cpu", "fp32", LONG, compiler="g++")
+    assert not decision.compiled and "ATEN_CPU_CAPABILITY=avx2" in decision.reason
+    assert decide_compile("on", "cpu", "fp32", LONG, compiler="g++").compiled
+
+
 def test_on_compiles_at_any_precision_and_length_but_needs_a_compiler_on_a_cpu() -> None:
     assert decide_compile("on", "cpu", "bf16", 10, compiler="clang++").compiled
     assert decide_compile("on", "cuda", "fp32", 10, compiler=None).compiled
@@ -35,6 +45,7 @@ def test_on_compiles_at_any_precision_and_length_but_needs_a_compiler_on_a_cpu()
         decide_compile("on", "cpu", "fp32", LONG, compiler=None)
 
 
+@pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler (g++, c++, clang++)")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own use of torch.jit internals
 def test_a_compiled_training_step_gives_the_uncompiled_losses_and_gradients() -> None:
     """The compiled unroll (its draws made first, from the same generator) against the eager one: the same losses

@@ -9,6 +9,7 @@ compiler and a compile of one to two minutes at the stage's start, which pays ba
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Literal, NamedTuple
 
@@ -47,6 +48,12 @@ def decide_compile(choice: CompileChoice, device_type: str, dynamics_precision: 
         return CompileDecision(True, f"dynamics compiled with torch.compile (--compile-dynamics on, {device_type})")
     if device_type != "cpu":
         return CompileDecision(False, f"dynamics uncompiled on {device_type} (auto compiles on CPUs; --compile-dynamics on)")
+    capped = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capped:
+        # torch's compile cache does not tell kernels built for different capabilities apart: on one machine, a
+        # cached AVX-512 kernel aborted a run capped at AVX2 (a fresh cache, or a real AVX2 CPU, runs correctly).
+        return CompileDecision(False, f"dynamics uncompiled: ATEN_CPU_CAPABILITY={capped} is set, and torch's compile "
+                                      "cache may hold kernels built without it (--compile-dynamics on compiles anyway)")
     if dynamics_precision != "fp32":
         return CompileDecision(False, f"dynamics uncompiled: {dynamics_precision} products (auto compiles float32)")
     if steps < MIN_COMPILED_STEPS:
