@@ -12,7 +12,9 @@ from worldmodel.model import Schedule, WorldModel
 LONG = MIN_COMPILED_STEPS
 
 
-def test_auto_compiles_float32_dynamics_on_a_cpu_with_a_compiler_for_long_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_compiles_float32_dynamics_on_a_cpu_with_a_compiler_for_long_stages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     decision = decide_compile("auto", "cpu", "fp32", 24_000, compiler="g++")
     assert decision.compiled and "g++" in decision.reason and "24,000 steps" in decision.reason

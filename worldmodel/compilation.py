@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 
 CompileChoice = Literal["auto", "on", "off"]
 
-MIN_COMPILED_STEPS = 5_000  # a compile of up to ~1 minute (2 cores) against 1.1-1.5x on the steps after it
+MIN_COMPILED_STEPS = 5_000  # a compile of about a minute (2 cores) against 1.1-1.5x on the steps after it
 CXX_COMPILERS = ("g++", "c++", "clang++")
 
 
@@ -41,13 +41,14 @@ def decide_compile(choice: CompileChoice, device_type: str, dynamics_precision: 
         return CompileDecision(False, "dynamics uncompiled (--compile-dynamics off)")
     if device_type == "cpu" and compiler is None:
         if choice == "on":
-            raise ValueError("--compile-dynamics on needs a C++ compiler (g++, c++ or clang++) on the PATH: install one "
-                             "(e.g. apt-get install g++) or pass --compile-dynamics auto or off")
-        return CompileDecision(False, "dynamics uncompiled: no C++ compiler found for torch.compile (g++, c++, clang++)")
+            raise ValueError("--compile-dynamics on needs a C++ compiler (g++, c++ or clang++) on the PATH: "
+                             "install one (e.g. apt-get install g++) or pass --compile-dynamics auto or off")
+        return CompileDecision(False, "dynamics uncompiled: no C++ compiler for torch.compile (g++, c++, clang++)")
     if choice == "on":
         return CompileDecision(True, f"dynamics compiled with torch.compile (--compile-dynamics on, {device_type})")
     if device_type != "cpu":
-        return CompileDecision(False, f"dynamics uncompiled on {device_type} (auto compiles on CPUs; --compile-dynamics on)")
+        return CompileDecision(False, f"dynamics uncompiled on {device_type} (auto compiles on CPUs only; "
+                                      "--compile-dynamics on)")
     capped = os.environ.get("ATEN_CPU_CAPABILITY")
     if capped:
         # torch's compile cache does not tell kernels built for different capabilities apart: on one machine, a

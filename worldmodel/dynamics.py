@@ -245,7 +245,9 @@ class VRNN(RecurrentKeypointCore):
             noise = noise[0]
         return belief.mean + belief.std * noise  # reparameterised: (B, Z)
 
-    def observe_deferred(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> DeferredObserve:  # type: ignore[override]
+    def observe_deferred(  # type: ignore[override]
+        self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling
+    ) -> DeferredObserve:
         hidden = self.transition(carry, action)
         base = self.residual_base(carry)
         belief = None

@@ -174,7 +174,9 @@ class DynamicsCore(nn.Module):
         """Whether ``observe_deferred`` applies: nothing in the next step reads an observed frame's read-out."""
         return False
 
-    def observe_deferred(self, carry: CoreCarry | None, action: Tensor, target: Tensor, sampling: Sampling) -> DeferredObserve:
+    def observe_deferred(
+        self, carry: CoreCarry | None, action: Tensor, target: Tensor, sampling: Sampling
+    ) -> DeferredObserve:
         """``observe_step`` up to the read-out: the carry and hidden state it returns, and the inputs of
         ``readout``, which gives its prediction and KL terms (where ``defers_readout``)."""
         raise NotImplementedError(f"{type(self).__name__} does not defer its read-out")
@@ -267,7 +269,8 @@ class DynamicsCore(nn.Module):
             observed = t < num_observed
             if observed and defer:
                 assert target is not None
-                deferred = self.observe_deferred(carry, actions[:, t], target, Sampling(num_samples, generator, step_noise))
+                sampling = Sampling(num_samples, generator, step_noise)
+                deferred = self.observe_deferred(carry, actions[:, t], target, sampling)
                 carry = deferred.carry
                 readouts.append(deferred.readout)
                 predictions.append(None)  # filled in after the loop

@@ -125,7 +125,9 @@ class HierarchicalVRNN(RecurrentKeypointCore):
             chosen = noise[0]
         return self.top_down(heads, parts, chosen, detach)  # the chosen sample, with gradient
 
-    def observe_deferred(self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling) -> DeferredObserve:  # type: ignore[override]
+    def observe_deferred(  # type: ignore[override]
+        self, carry: Carry | None, action: Tensor, target: Tensor, sampling: Sampling
+    ) -> DeferredObserve:
         hidden = self.transition(carry, action)  # (B, H)
         # Residual keypoints: the decoder predicts the change from the previous frame's fed keypoints.
         base = self.residual_base(carry)

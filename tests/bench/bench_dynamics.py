@@ -8,8 +8,9 @@ The trainer's automatic dynamics precision (``--dynamics-precision
 auto``: bf16 where the CPU runs it natively without AMX and the core is wide enough) picks one of the two: each core is
 timed in float32 and in bf16, in turns of ``--steps // 3`` steps, best of 3 turns each, and the pick is named.
 Each core is also timed in fp32 through ``torch.compile`` (``--compile-dynamics``; the first step, which
-compiles, is timed apart; ``--no-compile`` leaves it out), and in fp32 with its observed frames' read-out (decoded keypoints, KL terms) computed frame by
-frame instead of after the loop (``deferred_readout``, docs/DYNAMICS.md, "Speed"): the ratio is what the deferral buys.
+compiles, is timed apart; ``--no-compile`` leaves it out), and in fp32 with its observed frames' read-out
+(decoded keypoints, KL terms) computed frame by frame instead of after the loop (``deferred_readout``;
+docs/DYNAMICS.md, "Speed"): the ratio is what the deferral buys.
 ``--bf32`` adds another candidate, not offered by the trainer: float32 tensors whose matrix products oneDNN
 computes from bf16-rounded inputs (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, on CPUs with native
 bf16; docs/PERFORMANCE.md, "A CPU with AMX").
@@ -223,7 +224,8 @@ def main() -> None:
             print("         (this core reads its observed frames out frame by frame)")
         if compiled_rate is not None:
             decision = decide_compile("auto", "cpu", auto.dynamics, cpu_profile().dynamics_steps, cxx_compiler())
-            print(f"         fp32 compiled (torch.compile, first step {compile_seconds:.0f} s): {compiled_rate:5.1f} steps/s "
+            print(f"         fp32 compiled (torch.compile, first step {compile_seconds:.0f} s): "
+                  f"{compiled_rate:5.1f} steps/s "
                   f"({compiled_rate / rates['fp32']:.2f}x fp32 uncompiled); the trainer's cpu profile: "
                   f"{'compiled' if decision.compiled else 'uncompiled'}")
         for label, candidate in candidates.items():
