@@ -58,6 +58,6 @@ def decide_compile(choice: CompileChoice, device_type: str, dynamics_precision: 
     if dynamics_precision != "fp32":
         return CompileDecision(False, f"dynamics uncompiled: {dynamics_precision} products (auto compiles float32)")
     if steps < MIN_COMPILED_STEPS:
-        return CompileDecision(False, f"dynamics uncompiled: {steps:,} steps, too few to repay a 1-2 minute compile "
-                                      f"(auto compiles from {MIN_COMPILED_STEPS:,})")
+        return CompileDecision(False, f"dynamics uncompiled: {steps:,} steps, too few to repay a compile of about a "
+                                      f"minute (auto compiles from {MIN_COMPILED_STEPS:,})")
     return CompileDecision(True, f"dynamics compiled with torch.compile ({compiler}; {steps:,} steps)")
