@@ -60,7 +60,7 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.config import STATE_VARIANT  # noqa: E402
 from worldmodel.data import WindowDataset  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
-from worldmodel.model import WorldModel  # noqa: E402
+from worldmodel.model import Schedule, WorldModel  # noqa: E402
 from worldmodel.precision import Compute, announce, choose_compute  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
 from worldmodel.state_bound import dataset_state_dims, per_feature_points, state_model_config, state_split  # noqa: E402
@@ -85,6 +85,7 @@ from worldmodel.training import (  # noqa: E402
     Objective,
     ResumableBatchSampler,
     StageOptimizer,
+    StepOutput,
     TrainState,
     detect_split,
     learning_rate_at,
@@ -248,6 +249,8 @@ class Run(NamedTuple):
     logger: RunLogger
     eval_set: EvalSet | None  # rank 0 evaluates; None elsewhere
     dataset_record: dict[str, Any]  # stored in checkpoints (check_dataset)
+    # --compile-dynamics, decided once at the start (worldmodel/compilation.py)
+    dynamics_compile: CompileDecision = CompileDecision(False, "dynamics uncompiled")
 
 
 def save(run: Run, state: TrainState, optimizer: StageOptimizer | None = None) -> None:
@@ -314,10 +317,10 @@ def optimise_stage(
     which writes a checkpoint; returns the steps taken. Logs, evaluates and checkpoints on the way."""
     config, dist, logger = run.config, run.dist, run.logger
     stage, total, offset = state.stage, state.stage.steps(config), state.stage.offset(config)
-    decision = compile_decision(run) if stage == Stage.DYNAMICS else None
-    inner = Objective(run.model, stage, config.observed_steps(stage), compiled=decision is not None and decision.compiled)
-    if decision is not None and dist.is_main:
-        print(decision.reason, file=sys.stderr)
+    compiled = stage == Stage.DYNAMICS and run.dynamics_compile.compiled
+    inner = Objective(run.model, stage, config.observed_steps(stage), compiled=compiled)
+    if stage == Stage.DYNAMICS and dist.is_main:
+        print(run.dynamics_compile.reason, file=sys.stderr)
     objective: nn.Module = inner
     if dist.is_distributed:
         objective = DistributedDataParallel(objective, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -339,17 +342,8 @@ def optimise_stage(
         optimizer.set_learning_rate(learning_rate_at(state.step, total, config))
         schedule = schedule_at(state.step, total, config, stage)
         batch = next(batches)
-        if inner.compiled and taken == 0:  # the step that compiles: a toolchain torch.compile cannot use fails here
-            rng = capture_rng_state()
-            try:
-                out = train_step(objective, optimizer, batch, schedule, run.compute)
-            except Exception as error:  # noqa: BLE001 - any compiler failure; the stage goes on uncompiled
-                restore_rng_state(rng)  # the retry draws what the failed step drew
-                inner.compiled = False
-                first_line = (str(error).strip().splitlines() or [""])[0][:200]
-                print(f"torch.compile of the dynamics failed ({type(error).__name__}: {first_line}); "
-                      "the stage runs uncompiled (--compile-dynamics off skips the attempt)", file=sys.stderr)
-                out = train_step(objective, optimizer, batch, schedule, run.compute)
+        if inner.compiled and taken == 0:  # the step that compiles
+            out = first_compiled_step(run, inner, objective, optimizer, batch, schedule)
         else:
             out = train_step(objective, optimizer, batch, schedule, run.compute)
         state.step, taken, since_log = state.step + 1, taken + 1, since_log + 1
@@ -443,11 +437,22 @@ def stage_batches(run: Run, state: TrainState, splits: dict[str, KeypointSplit] 
     return frame_batches(config, tasks, config.window, config.batch_size, state.step, dist, salt=0)
 
 
-def compile_decision(run: Run) -> CompileDecision:
-    """Whether the dynamics stage runs through torch.compile (``--compile-dynamics``; worldmodel/compilation.py)."""
-    config = run.config
-    return decide_compile(config.compile_dynamics, run.dist.device.type, run.compute.dynamics, config.dynamics_steps,
-                          compilation.cxx_compiler())
+def first_compiled_step(
+    run: Run, inner: Objective, objective: nn.Module, optimizer: StageOptimizer, batch: Batch, schedule: Schedule
+) -> StepOutput:
+    """The training step that compiles the dynamics. A toolchain torch.compile cannot use fails here: then one
+    line says so, the random state goes back to before the step, and the step and the stage run uncompiled
+    (the same run as --compile-dynamics off)."""
+    rng = capture_rng_state()
+    try:
+        return train_step(objective, optimizer, batch, schedule, run.compute)
+    except Exception as error:  # noqa: BLE001 - any compiler failure; the stage goes on uncompiled
+        restore_rng_state(rng)  # the retry draws what the failed step drew
+        inner.compiled = False
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        print(f"torch.compile of the dynamics failed ({type(error).__name__}: {first_line}); "
+              "the stage runs uncompiled (--compile-dynamics off skips the attempt)", file=sys.stderr)
+        return train_step(objective, optimizer, batch, schedule, run.compute)
 
 
 def write_summary(run: Run, state: TrainState, splits: dict[str, KeypointSplit] | None) -> None:
@@ -459,7 +464,7 @@ def write_summary(run: Run, state: TrainState, splits: dict[str, KeypointSplit] 
         "model": config.model,
         "mode": config.mode,
         "compute": run.compute.reason,
-        "dynamics_compile": compile_decision(run).reason if config.mode == "staged" else None,
+        "dynamics_compile": run.dynamics_compile.reason if config.mode == "staged" else None,
         "global_steps": state.global_step(config),
         "stage_seconds": {name: round(value, 1) for name, value in state.stage_seconds.items()},
         "final_losses": state.final_losses,
@@ -522,8 +527,8 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         compute = choose_compute(
             dist.device, config.precision, config.channels_last, config.dynamics_precision, config.model_config.dynamics_width
         )
-        decide_compile(config.compile_dynamics, dist.device.type, compute.dynamics, config.dynamics_steps,
-                       compilation.cxx_compiler())
+        dynamics_compile = decide_compile(config.compile_dynamics, dist.device.type, compute.dynamics,
+                                          config.dynamics_steps, compilation.cxx_compiler())
     except ValueError as error:  # e.g. --compile-dynamics on without a C++ compiler
         raise InputError(str(error)) from None
     checkpoint = existing_run(config)
@@ -553,7 +558,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     logger = RunLogger(config.out, dist.is_main, None if checkpoint is None else checkpoint["global_step"])
     if dist.is_main and checkpoint is None:
         atomic_write_text(config.out / "config.json", json.dumps(config_to_dict(config), indent=2))
-    run = Run(config, tasks, dist, compute, model, logger, eval_set, dataset_record)
+    run = Run(config, tasks, dist, compute, model, logger, eval_set, dataset_record, dynamics_compile)
 
     budget = config.halt_after  # optimizer steps this invocation may still take (None: to the end)
     splits: dict[str, KeypointSplit] | None = None  # staged mode's cached keypoints

@@ -287,13 +287,12 @@ class DynamicsCore(nn.Module):
             carry = out.carry
             if randomness is not None:
                 feed_target = randomness.feed_target[t]
-                if feed_target is not None:
-                    assert target is not None
-                    carry = self.feed(carry, torch.where(feed_target, target, out.prediction))
-            elif self.coin_drawn(observed, target is not None, teacher_forcing):
-                coin = torch.rand((batch, 1), generator=generator, device=actions.device)
-                p_target = teacher_forcing[0] if observed else teacher_forcing[1]
-                carry = self.feed(carry, torch.where(coin < p_target, target, out.prediction))
+            else:
+                feed_target = self.feed_mask(observed, target is not None, teacher_forcing, batch, generator,
+                                             actions.device)
+            if feed_target is not None:
+                assert target is not None
+                carry = self.feed(carry, torch.where(feed_target, target, out.prediction))
             predictions.append(out.prediction)
             hiddens.append(out.hidden)
             regularisers.append(out.regulariser)
@@ -313,13 +312,24 @@ class DynamicsCore(nn.Module):
             final=carry,
         )
 
-    def coin_drawn(self, observed: bool, has_target: bool, teacher_forcing: tuple[float, float]) -> bool:
-        """Whether scheduled sampling draws a coin after this frame: a core that feeds its predictions back,
-        a target to feed instead, a probability above 0, and not an observed frame whose detected keypoints
-        are fed already (``feed_detected``)."""
+    def feed_mask(
+        self,
+        observed: bool,
+        has_target: bool,
+        teacher_forcing: tuple[float, float],
+        batch: int,
+        generator: torch.Generator | None,
+        device: torch.device | str,
+    ) -> Tensor | None:
+        """Scheduled sampling after a frame: (B, 1) bool, the rows that feed the target to the next step (a coin
+        per row, drawn from ``generator``), or None where no coin is drawn: a core that does not feed its
+        predictions back, no target, a probability of 0, or an observed frame whose detected keypoints are fed
+        already (``feed_detected``)."""
         p_target = teacher_forcing[0] if observed else teacher_forcing[1]
         fed_already = observed and self.config.feed_detected
-        return self.scheduled_sampling and has_target and p_target > 0.0 and not fed_already
+        if not (self.scheduled_sampling and has_target and p_target > 0.0 and not fed_already):
+            return None
+        return torch.rand((batch, 1), generator=generator, device=device) < p_target
 
     def draw_randomness(
         self,
@@ -340,11 +350,7 @@ class DynamicsCore(nn.Module):
             observed = t < num_observed
             count = num_samples if observed or imagined_samples is None else imagined_samples
             noise.append(torch.randn((count, batch, self.noise_size), generator=generator, device=device))
-            if self.coin_drawn(observed, True, teacher_forcing):
-                coin = torch.rand((batch, 1), generator=generator, device=device)
-                feed_target.append(coin < (teacher_forcing[0] if observed else teacher_forcing[1]))
-            else:
-                feed_target.append(None)
+            feed_target.append(self.feed_mask(observed, True, teacher_forcing, batch, generator, device))
         return Randomness(tuple(noise), tuple(feed_target))
 
     def losses(self, unroll: Unroll, targets: Tensor, num_observed: int, kl_scale: float) -> DynamicsLosses:

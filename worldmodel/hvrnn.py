@@ -31,6 +31,11 @@ from worldmodel.dynamics_core import DeferredObserve, Sampling, Step
 from worldmodel.losses import gaussian_kl, keypoint_error
 
 
+def by_level(tensors: list[Tensor]) -> Tensor:
+    """L levels' (B, Z) tensors -> (B, L, Z)."""
+    return torch.stack(tensors, dim=1)
+
+
 class LevelHead(nn.Module):
     """One level's Gaussian from its share of the per-frame projection and the levels above it:
     ReLU(frame part + dense(above)) -> dense -> mean, std = softplus(.) + 1e-4.
@@ -102,9 +107,8 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         z = self.level_size
         prior_parts = self.prior_frame(hidden).chunk(self.levels, dim=-1)  # L x (N, prior units)
         priors = [head(prior_parts[l], latent[:, : l * z] if l else None) for l, head in enumerate(self.priors)]
-        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731  L x (N, Z) -> (N, L, Z)
         return gaussian_kl(  # (N, L)
-            posterior_mean, posterior_std, stack([p.mean for p in priors]), stack([p.std for p in priors])
+            posterior_mean, posterior_std, by_level([p.mean for p in priors]), by_level([p.std for p in priors])
         )
 
     def sample(
@@ -135,8 +139,8 @@ class HierarchicalVRNN(RecurrentKeypointCore):
         frame = torch.cat([target, hidden], dim=-1)  # (B, F+H)
         parts = list(self.posterior_frame(frame).chunk(self.levels, dim=-1))  # L x (B, posterior units)
         latent, posteriors = self.sample(self.posteriors, parts, hidden, base, target, sampling)
-        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731  L x (B, Z) -> (B, L, Z)
-        readout = Readout(hidden, latent, base, stack([q.mean for q in posteriors]), stack([q.std for q in posteriors]))
+        readout = Readout(hidden, latent, base, by_level([q.mean for q in posteriors]),
+                          by_level([q.std for q in posteriors]))
         return DeferredObserve(Carry(hidden, target, latent), hidden, readout)
 
     def readout(self, inputs: Readout) -> tuple[Tensor, Tensor]:  # type: ignore[override]
