@@ -301,6 +301,7 @@ def test_script_end_to_end_writes_a_loadable_model(tiny_dataset: Path, tmp_path:
     assert set(benchmark["jump_free_ratio_to_hold_last"]) == {"single", "mean_of_n", "best_of_n", "tracks_kept", "jump_floor"}
     assert 0.0 <= benchmark["jump_free_ratio_to_hold_last"]["jump_floor"] <= 1.0
     assert "->" in summary["compute"]
+    assert summary["heap"].startswith("heap: freed memory kept in the process (glibc")  # the default, on glibc
     evals = records(out, "eval")
     assert [(r["stage"], r["step"]) for r in evals] == [("vision", 4), ("vision", 6), ("dynamics", 4), ("dynamics", 6)]
     model, config, info = load_world_model(out, "cpu")

@@ -60,6 +60,7 @@ from worldmodel.evaluation import EvalSet, evaluate, evaluate_reconstruction, lo
 from worldmodel.config import STATE_VARIANT  # noqa: E402
 from worldmodel.data import WindowDataset  # noqa: E402
 from worldmodel.logger import RunLogger  # noqa: E402
+from worldmodel.heap import HeapDecision, keep_freed_memory  # noqa: E402
 from worldmodel.model import Schedule, WorldModel  # noqa: E402
 from worldmodel.precision import Compute, announce, choose_compute  # noqa: E402
 from worldmodel.tasks import parse_tasks  # noqa: E402
@@ -251,6 +252,7 @@ class Run(NamedTuple):
     dataset_record: dict[str, Any]  # stored in checkpoints (check_dataset)
     # --compile-dynamics, decided once at the start (worldmodel/compilation.py)
     dynamics_compile: CompileDecision = CompileDecision(False, "dynamics uncompiled")
+    heap: HeapDecision = HeapDecision(False, "heap: glibc's defaults")  # --keep-freed-memory (worldmodel/heap.py)
 
 
 def save(run: Run, state: TrainState, optimizer: StageOptimizer | None = None) -> None:
@@ -465,6 +467,7 @@ def write_summary(run: Run, state: TrainState, splits: dict[str, KeypointSplit] 
         "mode": config.mode,
         "compute": run.compute.reason,
         "dynamics_compile": run.dynamics_compile.reason if config.mode == "staged" else None,
+        "heap": run.heap.reason,
         "global_steps": state.global_step(config),
         "stage_seconds": {name: round(value, 1) for name, value in state.stage_seconds.items()},
         "final_losses": state.final_losses,
@@ -541,8 +544,10 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
         check_same_data(checkpoint, dataset_record, config)
     distributed.barrier()  # every rank has looked at the run directory before rank 0 writes to it
 
+    heap = keep_freed_memory(config.keep_freed_memory)  # before the model and the data take their memory
     if dist.is_main:  # the inputs are valid: say how the convolutions will run
         announce(compute)  # e.g. "cpu AMD EPYC 7B13 (AVX2), no native bf16 -> fp32, channels_last"
+        print(heap.reason, file=sys.stderr)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = compute.prepare(WorldModel(config.model_config).to(dist.device))
     if dist.device.type == "cuda":
@@ -558,7 +563,7 @@ def train(config: TrainConfig, tasks: list[str], dist: distributed.DistInfo) -> 
     logger = RunLogger(config.out, dist.is_main, None if checkpoint is None else checkpoint["global_step"])
     if dist.is_main and checkpoint is None:
         atomic_write_text(config.out / "config.json", json.dumps(config_to_dict(config), indent=2))
-    run = Run(config, tasks, dist, compute, model, logger, eval_set, dataset_record, dynamics_compile)
+    run = Run(config, tasks, dist, compute, model, logger, eval_set, dataset_record, dynamics_compile, heap)
 
     budget = config.halt_after  # optimizer steps this invocation may still take (None: to the end)
     splits: dict[str, KeypointSplit] | None = None  # staged mode's cached keypoints

@@ -1,0 +1,47 @@
+"""Freed memory kept in the process, so that a training step's large tensors stop page-faulting every step.
+
+glibc's malloc serves every request above a threshold (128 KiB at first, adapting up to 32 MiB) with a fresh
+``mmap`` and unmaps it when it is freed. A vision step of the ``cpu`` profile allocates and frees several hundred
+megabytes of activations and gradients, so the kernel maps, zeroes and faults in new pages for all of them on every
+step: ~150,000 page faults a step, a quarter of its time on 2 cores (docs/PERFORMANCE.md, "Freed memory kept in the
+process"). With ``mmap`` off for malloc (``M_MMAP_MAX`` 0) and the heap's top never given back (``M_TRIM_THRESHOLD``
+at its largest), the second step reuses the first one's pages; peak memory stays what it was, since a step's
+tensors are the same sizes every time. Other C libraries (macOS, musl) are left as they are.
+
+The setting is the process's, from the call on, and cannot be undone: the entry points call ``keep_freed_memory``
+before they build anything; a library import never does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
+M_MMAP_MAX = -4
+TRIM_NEVER = 2**31 - 1  # mallopt takes an int: the heap's top is given back only beyond 2 GiB free
+
+
+class HeapDecision(NamedTuple):
+    """Whether freed memory stays in the process, and why, as printed once and stored in summary.json."""
+
+    kept: bool
+    reason: str
+
+
+def keep_freed_memory(enabled: bool = True) -> HeapDecision:
+    """Tell glibc's malloc to keep freed memory in the process (``enabled``), or say why it is left alone."""
+    if not enabled:
+        return HeapDecision(False, "heap: glibc's defaults (--no-keep-freed-memory)")
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        version = libc.gnu_get_libc_version
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return HeapDecision(False, "heap: not glibc, its allocator left as it is")
+    version.restype = ctypes.c_char_p
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_NEVER) != 1:
+        return HeapDecision(False, "heap: glibc refused mallopt, its allocator left as it is")
+    return HeapDecision(True, f"heap: freed memory kept in the process (glibc {version().decode()}: no mmap per "
+                              "large tensor, no trimming)")
