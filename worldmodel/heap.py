@@ -3,10 +3,11 @@
 glibc's malloc serves every request above a threshold (128 KiB at first, adapting up to 32 MiB) with a fresh
 ``mmap`` and unmaps it when it is freed. A vision step of the ``cpu`` profile allocates and frees several hundred
 megabytes of activations and gradients, so the kernel maps, zeroes and faults in new pages for all of them on every
-step: ~150,000 page faults a step, a quarter of its time on 2 cores (docs/PERFORMANCE.md, "Freed memory kept in the
-process"). With ``mmap`` off for malloc (``M_MMAP_MAX`` 0) and the heap's top never given back (``M_TRIM_THRESHOLD``
-at its largest), the second step reuses the first one's pages; peak memory stays what it was, since a step's
-tensors are the same sizes every time. Other C libraries (macOS, musl) are left as they are.
+step: ~150,000 page faults a step, a quarter of its time on 2 cores with AVX-512 kernels (docs/PERFORMANCE.md,
+"Freed memory kept in the process"). With ``mmap`` off for malloc (``M_MMAP_MAX`` 0) and the heap's top never given
+back (``M_TRIM_THRESHOLD`` at its largest), a step runs in the pages of the steps before it, once the heap has
+settled (a few steps). The process then holds its peak memory for the whole run, 5-15% above glibc's peak in the
+measurements. Other C libraries (macOS, musl) are left as they are.
 
 The setting is the process's, from the call on, and cannot be undone: the entry points call ``keep_freed_memory``
 before they build anything; a library import never does.

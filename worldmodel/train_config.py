@@ -62,7 +62,7 @@ class TrainConfig:
     compile_dynamics: CompileChoice = field(default="auto", metadata=RESUME_FREE)
     """Run the dynamics stage's unroll through torch.compile: 'auto' where it pays (a CPU with a C++ compiler, fp32 dynamics, a stage of >= 5,000 steps: 1.1-1.5x steps/s after a compile of about a minute; docs/PERFORMANCE.md, "Compiled dynamics"), 'on' or 'off'. The same figures to float rounding; the decision is printed and stored in summary.json."""
     keep_freed_memory: bool = field(default=True, metadata=RESUME_FREE)
-    """Keep freed memory in the process (glibc malloc: no mmap per large tensor, no trimming), so that the steps stop page-faulting their tensors in anew: 1.3-1.45x frames/s in the vision stage on 2 cores, the same peak memory (docs/PERFORMANCE.md, "Freed memory kept in the process"). No effect on other C libraries; printed and stored in summary.json."""
+    """Keep freed memory in the process (glibc malloc: no mmap per large tensor, no trimming), so that the steps stop page-faulting their tensors in anew: the fp32 vision stage 1.2x (AVX2 kernels) to 1.4x (AVX-512) faster on 2 cores, bf16 1.15-1.3x; the process then holds its peak memory (5-15% above the default's) for the whole run (docs/PERFORMANCE.md, "Freed memory kept in the process"). No effect on other C libraries; printed and stored in summary.json."""
     channels_last: bool = True
     """Keep conv weights and activations in channels_last memory format (faster convs in fp32 and bf16: docs/PERFORMANCE.md)."""
     resume: bool = field(default=False, metadata=RESUME_FREE)
