@@ -283,10 +283,11 @@ def test_resume_continues_with_the_same_losses(reference_run: Path, tiny_dataset
 def test_script_end_to_end_writes_a_loadable_model(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *smoke_args(tiny_dataset, out, "--eval-every", "4")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(SCRIPT), *smoke_args(tiny_dataset, out, "--eval-every", "4", "--progress")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "episode/s" not in result.stderr and "step/s" not in result.stderr  # --progress, but TQDM_DISABLE=1 hides every bar
     for name in ("checkpoint.pt", "metrics.jsonl", "keypoints.png", "prediction.gif", "summary.json", "keypoints.pt"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").iterdir())

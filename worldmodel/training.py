@@ -406,7 +406,8 @@ def detect_split(
     shows a bar of episodes (minutes on the full dataset)."""
     files = {task: storage.checked_dataset_files(root, task, split) for task in tasks}
     total = sum(part.num_episodes for parts in files.values() for part in parts)
-    bar = tqdm(total=total, desc=f"keypoints ({split})", unit="episode", disable=not progress, dynamic_ncols=True)
+    hidden = {} if progress else {"disable": True}  # a shown bar is left to tqdm, so that TQDM_DISABLE=1 still hides it
+    bar = tqdm(total=total, desc=f"keypoints ({split})", unit="episode", dynamic_ncols=True, **hidden)
     keypoints, actions, lengths, task_ids = [], [], [], []
     for task in tasks:
         steps = files[task][0].episode_steps  # the parts have the same
