@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from train.world_model import main
 from worldmodel.checkpoint import load_checkpoint, load_world_model
@@ -201,10 +202,17 @@ def test_no_gradient_from_the_dynamics_reaches_the_detector(tiny_dataset: Path) 
 
 
 def test_keypoint_detection_counts_episodes_on_its_progress_bar(
-    tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
+    tiny_dataset: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Detecting every frame takes minutes on the full dataset: the bar counts episodes, and stays off when
     asked (the smoke profile, and every rank but 0)."""
+
+    class Shown(tqdm):  # a bar left to tqdm is shown whatever TQDM_DISABLE says here (the script test checks that)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("disable", False)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(training, "tqdm", Shown)
     model = WorldModel(ModelConfig.smoke()).eval()
     tasks = ["cartpole", "reacher"]  # one test episode each in the tiny dataset
     split = training.detect_split(model, tiny_dataset, tasks, "test", torch.device("cpu"), "fp32", progress=True)
