@@ -3,7 +3,6 @@ setting is the process's and cannot be undone."""
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -31,17 +30,11 @@ print(sum([faults_of_one_step() for _ in range(16)][-4:]))
 PAGES_OF_64_MIB = 64 * 1024 * 1024 // 4096
 
 
-def late_step_faults(mode: str) -> int:
+def late_step_faults(mode: str) -> tuple[int, str]:
+    """-> the late steps' page faults, and the decision the child printed."""
     result = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return int(result.stdout.split()[-1])
-
-
-def is_glibc() -> bool:
-    try:
-        return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-    except OSError:
-        return False
+    return int(result.stdout.split()[-1]), result.stderr
 
 
 def huge_pages_always() -> bool:
@@ -52,19 +45,15 @@ def huge_pages_always() -> bool:
         return False
 
 
-@pytest.mark.skipif(not is_glibc(), reason="the setting is glibc's")
+@pytest.mark.skipif(heap.glibc() is None, reason="the setting is glibc's")
 def test_a_freed_tensor_s_pages_are_reused_instead_of_faulted_in_again() -> None:
-    # kept: the late steps reuse the pages of the earlier ones
-    assert late_step_faults("keep") < PAGES_OF_64_MIB // 20
+    # kept: the late steps reuse the pages of the earlier ones, and the decision says so
+    faults, decision = late_step_faults("keep")
+    assert faults < PAGES_OF_64_MIB // 20
+    assert "heap: freed memory kept in the process (glibc 2." in decision
     if not huge_pages_always():
         # glibc's defaults unmap every freed block of 32 MiB or more, so each step faults its 64 MiB blocks in again
-        assert late_step_faults("default") > 4 * PAGES_OF_64_MIB
-
-
-@pytest.mark.skipif(not is_glibc(), reason="the setting is glibc's")
-def test_the_decision_names_what_was_done() -> None:
-    result = subprocess.run([sys.executable, "-c", STEP_FAULTS, "keep"], capture_output=True, text=True, timeout=120)
-    assert "heap: freed memory kept in the process (glibc 2." in result.stderr
+        assert late_step_faults("default")[0] > 4 * PAGES_OF_64_MIB
 
 
 def test_turned_off_it_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,19 +30,25 @@ class HeapDecision(NamedTuple):
     reason: str
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (it has ``gnu_get_libc_version``), else None."""
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
 def keep_freed_memory(enabled: bool = True) -> HeapDecision:
     """Tell glibc's malloc to keep freed memory in the process (``enabled``), or say why it is left alone."""
     if not enabled:
         return HeapDecision(False, "heap: glibc's defaults (--no-keep-freed-memory)")
-    try:
-        libc = ctypes.CDLL(None)  # the C library this process already runs on
-        version = libc.gnu_get_libc_version
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return HeapDecision(False, "heap: not glibc, its allocator left as it is")
-    version.restype = ctypes.c_char_p
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_NEVER) != 1:
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, TRIM_NEVER) != 1:
         return HeapDecision(False, "heap: glibc refused mallopt, its allocator left as it is")
-    return HeapDecision(True, f"heap: freed memory kept in the process (glibc {version().decode()}: no mmap per "
-                              "large tensor, no trimming)")
+    return HeapDecision(True, f"heap: freed memory kept in the process (glibc {libc.gnu_get_libc_version().decode()}: "
+                              "no mmap per large tensor, no trimming)")
