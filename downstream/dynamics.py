@@ -41,6 +41,7 @@ from worldmodel.dynamics_benchmark import (
     probe_task,
 )
 from worldmodel.errors import InputError, check_options, one_line, run_cli
+from worldmodel.heap import keep_freed_memory
 from worldmodel.keypoint_cache import KEYPOINT_CACHE_FILE, KeypointSplit, load_keypoint_cache, vision_fingerprint
 from worldmodel.precision import inference_compute
 from worldmodel.probes import MLP_STEPS, READOUTS
@@ -81,6 +82,8 @@ class Args:
     """Seeds the window choice and the prior samples."""
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)."""
+    keep_freed_memory: bool = True
+    """Keep freed memory in this process (glibc malloc: no mmap per large tensor, no trimming), so that detecting the keypoints of --data stops page-faulting each batch's activations in anew (docs/PERFORMANCE.md, "Freed memory kept in the process")."""
 
 
 def task_states(root: Path, task: str, split: str, steps: KeypointSplit, task_id: int) -> torch.Tensor:
@@ -209,6 +212,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     check_options(args, 1, "observed", "horizon", "samples", "windows", "probe_mlp_steps")
     check_options(args, 0, "seed")
     device = resolve_device(args.device)
+    print(keep_freed_memory(args.keep_freed_memory).reason, file=sys.stderr)  # before the models take their memory
     records = [evaluate_run(args, run, device) for run in args.run or DEFAULT_RUNS]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "results.json", json.dumps({"args": asdict(args) | {"run": [str(r) for r in args.run], "out": str(args.out), "data": None if args.data is None else str(args.data)}, "runs": records}, indent=2))

@@ -133,13 +133,18 @@ def test_probe_of_a_run_on_a_subset_of_the_tasks(tiny_dataset: Path, tmp_path: P
     assert all(np.isfinite(probe["detected_r2"]) for probe in records[0]["probe_r2"].values())
 
 
-def test_script_on_another_dataset_detects_its_keypoints(smoke_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_script_on_another_dataset_detects_its_keypoints(
+    smoke_run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--data (a validation set): the keypoints are detected with the run's detector, so --data of the run's own
     dataset gives the run's own numbers; a folder without the run's tasks is refused in one line."""
     from downstream.dynamics import Args, main
+    from worldmodel import heap
 
     options = dict(run=(smoke_run,), observed=4, horizon=4, samples=2, windows=8, device="cpu", probe_mlp=False)
     own = main(Args(out=tmp_path / "own", **options))[0]
+    if heap.glibc() is not None:  # the default, said before anything is detected
+        assert "heap: freed memory kept in the process (glibc" in capsys.readouterr().err
     detected = main(Args(out=tmp_path / "detected", data=tiny_dataset, **options))[0]
     for name, values in own["per_horizon"].items():
         assert detected["per_horizon"][name] == pytest.approx(values, rel=1e-4), name

@@ -16,7 +16,8 @@ from worldmodel.checkpoint import load_world_model
 from worldmodel.config import OBSERVED_STEPS
 from worldmodel.data import WindowDataset
 from worldmodel.fingerprint import model_fingerprint
-from worldmodel.hidden_states import observe_then_imagine
+from worldmodel import heap
+from worldmodel.hidden_states import extract_window_features, observe_then_imagine
 from worldmodel.reward import (
     RewardPredictor,
     RewardPredictorMismatch,
@@ -83,6 +84,23 @@ def reward_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_extraction_reads_its_windows_without_forking_a_worker(
+    smoke_run: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked DataLoader worker shares the extracting process's heap copy-on-write; with the heap kept
+    (worldmodel/heap.py) every page of it written afterwards was copied, and extraction ran 2x slower."""
+    model = load_world_model(smoke_run, "cpu").model
+    reference = extract_window_features(model, tiny_dataset, "cheetah", 6, batch_size=4)
+
+    def no_fork() -> int:
+        raise AssertionError("extraction forked a process")
+
+    monkeypatch.setattr("os.fork", no_fork)
+    features = extract_window_features(model, tiny_dataset, "cheetah", 6, batch_size=4)
+    assert features.hidden.shape == (6, 20, model.config.rnn_size) and len(features.episodes) == 6
+    assert torch.equal(features.hidden, reference.hidden)  # seeded: the same windows and prior draws
+
+
 def run_reward(*options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "downstream/reward.py", *options], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -97,8 +115,11 @@ def test_end_to_end_report_predictors_and_cache(smoke_run: Path, reward_dataset:
                "--workers", "2"]
     result = run_reward(*options)
     assert result.returncode == 0, result.stderr[-3000:]
+    if heap.glibc() is not None:  # the default: the extraction's batches reuse the pages of the batches before
+        assert "heap: freed memory kept in the process (glibc" in result.stderr
 
     report = json.loads((out / "results.json").read_text())
+    assert report["meta"]["args"]["keep_freed_memory"] is True and report["meta"]["heap"].startswith("heap: ")
     assert set(report["tasks"]) == {"cartpole", "cheetah"}
     for by_input in report["tasks"].values():
         assert set(by_input) == {"struct-vrnn", "true states", "actions only"}

@@ -79,8 +79,11 @@ def extract_window_features(
     if not model.reads_frames:
         check_state_dim(model.config, task, dataset.state_dim, dataset.files[0].info.path)
     indices = choose_windows(len(dataset), num_sequences, seed)
+    # Windows are read in this process: reading is ~10% of a batch's time, and a worker forked here would share
+    # this process's heap copy-on-write. Where the heap is kept (worldmodel/heap.py) that heap is the size of the
+    # largest batch, and every page of it written after the fork is copied: a worker made extraction 2x slower.
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=1
+        torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=0
     )
     torch.manual_seed(seed)  # prior samples of the predicted steps
     hidden, rewards, actions, states, episodes = [], [], [], [], []

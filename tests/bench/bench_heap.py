@@ -6,8 +6,10 @@ The setting is the process's and cannot be undone (worldmodel/heap.py), so every
 child process, the two settings in turns, ``--repeats`` times each. A child builds the trainer's step, takes 3
 steps to warm up, then times ``--steps`` steps on one fixed batch of real windows and reports the best step,
 the minor page faults per step and its peak resident memory. Printed per stage: both settings' best, and their
-ratio. Stages: the vision stage in fp32 (what a CPU without native bf16 runs) and at ``--precision auto``, and the
-dynamics stage on the batch's detected keypoints (uncompiled).
+ratio. Stages: the vision stage in fp32 (what a CPU without native bf16 runs) and at ``--precision auto``, the
+dynamics stage on the batch's detected keypoints (uncompiled), and the reward experiment's hidden-state extraction
+(``worldmodel.hidden_states.observe_then_imagine`` on one batch of 256 windows of 20 frames, its default; inference
+precision as the machine decides, so fp32 where ``ONEDNN_MAX_CPU_ISA=AVX2`` caps the CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-STAGES = ("vision fp32", "vision auto", "dynamics")
+STAGES = ("vision fp32", "vision auto", "dynamics", "hidden states")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -40,7 +42,10 @@ def child(args: argparse.Namespace) -> None:
     from worldmodel.model import WorldModel
 
     config = train_config.profile_config(args.profile)
-    if args.stage.startswith("vision"):
+    if args.stage == "hidden states":
+        step, per_step = hidden_state_step(args, config)
+        inputs = actions = None
+    elif args.stage.startswith("vision"):
         inputs, _, _ = real_or_random_batch(args.data, config, config.vision_batch_size, config.vision_window)
         actions, per_step = None, inputs.shape[0] * inputs.shape[1]
         _, step = build(config, train_config.Stage.VISION, args.stage.split()[1], True)
@@ -61,6 +66,32 @@ def child(args: argparse.Namespace) -> None:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(json.dumps({"rate": per_step / best, "faults": faults, "rss_gb": rss_gb}))
+
+
+def hidden_state_step(args: argparse.Namespace, config: object):  # noqa: ANN201
+    """One task's extraction as the reward experiment makes it (``extract_window_features``: reading, batches of 256
+    windows of 20 frames), of an untrained model: the cost does not depend on the weights."""
+    import torch
+
+    from worldmodel.hidden_states import extract_window_features
+    from worldmodel.model import WorldModel
+    from worldmodel.precision import inference_compute
+    from worldmodel.data import WindowDataset
+
+    task = "cheetah"
+    try:
+        dataset = WindowDataset(args.data, [task], "test", length=20)
+        windows = len(dataset)
+        dataset.close()
+    except (OSError, ValueError) as error:
+        sys.exit(f"bench_heap.py: the hidden-states stage reads {task}'s test split of --data: {error}")
+    torch.manual_seed(0)
+    model = inference_compute(torch.device("cpu")).prepare(WorldModel(config.model_config)).eval()  # type: ignore[attr-defined]
+
+    def step(*_: object) -> None:
+        extract_window_features(model, args.data, task, 10_000)
+
+    return step, min(windows, 10_000)
 
 
 def measure(args: argparse.Namespace, stage: str, heap: str) -> dict[str, float]:
@@ -90,7 +121,7 @@ def main() -> None:
     print(f"CPU: {info.name}; torch capability {info.capability}; native bf16: {'yes' if info.native_bf16 else 'no'}; "
           f"load average {os.getloadavg()[0]:.1f}; {args.profile} profile, {args.steps} steps a child, best step")
     for stage in args.stages:
-        unit = "steps/s" if stage == "dynamics" else "frames/s"
+        unit = {"dynamics": "steps/s", "hidden states": "windows/s"}.get(stage, "frames/s")
         results: dict[str, list[dict[str, float]]] = {"default": [], "kept": []}
         for repeat in range(args.repeats):
             for heap in ("default", "kept") if repeat % 2 == 0 else ("kept", "default"):
