@@ -121,6 +121,9 @@ def main() -> None:
     print(f"CPU: {info.name}; torch capability {info.capability}; native bf16: {'yes' if info.native_bf16 else 'no'}; "
           f"load average {os.getloadavg()[0]:.1f}; {args.profile} profile, {args.steps} steps a child, best step")
     for stage in args.stages:
+        if stage == "hidden states" and not (args.data / "cheetah_test.h5").is_file():
+            print(f"{stage}: skipped, it reads cheetah's test split and {args.data} has none (--data)")
+            continue
         unit = {"dynamics": "steps/s", "hidden states": "windows/s"}.get(stage, "frames/s")
         results: dict[str, list[dict[str, float]]] = {"default": [], "kept": []}
         for repeat in range(args.repeats):
