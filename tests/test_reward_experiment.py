@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from worldmodel import heap
 from worldmodel.checkpoint import load_world_model
 from worldmodel.config import OBSERVED_STEPS
 from worldmodel.data import WindowDataset
 from worldmodel.fingerprint import model_fingerprint
-from worldmodel import heap
 from worldmodel.hidden_states import extract_window_features, observe_then_imagine
 from worldmodel.reward import (
     RewardPredictor,

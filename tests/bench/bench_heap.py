@@ -8,8 +8,9 @@ steps to warm up, then times ``--steps`` steps on one fixed batch of real window
 the minor page faults per step and its peak resident memory. Printed per stage: both settings' best, and their
 ratio. Stages: the vision stage in fp32 (what a CPU without native bf16 runs) and at ``--precision auto``, the
 dynamics stage on the batch's detected keypoints (uncompiled), and the reward experiment's hidden-state extraction
-(``worldmodel.hidden_states.observe_then_imagine`` on one batch of 256 windows of 20 frames, its default; inference
-precision as the machine decides, so fp32 where ``ONEDNN_MAX_CPU_ISA=AVX2`` caps the CPU).
+of one task (a step: ``worldmodel.hidden_states.extract_window_features`` over cheetah's test windows of --data, up
+to 10,000, in batches of 256; inference precision as the machine decides, so fp32 where ``ONEDNN_MAX_CPU_ISA=AVX2``
+caps the CPU; skipped where --data has no cheetah test split).
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def hidden_state_step(args: argparse.Namespace, config: object):  # noqa: ANN201
     windows of 20 frames), of an untrained model: the cost does not depend on the weights."""
     import torch
 
+    from worldmodel.data import WindowDataset
     from worldmodel.hidden_states import extract_window_features
     from worldmodel.model import WorldModel
     from worldmodel.precision import inference_compute
-    from worldmodel.data import WindowDataset
 
     task = "cheetah"
     try:
