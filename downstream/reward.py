@@ -107,7 +107,7 @@ class Args:
     workers: int = available_cores()
     """Processes fitting reward predictors side by side (default: one per CPU core); 1 fits in this process."""
     keep_freed_memory: bool = True
-    """Keep freed memory in this process (glibc malloc: no mmap per large tensor, no trimming), so that extracting hidden states stops page-faulting each batch's activations in anew: 1.5-1.8x windows/s on 2 cores, for a peak memory ~0.8-0.9 GiB higher that stays (docs/PERFORMANCE.md, "Freed memory kept in the process"). The fitting workers keep glibc's defaults."""
+    """Keep freed memory in this process (glibc malloc: no mmap per large tensor, no trimming), so that extracting hidden states stops page-faulting each batch's activations in anew: with the detector's calls of 64 windows, 1.3-1.4x windows/s on 2 cores for ~0.1-0.2 GiB more peak memory, which stays (docs/PERFORMANCE.md, "Freed memory kept in the process"). The fitting workers keep glibc's defaults."""
     save_predictors: bool = True
     """Save each run's fold-0 predictors to <run>/reward_predictors/ for the imagination envs. Predictors that another experiment (another --out) saved are not replaced: this experiment stops first and says so. --no-save-predictors leaves them all as they are (an experiment on a validation set, say)."""
 

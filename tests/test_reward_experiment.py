@@ -101,6 +101,21 @@ def test_extraction_reads_its_windows_without_forking_a_worker(
     assert torch.equal(features.hidden, reference.hidden)  # seeded: the same windows and prior draws
 
 
+def test_extraction_detects_a_few_windows_at_a_time_without_changing_the_hidden_states(
+    smoke_run: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detector takes DETECT_WINDOWS windows per call (bounded memory); the hidden states of a batch that does
+    not divide into such chunks are those of one call on the whole batch: no window dropped, mixed or reordered."""
+    from worldmodel import hidden_states as extraction
+
+    model = load_world_model(smoke_run, "cpu").model
+    whole = extract_window_features(model, tiny_dataset, "cheetah", 7, batch_size=7)
+    monkeypatch.setattr(extraction, "DETECT_WINDOWS", 2)  # 7 windows: chunks of 2, 2, 2, 1
+    chunked = extract_window_features(model, tiny_dataset, "cheetah", 7, batch_size=7)
+    torch.testing.assert_close(chunked.hidden, whole.hidden, rtol=0, atol=1e-5)  # bit for bit on the CPUs measured
+    assert torch.equal(chunked.rewards, whole.rewards) and (chunked.episodes == whole.episodes).all()
+
+
 def run_reward(*options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "downstream/reward.py", *options], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)

@@ -120,6 +120,20 @@ def test_every_core_serves_as_the_bound(core: str, tiny_dataset: Path, tmp_path:
     assert features.hidden.shape == (4, 20, loaded.model.dynamics.hidden_size) and torch.isfinite(features.hidden).all()
 
 
+def test_chunked_perception_reads_each_window_s_own_states(
+    state_run: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extraction perceives a few windows at a time (hidden_states.DETECT_WINDOWS): the bound's states are cut
+    into the same chunks as its windows."""
+    from worldmodel import hidden_states as extraction
+
+    model = load_world_model(state_run, "cpu").model
+    whole = extract_window_features(model, tiny_dataset, "cheetah", 5, batch_size=5)
+    monkeypatch.setattr(extraction, "DETECT_WINDOWS", 2)
+    torch.testing.assert_close(extract_window_features(model, tiny_dataset, "cheetah", 5, batch_size=5).hidden,
+                               whole.hidden, rtol=0, atol=1e-5)
+
+
 def test_hidden_states_have_the_protocols_shapes(state_run: Path, tiny_dataset: Path) -> None:
     model = load_world_model(state_run).model
     features = extract_window_features(model, tiny_dataset, "cheetah", 8)

@@ -25,6 +25,13 @@ from worldmodel.model import inference_autocast
 from worldmodel.state_bound import check_state_dim
 
 
+# Windows whose observed frames the detector takes in one call during extraction. All 256 windows of a batch at
+# once (2,048 frames) held ~2 GiB of activations; 64 at a time hold ~0.6 GiB and ran 7-10% faster (caches). Detection
+# is per frame, so the keypoints are the same bit for bit (checked in bf16 and fp32), and the dynamics still run the
+# whole batch, so the prior draws, which depend on the batch's shape, are unchanged.
+DETECT_WINDOWS = 64
+
+
 class WindowFeatures(NamedTuple):
     """Per-window sequences of one task's test windows, all (N, L, ...) on the CPU."""
 
@@ -45,8 +52,12 @@ def observe_then_imagine(
     actions[:, t] applied at frame t; states: (B, >= num_observed, D) true states (what the bound reads).
     """
     length = actions.shape[1]
-    observed_states = None if states is None else states[:, :num_observed]
-    keypoints = model.perceive(frames[:, :num_observed], observed_states)  # (B, n, K, 3); later frames are never read
+    # The detector sees DETECT_WINDOWS windows' frames at a time (bounded memory); the dynamics all B rows at once.
+    keypoints = torch.cat([  # (B, n, K, 3); later frames are never read
+        model.perceive(frames[first : first + DETECT_WINDOWS, :num_observed],
+                       None if states is None else states[first : first + DETECT_WINDOWS, :num_observed])
+        for first in range(0, actions.shape[0], DETECT_WINDOWS)
+    ])  # fmt: skip
     observed = model.observe(keypoints, actions[:, :num_observed])  # hidden (B, n, H)
     # The state after frame n-1 continues with a_{n-1}, ..., a_{L-2}: it predicts frames n .. L-1.
     predicted = model.imagine(observed.final, actions[:, num_observed - 1 : length - 1])
