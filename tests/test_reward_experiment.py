@@ -115,6 +115,15 @@ def test_extraction_detects_a_few_windows_at_a_time_without_changing_the_hidden_
     torch.testing.assert_close(chunked.hidden, whole.hidden, rtol=0, atol=1e-5)  # bit for bit on the CPUs measured
     assert torch.equal(chunked.rewards, whole.rewards) and (chunked.episodes == whole.episodes).all()
 
+    # What the dynamics read: each window's own detected keypoints, in order (against one detect call on the batch).
+    windows = [WindowDataset(tiny_dataset, ["cheetah"], "test", length=20)[i] for i in range(7)]
+    frames, actions = torch.stack([w.frames for w in windows]), torch.stack([w.actions for w in windows])
+    fed: list[torch.Tensor] = []
+    observe = model.observe
+    monkeypatch.setattr(model, "observe", lambda keypoints, *rest: fed.append(keypoints) or observe(keypoints, *rest))
+    observe_then_imagine(model, frames, actions, OBSERVED_STEPS)
+    torch.testing.assert_close(fed[0], model.detect(frames[:, :OBSERVED_STEPS]), rtol=0, atol=1e-6)
+
 
 def run_reward(*options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "downstream/reward.py", *options], cwd=REPO_ROOT,

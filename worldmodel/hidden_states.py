@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from worldmodel.atomic import atomic_write_stream
 from worldmodel.config import OBSERVED_STEPS
 from worldmodel.data import WindowDataset
+from worldmodel.keypoint_cache import detect_in_chunks
 from worldmodel.model import inference_autocast
 from worldmodel.state_bound import check_state_dim
 
@@ -52,12 +53,12 @@ def observe_then_imagine(
     actions[:, t] applied at frame t; states: (B, >= num_observed, D) true states (what the bound reads).
     """
     length = actions.shape[1]
-    # The detector sees DETECT_WINDOWS windows' frames at a time (bounded memory); the dynamics all B rows at once.
-    keypoints = torch.cat([  # (B, n, K, 3); later frames are never read
-        model.perceive(frames[first : first + DETECT_WINDOWS, :num_observed],
-                       None if states is None else states[first : first + DETECT_WINDOWS, :num_observed])
-        for first in range(0, actions.shape[0], DETECT_WINDOWS)
-    ])  # fmt: skip
+    observed_frames = frames[:, :num_observed]  # later frames are never read
+    if model.reads_frames:  # the detector sees DETECT_WINDOWS windows' frames at a time; the dynamics all B rows at once
+        flat = detect_in_chunks(model, observed_frames.flatten(0, 1), DETECT_WINDOWS * num_observed)  # (B*n, K, 3)
+        keypoints = flat.view(*observed_frames.shape[:2], *flat.shape[1:])  # (B, n, K, 3)
+    else:
+        keypoints = model.perceive(observed_frames, None if states is None else states[:, :num_observed])
     observed = model.observe(keypoints, actions[:, :num_observed])  # hidden (B, n, H)
     # The state after frame n-1 continues with a_{n-1}, ..., a_{L-2}: it predicts frames n .. L-1.
     predicted = model.imagine(observed.final, actions[:, num_observed - 1 : length - 1])
