@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--observed", type=int, default=8)
     parser.add_argument("--predicted", type=int, default=8)
     parser.add_argument("--profile", choices=("cpu", "paper", "smoke"), default="cpu")
+    parser.add_argument("--cores", nargs="+", choices=DYNAMICS, default=list(DYNAMICS), help="the cores to time "
+                        "(default: all)")
     parser.add_argument("--bf32", action="store_true", help="also time fp32 tensors with oneDNN's bf16 products")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled fp32 step (its compile takes "
                         "1-2 minutes per core)")
@@ -195,7 +197,7 @@ def main() -> None:
         candidates["bf32"] = Candidate(candidates["fp32"].compute, bf16_products=True)
     frame_by_frame = Candidate(candidates["fp32"].compute, deferred_readout=False)
     compiled = Candidate(candidates["fp32"].compute, compiled=True)
-    for name in DYNAMICS:
+    for name in args.cores:
         config = factory(dynamics=name)
         auto = choose_compute("cpu", dynamics_precision="auto", dynamics_width=config.dynamics_width)
         step = training_step(config, args.batch, args.observed, args.predicted)
