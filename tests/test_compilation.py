@@ -61,13 +61,12 @@ def test_on_compiles_at_any_precision_and_length_but_needs_a_compiler_on_a_cpu()
         decide_compile("on", "cpu", "fp32", LONG, compiler=None)
 
 
-@pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler (g++, c++, clang++)")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own use of torch.jit internals
-def test_a_compiled_training_step_gives_the_uncompiled_losses_and_gradients() -> None:
-    """The compiled unroll (its draws made first, from the same generator) against the eager one: the same losses
-    and gradients to float rounding. The first call compiles (~45 s on 2 CPU cores)."""
+def compiled_against_eager(dynamics: str) -> list[str]:
+    """A smoke-sized core's training losses and gradients through ``compiled_loop`` (whatever it is at the call)
+    against the eager unroll, from the same generator: equal to float rounding. Returns the warnings logged while
+    compiling (torch's loggers do not propagate to the root, so the recorder sits on them)."""
     torch.manual_seed(0)
-    model = WorldModel(ModelConfig.smoke(dynamics="vrnn"))
+    model = WorldModel(ModelConfig.smoke(dynamics=dynamics))
     g = torch.Generator().manual_seed(1)
     keypoints = torch.rand(3, 10, 8, 3, generator=g) * 2 - 1
     actions = torch.rand(3, 10, 6, generator=g) * 2 - 1
@@ -76,14 +75,34 @@ def test_a_compiled_training_step_gives_the_uncompiled_losses_and_gradients() ->
     def losses_and_gradients(compiled: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         losses = model.dynamics_losses(keypoints, actions, 5, Schedule(1.0, 0.6, 0.4), torch.Generator().manual_seed(3),
                                        compiled=compiled)
-        stacked = torch.stack([losses.total, losses.keypoint, losses.kl, losses.future])
+        stacked = torch.stack([losses.total, losses.keypoint, losses.kl, losses.future, losses.regulariser])
         return stacked, list(torch.autograd.grad(losses.total, parameters, allow_unused=True))
 
-    (compiled, compiled_grads), (eager, eager_grads) = losses_and_gradients(True), losses_and_gradients(False)
+    warnings = WarningRecorder()
+    loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo")]
+    for logger in loggers:
+        logger.addHandler(warnings)
+    try:
+        compiled, compiled_grads = losses_and_gradients(True)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(warnings)
+    eager, eager_grads = losses_and_gradients(False)
     torch.testing.assert_close(compiled, eager)
-    assert sum(g is not None for g in eager_grads) == len(parameters)
+    assert sum(g is not None for g in eager_grads) > len(parameters) // 2
     for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    return warnings.messages
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler (g++, c++, clang++)")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own use of torch.jit internals
+def test_a_compiled_training_step_gives_the_uncompiled_losses_and_gradients() -> None:
+    """The compiled unroll as the trainer makes it (inductor's C++ kernels; its draws made first, from the same
+    generator) against the eager one. The first call compiles (~45 s on 2 CPU cores)."""
+    compiled_against_eager("vrnn")
 
 
 @pytest.mark.parametrize("dynamics", ["vrnn", "srvp", "hvrnn"])
@@ -99,33 +118,4 @@ def test_every_core_compiled_gives_the_uncompiled_losses_and_gradients(
     monkeypatch.setattr(dynamics_core, "compiled_loop",
                         lambda core: torch.compile(core._loop, backend="aot_eager", fullgraph=dynamics != "srvp"))
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = WorldModel(ModelConfig.smoke(dynamics=dynamics))
-    g = torch.Generator().manual_seed(1)
-    keypoints = torch.rand(3, 10, 8, 3, generator=g) * 2 - 1
-    actions = torch.rand(3, 10, 6, generator=g) * 2 - 1
-    parameters = list(model.dynamics.parameters())
-
-    def losses_and_gradients(compiled: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        losses = model.dynamics_losses(keypoints, actions, 5, Schedule(1.0, 0.6, 0.4), torch.Generator().manual_seed(3),
-                                       compiled=compiled)
-        stacked = torch.stack([losses.total, losses.keypoint, losses.kl, losses.future, losses.regulariser])
-        return stacked, list(torch.autograd.grad(losses.total, parameters, allow_unused=True))
-
-    warnings = WarningRecorder()
-    loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo")]  # neither propagates further
-    for logger in loggers:
-        logger.addHandler(warnings)
-    try:
-        compiled, compiled_grads = losses_and_gradients(True)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(warnings)
-    assert warnings.messages == []  # nothing printed into the trainer's log
-    eager, eager_grads = losses_and_gradients(False)
-    torch.testing.assert_close(compiled, eager)
-    assert sum(g is not None for g in eager_grads) > len(parameters) // 2
-    for a, b in zip(compiled_grads, eager_grads):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert compiled_against_eager(dynamics) == []  # nothing logged into the trainer's output
