@@ -123,8 +123,8 @@ def test_every_core_serves_as_the_bound(core: str, tiny_dataset: Path, tmp_path:
 def test_chunked_perception_reads_each_window_s_own_states(
     state_run: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Extraction perceives a few windows at a time (hidden_states.DETECT_WINDOWS): the bound's states are cut
-    into the same chunks as its windows."""
+    """Extraction perceives a few windows at a time (hidden_states.DETECT_WINDOWS), which concerns the detector
+    only: the bound reads its windows' true states, and its hidden states do not change with the chunk size."""
     from worldmodel import hidden_states as extraction
 
     model = load_world_model(state_run, "cpu").model

@@ -21,10 +21,8 @@ from tqdm.auto import tqdm
 from worldmodel.atomic import atomic_write_stream
 from worldmodel.config import OBSERVED_STEPS
 from worldmodel.data import WindowDataset
-from worldmodel.keypoint_cache import detect_in_chunks
 from worldmodel.model import inference_autocast
 from worldmodel.state_bound import check_state_dim
-
 
 # Windows whose observed frames the detector takes in one call during extraction. All 256 windows of a batch at
 # once (2,048 frames) held ~2 GiB of activations; 64 at a time hold ~0.6 GiB and ran 7-10% faster (caches). Detection
@@ -53,12 +51,9 @@ def observe_then_imagine(
     actions[:, t] applied at frame t; states: (B, >= num_observed, D) true states (what the bound reads).
     """
     length = actions.shape[1]
-    observed_frames = frames[:, :num_observed]  # later frames are never read
-    if model.reads_frames:  # the detector sees DETECT_WINDOWS windows' frames at a time; the dynamics all B rows at once
-        flat = detect_in_chunks(model, observed_frames.flatten(0, 1), DETECT_WINDOWS * num_observed)  # (B*n, K, 3)
-        keypoints = flat.view(*observed_frames.shape[:2], *flat.shape[1:])  # (B, n, K, 3)
-    else:
-        keypoints = model.perceive(observed_frames, None if states is None else states[:, :num_observed])
+    observed_states = None if states is None else states[:, :num_observed]
+    # The detector sees DETECT_WINDOWS windows at a time, the dynamics all B rows at once; later frames are never read.
+    keypoints = model.perceive(frames[:, :num_observed], observed_states, DETECT_WINDOWS)  # (B, n, K, 3)
     observed = model.observe(keypoints, actions[:, :num_observed])  # hidden (B, n, H)
     # The state after frame n-1 continues with a_{n-1}, ..., a_{L-2}: it predicts frames n .. L-1.
     predicted = model.imagine(observed.final, actions[:, num_observed - 1 : length - 1])

@@ -188,11 +188,15 @@ class WorldModel(nn.Module):
         """False for the state-space bound (``state-vrnn``), whose per-frame features are the true states."""
         return not self.config.reads_states
 
-    def perceive(self, frames: Tensor, states: Tensor | None = None) -> Tensor:
+    def perceive(self, frames: Tensor, states: Tensor | None = None, windows_per_call: int | None = None) -> Tensor:
         """The dynamics' per-frame input (B, T, K, 3), no gradient: keypoints detected in uint8 frames
-        (B, T, 64, 64, 3), or for the state-space bound the true states (B, T, D) (frames are not read)."""
+        (B, T, 64, 64, 3), or for the state-space bound the true states (B, T, D) (frames are not read).
+        ``windows_per_call``: the detector takes that many windows' frames at a time, which bounds its activations'
+        memory; detection is per frame, so the keypoints are the same."""
         if not self.config.reads_states:
-            return self.detect(frames)
+            if windows_per_call is None:
+                return self.detect(frames)
+            return torch.cat([self.detect(part) for part in frames.split(windows_per_call)])
         if states is None:
             raise ValueError("the state-space bound (state-vrnn) reads the true states: pass states, not only frames")
         return states_to_keypoints(states, self.config.num_keypoints)
